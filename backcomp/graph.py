@@ -1,0 +1,313 @@
+"""The IR: a DAG of nodes with symbolic shapes, shared by forward and backward.
+
+A node is one op applied to earlier nodes.  Shapes are tuples whose entries are
+ints (fixed sizes) or strings (symbolic dims such as "B", bound when the generated
+module runs).  Nodes are created only through ``Graph.apply`` so that every node's
+shape is checked the moment it is built, and the order of ``Graph.nodes`` is a
+valid topological order (a node's inputs always come before it).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+Dim = int | str
+Shape = tuple[Dim, ...]
+
+
+class ShapeError(ValueError):
+    """An op was applied to operands whose shapes do not fit together."""
+
+
+class GraphError(ValueError):
+    """A graph is malformed: bad names, missing loss, a non-scalar loss, ..."""
+
+
+def check_shape(shape: Iterable[Any], what: str) -> Shape:
+    """Validate a user-written shape: positive ints or identifier-like dim names."""
+    out = []
+    for dim in tuple(shape):
+        if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+            raise ShapeError(f"{what}: dimension {dim!r} must be a positive integer or a name")
+        if isinstance(dim, int) and dim <= 0:
+            raise ShapeError(f"{what}: dimension {dim} must be positive")
+        if isinstance(dim, str) and not dim.isidentifier():
+            raise ShapeError(f"{what}: symbolic dimension {dim!r} must be an identifier")
+        out.append(dim)
+    return tuple(out)
+
+
+def broadcast_shapes(*shapes: Shape, where: str = "") -> Shape:
+    """NumPy broadcasting over ints and symbolic dims (a name only matches itself or 1)."""
+    rank = max((len(s) for s in shapes), default=0)
+    out: list[Dim] = []
+    for axis in range(rank):
+        dim: Dim = 1
+        for s in shapes:
+            d = s[axis - rank + len(s)] if axis >= rank - len(s) else 1
+            if d == 1 or d == dim:
+                continue
+            if dim != 1:
+                shown = " and ".join(format_shape(s) for s in shapes)
+                raise ShapeError(f"{where}cannot broadcast shapes {shown}")
+            dim = d
+        out.append(dim)
+    return tuple(out)
+
+
+def format_shape(shape: Shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def static_size(shape: Shape) -> int | None:
+    """Number of elements when every dim is fixed, else None."""
+    size = 1
+    for d in shape:
+        if isinstance(d, str):
+            return None
+        size *= d
+    return size
+
+
+@dataclass(eq=False, repr=False)
+class Node:
+    """One value in the DAG.  Compared by identity; ``id`` is its creation index."""
+
+    op: str
+    inputs: tuple["Node", ...]
+    attrs: dict[str, Any]
+    shape: Shape
+    dtype: str  # "float", "int" or "bool"
+    graph: "Graph"
+    id: int
+    name: str | None = None
+    #: the named node this one was built for (names temporaries in generated code)
+    scope: str | None = None
+    #: backward nodes: (forward node, input index or None) they differentiate
+    origin: tuple | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        label = self.name or f"%{self.id}"
+        return f"<{label} = {self.op}{format_shape(self.shape)}>"
+
+    # Operator overloading delegates to the op registry (imported lazily: the
+    # registry builds nodes, so it depends on this module, not the reverse).
+    def __add__(self, other): return _ops().add(self, other)
+    def __radd__(self, other): return _ops().add(other, self)
+    def __sub__(self, other): return _ops().sub(self, other)
+    def __rsub__(self, other): return _ops().sub(other, self)
+    def __mul__(self, other): return _ops().mul(self, other)
+    def __rmul__(self, other): return _ops().mul(other, self)
+    def __truediv__(self, other): return _ops().div(self, other)
+    def __rtruediv__(self, other): return _ops().div(other, self)
+    def __pow__(self, other): return _ops().pow(self, other)
+    def __rpow__(self, other): return _ops().pow(other, self)
+    def __matmul__(self, other): return _ops().matmul(self, other)
+    def __rmatmul__(self, other): return _ops().matmul(other, self)
+    def __neg__(self): return _ops().neg(self)
+    def __pos__(self): return self
+    def __gt__(self, other): return _ops().greater(self, other)
+    def __lt__(self, other): return _ops().less(self, other)
+    def __ge__(self, other): return _ops().greater_equal(self, other)
+    def __le__(self, other): return _ops().less_equal(self, other)
+    def __getitem__(self, index): return _ops().getitem(self, index)
+    __hash__ = object.__hash__
+
+    @property
+    def T(self) -> "Node":
+        return _ops().transpose(self)
+
+
+def _ops():
+    from backcomp import ops
+    return ops
+
+
+@dataclass(eq=False)
+class Graph:
+    """A model: named inputs and params, op nodes, a scalar loss and named outputs."""
+
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+    inputs: dict[str, Node] = field(default_factory=dict)
+    params: dict[str, Node] = field(default_factory=dict)
+    outputs: dict[str, Node] = field(default_factory=dict)
+    inits: dict[str, str] = field(default_factory=dict)
+    loss_node: Node | None = None
+    wrt: tuple[str, ...] | None = None
+    #: filled by the VJP pass: the cotangent node of each wrt param, and of each node
+    grads: dict[str, Node] = field(default_factory=dict)
+    cotangents: dict[Node, Node] = field(default_factory=dict)
+    #: stamped on nodes as they are created (see ``scoped``)
+    scope: str | None = None
+    #: stamped on backward nodes as they are created
+    origin: tuple | None = None
+    #: which symbolic dims are bound from which input axis, in declaration order
+    dims: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise GraphError(f"model name {self.name!r} is not a valid Python identifier")
+        self._names: dict[str, Node] = {}
+
+    # -- leaves -------------------------------------------------------------
+    def input(self, name: str, shape: Iterable[Dim], dtype: str = "float") -> Node:
+        """A value supplied per call; ``dtype`` "int" marks labels (never differentiated)."""
+        if dtype not in ("float", "int"):
+            raise GraphError(f"input '{name}': dtype must be float or int, not {dtype!r}")
+        shape = check_shape(shape, f"input '{name}'")
+        node = self._leaf("input", name, shape, dtype)
+        self.inputs[name] = node
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str):
+                self.dims.setdefault(dim, (name, axis))
+        return node
+
+    def param(self, name: str, shape: Iterable[Dim], init: str | None = None) -> Node:
+        """A trainable array; ``init`` is an init name such as "glorot_uniform" or "normal(0.01)"."""
+        from backcomp.inits import parse_init, default_init
+        shape = check_shape(shape, f"param '{name}'")
+        if any(isinstance(d, str) for d in shape):
+            raise ShapeError(f"param '{name}': shape {format_shape(shape)} must be fixed (no symbolic dims)")
+        init = init if init is not None else default_init(shape)
+        parse_init(init, shape)  # validate now, not when the module runs
+        node = self._leaf("param", name, shape, "float")
+        self.params[name] = node
+        self.inits[name] = init
+        return node
+
+    def _leaf(self, op: str, name: str, shape: Shape, dtype: str) -> Node:
+        node = Node(op, (), {}, shape, dtype, self, len(self.nodes))
+        self.nodes.append(node)
+        self.assign_name(name, node)
+        return node
+
+    # -- naming and roles ---------------------------------------------------
+    def assign_name(self, name: str, node: Node) -> Node:
+        """Give a node a user-facing name (used for its variable in generated code)."""
+        if not name.isidentifier() or name.startswith("_"):
+            raise GraphError(f"name {name!r} must be an identifier not starting with '_'")
+        if name in self._names and self._names[name] is not node:
+            raise GraphError(f"duplicate name '{name}'")
+        if node.name is not None and node.name != name:
+            node = _ops().identity(node)
+        node.name = name
+        self._names[name] = node
+        return node
+
+    def loss(self, node: Node, name: str = "loss") -> Node:
+        """Mark the scalar that value_and_grad differentiates."""
+        if node.shape != ():
+            raise GraphError(f"loss '{node.name or name}' must be a scalar, but has shape {format_shape(node.shape)}")
+        if node.dtype != "float":
+            raise GraphError("loss must be a float value")
+        if node.name is None:
+            node = self.assign_name(name, node)
+        self.loss_node = node
+        return node
+
+    def output(self, name: str, node: Node) -> Node:
+        """Add a value that forward() returns under ``name``."""
+        if node.name is None:
+            node = self.assign_name(name, node)
+        self.outputs[name] = node
+        return node
+
+    def forward_outputs(self) -> dict[str, Node]:
+        """What forward() returns: the declared outputs, else just the loss."""
+        if self.outputs:
+            return dict(self.outputs)
+        if self.loss_node is None:
+            raise GraphError(f"model '{self.name}' has neither a loss nor outputs")
+        return {self.loss_node.name: self.loss_node}
+
+    def lookup(self, name: str) -> Node | None:
+        return self._names.get(name)
+
+    # -- building op nodes ---------------------------------------------------
+    def apply(self, op: str, inputs: Iterable[Node], **attrs: Any) -> Node:
+        """Create a node of registered op ``op``; its shape rule runs here."""
+        from backcomp.ops.registry import get_op
+        opdef = get_op(op)
+        inputs = tuple(inputs)
+        for x in inputs:
+            if x.graph is not self:
+                raise GraphError(f"node {x!r} belongs to graph '{x.graph.name}', not '{self.name}'")
+        shape, dtype = opdef.infer(inputs, attrs)
+        node = Node(op, inputs, attrs, tuple(shape), dtype, self, len(self.nodes),
+                    scope=self.scope, origin=self.origin)
+        self.nodes.append(node)
+        return node
+
+    @contextmanager
+    def scoped(self, scope: str | None = None, origin: tuple | None = None):
+        """Stamp nodes built inside the block with a scope name and/or an origin."""
+        saved = self.scope, self.origin
+        self.scope = scope if scope is not None else self.scope
+        self.origin = origin if origin is not None else self.origin
+        try:
+            yield
+        finally:
+            self.scope, self.origin = saved
+
+    def clone(self) -> tuple["Graph", dict[Node, Node]]:
+        """A structurally equal graph with fresh nodes, and the old -> new node map.
+
+        Passes work on clones so that the graph a user built is never mutated.
+        """
+        g = Graph(self.name, wrt=self.wrt, inits=dict(self.inits), dims=dict(self.dims))
+        mapping: dict[Node, Node] = {}
+        for n in self.nodes:
+            m = Node(n.op, tuple(mapping[i] for i in n.inputs), dict(n.attrs), n.shape, n.dtype, g,
+                     len(g.nodes), n.name, n.scope,
+                     (mapping[n.origin[0]], n.origin[1]) if n.origin else None)
+            g.nodes.append(m)
+            mapping[n] = m
+            if n.name is not None:
+                g._names[n.name] = m
+        g.inputs = {k: mapping[v] for k, v in self.inputs.items()}
+        g.params = {k: mapping[v] for k, v in self.params.items()}
+        g.outputs = {k: mapping[v] for k, v in self.outputs.items()}
+        g.loss_node = mapping.get(self.loss_node) if self.loss_node is not None else None
+        g.grads = {k: mapping[v] for k, v in self.grads.items()}
+        g.cotangents = {mapping[k]: mapping[v] for k, v in self.cotangents.items()}
+        return g, mapping
+
+    def wrt_params(self) -> tuple[str, ...]:
+        return self.wrt if self.wrt is not None else tuple(self.params)
+
+
+def consumers(nodes: Iterable[Node]) -> dict[Node, list[Node]]:
+    """Map each node to the nodes that use it, in topological order."""
+    users: dict[Node, list[Node]] = {}
+    for node in nodes:
+        users.setdefault(node, [])
+        for x in node.inputs:
+            users.setdefault(x, [])
+            if not users[x] or users[x][-1] is not node:
+                users[x].append(node)
+    return users
+
+
+def ancestors(roots: Iterable[Node]) -> set[Node]:
+    """Every node some root depends on (roots included), found iteratively."""
+    seen: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.inputs)
+    return seen
+
+
+def live_nodes(graph: Graph, roots: Iterable[Node]) -> list[Node]:
+    """The nodes the roots need, in the graph's (topological) order."""
+    needed = ancestors(roots)
+    return [n for n in graph.nodes if n in needed]

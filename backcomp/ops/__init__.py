@@ -1,0 +1,71 @@
+"""The ops users build models from, and the registry behind them.
+
+Elementwise ops live in ``elementwise`` (SymPy-defined, derivatives derived),
+structural ops in ``structural`` (tensor-level VJP rules), neural-network ops and
+losses in ``nn``.  To add an op of your own, see ``register_op`` / ``OpDef`` and
+the README section "Your own ops".
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import sympy as sp
+
+from backcomp.graph import GraphError, Node
+from backcomp.ops.elementwise import (  # noqa: F401  (re-exported)
+    abs, add, cos, div, equal, erf, exp, gelu, greater, greater_equal, leaky_relu, less,
+    less_equal, log, log1p, maximum, minimum, mul, neg, pow, relu, sigmoid, sin, softplus,
+    sqrt, sub, tanh, where, ew_from_expr, arg_symbol, node_expr,
+)
+from backcomp.ops.nn import (  # noqa: F401
+    log_softmax, logsumexp, mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
+    take_label,
+)
+from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
+from backcomp.ops.structural import (  # noqa: F401
+    broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, reshape,
+    stop_gradient, sum, sum_to, transpose,
+)
+
+
+def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Callable[..., Node]:
+    """A user elementwise function from a SymPy expression; its derivative is derived.
+
+    ``params`` are the SymPy symbols ``expr`` is written in.  The result is a
+    builder: calling it on nodes (or numbers) makes an elementwise node labelled
+    ``name``, differentiated by ``sympy.diff`` like every built-in elementwise op.
+    """
+    params = tuple(params)
+    real = {p: sp.Symbol(p.name, real=True) for p in params}
+    expr = expr.xreplace(real)
+    params = tuple(real[p] for p in params)
+    extra = expr.free_symbols - set(params)
+    if extra:
+        raise GraphError(f"function '{name}' uses undefined names: {', '.join(sorted(s.name for s in extra))}")
+
+    def build(*args):
+        if len(args) != len(params):
+            raise GraphError(f"{name}() takes {len(params)} argument{'s' if len(params) != 1 else ''}, got {len(args)}")
+        bindings: dict[sp.Symbol, Node] = {}
+        subst: dict[sp.Symbol, sp.Expr] = {}
+        for p, a in zip(params, args):
+            if isinstance(a, Node):
+                s = sp.Symbol(f"%{name}:{p.name}", real=True)
+                bindings[s] = a
+                subst[p] = s
+            else:
+                subst[p] = sp.Float(a) if isinstance(a, float) else sp.Integer(a)
+        if not bindings:
+            raise GraphError(f"{name}() needs at least one array argument")
+        return ew_from_expr(expr.xreplace(subst), bindings, label=name)
+
+    build.__name__ = name
+    build.__doc__ = f"{name}({', '.join(p.name for p in params)}) = {expr}"
+    return build
+
+
+def apply(op: str, *inputs: Node, **attrs) -> Node:
+    """Apply a registered op by name (the way to call your own registered ops)."""
+    if not inputs:
+        raise GraphError(f"{op}() needs at least one array argument")
+    return inputs[0].graph.apply(op, inputs, **attrs)

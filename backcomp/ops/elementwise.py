@@ -1,0 +1,216 @@
+"""Elementwise ops: each is a SymPy scalar expression; its VJP is *derived*.
+
+Every elementwise node denotes a scalar expression over its inputs' symbols
+(``%0, %1, ...``).  Named ops (``relu``, ``mul``, ...) build it from their scalar
+definition; the generic ``ew`` op holds an expression directly (the backward and
+the fusion pass make these).  One VJP rule serves them all: ``sympy.diff`` of the
+expression, with the forward expression replaced by the node's own output so that
+derivatives such as σ' = σ(1 − σ) and tanh' = 1 − tanh² reuse the forward value.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from numbers import Real
+from typing import Callable, Sequence
+
+import sympy as sp
+
+from backcomp.graph import GraphError, Node, broadcast_shapes
+from backcomp.ops.registry import OpDef, get_op, register_op
+from backcomp.ops.scalar import fix_step_convention, sigmoid, softplus
+from backcomp.ops.scalar import log1p as sp_log1p
+
+
+@lru_cache(maxsize=None)
+def arg_symbol(i: int) -> sp.Symbol:
+    """The symbol of an elementwise node's i-th input (names no spec can write)."""
+    return sp.Symbol(f"%{i}", real=True)
+
+
+def dim_symbol(name: str) -> sp.Symbol:
+    """A symbolic dimension inside an expression (e.g. the batch size in mean's VJP)."""
+    return sp.Symbol(name, positive=True, integer=True)
+
+
+OUT = sp.Symbol("%out", real=True)   # the node's own output, inside its derivative
+CT = sp.Symbol("%ct", real=True)     # the incoming cotangent
+
+
+def _number(value) -> sp.Expr:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise GraphError(f"expected a node or a number, got {value!r}")
+    if isinstance(value, int):
+        return sp.Integer(value)
+    return sp.Float(value, 17) if value != int(value) else sp.Integer(int(value))
+
+
+def node_expr(node: Node) -> sp.Expr:
+    """The scalar expression of an elementwise node, over ``arg_symbol(i)``."""
+    if node.op == "ew":
+        return node.attrs["expr"]
+    opdef = get_op(node.op)
+    args = [arg_symbol(p) if isinstance(p, int) else p for p in node.attrs["pattern"]]
+    extra = {k: v for k, v in node.attrs.items() if k != "pattern"}
+    return opdef.scalar(*args, **extra)
+
+
+def ew_from_expr(expr: sp.Expr, bindings: dict[sp.Symbol, Node], label: str) -> Node:
+    """A generic elementwise node for ``expr``; ``bindings`` maps its symbols to nodes.
+
+    Symbols are renumbered in order of first use so that equal expressions over the
+    same nodes produce identical nodes (CSE and byte-stable output rely on it).
+    """
+    if expr in bindings:  # the identity: reuse the node itself
+        return bindings[expr]
+    used = [s for s in bindings if s in expr.free_symbols]
+    nodes: list[Node] = []
+    subst: dict[sp.Symbol, sp.Symbol] = {}
+    for s in used:
+        n = bindings[s]
+        if n in nodes:
+            subst[s] = arg_symbol(nodes.index(n))
+        else:
+            subst[s] = arg_symbol(len(nodes))
+            nodes.append(n)
+    expr = expr.xreplace(subst)
+    if not nodes:
+        raise GraphError(f"elementwise expression {expr} has no array inputs")
+    return nodes[0].graph.apply("ew", nodes, expr=expr, label=label)
+
+
+def _infer(inputs: Sequence[Node], attrs: dict):
+    shape = broadcast_shapes(*(x.shape for x in inputs))
+    expr = attrs["expr"] if "expr" in attrs else None
+    is_bool = isinstance(expr, (sp.logic.boolalg.Boolean)) and not isinstance(expr, sp.Expr)
+    return shape, "bool" if is_bool else "float"
+
+
+def _emit(node: Node, args: Sequence[str], out: str) -> list[str]:
+    from backcomp.printer import print_expr
+    names = {arg_symbol(i): a for i, a in enumerate(args)}
+    return [f"{out} = {print_expr(node_expr(node), names)}"]
+
+
+def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
+    """ḡ_xi = ḡ ⊙ ∂f/∂xi, with f's own value substituted where it reappears."""
+    expr = node_expr(node)
+    cts: list[Node | None] = []
+    for i, x in enumerate(node.inputs):
+        if x.dtype != "float":
+            cts.append(None)
+            continue
+        d = fix_step_convention(sp.diff(expr, arg_symbol(i)))
+        if d == 0:
+            cts.append(None)
+            continue
+        if not expr.is_Atom and expr.has(*expr.free_symbols):
+            d = d.subs(expr, OUT)
+        bindings = {CT: ct, OUT: node, **{arg_symbol(j): n for j, n in enumerate(node.inputs)}}
+        cts.append(ew_from_expr(sp.piecewise_fold(CT * d), bindings, label=f"d{node.op}"))
+    return cts
+
+
+def _bool_infer(inputs, attrs):
+    return broadcast_shapes(*(x.shape for x in inputs)), "bool"
+
+
+# ----- the generic node that fusion and the backward create ---------------------
+register_op(OpDef(
+    "ew", _infer, _emit, elementwise_vjp, elementwise=True,
+    doc="A fused elementwise expression (made by the compiler, not by users).",
+))
+
+
+def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
+          signature: str, differentiable: bool = True, dtype: str = "float") -> Callable:
+    """Register a named elementwise op and return its builder function."""
+    infer = _bool_infer if dtype == "bool" else (lambda inputs, attrs: (broadcast_shapes(*(x.shape for x in inputs)), "float"))
+    register_op(OpDef(name, infer, _emit, elementwise_vjp if differentiable else None,
+                      doc=doc, elementwise=True, signature=signature, scalar=scalar))
+
+    def build(*args, **attrs):
+        if len(args) != nargs:
+            raise GraphError(f"{name}() takes {nargs} argument{'s' if nargs > 1 else ''}, got {len(args)}")
+        nodes: list[Node] = []
+        pattern = []
+        for a in args:
+            if isinstance(a, Node):
+                if a not in nodes:
+                    nodes.append(a)
+                pattern.append(nodes.index(a))
+            else:
+                pattern.append(_number(a))
+        if not nodes:
+            raise GraphError(f"{name}() needs at least one array argument")
+        return nodes[0].graph.apply(name, nodes, pattern=tuple(pattern), **attrs)
+
+    build.__name__ = name
+    build.__doc__ = doc
+    return build
+
+
+# ----- arithmetic ---------------------------------------------------------------
+add = _make("add", lambda a, b: a + b, 2, "a + b, broadcasting", "add(a, b) or a + b")
+sub = _make("sub", lambda a, b: a - b, 2, "a - b, broadcasting", "sub(a, b) or a - b")
+mul = _make("mul", lambda a, b: a * b, 2, "a * b, broadcasting", "mul(a, b) or a * b")
+div = _make("div", lambda a, b: a / b, 2, "a / b, broadcasting", "div(a, b) or a / b")
+pow = _make("pow", lambda a, b: a ** b, 2, "a ** b (a > 0 where b is not a constant)", "a ** b")
+neg = _make("neg", lambda a: -a, 1, "-a", "-a")
+maximum = _make("maximum", lambda a, b: sp.Max(a, b), 2,
+                "elementwise max; the gradient goes to a where a > b, else to b", "maximum(a, b)")
+minimum = _make("minimum", lambda a, b: sp.Min(a, b), 2,
+                "elementwise min; the gradient goes to a where a < b, else to b", "minimum(a, b)")
+
+# ----- unary math ---------------------------------------------------------------
+exp = _make("exp", sp.exp, 1, "e ** x", "exp(x)")
+log = _make("log", sp.log, 1, "natural log (x > 0)", "log(x)")
+log1p = _make("log1p", sp_log1p, 1, "log(1 + x), accurate for small x", "log1p(x)")
+sqrt = _make("sqrt", sp.sqrt, 1, "square root (x > 0)", "sqrt(x)")
+abs = _make("abs", sp.Abs, 1, "|x|; abs'(0) = 0", "abs(x)")
+sin = _make("sin", sp.sin, 1, "sine", "sin(x)")
+cos = _make("cos", sp.cos, 1, "cosine", "cos(x)")
+erf = _make("erf", sp.erf, 1, "the error function", "erf(x)")
+
+# ----- activations --------------------------------------------------------------
+tanh = _make("tanh", sp.tanh, 1, "hyperbolic tangent", "tanh(x)")
+sigmoid = _make("sigmoid", sigmoid, 1, "1 / (1 + exp(-x)), computed without overflow", "sigmoid(x)")
+softplus = _make("softplus", softplus, 1, "log(1 + exp(x)), computed without overflow", "softplus(x)")
+relu = _make("relu", lambda a: sp.Max(a, 0), 1, "max(x, 0); relu'(0) = 0", "relu(x)")
+gelu = _make("gelu", lambda a: a * (1 + sp.erf(a / sp.sqrt(2))) / 2, 1,
+             "x·Φ(x), the exact erf form", "gelu(x)")
+
+
+def _leaky(a, alpha):
+    return sp.Piecewise((a, a > 0), (_number(alpha) * a, True))
+
+
+_leaky_relu = _make("leaky_relu", _leaky, 1, "x if x > 0 else alpha·x", "leaky_relu(x, alpha=0.01)")
+
+
+def leaky_relu(x, alpha=0.01):
+    """x if x > 0 else alpha·x (alpha a number, default 0.01)."""
+    _number(alpha)
+    return _leaky_relu(x, alpha=float(alpha))
+
+
+# ----- comparisons and selection (no gradient through the condition) ------------
+greater = _make("greater", lambda a, b: sp.StrictGreaterThan(a, b), 2, "a > b", "a > b", False, "bool")
+less = _make("less", lambda a, b: sp.StrictLessThan(a, b), 2, "a < b", "a < b", False, "bool")
+greater_equal = _make("greater_equal", lambda a, b: sp.GreaterThan(a, b), 2, "a >= b", "a >= b", False, "bool")
+less_equal = _make("less_equal", lambda a, b: sp.LessThan(a, b), 2, "a <= b", "a <= b", False, "bool")
+equal = _make("equal", lambda a, b: sp.Eq(a, b), 2, "a == b", "a == b", False, "bool")
+
+
+def _where_scalar(c, a, b):
+    return sp.Piecewise((a, c), (b, True))
+
+
+_where = _make("where", _where_scalar, 3, "a where cond else b (cond from a comparison)",
+               "where(cond, a, b)")
+
+
+def where(cond, a, b):
+    """a where cond else b; cond is a boolean node (e.g. ``x > 0``)."""
+    if not isinstance(cond, Node) or cond.dtype != "bool":
+        raise GraphError("where() needs a comparison (such as x > 0) as its first argument")
+    return _where(cond, a, b)

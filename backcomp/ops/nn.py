@@ -1,0 +1,117 @@
+"""Neural-network ops, built from primitives so their gradients are *derived*.
+
+Only ``logsumexp`` (which needs a stable emission) and label gathering are new
+primitives.  softmax, log_softmax and the losses are compositions: the backward of
+softmax cross-entropy comes out as ḡ·(exp(z − lse) − y) = ḡ·(softmax − y) from the
+VJP pass plus elementwise fusion, without a Jacobian ever being formed.
+"""
+from __future__ import annotations
+
+from backcomp.graph import GraphError, Node, ShapeError, format_shape
+from backcomp.ops import elementwise as ew
+from backcomp.ops import structural as st
+from backcomp.ops.elementwise import CT, OUT, arg_symbol, ew_from_expr
+from backcomp.ops.registry import OpDef, register_op
+
+
+# ----- logsumexp (stable primitive) -------------------------------------------------
+def _lse_emit(node, args, out):
+    x = args[0]
+    axes = st.axes_code(node.attrs["axes"])
+    keep = node.attrs["keepdims"]
+    lines = [f"{out}_max = np.max({x}, axis={axes}, keepdims=True)",
+             f"{out} = np.log(np.sum(np.exp({x} - {out}_max), axis={axes}, keepdims=True)) + {out}_max"]
+    if not keep:
+        lines.append(f"{out} = np.reshape({out}, {st.shape_code(node.shape)})")
+    return lines
+
+
+def _lse_vjp(node, ct):
+    """∂ lse / ∂x = exp(x − lse) = softmax(x), reusing the forward lse."""
+    x = node.inputs[0]
+    shape = st.keepdims_shape(x.shape, node.attrs["axes"])
+    out_kd = node if node.attrs["keepdims"] else st.reshape(node, shape)
+    ct_kd = st._kept(node, ct)
+    soft = ew.exp(x - out_kd)
+    return [ew_from_expr(CT * OUT, {CT: ct_kd, OUT: soft}, label="logsumexp_vjp")]
+
+
+register_op(OpDef("logsumexp", st._reduce_infer, _lse_emit, _lse_vjp,
+                  doc="log(sum(exp(x))) over axis, computed stably (max subtracted)",
+                  signature="logsumexp(x, axis=None, keepdims=False)"))
+
+
+def logsumexp(x: Node, axis=None, keepdims: bool = False) -> Node:
+    """log Σ exp(x) over ``axis``, stable for any magnitude of x."""
+    return x.graph.apply("logsumexp", (x,), axes=st.normalize_axes(axis, x.ndim, "logsumexp"), keepdims=keepdims)
+
+
+def softmax(x: Node, axis: int = -1) -> Node:
+    """exp(x − logsumexp(x)): stable, and its VJP reuses the forward values."""
+    return ew.exp(x - logsumexp(x, axis=axis, keepdims=True))
+
+
+def log_softmax(x: Node, axis: int = -1) -> Node:
+    """x − logsumexp(x), never log(softmax(x)) (which underflows to -inf)."""
+    return x - logsumexp(x, axis=axis, keepdims=True)
+
+
+# ----- integer labels ---------------------------------------------------------------
+def _take_infer(inputs, attrs):
+    x, labels = inputs
+    if labels.dtype != "int":
+        raise ShapeError("integer labels must come from an input with dtype int64")
+    if x.shape[:-1] != labels.shape:
+        raise ShapeError(f"labels of shape {format_shape(labels.shape)} do not match logits of shape "
+                         f"{format_shape(x.shape)} (expected {format_shape(x.shape[:-1])})")
+    return labels.shape, "float"
+
+
+register_op(OpDef(
+    "take_label", _take_infer,
+    lambda node, a, out: [f"{out} = np.take_along_axis({a[0]}, {a[1]}[..., None], axis=-1)[..., 0]"],
+    lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
+    doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)"))
+
+
+def _put_emit(node, a, out):
+    return [f"{out} = np.zeros({st.shape_code(node.shape)}, dtype={a[0]}.dtype)",
+            f"np.put_along_axis({out}, {a[1]}[..., None], {a[0]}[..., None], axis=-1)"]
+
+
+register_op(OpDef(
+    "put_label", lambda ins, attrs: (attrs["shape"], "float"), _put_emit,
+    lambda node, ct: [take_label(ct, node.inputs[1]), None],
+    doc="zeros with ḡ written at the labels: the VJP of take_label (compiler-internal)"))
+
+
+def take_label(x: Node, labels: Node) -> Node:
+    return x.graph.apply("take_label", (x, labels))
+
+
+# ----- losses -----------------------------------------------------------------------
+def softmax_cross_entropy(logits: Node, y: Node) -> Node:
+    """Per-row −Σ y·log_softmax(logits) (one-hot/soft y) or −log_softmax[label] (int y)."""
+    lse = logsumexp(logits, axis=-1)
+    if y.dtype == "int":
+        return lse - take_label(logits, y)
+    if y.shape != logits.shape and st.broadcast_shapes(y.shape, logits.shape) != logits.shape:
+        raise ShapeError(f"softmax_cross_entropy: targets {format_shape(y.shape)} do not match logits {format_shape(logits.shape)}")
+    # lse·Σy − Σ y·z is the same as −Σ y·(z − lse) and exact for soft labels too.
+    return lse * st.sum(y, axis=-1) - st.sum(y * logits, axis=-1)
+
+
+def sigmoid_binary_cross_entropy(z: Node, y) -> Node:
+    """−(y log σ(z) + (1 − y) log(1 − σ(z))) = softplus(z) − y·z, from the logits."""
+    if isinstance(y, Node) and y.dtype == "int":
+        raise GraphError("sigmoid_binary_cross_entropy needs float targets")
+    return ew.softplus(z) - y * z
+
+
+def mse(a: Node, b) -> Node:
+    """mean((a − b)²) over every element."""
+    return st.mean((a - b) ** 2)
+
+
+__all__ = ["logsumexp", "softmax", "log_softmax", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
+           "mse", "take_label", "arg_symbol"]

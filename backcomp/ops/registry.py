@@ -1,0 +1,74 @@
+"""The op registry: everything about an op in one ``OpDef``.
+
+An op is its shape rule (``infer``), its NumPy emission (``emit``) and its VJP rule
+(``vjp``), declared side by side.  The VJP rule returns one cotangent *node* per
+input (or None where the input gets no gradient), built from registered ops, so the
+backward pass is made of the same IR as the forward and can be optimised, printed
+and differentiated again.  Registering a name twice is an error: silent overrides
+are how derivative rules go quietly wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from backcomp.graph import Node, Shape
+
+#: infer(inputs, attrs) -> (shape, dtype)
+InferRule = Callable[[Sequence[Node], dict], tuple[Shape, str]]
+#: emit(node, args, out) -> statements assigning ``out`` (args are variable names)
+EmitRule = Callable[[Node, Sequence[str], str], list[str]]
+#: vjp(node, cotangent) -> one cotangent per input (None: no gradient flows there)
+VjpRule = Callable[[Node, Node], Sequence["Node | None"]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op.  ``vjp=None`` means the op has no gradient (labels, comparisons)."""
+
+    name: str
+    infer: InferRule
+    emit: EmitRule
+    vjp: VjpRule | None
+    doc: str = ""
+    #: nodes of this op may be merged into a neighbouring elementwise expression
+    elementwise: bool = False
+    #: extra info for docs/tests: how the op is reached from user code
+    signature: str = ""
+    attrs_doc: dict[str, str] = field(default_factory=dict)
+    #: elementwise ops only: scalar(*arg_symbols, **attrs) -> SymPy expression
+    scalar: Callable[..., Any] | None = None
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+class RegistryError(ValueError):
+    """An op was registered twice or looked up but never registered."""
+
+
+def register_op(opdef: OpDef) -> OpDef:
+    """Add an op to the registry; a second registration of the same name is refused."""
+    if opdef.name in _REGISTRY:
+        raise RegistryError(f"op '{opdef.name}' is already registered")
+    if not opdef.name.isidentifier():
+        raise RegistryError(f"op name {opdef.name!r} must be an identifier")
+    _REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RegistryError(f"unknown op '{name}'") from None
+
+
+def registered_ops() -> dict[str, OpDef]:
+    """A snapshot of the registry, in registration order."""
+    return dict(_REGISTRY)
+
+
+def unregister_op(name: str) -> None:
+    """Remove an op (for tests and plugins that register temporary ops)."""
+    _REGISTRY.pop(name, None)

@@ -1,0 +1,580 @@
+"""Structural ops: tensor-level shape rules, NumPy emission and VJP rules.
+
+Each VJP builds IR nodes from other registered ops.  Cotangents may come back with
+a broadcast shape; the VJP pass sums them down to the input's shape (``sum_to``),
+so rules here never unbroadcast by hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import sympy as sp
+
+from backcomp.graph import GraphError, Node, Shape, ShapeError, broadcast_shapes, format_shape
+from backcomp.ops.elementwise import CT, arg_symbol, dim_symbol, ew_from_expr
+from backcomp.ops.registry import OpDef, register_op
+
+
+def shape_code(shape: Shape) -> str:
+    """A shape as Python source; symbolic dims are local variables in generated code."""
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def axes_code(axes: tuple[int, ...]) -> str:
+    return str(axes[0]) if len(axes) == 1 else shape_code(axes)
+
+
+def normalize_axes(axis, ndim: int, op: str) -> tuple[int, ...]:
+    """``axis`` (None, int or tuple) as sorted non-negative axes; None means all."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int) or not -ndim <= a < ndim:
+            raise ShapeError(f"{op}: axis {a!r} is out of range for an array of rank {ndim}")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ShapeError(f"{op}: repeated axis in {axis!r}")
+    return tuple(sorted(out))
+
+
+def keepdims_shape(shape: Shape, axes: tuple[int, ...]) -> Shape:
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def reduced_shape(shape: Shape, axes: tuple[int, ...], keepdims: bool) -> Shape:
+    if keepdims:
+        return keepdims_shape(shape, axes)
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def _one(expr: str):
+    """Emission for ops that are a single NumPy expression of their args."""
+    def emit(node: Node, args: Sequence[str], out: str) -> list[str]:
+        return [f"{out} = {expr.format(*args, **_fmt_attrs(node))}"]
+    return emit
+
+
+def _fmt_attrs(node: Node) -> dict:
+    attrs = dict(node.attrs)
+    if "axes" in attrs:
+        attrs["axes_code"] = axes_code(attrs["axes"]) if attrs["axes"] else "()"
+    attrs["shape_code"] = shape_code(node.shape)
+    return attrs
+
+
+def _apply(op: str, inputs: Sequence[Node], **attrs) -> Node:
+    return inputs[0].graph.apply(op, inputs, **attrs)
+
+
+def _dims_equal(a, b) -> bool:
+    return a == b
+
+
+# ----- matmul ---------------------------------------------------------------------
+def _matmul_infer(inputs, attrs):
+    a, b = inputs
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"matmul: operands must have rank >= 1, got {format_shape(a.shape)} and {format_shape(b.shape)}")
+    ka = a.shape[-1]
+    kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if not _dims_equal(ka, kb):
+        raise ShapeError(f"matmul: cannot multiply shapes {format_shape(a.shape)} and {format_shape(b.shape)} "
+                         f"(inner dimensions {ka} and {kb} differ)")
+    if a.ndim == 1 and b.ndim == 1:
+        return (), "float"
+    if a.ndim == 1:
+        return b.shape[:-2] + b.shape[-1:], "float"
+    if b.ndim == 1:
+        return a.shape[:-1], "float"
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2], where="matmul batch dims: ")
+    return batch + (a.shape[-2], b.shape[-1]), "float"
+
+
+def _swap_last(x: Node) -> Node:
+    axes = tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
+    return transpose(x, axes)
+
+
+def _matmul_vjp(node: Node, ct: Node):
+    """ā = ḡ Bᵀ, b̄ = Aᵀ ḡ; 1-D operands are treated as a row or a column."""
+    a, b = node.inputs
+    if a.ndim == 1 and b.ndim == 1:
+        return [ct * b, ct * a]
+    if a.ndim == 1:   # out[..., n] = Σ_k a[k] b[..., k, n]
+        ga = matmul(b, ct) if ct.ndim == 1 else getitem(matmul(b, getitem(ct, (Ellipsis, None))), (Ellipsis, 0))
+        gb = getitem(a, (slice(None), None)) * getitem(ct, (Ellipsis, None, slice(None)))
+        return [ga, gb]
+    if b.ndim == 1:   # out[..., m] = Σ_k a[..., m, k] b[k]
+        ga = getitem(ct, (Ellipsis, None)) * b
+        gb = matmul(ct, a) if ct.ndim == 1 else getitem(
+            matmul(getitem(ct, (Ellipsis, None, slice(None))), a), (Ellipsis, 0, slice(None)))
+        return [ga, gb]
+    return [matmul(ct, _swap_last(b)), matmul(_swap_last(a), ct)]
+
+
+register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp,
+                  doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
+
+
+def matmul(a: Node, b: Node) -> Node:
+    """a @ b with NumPy's matmul semantics."""
+    return _apply("matmul", (a, b))
+
+
+# ----- einsum ---------------------------------------------------------------------
+def parse_einsum(subscripts: str, n_operands: int) -> tuple[list[str], str]:
+    """'ij,jk->ik' -> (['ij', 'jk'], 'ik'); implicit output as NumPy (sorted singletons)."""
+    if not isinstance(subscripts, str):
+        raise GraphError("einsum: the first argument must be a subscripts string")
+    spec = subscripts.replace(" ", "")
+    if "..." in spec:
+        raise GraphError("einsum: ellipsis ('...') is not supported; name every axis")
+    lhs, arrow, out = spec.partition("->")
+    ins = lhs.split(",")
+    if len(ins) != n_operands:
+        raise GraphError(f"einsum: subscripts '{subscripts}' name {len(ins)} operands, got {n_operands}")
+    letters = "".join(ins)
+    if not all(c.isalpha() for c in letters + out):
+        raise GraphError(f"einsum: subscripts '{subscripts}' may only contain letters, ',' and '->'")
+    if not arrow:
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    for s in ins + [out]:
+        if len(set(s)) != len(s):
+            raise GraphError(f"einsum: repeated index in '{s}' (traces/diagonals are not supported)")
+    for c in out:
+        if c not in letters:
+            raise GraphError(f"einsum: output index '{c}' does not appear in any operand")
+    return ins, out
+
+
+def _einsum_infer(inputs, attrs):
+    ins, out = parse_einsum(attrs["subscripts"], len(inputs))
+    sizes: dict[str, object] = {}
+    for s, x in zip(ins, inputs):
+        if len(s) != x.ndim:
+            raise ShapeError(f"einsum: operand '{s}' has rank {len(s)} but the array has shape {format_shape(x.shape)}")
+        for c, d in zip(s, x.shape):
+            if c in sizes and sizes[c] != d:
+                raise ShapeError(f"einsum: index '{c}' has size {sizes[c]} in one operand and {d} in another")
+            sizes[c] = d
+    return tuple(sizes[c] for c in out), "float"
+
+
+def _einsum_emit(node, args, out):
+    ins, res = parse_einsum(node.attrs["subscripts"], len(args))
+    spec = ",".join(ins) + "->" + res
+    opt = ", optimize=True" if len(args) > 2 else ""
+    return [f'{out} = np.einsum("{spec}", {", ".join(args)}{opt})']
+
+
+def _einsum_vjp(node: Node, ct: Node):
+    """The cotangent of operand i contracts ḡ with the other operands onto i's indices."""
+    ins, out = parse_einsum(node.attrs["subscripts"], len(node.inputs))
+    cts = []
+    for i, x in enumerate(node.inputs):
+        others = [(s, n) for j, (s, n) in enumerate(zip(ins, node.inputs)) if j != i]
+        available = set(out).union(*(set(s) for s, _ in others))
+        kept = "".join(c for c in ins[i] if c in available)
+        g = einsum(",".join([out] + [s for s, _ in others]) + "->" + kept, ct, *(n for _, n in others))
+        if kept != ins[i]:  # indices summed only inside operand i: broadcast back
+            g = broadcast_to(reshape(g, tuple(d if c in available else 1 for c, d in zip(ins[i], x.shape))), x.shape)
+        cts.append(g)
+    return cts
+
+
+register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp,
+                  doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
+                  signature='einsum("ij,jk->ik", a, b)'))
+
+
+def einsum(subscripts: str, *operands: Node) -> Node:
+    """Einstein summation, e.g. ``einsum("btd,bsd->bts", q, k)``."""
+    if not operands:
+        raise GraphError("einsum: needs at least one operand")
+    return _apply("einsum", operands, subscripts=subscripts)
+
+
+# ----- reductions -----------------------------------------------------------------
+def _reduce_infer(inputs, attrs):
+    (x,) = inputs
+    return reduced_shape(x.shape, attrs["axes"], attrs["keepdims"]), "float"
+
+
+def _reduce_emit(fn: str):
+    def emit(node, args, out):
+        x = node.inputs[0]
+        axes, keep = node.attrs["axes"], node.attrs["keepdims"]
+        if axes == tuple(range(x.ndim)) and not keep:
+            return [f"{out} = np.{fn}({args[0]})"]
+        return [f"{out} = np.{fn}({args[0]}, axis={axes_code(axes)}{', keepdims=True' if keep else ''})"]
+    return emit
+
+
+def _kept(node: Node, ct: Node) -> Node:
+    """The cotangent reshaped to keepdims form, so it broadcasts against the input."""
+    x = node.inputs[0]
+    shape = keepdims_shape(x.shape, node.attrs["axes"])
+    return ct if node.attrs["keepdims"] or ct.shape == shape else reshape(ct, shape)
+
+
+def _sum_vjp(node, ct):
+    return [broadcast_to(_kept(node, ct), node.inputs[0].shape)]
+
+
+def _count(shape: Shape, axes) -> sp.Expr:
+    """Number of reduced elements, symbolic dims included (e.g. B·10)."""
+    n = sp.Integer(1)
+    for a in axes:
+        d = shape[a]
+        n *= dim_symbol(d) if isinstance(d, str) else sp.Integer(d)
+    return n
+
+
+def _mean_vjp(node, ct):
+    x = node.inputs[0]
+    scaled = ew_from_expr(CT / _count(x.shape, node.attrs["axes"]), {CT: _kept(node, ct)}, label="mean_vjp")
+    return [broadcast_to(scaled, x.shape)]
+
+
+def _max_vjp(node, ct):
+    """Ties share the cotangent equally (as JAX), so gradients stay bounded."""
+    x = node.inputs[0]
+    out_kd = node if node.attrs["keepdims"] else reshape(node, keepdims_shape(x.shape, node.attrs["axes"]))
+    return [_apply("max_vjp", (x, out_kd, _kept(node, ct)), axes=node.attrs["axes"])]
+
+
+def _max_vjp_emit(node, args, out):
+    x, m, g = args
+    axes = axes_code(node.attrs["axes"])
+    return [f"{out} = {x} == {m}",
+            f"{out} = {out} * ({g} / np.sum({out}, axis={axes}, keepdims=True, dtype={g}.dtype))"]
+
+
+def _no_second_order(name):
+    def vjp(node, ct):
+        raise NotImplementedError(f"the second derivative through '{name}' is not implemented")
+    return vjp
+
+
+register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp,
+                  doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
+register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp,
+                  doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
+register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp,
+                  doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
+register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _no_second_order("max"),
+                  doc="the cotangent of max: ḡ spread over the maximal elements (compiler-internal)"))
+
+
+def _reduction(op):
+    def build(x: Node, axis=None, keepdims: bool = False) -> Node:
+        if not isinstance(keepdims, bool):
+            raise GraphError(f"{op}: keepdims must be true or false")
+        return _apply(op, (x,), axes=normalize_axes(axis, x.ndim, op), keepdims=keepdims)
+    build.__name__ = op
+    build.__doc__ = f"np.{op} over ``axis`` (None = all axes), optionally keeping dims."
+    return build
+
+
+sum = _reduction("sum")
+mean = _reduction("mean")
+max = _reduction("max")
+
+
+# ----- shape manipulation ---------------------------------------------------------
+def _transpose_infer(inputs, attrs):
+    (x,) = inputs
+    return tuple(x.shape[a] for a in attrs["axes"]), inputs[0].dtype
+
+
+def _transpose_emit(node, args, out):
+    axes = node.attrs["axes"]
+    n = len(axes)
+    if axes == tuple(reversed(range(n))):
+        return [f"{out} = {args[0]}.T"]
+    if n >= 2 and axes == tuple(range(n - 2)) + (n - 1, n - 2):
+        return [f"{out} = np.swapaxes({args[0]}, -1, -2)"]
+    return [f"{out} = np.transpose({args[0]}, {shape_code(axes)})"]
+
+
+def _transpose_vjp(node, ct):
+    inverse = tuple(sorted(range(len(node.attrs["axes"])), key=lambda i: node.attrs["axes"][i]))
+    return [transpose(ct, inverse)]
+
+
+register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp,
+                  doc="permute axes (default: reverse them, as x.T); a view, never a copy",
+                  signature="transpose(x, axes=None) or x.T"))
+
+
+def transpose(x: Node, axes=None) -> Node:
+    """Permute axes; no ``axes`` reverses them (``x.T``)."""
+    if axes is None:
+        axes = tuple(reversed(range(x.ndim)))
+    axes = tuple(axes)
+    if sorted(a % x.ndim if isinstance(a, int) and -x.ndim <= a < x.ndim else -1 for a in axes) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: axes {axes} are not a permutation of the {x.ndim} axes of {format_shape(x.shape)}")
+    return _apply("transpose", (x,), axes=tuple(a % x.ndim for a in axes))
+
+
+def resolve_reshape(shape: Shape, target) -> Shape:
+    """Target shape with its one ``-1`` inferred, symbolic dims included."""
+    target = tuple(target)
+    if any(isinstance(d, bool) or not isinstance(d, (int, str)) for d in target):
+        raise ShapeError(f"reshape: shape {target!r} must hold integers and dim names")
+    if target.count(-1) > 1:
+        raise ShapeError("reshape: only one dimension may be -1")
+    if any(isinstance(d, int) and d != -1 and d <= 0 for d in target):
+        raise ShapeError(f"reshape: dimensions must be positive, got {format_shape(target)}")
+    src_syms = sorted(d for d in shape if isinstance(d, str))
+    dst_syms = sorted(d for d in target if isinstance(d, str))
+    src_n = math.prod(d for d in shape if isinstance(d, int))
+    dst_n = math.prod(d for d in target if isinstance(d, int) and d != -1)
+    rest = list(src_syms)
+    for d in dst_syms:
+        if d not in rest:
+            raise ShapeError(f"reshape: cannot reshape {format_shape(shape)} to {format_shape(target)} "
+                             f"(dimension {d} does not divide it)")
+        rest.remove(d)
+    if -1 not in target:
+        if rest or src_n != dst_n:
+            raise ShapeError(f"reshape: cannot reshape {format_shape(shape)} to {format_shape(target)}")
+        return target
+    if src_n % dst_n:
+        raise ShapeError(f"reshape: cannot reshape {format_shape(shape)} to {format_shape(target)}")
+    ratio = src_n // dst_n
+    if not rest:
+        fill = ratio
+    elif len(rest) == 1 and ratio == 1:
+        fill = rest[0]
+    else:
+        raise ShapeError(f"reshape: cannot infer -1 in {format_shape(target)} from {format_shape(shape)}")
+    return tuple(fill if d == -1 else d for d in target)
+
+
+register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("np.reshape({0}, {shape_code})"),
+                  lambda node, ct: [reshape(ct, node.inputs[0].shape)],
+                  doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
+
+
+def reshape(x: Node, shape) -> Node:
+    """np.reshape with one optional -1 (``reshape(h, (-1, 32))`` keeps a symbolic batch)."""
+    target = resolve_reshape(x.shape, shape)
+    if target == x.shape:
+        return x
+    return _apply("reshape", (x,), shape=target)
+
+
+def _broadcast_infer(inputs, attrs):
+    (x,) = inputs
+    shape = attrs["shape"]
+    if broadcast_shapes(x.shape, shape, where="broadcast_to: ") != shape:
+        raise ShapeError(f"broadcast_to: cannot broadcast {format_shape(x.shape)} to {format_shape(shape)}")
+    return shape, x.dtype
+
+
+register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
+                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)],
+                  doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
+
+
+def broadcast_to(x: Node, shape) -> Node:
+    shape = tuple(shape)
+    return x if x.shape == shape else _apply("broadcast_to", (x,), shape=shape)
+
+
+def sum_to_axes(src: Shape, dst: Shape) -> tuple[tuple[int, ...], bool]:
+    """Axes of ``src`` to sum to undo broadcasting to ``dst``; and whether to reshape."""
+    lead = len(src) - len(dst)
+    ones = tuple(lead + i for i, d in enumerate(dst) if d == 1 and src[lead + i] != 1)
+    return tuple(range(lead)) + ones, bool(ones)
+
+
+def _sum_to_emit(node, args, out):
+    axes, keep = sum_to_axes(node.inputs[0].shape, node.shape)
+    if not keep:
+        return [f"{out} = np.sum({args[0]}, axis={axes_code(axes)})"]
+    return [f"{out} = np.sum({args[0]}, axis={axes_code(axes)}, keepdims=True).reshape({shape_code(node.shape)})"]
+
+
+register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
+                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)],
+                  doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
+
+
+def sum_to(x: Node, shape) -> Node:
+    """Sum ``x`` down to ``shape``, undoing NumPy broadcasting."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    if broadcast_shapes(shape, x.shape) != x.shape:
+        raise ShapeError(f"sum_to: {format_shape(x.shape)} is not a broadcast of {format_shape(shape)}")
+    return _apply("sum_to", (x,), shape=shape)
+
+
+# ----- indexing -------------------------------------------------------------------
+def _index_code(index: tuple) -> str:
+    parts = []
+    for item in index:
+        if item is None:
+            parts.append("None")
+        elif item is Ellipsis:
+            parts.append("...")
+        elif isinstance(item, slice):
+            s = "" if item.start is None else str(item.start)
+            s += ":" + ("" if item.stop is None else str(item.stop))
+            if item.step is not None:
+                s += ":" + str(item.step)
+            parts.append(s)
+        else:
+            parts.append(str(item))
+    return ", ".join(parts) if len(parts) != 1 or parts[0] in ("None", "...") or ":" in parts[0] else parts[0]
+
+
+def normalize_index(index, shape: Shape) -> tuple:
+    """Validate a basic index (ints, slices, None, one Ellipsis) against ``shape``."""
+    index = index if isinstance(index, tuple) else (index,)
+    for item in index:
+        ok = item is None or item is Ellipsis or (isinstance(item, int) and not isinstance(item, bool))
+        if isinstance(item, slice):
+            ok = all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (item.start, item.stop, item.step))
+            if item.step == 0:
+                raise ShapeError("index: slice step cannot be zero")
+        if not ok:
+            raise ShapeError(f"index: only integers, slices, None and ... are allowed, got {item!r}")
+    if list(index).count(Ellipsis) > 1:
+        raise ShapeError("index: at most one '...' is allowed")
+    n_axes = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if n_axes > len(shape):
+        raise ShapeError(f"index: too many indices for an array of shape {format_shape(shape)}")
+    return index
+
+
+def _getitem_infer(inputs, attrs):
+    (x,) = inputs
+    index = attrs["index"]
+    n_axes = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        full = index[:k] + (slice(None),) * (x.ndim - n_axes) + index[k + 1:]
+    else:
+        full = index + (slice(None),) * (x.ndim - n_axes)
+    out = []
+    axis = 0
+    for item in full:
+        if item is None:
+            out.append(1)
+            continue
+        d = x.shape[axis]
+        axis += 1
+        if isinstance(item, int):
+            if isinstance(d, int) and not -d <= item < d:
+                raise ShapeError(f"index {item} is out of bounds for axis {axis - 1} with size {d}")
+            continue
+        if isinstance(d, str):
+            if item.start is None and item.stop is None and item.step in (None, 1, -1):
+                out.append(d)
+                continue
+            raise ShapeError(f"index: cannot slice symbolic dimension {d} except with ':' or '::-1'")
+        n = len(range(*item.indices(d)))
+        if n == 0:
+            raise ShapeError(f"index: slice {_index_code((item,))} of axis {axis - 1} (size {d}) is empty")
+        out.append(n)
+    return tuple(out), x.dtype
+
+
+def _only_adds_axes(index: tuple) -> bool:
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in index)
+
+
+def _getitem_vjp(node, ct):
+    x = node.inputs[0]
+    if _only_adds_axes(node.attrs["index"]):
+        return [reshape(ct, x.shape)]
+    return [_apply("scatter", (ct,), index=node.attrs["index"], shape=x.shape)]
+
+
+register_op(OpDef("getitem", _getitem_infer, lambda node, args, out: [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"],
+                  _getitem_vjp, doc="basic NumPy indexing: ints, slices with steps, None, ...",
+                  signature="x[i, a:b:c, None, ...]"))
+
+
+def _scatter_emit(node, args, out):
+    return [f"{out} = np.zeros({shape_code(node.shape)}, dtype={args[0]}.dtype)",
+            f"{out}[{_index_code(node.attrs['index'])}] = {args[0]}"]
+
+
+register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
+                  lambda node, ct: [getitem(ct, node.attrs["index"])],
+                  doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
+
+
+def getitem(x: Node, index) -> Node:
+    """Basic indexing ``x[index]``."""
+    return _apply("getitem", (x,), index=normalize_index(index, x.shape))
+
+
+def _concat_infer(inputs, attrs):
+    axis = attrs["axis"]
+    first = inputs[0].shape
+    total = 0
+    for x in inputs:
+        if x.ndim != len(first) or any(d != e for i, (d, e) in enumerate(zip(x.shape, first)) if i != axis):
+            raise ShapeError(f"concatenate: shapes {' and '.join(format_shape(n.shape) for n in inputs)} "
+                             f"differ outside axis {axis}")
+        if isinstance(x.shape[axis], str):
+            raise ShapeError(f"concatenate: cannot join along symbolic dimension {x.shape[axis]}")
+        total += x.shape[axis]
+    return first[:axis] + (total,) + first[axis + 1:], "float"
+
+
+def _concat_vjp(node, ct):
+    axis = node.attrs["axis"]
+    cts, start = [], 0
+    for x in node.inputs:
+        stop = start + x.shape[axis]
+        cts.append(getitem(ct, (slice(None),) * axis + (slice(start, stop),)))
+        start = stop
+    return cts
+
+
+register_op(OpDef("concatenate", _concat_infer,
+                  lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
+                  _concat_vjp, doc="join arrays along an existing axis", signature="concatenate((a, b), axis=0)"))
+
+
+def concatenate(arrays: Sequence[Node], axis: int = 0) -> Node:
+    arrays = tuple(arrays)
+    if not arrays:
+        raise GraphError("concatenate: needs at least one array")
+    (axis,) = normalize_axes(axis, arrays[0].ndim, "concatenate")
+    return _apply("concatenate", arrays, axis=axis)
+
+
+# ----- identity-like ----------------------------------------------------------------
+register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
+                  doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
+register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
+                  lambda node, ct: [ct], doc="a second name for a value (compiler-internal)"))
+
+
+register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
+                  doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
+register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
+                  doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
+
+
+def stop_gradient(x: Node) -> Node:
+    """x in the forward; no gradient flows back through it."""
+    return _apply("stop_gradient", (x,))
+
+
+def identity(x: Node) -> Node:
+    return _apply("identity", (x,))
+
+
+__all__ = ["matmul", "einsum", "sum", "mean", "max", "transpose", "reshape", "broadcast_to", "sum_to",
+           "getitem", "concatenate", "stop_gradient", "identity", "arg_symbol"]

@@ -1,0 +1,147 @@
+"""SymPy scalar expressions -> NumPy source, dtype-preserving and numerically stable.
+
+Built on SymPy's ``NumPyPrinter``; each override fixes one way the stock printer
+would break generated code: float64 constants that upcast float32 arrays,
+``select(..., default=nan)`` for step functions, ``reduce(maximum, ...)``, or
+unstable forms of the sigmoid family.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter
+
+from backcomp.ops.scalar import sigmoid, softplus
+
+
+def float_literal(value) -> str:
+    """A Python float literal: Python scalars never upcast float32 arrays (NEP 50)."""
+    return repr(float(value))
+
+
+class NumpyExprPrinter(NumPyPrinter):
+    """Prints with the ``np.`` alias and maps SymPy symbols to variable names."""
+
+    def __init__(self, names: dict[sp.Symbol, str] | None = None):
+        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+        self.names = names or {}
+        self.helpers: set[str] = set()  # module-level helpers the expression needs
+
+    def _module_format(self, fqn, register=True):
+        """Use the conventional ``np`` alias instead of ``numpy``."""
+        return "np." + fqn[len("numpy."):] if fqn.startswith("numpy.") else fqn
+
+    def _print_Symbol(self, expr):
+        """Input symbols print as their variable; dim symbols as themselves."""
+        return self.names.get(expr, expr.name)
+
+    def _print_Float(self, expr):
+        """Python float literals keep float32 arrays float32."""
+        return float_literal(expr)
+
+    def _print_Rational(self, expr):
+        """1/2 -> 0.5: exact enough, and never integer division."""
+        return float_literal(expr.p / expr.q)
+
+    def _print_NumberSymbol(self, expr):
+        """pi, E -> literals instead of float64 ``np.pi`` scalars."""
+        return float_literal(expr.evalf(17))
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+    def _print_Pow(self, expr, rational=False):
+        """Small integer powers as products/quotients, square roots as ``np.sqrt``."""
+        base, exp = expr.args
+        if exp.is_Number and not base.is_Number:
+            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+            if exp == sp.Rational(1, 2):
+                return f"np.sqrt({self._print(base)})"
+            if exp == -sp.Rational(1, 2):
+                return f"1/np.sqrt({self._print(base)})"
+            if exp == -1:
+                return f"1/{b}"
+            if exp.is_Integer and exp < 0:
+                return f"1/{b}**{-int(exp)}"
+            if exp.is_Integer:
+                return f"{b}**{int(exp)}"
+            return f"{b}**{float_literal(exp)}"
+        if base.is_Number and exp.is_Number:
+            return float_literal(expr.evalf(17))
+        if base == sp.E:
+            return f"np.exp({self._print(exp)})"
+        return f"{self.parenthesize(base, 61)}**{self.parenthesize(exp, 61)}"
+
+    def _print_Max(self, expr):
+        """Nested binary ``np.maximum`` (the stock printer emits ``reduce``)."""
+        return self._nested("np.maximum", expr.args)
+
+    def _print_Min(self, expr):
+        return self._nested("np.minimum", expr.args)
+
+    def _nested(self, fn, args):
+        args = sorted(args, key=lambda a: a.is_Number)  # arrays first: keeps their dtype
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"{fn}({out}, {self._print(a)})"
+        return out
+
+    def _print_Heaviside(self, expr):
+        """H(x) with H(0) = 0 (relu' at 0 is 0, as PyTorch): a boolean mask."""
+        return f"({self._print(expr.args[0])} > 0)"
+
+    def _print_Piecewise(self, expr):
+        """Nested ``np.where``; the last branch is the ``True`` default."""
+        pieces = list(expr.args)
+        out = self._print(pieces[-1].expr)
+        for piece in reversed(pieces[:-1]):
+            out = f"np.where({self._print(piece.cond)}, {self._print(piece.expr)}, {out})"
+        return out
+
+    def _print_Relational(self, expr):
+        op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
+        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr):
+        return f"~({self._print(expr.args[0])})"
+
+    def _print_sigmoid(self, expr):
+        """σ(x) = exp(-log(1 + exp(-x))): no overflow at either tail."""
+        return f"np.exp(-np.logaddexp(0, -{self.parenthesize(expr.args[0], 50)}))"
+
+    def _print_softplus(self, expr):
+        """log(1 + exp(x)) without overflow."""
+        return f"np.logaddexp(0, {self._print(expr.args[0])})"
+
+    def _print_erf(self, expr):
+        """NumPy has no erf; the module defines ``_erf`` from ``math.erf``."""
+        self.helpers.add("erf")
+        return f"_erf({self._print(expr.args[0])})"
+
+    def _print_sign(self, expr):
+        return f"np.sign({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"np.abs({self._print(expr.args[0])})"
+
+    def _print_log1p(self, expr):
+        return f"np.log1p({self._print(expr.args[0])})"
+
+    def _print_expm1(self, expr):
+        return f"np.expm1({self._print(expr.args[0])})"
+
+
+def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | None = None) -> str:
+    """Print one scalar expression as a NumPy expression over the named arrays."""
+    printer = NumpyExprPrinter(names)
+    text = printer.doprint(expr)
+    if helpers is not None:
+        helpers |= printer.helpers
+    return text
+
+
+__all__ = ["NumpyExprPrinter", "print_expr", "float_literal", "sigmoid", "softplus"]

@@ -1,0 +1,73 @@
+"""The reverse pass: append the backward of ``loss`` w.r.t. the wrt params.
+
+Graph form of backpropagation: visiting nodes in reverse topological order, the
+cotangent of a node is the sum over its consumers, δ^l = Σ_{i∈O^l} δ^i ∂α^i/∂α^l.
+Each op's VJP rule (from the registry) turns a node's cotangent into cotangents
+for its inputs; broadcasting is undone here, once, by ``sum_to``.  Only nodes on
+a path from a wrt param to the loss are differentiated.
+"""
+from __future__ import annotations
+
+from backcomp.graph import Graph, GraphError, Node, ancestors
+from backcomp.ops import add, sum_to
+from backcomp.ops.registry import get_op
+
+LEAVES = ("input", "param")
+
+
+def _on_path(graph: Graph, loss: Node, wrt: list[Node]) -> set[Node]:
+    """Nodes that depend on some wrt param and that the loss depends on."""
+    reach = set(wrt)
+    for node in graph.nodes:
+        if node.inputs and get_op(node.op).vjp is not None and any(x in reach for x in node.inputs):
+            reach.add(node)
+    return reach & ancestors([loss])
+
+
+def differentiate(graph: Graph) -> Graph:
+    """Graph -> Graph with ``grads[p]`` (and ``cotangents[node]``) filled in."""
+    if graph.loss_node is None:
+        raise GraphError(f"model '{graph.name}' has no loss to differentiate")
+    g, _ = graph.clone()
+    loss = g.loss_node
+    unknown = [p for p in g.wrt_params() if p not in g.params]
+    if unknown:
+        raise GraphError(f"wrt names unknown params: {', '.join(unknown)}")
+    wrt = [g.params[p] for p in g.wrt_params()]
+    needed = _on_path(g, loss, wrt)
+    forward = [n for n in g.nodes if n in needed]
+
+    with g.scoped(scope=f"{loss.name}_bar", origin=(loss, None)):
+        seed = g.apply("ones_like", (loss,))
+    pending: dict[Node, list[Node]] = {loss: [seed]}
+    for node in reversed(forward):
+        parts = pending.pop(node, [])
+        if not parts:
+            continue
+        scope = f"{node.name or node.scope}_bar" if (node.name or node.scope) else None
+        with g.scoped(scope=scope, origin=(node, None)):
+            ct = parts[0]
+            for part in parts[1:]:
+                ct = add(ct, part)
+        g.cotangents[node] = ct
+        if node.op in LEAVES:
+            continue
+        rule = get_op(node.op).vjp
+        with g.scoped(scope=scope, origin=(node, None)):
+            in_cts = list(rule(node, ct))
+        for i, (x, c) in enumerate(zip(node.inputs, in_cts)):
+            if c is None or x not in needed:
+                continue
+            with g.scoped(scope=scope, origin=(node, i)):
+                c = sum_to(c, x.shape)
+            if c.origin == (node, None) and c is not ct:
+                c.origin = (node, i)
+            pending.setdefault(x, []).append(c)
+
+    for p, node in zip(g.wrt_params(), wrt):
+        if node in g.cotangents:
+            g.grads[p] = g.cotangents[node]
+        else:  # the loss does not depend on p: its gradient is exactly zero
+            with g.scoped(scope=f"{p}_bar", origin=(node, None)):
+                g.grads[p] = g.apply("zeros_like", (node,))
+    return g
