@@ -140,7 +140,7 @@ class ModuleParts:
     helpers: set[str]
 
 
-def build_parts(graph: Graph, source: str) -> ModuleParts:
+def build_parts(graph: Graph, source: str, check_finite: bool = False) -> ModuleParts:
     """Lower both functions of a differentiated (and possibly optimised) graph."""
     names = assign_names(graph)
     helpers: set[str] = set()
@@ -185,7 +185,7 @@ def templates_dir() -> Path:
     raise FileNotFoundError("backcomp's templates/ directory is missing from this installation")
 
 
-def render(graph: Graph, parts: ModuleParts) -> str:
+def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> str:
     """The module source text."""
     loss_name = graph.loss_node.name if graph.loss_node is not None else "loss"
     imports = sorted({HELPERS[h][0] for h in parts.helpers})

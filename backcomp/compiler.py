@@ -39,11 +39,17 @@ def lower_graph(graph: Graph, opt_level: int = 1) -> Graph:
     return optimize(g) if opt_level >= 1 else g
 
 
-def compile_source(model, opt_level: int = 1) -> str:
-    """Module source for a Graph or a spec path."""
+def compile_source(model, opt_level: int = 1, optimizer: str | None = None,
+                   check_finite: bool = False) -> str:
+    """Module source for a Graph or a spec path.
+
+    ``optimizer`` ("sgd", "momentum", "adam") adds ``init_state``/``train_step``;
+    ``check_finite`` makes the module raise FloatingPointError at the first node
+    that produces a NaN or Inf.
+    """
     graph, source = _as_graph(model)
     g = lower_graph(graph, opt_level)
-    return render(g, build_parts(g, source))
+    return render(g, build_parts(g, source, check_finite=check_finite), optimizer=optimizer)
 
 
 def atomic_write(path: Path, text: str, force: bool = False) -> None:
@@ -77,9 +83,10 @@ def atomic_write(path: Path, text: str, force: bool = False) -> None:
         raise
 
 
-def write_module(model, path, force: bool = False, opt_level: int = 1) -> Path:
+def write_module(model, path, force: bool = False, opt_level: int = 1, optimizer: str | None = None,
+                 check_finite: bool = False) -> Path:
     """Compile and write the module to ``path`` atomically; returns the path."""
-    text = compile_source(model, opt_level)
+    text = compile_source(model, opt_level, optimizer=optimizer, check_finite=check_finite)
     atomic_write(Path(path), text, force=force)
     return Path(path)
 
@@ -93,9 +100,9 @@ def cache_dir() -> Path:
 _MEMORY: dict[str, ModuleType] = {}
 
 
-def graph_key(graph: Graph, opt_level: int) -> str:
-    """A hash of the graph's structure and the backcomp version."""
-    h = hashlib.sha256(f"{__version__}|{opt_level}|{graph.name}".encode())
+def graph_key(graph: Graph, *options) -> str:
+    """A hash of the graph's structure, the compile options and the backcomp version."""
+    h = hashlib.sha256(f"{__version__}|{options}|{graph.name}".encode())
     index = {n: i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
@@ -105,17 +112,18 @@ def graph_key(graph: Graph, opt_level: int) -> str:
     return h.hexdigest()[:20]
 
 
-def build(model, opt_level: int = 1) -> ModuleType:
+def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False) -> ModuleType:
     """Compile and import; unchanged models come back from the cache at once."""
     graph, source = _as_graph(model)
-    key = graph_key(graph, opt_level)
+    key = graph_key(graph, opt_level, optimizer, check_finite)
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"{graph.name}_{key}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         g = lower_graph(graph, opt_level)
-        atomic_write(path, render(g, build_parts(g, source)), force=True)
+        parts = build_parts(g, source, check_finite=check_finite)
+        atomic_write(path, render(g, parts, optimizer=optimizer), force=True)
     module = import_path(path, f"backcomp_generated.{graph.name}_{key}")
     _MEMORY[key] = module
     return module
