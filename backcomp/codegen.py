@@ -156,8 +156,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
         roots = [graph.loss_node, *graph.grads.values()]
         grad_nodes = live_nodes(graph, roots)
         grad_body = lower(grad_nodes, names, helpers)
-        grads = ", ".join(f'"{p}": {names[n]}.astype(params["{p}"].dtype, copy=False)'
-                          for p, n in graph.grads.items())
+        grads = ", ".join(f'"{p}": {_grad_value(n, names[n], p)}' for p, n in graph.grads.items())
         grad_body.append(f"return {names[graph.loss_node]}, {{{grads}}}")
         derivative_lines = [describe(n, names) for n in grad_nodes
                             if n.origin is not None and n in set(graph.cotangents.values())]
@@ -167,6 +166,13 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
                    if n.op not in ("input", "param") and n.name is not None]
     return ModuleParts(graph.name, source, bind_dims(forward_body, graph.dims),
                        bind_dims(grad_body, graph.dims), model_lines, derivative_lines, helpers)
+
+
+def _grad_value(node: Node, var: str, param: str) -> str:
+    """Gradients go out writable, in the param's dtype (broadcast views are copied)."""
+    if node.op == "broadcast_to":
+        return f'np.array({var}, dtype=params["{param}"].dtype)'
+    return f'{var}.astype(params["{param}"].dtype, copy=False)'
 
 
 def _environment() -> jinja2.Environment:

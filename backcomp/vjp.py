@@ -8,8 +8,8 @@ a path from a wrt param to the loss are differentiated.
 """
 from __future__ import annotations
 
-from backcomp.graph import Graph, GraphError, Node, ancestors
-from backcomp.ops import add, sum_to
+from backcomp.graph import Graph, GraphError, Node, ancestors, broadcast_shapes
+from backcomp.ops import add, broadcast_to, sum_to
 from backcomp.ops.registry import get_op
 
 LEAVES = ("input", "param")
@@ -22,6 +22,21 @@ def _on_path(graph: Graph, loss: Node, wrt: list[Node]) -> set[Node]:
         if node.inputs and get_op(node.op).vjp is not None and any(x in reach for x in node.inputs):
             reach.add(node)
     return reach & ancestors([loss])
+
+
+def fit_cotangent(ct: Node, shape) -> Node:
+    """Bring a cotangent to something that broadcasts to ``shape``.
+
+    Axes where the cotangent is larger (the input was broadcast) are summed;
+    axes where it is smaller stay small: cotangents are *lazy*, and only rules
+    that need the exact shape get them materialised (``broadcast_to``).
+    """
+    if broadcast_shapes(ct.shape, shape) == shape:
+        return ct
+    lead = max(ct.ndim - len(shape), 0)
+    body = ct.shape[lead:]
+    aligned = shape[len(shape) - len(body):]
+    return sum_to(ct, tuple(1 if a == 1 and d != 1 else d for d, a in zip(body, aligned)))
 
 
 def differentiate(graph: Graph) -> Graph:
@@ -49,17 +64,20 @@ def differentiate(graph: Graph) -> Graph:
             ct = parts[0]
             for part in parts[1:]:
                 ct = add(ct, part)
+        opdef = get_op(node.op) if node.op not in LEAVES else None
+        if ct.shape != node.shape and (opdef is None or not opdef.broadcast_ct):
+            with g.scoped(scope=scope, origin=(node, None)):
+                ct = broadcast_to(ct, node.shape)
         g.cotangents[node] = ct
-        if node.op in LEAVES:
+        if opdef is None:
             continue
-        rule = get_op(node.op).vjp
         with g.scoped(scope=scope, origin=(node, None)):
-            in_cts = list(rule(node, ct))
+            in_cts = list(opdef.vjp(node, ct))
         for i, (x, c) in enumerate(zip(node.inputs, in_cts)):
             if c is None or x not in needed:
                 continue
             with g.scoped(scope=scope, origin=(node, i)):
-                c = sum_to(c, x.shape)
+                c = fit_cotangent(c, x.shape)
             if c.origin == (node, None) and c is not ct:
                 c.origin = (node, i)
             pending.setdefault(x, []).append(c)

@@ -116,7 +116,7 @@ def _bool_infer(inputs, attrs):
 
 # ----- the generic node that fusion and the backward create ---------------------
 register_op(OpDef(
-    "ew", _infer, _emit, elementwise_vjp, elementwise=True,
+    "ew", _infer, _emit, elementwise_vjp, elementwise=True, broadcast_ct=True,
     doc="A fused elementwise expression (made by the compiler, not by users).",
 ))
 
@@ -126,7 +126,7 @@ def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
     """Register a named elementwise op and return its builder function."""
     infer = _bool_infer if dtype == "bool" else (lambda inputs, attrs: (broadcast_shapes(*(x.shape for x in inputs)), "float"))
     register_op(OpDef(name, infer, _emit, elementwise_vjp if differentiable else None,
-                      doc=doc, elementwise=True, signature=signature, scalar=scalar))
+                      doc=doc, elementwise=True, broadcast_ct=True, signature=signature, scalar=scalar))
 
     def build(*args, **attrs):
         if len(args) != nargs:

@@ -36,7 +36,7 @@ def _lse_vjp(node, ct):
     return [ew_from_expr(CT * OUT, {CT: ct_kd, OUT: soft}, label="logsumexp_vjp")]
 
 
-register_op(OpDef("logsumexp", st._reduce_infer, _lse_emit, _lse_vjp,
+register_op(OpDef("logsumexp", st._reduce_infer, _lse_emit, _lse_vjp, broadcast_ct=True,
                   doc="log(sum(exp(x))) over axis, computed stably (max subtracted)",
                   signature="logsumexp(x, axis=None, keepdims=False)"))
 

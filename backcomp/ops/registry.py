@@ -36,6 +36,9 @@ class OpDef:
     #: extra info for docs/tests: how the op is reached from user code
     signature: str = ""
     attrs_doc: dict[str, str] = field(default_factory=dict)
+    #: the VJP rule accepts a cotangent that only broadcasts to the node's shape
+    #: (elementwise ops and reductions); others get it materialised first
+    broadcast_ct: bool = False
     #: elementwise ops only: scalar(*arg_symbols, **attrs) -> SymPy expression
     scalar: Callable[..., Any] | None = None
 

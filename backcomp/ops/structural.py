@@ -214,14 +214,25 @@ def _reduce_emit(fn: str):
 
 
 def _kept(node: Node, ct: Node) -> Node:
-    """The cotangent reshaped to keepdims form, so it broadcasts against the input."""
+    """The cotangent reshaped to keepdims form, so it broadcasts against the input.
+
+    ``ct`` may be smaller than the node (it only has to broadcast to it): pad its
+    rank first, then put a unit axis back at every reduced axis.
+    """
     x = node.inputs[0]
-    shape = keepdims_shape(x.shape, node.attrs["axes"])
-    return ct if node.attrs["keepdims"] or ct.shape == shape else reshape(ct, shape)
+    axes = node.attrs["axes"]
+    padded = (1,) * (node.ndim - ct.ndim) + ct.shape
+    if node.attrs["keepdims"]:
+        shape = padded
+    else:
+        it = iter(padded)
+        shape = tuple(1 if i in axes else next(it) for i in range(x.ndim))
+    return ct if ct.shape == shape else reshape(ct, shape)
 
 
 def _sum_vjp(node, ct):
-    return [broadcast_to(_kept(node, ct), node.inputs[0].shape)]
+    """ḡ_x = ḡ broadcast back over the summed axes (left to the consumer)."""
+    return [_kept(node, ct)]
 
 
 def _count(shape: Shape, axes) -> sp.Expr:
@@ -235,8 +246,7 @@ def _count(shape: Shape, axes) -> sp.Expr:
 
 def _mean_vjp(node, ct):
     x = node.inputs[0]
-    scaled = ew_from_expr(CT / _count(x.shape, node.attrs["axes"]), {CT: _kept(node, ct)}, label="mean_vjp")
-    return [broadcast_to(scaled, x.shape)]
+    return [ew_from_expr(CT / _count(x.shape, node.attrs["axes"]), {CT: _kept(node, ct)}, label="mean_vjp")]
 
 
 def _max_vjp(node, ct):
@@ -260,11 +270,11 @@ def _no_second_order(name):
 
 
 register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp,
-                  doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
+                  broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
 register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp,
-                  doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
+                  broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
 register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp,
-                  doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
+                  broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
 register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _no_second_order("max"),
                   doc="the cotangent of max: ḡ spread over the maximal elements (compiler-internal)"))
 
