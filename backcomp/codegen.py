@@ -63,7 +63,7 @@ def assign_names(graph: Graph) -> dict[Node, str]:
             continue
         fwd = ct_of.get(node)
         if fwd is not None and fwd.name is not None:
-            names[node] = claim(f"{names[fwd]}_bar")
+            names[node] = claim(f"{names.get(fwd, fwd.name)}_bar")
         else:
             label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
             label = re.sub(r"\W", "", label) or "t"
@@ -71,9 +71,17 @@ def assign_names(graph: Graph) -> dict[Node, str]:
     return names
 
 
+class _Names(dict):
+    """Variable names, falling back to a readable label for nodes fused away."""
+
+    def __missing__(self, node: Node) -> str:
+        return node.name or (f"{node.scope}.{node.op}" if node.scope else f"%{node.id}")
+
+
 def describe(node: Node, names: dict[Node, str]) -> str:
     """A node as one line of math-like text, e.g. ``h1 = relu(z1)``."""
     from backcomp.printer import print_expr
+    names = _Names(names)
     from backcomp.ops.elementwise import arg_symbol, node_expr
     if node.op in ("input", "param"):
         return f"{node.op} {names[node]}"
@@ -92,6 +100,7 @@ def describe(node: Node, names: dict[Node, str]) -> str:
 
 def origin_comment(node: Node, names: dict[Node, str]) -> str:
     fwd, index = node.origin
+    names = _Names(names)
     where = f" w.r.t. {names[fwd.inputs[index]]}" if index is not None else ""
     return f"# backward of {describe(fwd, names)}{where}"
 

@@ -265,7 +265,7 @@ class Graph:
         for n in self.nodes:
             m = Node(n.op, tuple(mapping[i] for i in n.inputs), dict(n.attrs), n.shape, n.dtype, g,
                      len(g.nodes), n.name, n.scope,
-                     (mapping[n.origin[0]], n.origin[1]) if n.origin else None)
+                     (mapping.get(n.origin[0], n.origin[0]), n.origin[1]) if n.origin else None)
             g.nodes.append(m)
             mapping[n] = m
             if n.name is not None:
@@ -275,8 +275,21 @@ class Graph:
         g.outputs = {k: mapping[v] for k, v in self.outputs.items()}
         g.loss_node = mapping.get(self.loss_node) if self.loss_node is not None else None
         g.grads = {k: mapping[v] for k, v in self.grads.items()}
-        g.cotangents = {mapping[k]: mapping[v] for k, v in self.cotangents.items()}
+        # keys may be forward nodes a pass removed: keep them, they still name cotangents
+        g.cotangents = {mapping.get(k, k): mapping[v] for k, v in self.cotangents.items()}
         return g, mapping
+
+    def replace_uses(self, replace: dict[Node, Node]) -> None:
+        """Point every use of a node in ``replace`` (inputs, roots) at its substitute."""
+        if not replace:
+            return
+        for node in self.nodes:
+            node.inputs = tuple(replace.get(x, x) for x in node.inputs)
+        self.outputs = {k: replace.get(v, v) for k, v in self.outputs.items()}
+        self.grads = {k: replace.get(v, v) for k, v in self.grads.items()}
+        self.cotangents = {k: replace.get(v, v) for k, v in self.cotangents.items() if k not in replace}
+        if self.loss_node is not None:
+            self.loss_node = replace.get(self.loss_node, self.loss_node)
 
     def wrt_params(self) -> tuple[str, ...]:
         return self.wrt if self.wrt is not None else tuple(self.params)

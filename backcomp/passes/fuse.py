@@ -1,0 +1,84 @@
+"""Elementwise fusion: maximal trees of elementwise nodes become one expression.
+
+A producer is merged into its elementwise consumer when nothing else needs its
+value (or when it is a single number, which is free to recompute).  Views that
+elementwise broadcasting makes redundant (``broadcast_to``, and reshapes of
+single numbers) are looked through, and the loss seed ``ones_like(loss)`` is
+replaced by 1.  What is left is one SymPy expression per group, which SymPy
+canonicalises (``log(exp(u))`` → ``u``) and the printer emits with CSE; this is
+how softmax + cross-entropy's backward becomes (softmax − y)/B.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from backcomp.graph import Graph, Node, broadcast_shapes, consumers, static_size
+from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.registry import get_op
+from backcomp.passes.dce import eliminate_dead_code, roots
+
+
+def is_elementwise(node: Node) -> bool:
+    return node.op not in ("input", "param") and get_op(node.op).elementwise
+
+
+def _set_expr(node: Node, inputs: list[Node], expr: sp.Expr) -> None:
+    label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
+    node.op, node.inputs, node.attrs = "ew", tuple(inputs), {"expr": expr, "label": label}
+
+
+def _substitute(node: Node, old: Node, new_inputs: list[Node], value: sp.Expr) -> None:
+    """Replace input ``old`` of ``node`` by ``value`` (an expression over ``new_inputs``)."""
+    expr = node_expr(node)
+    inputs = [x for x in node.inputs if x is not old]
+    for x in new_inputs:
+        if x not in inputs:
+            inputs.append(x)
+    mapping = {arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(node.inputs) if x is not old}
+    mapping[arg_symbol(node.inputs.index(old))] = value.xreplace(
+        {arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(new_inputs)})
+    _set_expr(node, inputs, expr.xreplace(mapping))
+
+
+def _shape_without(node: Node, old: Node, extra: list[Node]):
+    shapes = [x.shape for x in node.inputs if x is not old] + [x.shape for x in extra]
+    return broadcast_shapes(*shapes) if shapes else None
+
+
+def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]) -> bool:
+    """Apply the first applicable rewrite to one input of ``node``."""
+    for x in node.inputs:
+        unit = static_size(x.shape) == 1
+        if x.op == "ones_like" and unit and _shape_without(node, x, []) == node.shape:
+            _substitute(node, x, [], sp.Integer(1))
+        elif x.op in ("broadcast_to", "reshape") and (x.op == "broadcast_to" or static_size(x.shape) == 1) \
+                and _shape_without(node, x, [x.inputs[0]]) == node.shape:
+            _substitute(node, x, [x.inputs[0]], arg_symbol(0))
+        elif is_elementwise(x) and x not in protected:
+            if not (len(users[x]) == 1 or unit):
+                continue
+            if not (x.shape == node.shape or unit):
+                continue
+            if _shape_without(node, x, list(x.inputs)) != node.shape:
+                continue
+            _substitute(node, x, list(x.inputs), node_expr(x))
+        else:
+            continue
+        users[x] = [u for u in users[x] if u is not node]
+        for y in node.inputs:
+            if node not in users.setdefault(y, []):
+                users[y].append(node)
+        return True
+    return False
+
+
+def fuse_elementwise(graph: Graph) -> Graph:
+    """Graph -> Graph with elementwise chains merged into single nodes."""
+    g, _ = graph.clone()
+    protected = set(roots(g)) | set(g.inputs.values()) | set(g.params.values())
+    users = consumers(g.nodes)
+    for node in g.nodes:
+        if is_elementwise(node):
+            while _rewrite_one(node, users, protected):
+                pass
+    return eliminate_dead_code(g)
