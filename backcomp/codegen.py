@@ -14,9 +14,10 @@ from pathlib import Path
 import jinja2
 
 from backcomp import __version__
-from backcomp.graph import Graph, Node, live_nodes
+from backcomp.graph import Graph, Node, consumers, live_nodes
 from backcomp.inits import init_code
 from backcomp.ops.registry import get_op
+from backcomp.passes.memory import plan_memory
 
 #: names the generated functions use themselves
 RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "seed",
@@ -105,28 +106,47 @@ def origin_comment(node: Node, names: dict[Node, str]) -> str:
     return f"# backward of {describe(fwd, names)}{where}"
 
 
-def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str]) -> list[str]:
-    """Statements computing ``nodes`` in order; backward ones carry their origin."""
-    from backcomp.printer import NumpyExprPrinter
+def _is_elementwise(node: Node) -> bool:
+    return node.op not in ("input", "param") and get_op(node.op).elementwise
+
+
+def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned: set[Node]) -> list[str]:
+    """Statements computing ``nodes`` in order, with the memory plan applied.
+
+    Backward statements carry a comment naming the forward node (and input) they
+    differentiate; a 2-D transpose read once is inlined as ``x.T`` (a view that
+    BLAS reads in place); dead temporaries are deleted after their last use.
+    """
+    names = dict(names)
+    users = consumers(nodes)
+    inlined = {n: n.inputs[0] for n in nodes
+               if n.op == "transpose" and n.ndim == 2 and len(users[n]) == 1 and n not in returned}
+    plan = plan_memory(nodes, returned, _is_elementwise, inlined)
     lines: list[str] = []
     last_comment = None
-    for node in nodes:
+    for i, node in enumerate(nodes):
         out = names[node]
-        if node.op == "input":
-            lines.append(f'{out} = inputs["{node.name}"]')
-            continue
-        if node.op == "param":
-            lines.append(f'{out} = params["{node.name}"]')
-            continue
-        if node.origin is not None:
-            comment = origin_comment(node, names)
-            if comment != last_comment:
-                lines.append(comment)
-                last_comment = comment
-        args = [names[x] for x in node.inputs]
-        lines.extend(get_op(node.op).emit(node, args, out))
-        if "_erf(" in lines[-1]:
-            helpers.add("erf")
+        if node.op in ("input", "param"):
+            lines.append(f'{out} = {node.op}s["{node.name}"]')
+        elif node in inlined:
+            names[node] = f"{names[node.inputs[0]]}.T"
+        else:
+            if node.origin is not None:
+                comment = origin_comment(node, names)
+                if comment != last_comment:
+                    lines.append(comment)
+                    last_comment = comment
+            args = [names[x] for x in node.inputs]
+            opdef = get_op(node.op)
+            if node in plan.reuse:
+                lines.extend(opdef.emit(node, args, out, into=names[plan.reuse[node]]))
+            else:
+                lines.extend(opdef.emit(node, args, out))
+            if "_erf(" in lines[-1]:
+                helpers.add("erf")
+        dead = [names[n] for n in plan.drops.get(i, ()) if n not in inlined]
+        if dead:
+            lines.append(f"del {', '.join(dead)}")
     return lines
 
 
@@ -155,7 +175,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
     helpers: set[str] = set()
     outputs = graph.forward_outputs()
     fwd_nodes = live_nodes(graph, outputs.values())
-    forward_body = lower(fwd_nodes, names, helpers)
+    forward_body = lower(fwd_nodes, names, helpers, set(outputs.values()))
     ret = ", ".join(f'"{k}": {names[v]}' for k, v in outputs.items())
     forward_body.append(f"return {{{ret}}}")
 
@@ -164,7 +184,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
     if graph.loss_node is not None:
         roots = [graph.loss_node, *graph.grads.values()]
         grad_nodes = live_nodes(graph, roots)
-        grad_body = lower(grad_nodes, names, helpers)
+        grad_body = lower(grad_nodes, names, helpers, set(roots))
         grads = ", ".join(f'"{p}": {_grad_value(n, names[n], p)}' for p, n in graph.grads.items())
         grad_body.append(f"return {names[graph.loss_node]}, {{{grads}}}")
         derivative_lines = [describe(n, names) for n in grad_nodes

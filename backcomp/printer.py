@@ -135,6 +135,37 @@ class NumpyExprPrinter(NumPyPrinter):
         return f"np.expm1({self._print(expr.args[0])})"
 
 
+_UFUNCS = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", sp.Abs: "abs"}
+
+
+def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str) -> str | None:
+    """``expr`` as one ufunc call writing into the dead buffer ``into``, if it is one.
+
+    Only the outermost operation is written in place; inner operations allocate
+    as usual.  Returns None when the outermost operation is not a plain ufunc.
+    """
+    p = NumpyExprPrinter(names)
+    if expr.is_Add:
+        first, *rest = expr.args
+        return f"np.add({p.doprint(first)}, {p.doprint(sp.Add(*rest))}, out={into})"
+    if expr.is_Mul:
+        num, den = sp.fraction(expr)
+        if den != 1:
+            return f"np.divide({p.doprint(num)}, {p.doprint(den)}, out={into})"
+        first, *rest = expr.args
+        if first == -1:
+            return f"np.negative({p.doprint(sp.Mul(*rest))}, out={into})"
+        return f"np.multiply({p.doprint(first)}, {p.doprint(sp.Mul(*rest))}, out={into})"
+    if expr.is_Pow and expr.exp == 2:
+        return f"np.square({p.doprint(expr.base)}, out={into})"
+    if isinstance(expr, sp.Max) and len(expr.args) == 2:
+        a, b = sorted(expr.args, key=lambda e: e.is_Number)
+        return f"np.maximum({p.doprint(a)}, {p.doprint(b)}, out={into})"
+    if expr.func in _UFUNCS:
+        return f"np.{_UFUNCS[expr.func]}({p.doprint(expr.args[0])}, out={into})"
+    return None
+
+
 def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | None = None) -> str:
     """Print one scalar expression as a NumPy expression over the named arrays."""
     printer = NumpyExprPrinter(names)

@@ -85,10 +85,22 @@ def _infer(inputs: Sequence[Node], attrs: dict):
     return shape, "bool" if is_bool else "float"
 
 
-def _emit(node: Node, args: Sequence[str], out: str) -> list[str]:
-    from backcomp.printer import print_expr
+def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) -> list[str]:
+    """``out = <expr>``; repeated subexpressions become temporaries (SymPy's cse).
+
+    With ``into`` (a dead buffer of the right shape), the outermost operation
+    writes there instead of allocating.
+    """
+    from backcomp.printer import print_expr, print_into
     names = {arg_symbol(i): a for i, a in enumerate(args)}
-    return [f"{out} = {print_expr(node_expr(node), names)}"]
+    temps, (expr,) = sp.cse([node_expr(node)], symbols=sp.numbered_symbols("%t"), optimizations=None)
+    lines = []
+    for k, (sym, sub) in enumerate(temps):
+        names[sym] = f"{out}_t{k}"
+        lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
+    inplace = print_into(expr, names, into) if into else None
+    lines.append(f"{out} = {inplace}" if inplace else f"{out} = {print_expr(expr, names)}")
+    return lines
 
 
 def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:

@@ -19,10 +19,10 @@ def _lse_emit(node, args, out):
     x = args[0]
     axes = st.axes_code(node.attrs["axes"])
     keep = node.attrs["keepdims"]
-    lines = [f"{out}_max = np.max({x}, axis={axes}, keepdims=True)",
-             f"{out} = np.log(np.sum(np.exp({x} - {out}_max), axis={axes}, keepdims=True)) + {out}_max"]
+    lines = [f"{out}_max = {x}.max(axis={axes}, keepdims=True)",
+             f"{out} = np.log(np.exp({x} - {out}_max).sum(axis={axes}, keepdims=True)) + {out}_max"]
     if not keep:
-        lines.append(f"{out} = np.reshape({out}, {st.shape_code(node.shape)})")
+        lines.append(f"{out} = {out}.reshape({st.shape_code(node.shape)})")
     return lines
 
 

@@ -208,8 +208,8 @@ def _reduce_emit(fn: str):
         x = node.inputs[0]
         axes, keep = node.attrs["axes"], node.attrs["keepdims"]
         if axes == tuple(range(x.ndim)) and not keep:
-            return [f"{out} = np.{fn}({args[0]})"]
-        return [f"{out} = np.{fn}({args[0]}, axis={axes_code(axes)}{', keepdims=True' if keep else ''})"]
+            return [f"{out} = {args[0]}.{fn}()"]
+        return [f"{out} = {args[0]}.{fn}(axis={axes_code(axes)}{', keepdims=True' if keep else ''})"]
     return emit
 
 
@@ -365,7 +365,7 @@ def resolve_reshape(shape: Shape, target) -> Shape:
     return tuple(fill if d == -1 else d for d in target)
 
 
-register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("np.reshape({0}, {shape_code})"),
+register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
                   lambda node, ct: [reshape(ct, node.inputs[0].shape)],
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
@@ -406,8 +406,8 @@ def sum_to_axes(src: Shape, dst: Shape) -> tuple[tuple[int, ...], bool]:
 def _sum_to_emit(node, args, out):
     axes, keep = sum_to_axes(node.inputs[0].shape, node.shape)
     if not keep:
-        return [f"{out} = np.sum({args[0]}, axis={axes_code(axes)})"]
-    return [f"{out} = np.sum({args[0]}, axis={axes_code(axes)}, keepdims=True).reshape({shape_code(node.shape)})"]
+        return [f"{out} = {args[0]}.sum(axis={axes_code(axes)})"]
+    return [f"{out} = {args[0]}.sum(axis={axes_code(axes)}, keepdims=True).reshape({shape_code(node.shape)})"]
 
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,

@@ -1,0 +1,80 @@
+"""Memory planning for one generated function (an analysis over its statements).
+
+Two decisions, both about buffers that are dead after a statement:
+- ``reuse``: an elementwise statement may write its result into an input's buffer
+  (``np.add(z, b, out=z)``) when that buffer is not needed afterwards, has the
+  result's exact shape, and is not aliased by a view, a param, an input or a
+  returned value;
+- ``drops``: after its last use each temporary is deleted (``del``), so large
+  intermediates are freed as soon as possible instead of at function exit.
+Views (transpose, reshape, indexing, broadcast) share their source's buffer, so a
+buffer lives until the last use of any of its views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from backcomp.graph import Node
+
+#: ops whose result may share memory with their first input
+VIEW_OPS = {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient"}
+#: ops whose result is a fresh array we may overwrite
+FRESH_OPS = {"matmul", "einsum", "ew", "sum_to", "scatter", "max_vjp", "concatenate", "put_label",
+             "logsumexp", "sum", "mean", "max", "take_label", "ones_like", "zeros_like"}
+
+
+@dataclass
+class MemoryPlan:
+    reuse: dict[Node, Node] = field(default_factory=dict)   # node -> input whose buffer it writes
+    drops: dict[int, list[Node]] = field(default_factory=dict)   # statement index -> dead nodes
+
+
+def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
+                inlined: dict[Node, Node] | None = None) -> MemoryPlan:
+    """Plan buffer reuse and deletions for statements computing ``nodes`` in order.
+
+    ``inlined`` maps nodes printed inside their consumer (``x.T``) to the node
+    they read: a use of one is a use of the other.
+    """
+    inlined = inlined or {}
+    owner: dict[Node, Node] = {}    # node -> the node whose buffer holds its value
+    views: set[Node] = set()
+
+    def buf(n: Node) -> Node:
+        while n in owner:
+            n = owner[n]
+        return n
+
+    for n in nodes:
+        if n.op in VIEW_OPS and n.inputs:
+            owner[n] = buf(n.inputs[0])
+            views.add(n)
+    last_use: dict[Node, int] = {}   # buffer -> last statement reading it (through any alias)
+    last_var: dict[Node, int] = {}   # variable -> last statement reading it
+    for i, n in enumerate(nodes):
+        for x in n.inputs:
+            while x in inlined:
+                last_var[x] = i
+                x = inlined[x]
+            last_use[buf(x)] = i
+            last_var[x] = i
+    pinned = {buf(n) for n in returned} | {buf(n) for n in nodes if n.op in ("input", "param")}
+
+    plan = MemoryPlan()
+    for i, n in enumerate(nodes):
+        if not (elementwise(n) and n.dtype == "float"):
+            continue
+        for x in n.inputs:
+            b = buf(x)
+            if (x not in views and b.op in FRESH_OPS and b not in pinned and b.dtype == "float"
+                    and x.shape == n.shape == b.shape and n.shape != () and last_use.get(b) == i):
+                plan.reuse[n] = x
+                owner[n] = b
+                last_use[b] = last_use.pop(n, i)
+                if n in returned:
+                    pinned.add(b)
+                break
+    for n in nodes:
+        if n.op not in ("input", "param") and n not in returned and n in last_var and n not in inlined:
+            plan.drops.setdefault(last_var[n], []).append(n)
+    return plan
