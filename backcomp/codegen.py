@@ -31,6 +31,10 @@ HELPERS = {
             '    """erf via the standard library (NumPy has none), in the dtype of x."""\n'
             '    x = np.asarray(x)\n'
             '    return _erf_scalar(x).astype(x.dtype)'),
+    "finite": ("", 'def _check_finite(node, value):\n'
+               '    """--check-finite: stop at the first node whose value is not finite."""\n'
+               '    if not np.all(np.isfinite(value)):\n'
+               '        raise FloatingPointError(f"non-finite value (NaN or Inf) produced by node: {node}")'),
 }
 
 
@@ -110,7 +114,8 @@ def _is_elementwise(node: Node) -> bool:
     return node.op not in ("input", "param") and get_op(node.op).elementwise
 
 
-def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned: set[Node]) -> list[str]:
+def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned: set[Node],
+          check_finite: bool = False) -> list[str]:
     """Statements computing ``nodes`` in order, with the memory plan applied.
 
     Backward statements carry a comment naming the forward node (and input) they
@@ -144,6 +149,9 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
                 lines.extend(opdef.emit(node, args, out))
             if "_erf(" in lines[-1]:
                 helpers.add("erf")
+            if check_finite and node.dtype == "float":
+                helpers.add("finite")
+                lines.append(f'_check_finite("{describe(node, names)}", {out})')
         dead = [names[n] for n in plan.drops.get(i, ()) if n not in inlined]
         if dead:
             lines.append(f"del {', '.join(dead)}")
@@ -175,7 +183,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
     helpers: set[str] = set()
     outputs = graph.forward_outputs()
     fwd_nodes = live_nodes(graph, outputs.values())
-    forward_body = lower(fwd_nodes, names, helpers, set(outputs.values()))
+    forward_body = lower(fwd_nodes, names, helpers, set(outputs.values()), check_finite)
     ret = ", ".join(f'"{k}": {names[v]}' for k, v in outputs.items())
     forward_body.append(f"return {{{ret}}}")
 
@@ -184,7 +192,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
     if graph.loss_node is not None:
         roots = [graph.loss_node, *graph.grads.values()]
         grad_nodes = live_nodes(graph, roots)
-        grad_body = lower(grad_nodes, names, helpers, set(roots))
+        grad_body = lower(grad_nodes, names, helpers, set(roots), check_finite)
         grads = ", ".join(f'"{p}": {_grad_value(n, names[n], p)}' for p, n in graph.grads.items())
         grad_body.append(f"return {names[graph.loss_node]}, {{{grads}}}")
         derivative_lines = [describe(n, names) for n in grad_nodes
@@ -198,8 +206,15 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
 
 
 def _grad_value(node: Node, var: str, param: str) -> str:
-    """Gradients go out writable, in the param's dtype (broadcast views are copied)."""
-    if node.op == "broadcast_to":
+    """Gradients go out as fresh writable arrays in the param's dtype.
+
+    A gradient that is a view or another name for an input or param (``W_bar = x``)
+    is copied: callers and ``train_step`` may update gradients in place.
+    """
+    from backcomp.passes.memory import VIEW_OPS
+    aliased = node.op in VIEW_OPS or node.op in ("input", "param") or (
+        node.op == "ew" and node.attrs["expr"].is_Symbol)
+    if aliased:
         return f'np.array({var}, dtype=params["{param}"].dtype)'
     return f'{var}.astype(params["{param}"].dtype, copy=False)'
 
@@ -220,10 +235,17 @@ def templates_dir() -> Path:
     raise FileNotFoundError("backcomp's templates/ directory is missing from this installation")
 
 
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
 def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> str:
-    """The module source text."""
+    """The module source text; ``optimizer`` adds ``init_state`` and ``train_step``."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+    if optimizer is not None and graph.loss_node is None:
+        raise ValueError("--optimizer needs a model with a loss")
     loss_name = graph.loss_node.name if graph.loss_node is not None else "loss"
-    imports = sorted({HELPERS[h][0] for h in parts.helpers})
+    imports = sorted({HELPERS[h][0] for h in parts.helpers} - {""})
     text = _environment().get_template("module.py.jinja").render(
         name=parts.name, version=__version__, source=parts.source,
         model_lines=parts.model_lines, derivative_lines=parts.derivative_lines,
@@ -237,7 +259,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         init_lines=[f'"{k}": {init_code(graph.inits[k], v.shape)}' for k, v in graph.params.items()],
         helpers=[HELPERS[h][1] for h in sorted(parts.helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
-        forward_body=parts.forward_body, grad_body=parts.grad_body,
+        forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
     )
     return text
 
