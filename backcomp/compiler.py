@@ -17,7 +17,7 @@ from types import ModuleType
 from backcomp import __version__
 from backcomp.codegen import MARKER, build_parts, render
 from backcomp.graph import Graph
-from backcomp.passes import optimize
+from backcomp.passes import optimize, prepare_forward
 from backcomp.vjp import differentiate
 
 
@@ -35,8 +35,18 @@ def _as_graph(model) -> tuple[Graph, str]:
 
 def lower_graph(graph: Graph, opt_level: int = 1) -> Graph:
     """The differentiated (and, at opt_level >= 1, optimised) graph."""
+    if opt_level >= 1:
+        graph = prepare_forward(graph)
     g = differentiate(graph) if graph.loss_node is not None else graph.clone()[0]
     return optimize(g) if opt_level >= 1 else g
+
+
+def stability_report(model) -> list[str]:
+    """The numerically risky patterns the optimiser rewrote, and those it could not."""
+    graph, _ = _as_graph(model)
+    findings: list = []
+    prepare_forward(graph, findings)
+    return [str(f) for f in findings]
 
 
 def compile_source(model, opt_level: int = 1, optimizer: str | None = None,

@@ -103,6 +103,21 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     return lines
 
 
+def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
+    """Write a derivative in terms of the node's own output where it can.
+
+    exp' = exp, tanh' = 1 − tanh², σ' = σ(1 − σ) come from substituting the
+    forward expression; for f = max(g, 0) the step H(g) equals H(f), so relu's
+    backward reads its output instead of keeping its input alive.
+    """
+    d = d.subs(expr, OUT)
+    if isinstance(expr, sp.Max) and len(expr.args) == 2 and sp.S.Zero in expr.args:
+        g = [a for a in expr.args if a != 0][0]
+        d = d.replace(lambda e: isinstance(e, sp.Heaviside) and e.args[0] == g,
+                      lambda e: sp.Heaviside(OUT, *e.args[1:]))
+    return d
+
+
 def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
     """ḡ_xi = ḡ ⊙ ∂f/∂xi, with f's own value substituted where it reappears."""
     expr = node_expr(node)
@@ -115,8 +130,8 @@ def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
         if d == 0:
             cts.append(None)
             continue
-        if not expr.is_Atom and expr.has(*expr.free_symbols):
-            d = d.subs(expr, OUT)
+        if not expr.is_Atom:
+            d = reuse_output(d, expr)
         bindings = {CT: ct, OUT: node, **{arg_symbol(j): n for j, n in enumerate(node.inputs)}}
         cts.append(ew_from_expr(sp.piecewise_fold(CT * d), bindings, label=f"d{node.op}"))
     return cts

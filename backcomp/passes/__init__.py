@@ -1,17 +1,30 @@
 """Optimisation passes, each a function Graph -> Graph, run in order by ``optimize``."""
 from __future__ import annotations
 
+from functools import partial
+
 from backcomp.graph import Graph
 from backcomp.passes.cse import eliminate_common_subexpressions
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
+from backcomp.passes.stability import Finding, stabilize
 
-PIPELINE = (eliminate_dead_code, eliminate_common_subexpressions, fuse_elementwise,
-            eliminate_common_subexpressions)
+
+def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Graph:
+    """Before differentiation: fuse forward chains and rewrite them stably.
+
+    Fusing first lets the VJP pass differentiate whole chains at once, so SymPy
+    sees ``softplus(z) − y·z`` rather than pieces, and stable rewrites such as
+    ``log(1 + exp(u))`` → ``softplus(u)`` reach the backward too.
+    """
+    for run in (eliminate_common_subexpressions, fuse_elementwise, partial(stabilize, findings=findings)):
+        graph = run(graph)
+    return graph
 
 
 def optimize(graph: Graph) -> Graph:
-    """The default (-O1) pipeline."""
-    for run in PIPELINE:
+    """After differentiation (-O1): CSE across forward and backward, fusion, DCE."""
+    for run in (eliminate_dead_code, eliminate_common_subexpressions, fuse_elementwise,
+                eliminate_common_subexpressions):
         graph = run(graph)
     return graph
