@@ -1,0 +1,386 @@
+"""The ``backcomp`` command: compile, explain, check and graph a model spec.
+
+Exit codes: 0 success, 1 a gradient check failed, 2 a user error (bad spec, bad
+arguments, unreadable or protected file), 3 an internal error.  User errors print
+one ``file:line:col: error: ...`` line on stderr, never a traceback; set
+BACKCOMP_DEBUG=1 to see the traceback of an internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+from backcomp import __version__
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  backcomp compile examples/mlp.toml -o mlp.py      write mlp.py (forward, value_and_grad)
+  backcomp compile examples/mlp.toml --optimizer adam --emit-test
+  backcomp explain examples/xor.toml                 the VJP of every node, as math
+  backcomp explain examples/mlp.toml --wrt W1        the chain from the loss down to W1
+  backcomp check examples/mlp.toml --batch 4         gradients vs finite differences
+  backcomp graph examples/mlp.toml -o mlp.svg        the DAG (SVG/PNG need Graphviz `dot`)
+
+exit codes: 0 ok, 1 a check failed, 2 a user error, 3 an internal error
+the spec format: docs/spec.md
+"""
+
+
+class UserError(Exception):
+    """An error to report as one line and exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"backcomp: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USER)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="backcomp", description="backcomp: a symbolic-to-code gradient compiler. "
+                "Compiles a model spec (TOML) into a standalone NumPy module with forward and "
+                "backward functions.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"backcomp {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compile", help="write the NumPy module for a spec",
+                       description="Compile SPEC into a standalone NumPy module (written atomically).")
+    c.add_argument("spec", metavar="SPEC")
+    c.add_argument("-o", "--output", metavar="OUT.py", help="output file (default: <model name>.py here)")
+    c.add_argument("--force", action="store_true", help="replace OUT.py even if backcomp did not write it")
+    c.add_argument("-O0", dest="opt_level", action="store_const", const=0, default=1,
+                   help="no optimisation passes (one statement per node)")
+    c.add_argument("-O1", dest="opt_level", action="store_const", const=1, help="optimise (the default)")
+    c.add_argument("--optimizer", choices=("sgd", "momentum", "adam"),
+                   help="also generate init_state() and train_step()")
+    c.add_argument("--check-finite", action="store_true", help="raise at the first NaN/Inf a node produces")
+    c.add_argument("--report", action="store_true", help="print a numerical-stability report")
+    c.add_argument("--emit-test", action="store_true",
+                   help="also write test_<name>.py: a pytest gradient check using only numpy")
+
+    e = sub.add_parser("explain", help="print each node's forward expression and derived VJPs",
+                       description="Print, for each node, its forward expression and the VJP for each input.")
+    e.add_argument("spec", metavar="SPEC")
+    e.add_argument("--wrt", metavar="PARAM", help="only the chain from the loss down to PARAM")
+    e.add_argument("--node", metavar="NODE", help="only this node")
+    e.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
+
+    k = sub.add_parser("check", help="compare gradients with finite differences",
+                       description="Compile in memory, draw random float64 params and inputs, and compare "
+                                   "value_and_grad with central finite differences. Exits 1 on failure.")
+    k.add_argument("spec", metavar="SPEC")
+    k.add_argument("--batch", type=_positive_int, default=3, metavar="N", help="size of symbolic dims (default 3)")
+    k.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+
+    g = sub.add_parser("graph", help="print the DAG as Graphviz DOT (or write SVG/PNG)",
+                       description="The forward DAG (with --backward, also the backward) as Graphviz DOT.")
+    g.add_argument("spec", metavar="SPEC")
+    g.add_argument("--backward", action="store_true", help="include the backward nodes")
+    g.add_argument("-o", "--output", metavar="FILE", help="write here; .svg/.png run Graphviz `dot`")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
+# ----- commands -------------------------------------------------------------------------
+def _load(spec: str):
+    from backcomp.spec import load_spec
+    return load_spec(Path(spec))
+
+
+def cmd_compile(args) -> int:
+    from backcomp.compiler import OverwriteError, atomic_write, compile_source, lower_graph
+    start = time.perf_counter()
+    graph = _load(args.spec)
+    out = Path(args.output) if args.output else Path(f"{graph.name}.py")
+    if out.suffix != ".py":
+        raise UserError(f"{out}: error: the output must be a .py file")
+    if not out.parent.is_dir() if str(out.parent) else False:
+        raise UserError(f"{out}: error: directory {out.parent} does not exist")
+    module_name = out.stem
+    if not module_name.isidentifier():
+        raise UserError(f"{out}: error: '{module_name}' is not importable; choose an identifier file name")
+    lowered = lower_graph(graph, args.opt_level)
+    text = compile_source(graph, args.opt_level, optimizer=args.optimizer, check_finite=args.check_finite)
+    test_path = out.with_name(f"test_{module_name}.py")
+    test_text = emit_test(graph, module_name) if args.emit_test else None
+    if test_text is not None and test_path.exists() and not args.force:
+        from backcomp.codegen import MARKER
+        head = test_path.read_text(encoding="utf-8", errors="replace")[:400]
+        if MARKER not in head:
+            raise UserError(f"{test_path}: error: exists and was not generated by backcomp (use --force to replace it)")
+    try:
+        atomic_write(out, text, force=args.force)
+        if test_text is not None:
+            atomic_write(test_path, test_text, force=args.force)
+    except OverwriteError as e:
+        raise UserError(f"{out}: error: {e}") from None
+    except OSError as e:
+        raise UserError(f"{out}: error: cannot write: {e.strerror or e}") from None
+    seconds = time.perf_counter() - start
+    forward = sum(1 for n in graph.nodes if n.op not in ("input", "param"))
+    statements = sum(1 for n in lowered.nodes if n.op not in ("input", "param"))
+    fused = sum(1 for n in lowered.nodes if n.op == "ew")
+    extra = f", {test_path}" if test_text is not None else ""
+    print(f"{args.spec} -> {out}{extra}: {forward} forward nodes, {statements} statements "
+          f"({fused} fused elementwise groups), {seconds:.2f}s")
+    if args.report:
+        print_report(lowered)
+    return EXIT_OK
+
+
+def print_report(lowered) -> None:
+    from backcomp import compiler
+    report = getattr(compiler, "stability_report", None)
+    if report is not None:
+        result = report(lowered)
+        if isinstance(result, str):
+            print(result.rstrip("\n"))
+        elif result:
+            for line in result:
+                print(line)
+        return
+    from backcomp.printer import print_expr  # noqa: F401  (same printer as codegen)
+    from backcomp.ops.elementwise import node_expr
+    import sympy as sp
+    print("stability report:")
+    notes = 0
+    for n in lowered.nodes:
+        if n.op in ("logsumexp",):
+            print(f"  {n.scope or n.name or n.op}: logsumexp subtracts the max (stable)")
+            notes += 1
+        elif n.op == "ew":
+            expr = node_expr(n)
+            risky = [f.func.__name__ for f in expr.atoms(sp.Function) if f.func in (sp.log, sp.exp)]
+            if expr.atoms(sp.Pow) and any(p.exp.is_negative for p in expr.atoms(sp.Pow)):
+                risky.append("division")
+            if risky:
+                print(f"  {n.scope or n.name or 'ew'}: {', '.join(sorted(set(risky)))} "
+                      "(may overflow or divide by zero on extreme inputs)")
+                notes += 1
+    if not notes:
+        print("  nothing to report")
+
+
+def cmd_explain(args) -> int:
+    from backcomp.explain import explain
+    graph = _load(args.spec)
+    print(explain(graph, wrt=args.wrt, node=args.node, latex=args.latex))
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    import numpy as np
+    from backcomp.check import check_gradients, random_inputs, random_params
+    from backcomp.compiler import compile_source
+    graph = _load(args.spec)
+    module = _exec_module(compile_source(graph, 1), graph.name)
+    params = random_params(module, seed=args.seed)
+    inputs = random_inputs(module, batch=args.batch, seed=args.seed, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        results = check_gradients(module, params, inputs, seed=args.seed)
+    rows = [("param", "shape", "checked", "max abs err", "max rel err", "")]
+    for r in results:
+        rows.append((r.name, str(r.shape), str(r.checked), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}",
+                     "ok" if r.ok else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        print(f"{args.spec}: gradient check FAILED for {', '.join(failed)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"{args.spec}: gradients match finite differences ({len(results)} params, batch {args.batch}, "
+          f"seed {args.seed})")
+    return EXIT_OK
+
+
+def _exec_module(source: str, name: str) -> types.ModuleType:
+    """Import generated source without writing it anywhere."""
+    module = types.ModuleType(f"backcomp_check_{name}")
+    code = compile(source, f"<backcomp:{name}>", "exec")
+    exec(code, module.__dict__)  # generated module source, never spec text
+    return module
+
+
+def cmd_graph(args) -> int:
+    from backcomp.explain import to_dot
+    graph = _load(args.spec)
+    dot = to_dot(graph, backward=args.backward)
+    if not args.output:
+        sys.stdout.write(dot)
+        return EXIT_OK
+    out = Path(args.output)
+    fmt = out.suffix.lower().lstrip(".")
+    try:
+        if fmt in ("svg", "png"):
+            exe = shutil.which("dot")
+            if exe is None:
+                raise UserError(f"{out}: error: writing .{fmt} needs Graphviz `dot` on PATH "
+                                "(or write .dot and convert it yourself)")
+            result = subprocess.run([exe, f"-T{fmt}", "-o", str(out)], input=dot.encode(), capture_output=True,
+                                    timeout=120)
+            if result.returncode != 0:
+                raise UserError(f"{out}: error: dot failed: {result.stderr.decode(errors='replace').strip()}")
+        else:
+            out.write_text(dot, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{out}: error: cannot write: {e.strerror or e}") from None
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "check": cmd_check, "graph": cmd_graph}
+
+
+# ----- the emitted test ------------------------------------------------------------------
+TEST_TEMPLATE = '''"""Gradient check for {name}.py, generated by backcomp {version}. Do not edit.
+
+Compares value_and_grad with central finite differences in float64, using only
+numpy and pytest.  Run: pytest {test_file}
+"""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("{name}", _HERE / "{name}.py")
+model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model)
+
+BATCH = 3
+EPS = 1e-6
+RTOL = 1e-5
+
+
+def _inputs(seed):
+    rng = np.random.default_rng(seed)
+    out = {{}}
+    for name, shape in model.INPUTS.items():
+        concrete = tuple(BATCH if isinstance(d, str) else d for d in shape)
+        if model.INPUT_KINDS[name] == "int":
+            high = getattr(model, "LABEL_CLASSES", {{}}).get(name, {label_classes})
+            out[name] = rng.integers(0, high, size=concrete).astype(np.int64)
+        else:
+            out[name] = rng.standard_normal(concrete)
+    return out
+
+
+def _params(seed):
+    rng = np.random.default_rng(seed + 1)
+    return {{k: 0.5 * rng.standard_normal(s) for k, s in model.PARAMS.items()}}
+
+
+def _loss(params, inputs):
+    return float(model.value_and_grad(params, inputs)[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("param", list(model.WRT))
+def test_gradient_matches_finite_differences(param, seed):
+    params, inputs = _params(seed), _inputs(seed)
+    _, grads = model.value_and_grad(params, inputs)
+    g = np.asarray(grads[param], dtype=np.float64)
+    assert g.shape == params[param].shape
+    rng = np.random.default_rng(seed)
+    value = params[param]
+    flat = np.arange(value.size)
+    if value.size > 50:
+        flat = rng.choice(value.size, 50, replace=False)
+    scale = max(float(np.max(np.abs(g))) if g.size else 0.0, 1e-3)
+    for i in flat:
+        idx = np.unravel_index(i, value.shape)
+        old = value[idx]
+        value[idx] = old + EPS
+        up = _loss(params, inputs)
+        value[idx] = old - EPS
+        down = _loss(params, inputs)
+        value[idx] = old
+        fd = (up - down) / (2 * EPS)
+        err = abs(fd - g[idx]) / max(abs(fd), abs(g[idx]), scale)
+        assert err <= RTOL, f"d{{model.LOSS}}/d{{param}}{{idx}}: finite differences {{fd}}, value_and_grad {{g[idx]}}"
+
+
+def test_float32_in_float32_out():
+    params = {{k: v.astype(np.float32) for k, v in _params(0).items()}}
+    inputs = {{k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in _inputs(0).items()}}
+    loss, grads = model.value_and_grad(params, inputs)
+    assert np.isfinite(loss)
+    for k, g in grads.items():
+        assert g.dtype == np.float32 and g.shape == params[k].shape
+'''
+
+
+def emit_test(graph, module_name: str) -> str:
+    """The source of a standalone pytest file that checks ``module_name``'s gradients."""
+    from backcomp.codegen import MARKER
+    classes = 2
+    for node in graph.nodes:
+        if node.op == "take_label" and isinstance(node.inputs[0].shape[-1], int):
+            classes = node.inputs[0].shape[-1]
+    text = TEST_TEMPLATE.format(name=module_name, version=__version__, test_file=f"test_{module_name}.py",
+                                label_classes=classes)
+    assert MARKER in text[:400]
+    return text
+
+
+# ----- entry point ------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (never raises on bad input)."""
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USER
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("backcomp: interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USER
+    except Exception as e:  # noqa: BLE001  (the one place every error is turned into a message)
+        from backcomp.graph import GraphError, ShapeError
+        from backcomp.spec import SpecError
+        if isinstance(e, SpecError):
+            print(str(e), file=sys.stderr)
+            return EXIT_USER
+        if isinstance(e, (GraphError, ShapeError)):
+            print(f"{getattr(args, 'spec', 'backcomp')}: error: {e}", file=sys.stderr)
+            return EXIT_USER
+        if os.environ.get("BACKCOMP_DEBUG"):
+            raise
+        print(f"backcomp: internal error: {type(e).__name__}: {e} (set BACKCOMP_DEBUG=1 for a traceback; "
+              "please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
