@@ -157,9 +157,10 @@ def _einsum_infer(inputs, attrs):
         if len(s) != x.ndim:
             raise ShapeError(f"einsum: operand '{s}' has rank {len(s)} but the array has shape {format_shape(x.shape)}")
         for c, d in zip(s, x.shape):
-            if c in sizes and sizes[c] != d:
+            if c in sizes and sizes[c] != d and 1 not in (sizes[c], d):
                 raise ShapeError(f"einsum: index '{c}' has size {sizes[c]} in one operand and {d} in another")
-            sizes[c] = d
+            if sizes.get(c, 1) == 1:  # size 1 broadcasts against the other operands, as in np.einsum
+                sizes[c] = d
     return tuple(sizes[c] for c in out), "float"
 
 
@@ -180,7 +181,9 @@ def _einsum_vjp(node: Node, ct: Node):
         kept = "".join(c for c in ins[i] if c in available)
         g = einsum(",".join([out] + [s for s, _ in others]) + "->" + kept, ct, *(n for _, n in others))
         if kept != ins[i]:  # indices summed only inside operand i: broadcast back
-            g = broadcast_to(reshape(g, tuple(d if c in available else 1 for c, d in zip(ins[i], x.shape))), x.shape)
+            size = dict(zip(kept, g.shape))  # may exceed x's size 1 (np.einsum broadcasting)
+            g = reshape(g, tuple(size[c] if c in available else 1 for c in ins[i]))
+            g = broadcast_to(g, tuple(size[c] if c in available else d for c, d in zip(ins[i], x.shape)))
         cts.append(g)
     return cts
 
@@ -444,6 +447,14 @@ def _index_code(index: tuple) -> str:
     return ", ".join(parts) if len(parts) != 1 or parts[0] in ("None", "...") or ":" in parts[0] else parts[0]
 
 
+def _indexed_axes(index: tuple) -> int:
+    """How many axes of the array an index consumes (None and ... consume none).
+
+    Counted with ``len``: this module's ``sum`` is the reduction op, not the builtin.
+    """
+    return len([i for i in index if i is not None and i is not Ellipsis])
+
+
 def normalize_index(index, shape: Shape) -> tuple:
     """Validate a basic index (ints, slices, None, one Ellipsis) against ``shape``."""
     index = index if isinstance(index, tuple) else (index,)
@@ -457,7 +468,7 @@ def normalize_index(index, shape: Shape) -> tuple:
             raise ShapeError(f"index: only integers, slices, None and ... are allowed, got {item!r}")
     if list(index).count(Ellipsis) > 1:
         raise ShapeError("index: at most one '...' is allowed")
-    n_axes = sum(1 for i in index if i is not None and i is not Ellipsis)
+    n_axes = _indexed_axes(index)
     if n_axes > len(shape):
         raise ShapeError(f"index: too many indices for an array of shape {format_shape(shape)}")
     return index
@@ -466,7 +477,7 @@ def normalize_index(index, shape: Shape) -> tuple:
 def _getitem_infer(inputs, attrs):
     (x,) = inputs
     index = attrs["index"]
-    n_axes = sum(1 for i in index if i is not None and i is not Ellipsis)
+    n_axes = _indexed_axes(index)
     if Ellipsis in index:
         k = index.index(Ellipsis)
         full = index[:k] + (slice(None),) * (x.ndim - n_axes) + index[k + 1:]
