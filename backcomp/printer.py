@@ -10,7 +10,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
-from backcomp.ops.scalar import sigmoid, softplus
+from backcomp.ops.scalar import expm1, log1p, sigmoid, softplus
 
 
 def float_literal(value) -> str:
@@ -135,35 +135,85 @@ class NumpyExprPrinter(NumPyPrinter):
         return f"np.expm1({self._print(expr.args[0])})"
 
 
-_UFUNCS = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", sp.Abs: "abs"}
+_UFUNCS = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", sp.sin: "sin", sp.cos: "cos", sp.Abs: "abs",
+           log1p: "log1p", expm1: "expm1"}
 
 
-def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str) -> str | None:
-    """``expr`` as one ufunc call writing into the dead buffer ``into``, if it is one.
+class _NotInPlace(Exception):
+    """The chain to the buffer passes through something that is not a plain ufunc."""
 
-    Only the outermost operation is written in place; inner operations allocate
-    as usual.  Returns None when the outermost operation is not a plain ufunc.
+
+def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp.Symbol) -> list[str] | None:
+    """``expr`` as ufunc calls that work inside the dead buffer ``into`` (no allocation).
+
+    ``buffer`` is the symbol whose array ``into`` holds; it must occur once, so
+    that overwriting it cannot change an operand still to be read.  The chain of
+    operations from ``buffer`` up to the root is written in place
+    (``np.add(z, b, out=z)``, then ``np.maximum(z, 0, out=z)``); operands off the
+    chain are printed as usual.  Returns the calls, or None if it does not apply.
     """
+    if expr == buffer or expr.count(buffer) != 1:
+        return None
     p = NumpyExprPrinter(names)
-    if expr.is_Add:
-        first, *rest = expr.args
-        return f"np.add({p.doprint(first)}, {p.doprint(sp.Add(*rest))}, out={into})"
-    if expr.is_Mul:
-        num, den = sp.fraction(expr)
-        if den != 1:
-            return f"np.divide({p.doprint(num)}, {p.doprint(den)}, out={into})"
-        first, *rest = expr.args
-        if first == -1:
-            return f"np.negative({p.doprint(sp.Mul(*rest))}, out={into})"
-        return f"np.multiply({p.doprint(first)}, {p.doprint(sp.Mul(*rest))}, out={into})"
-    if expr.is_Pow and expr.exp == 2:
-        return f"np.square({p.doprint(expr.base)}, out={into})"
-    if isinstance(expr, sp.Max) and len(expr.args) == 2:
-        a, b = sorted(expr.args, key=lambda e: e.is_Number)
-        return f"np.maximum({p.doprint(a)}, {p.doprint(b)}, out={into})"
-    if expr.func in _UFUNCS:
-        return f"np.{_UFUNCS[expr.func]}({p.doprint(expr.args[0])}, out={into})"
-    return None
+    calls: list[str] = []
+
+    def value(e) -> str:
+        return into if e == buffer else p.doprint(e)
+
+    def write(e) -> None:
+        """Leave the value of ``e`` (which contains ``buffer``) in ``into``."""
+        if e == buffer:
+            return
+        spine = next(a for a in e.args if a.has(buffer))
+        others = [a for a in e.args if a is not spine]
+        if e.is_Add:
+            write(spine)
+            for o in others:
+                if o.could_extract_minus_sign():
+                    calls.append(f"np.subtract({into}, {p.doprint(-o)}, out={into})")
+                else:
+                    calls.append(f"np.add({into}, {p.doprint(o)}, out={into})")
+        elif e.is_Mul:
+            write(spine)
+            for o in others:
+                if o == -1:
+                    calls.append(f"np.negative({into}, out={into})")
+                elif o.is_Pow and o.exp.is_Number and o.exp < 0:
+                    calls.append(f"np.divide({into}, {p.doprint(1 / o)}, out={into})")
+                else:
+                    calls.append(f"np.multiply({into}, {p.doprint(o)}, out={into})")
+        elif e.is_Pow and spine is e.base and e.exp.is_Number:
+            write(spine)
+            if e.exp == 2:
+                calls.append(f"np.square({into}, out={into})")
+            elif e.exp == sp.Rational(1, 2):
+                calls.append(f"np.sqrt({into}, out={into})")
+            elif e.exp == -1:
+                calls.append(f"np.divide(1, {into}, out={into})")
+            else:
+                calls.append(f"np.power({into}, {float_literal(e.exp)}, out={into})")
+        elif e.func in _UFUNCS:
+            write(spine)
+            calls.append(f"np.{_UFUNCS[e.func]}({into}, out={into})")
+        elif isinstance(e, softplus):
+            write(spine)
+            calls.append(f"np.logaddexp(0, {into}, out={into})")
+        elif isinstance(e, sigmoid):
+            write(spine)
+            calls.extend([f"np.negative({into}, out={into})", f"np.logaddexp(0, {into}, out={into})",
+                          f"np.negative({into}, out={into})", f"np.exp({into}, out={into})"])
+        elif isinstance(e, (sp.Max, sp.Min)) and len(e.args) == 2:
+            write(spine)
+            fn = "maximum" if isinstance(e, sp.Max) else "minimum"
+            calls.append(f"np.{fn}({into}, {p.doprint(others[0])}, out={into})")
+        else:
+            raise _NotInPlace
+
+    try:
+        write(expr)
+    except _NotInPlace:
+        return None
+    return calls
 
 
 def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | None = None) -> str:

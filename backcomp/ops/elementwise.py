@@ -88,19 +88,22 @@ def _infer(inputs: Sequence[Node], attrs: dict):
 def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) -> list[str]:
     """``out = <expr>``; repeated subexpressions become temporaries (SymPy's cse).
 
-    With ``into`` (a dead buffer of the right shape), the outermost operation
-    writes there instead of allocating.
+    With ``into`` (the variable of a dead input buffer of the node's shape), the
+    chain of operations from that input to the result is computed in place.
     """
     from backcomp.printer import print_expr, print_into
     names = {arg_symbol(i): a for i, a in enumerate(args)}
-    temps, (expr,) = sp.cse([node_expr(node)], symbols=sp.numbered_symbols("%t"), optimizations=None)
+    expr = node_expr(node)
+    if into is not None:
+        calls = print_into(expr, names, into, arg_symbol(args.index(into)))
+        if calls:
+            return calls[:-1] + [f"{out} = {calls[-1]}"]
+    temps, (expr,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
     lines = []
     for k, (sym, sub) in enumerate(temps):
         names[sym] = f"{out}_t{k}"
         lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
-    inplace = print_into(expr, names, into) if into else None
-    lines.append(f"{out} = {inplace}" if inplace else f"{out} = {print_expr(expr, names)}")
-    return lines
+    return lines + [f"{out} = {print_expr(expr, names)}"]
 
 
 def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
