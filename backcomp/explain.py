@@ -1,0 +1,498 @@
+"""Derivatives as math: each node's forward expression and the VJP of each input.
+
+Built on the same machinery as the compiler.  For a named node N (one line of a
+spec's [graph]), its IR nodes are rebuilt in a small graph whose leaves are the
+named values N reads, seeded with a symbolic cotangent ḡ_N, and
+``backcomp.vjp.differentiate`` derives the cotangent of every leaf from the op
+registry's VJP rules (elementwise ones by ``sympy.diff``).  The resulting
+backward nodes are read back as one expression per input: elementwise parts as
+SymPy expressions (lightly simplified), matmul as ``·``, transposes as ``ᵀ``,
+sums over broadcast axes as ``Σ``.  Notation: ḡ_v = ∂loss/∂v, ⊙ the elementwise
+product; a value with several consumers accumulates one ``+=`` term from each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.str import StrPrinter
+
+from backcomp.graph import Graph, Node, format_shape
+from backcomp.ops import sum as op_sum
+from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.registry import get_op
+from backcomp.ops.scalar import sigmoid
+from backcomp.vjp import differentiate
+
+BAR = "ḡ_"
+
+
+# ----- opaque tensor functions inside SymPy expressions ------------------------------------
+@dataclass(frozen=True)
+class _Fmt:
+    text: str    # str.format over the printed args: "{0} · {1}"
+    latex: str
+    atom: bool = False   # needs no parentheses as a factor
+
+
+_FORMATS: dict[str, _Fmt] = {}
+
+
+def _fn(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
+    _FORMATS.setdefault(key, _Fmt(text, latex, atom))
+    return sp.Function(key)
+
+
+def _axes_label(shape, axes) -> tuple[str, str]:
+    """Σ over all axes: no label; over symbolic dims: their names; else axis numbers."""
+    if tuple(axes) == tuple(range(len(shape))):
+        return "", ""
+    dims = [shape[a] for a in axes]
+    if all(isinstance(d, str) for d in dims):
+        label = ",".join(dims)
+    else:
+        label = "[axis=" + ",".join(str(a) for a in axes) + "]"
+    return label, label.replace("[axis=", r"\mathrm{axis}\,").rstrip("]")
+
+
+class _Reader:
+    """Reads a backward (or forward) node back as a SymPy expression."""
+
+    def __init__(self, symbols: dict[Node, sp.Expr], scalars: set[sp.Symbol] = frozenset()):
+        self.memo: dict[Node, sp.Expr] = dict(symbols)
+        self.scalars = scalars
+
+    def __call__(self, node: Node) -> sp.Expr:
+        stack = [node]
+        while stack:   # iterative, so long chains cannot exhaust the recursion limit
+            n = stack[-1]
+            if n in self.memo:
+                stack.pop()
+                continue
+            missing = [x for x in n.inputs if x not in self.memo]
+            if missing:
+                stack.extend(missing)
+                continue
+            self.memo[n] = self.read(n, [self.memo[x] for x in n.inputs])
+            stack.pop()
+        return self.memo[node]
+
+    def read(self, n: Node, args: list[sp.Expr]) -> sp.Expr:
+        op = n.op
+        if op in ("input", "param"):
+            return sp.Symbol(n.name or f"%{n.id}", real=True)
+        if op == "ones_like":
+            return sp.Integer(1)
+        if op == "zeros_like":
+            return sp.Integer(0)
+        if op in ("reshape", "broadcast_to", "identity"):
+            return args[0]
+        if get_op(op).elementwise:
+            return node_expr(n).xreplace({arg_symbol(i): a for i, a in enumerate(args)})
+        if op == "matmul":
+            return _fn("matmul", "{0} · {1}", r"{0} \cdot {1}")(*args)
+        if op == "transpose":
+            axes = n.attrs["axes"]
+            if axes == tuple(reversed(range(len(axes)))) or axes == tuple(range(len(axes) - 2)) + (len(axes) - 1, len(axes) - 2):
+                return _fn("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)(args[0])
+            return _fn(f"transpose{axes}", f"transpose({{0}}, {axes})", rf"\mathrm{{transpose}}_{{{axes}}}\left({{0}}\right)", True)(args[0])
+        if op in ("sum", "sum_to", "mean", "max", "logsumexp"):
+            src = n.inputs[0].shape
+            if op == "sum_to":
+                from backcomp.ops.structural import sum_to_axes
+                axes = sum_to_axes(src, n.shape)[0]
+            else:
+                axes = n.attrs["axes"]
+            label, ltx = _axes_label(src, axes)
+            name = {"sum": "Σ", "sum_to": "Σ", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}[op]
+            lname = {"Σ": r"\sum", "mean": r"\operatorname{mean}", "max": r"\max",
+                     "logsumexp": r"\operatorname{logsumexp}"}[name]
+            sub = ("" if label.startswith("[") else "_") + label if label else ""
+            lsub = f"_{{{ltx}}}" if ltx else ""
+            inner, outer = _split_scalars(args[0], self.scalars) if op in ("sum", "sum_to", "mean") else (args[0], 1)
+            return outer * _fn(f"{name}{sub}", f"{name}{sub}({{0}})", f"{lname}{lsub}\\left({{0}}\\right)", True)(inner)
+        if op == "einsum":
+            s = n.attrs["subscripts"]
+            slots = ", ".join("{%d}" % i for i in range(len(args)))
+            return _fn(f"einsum[{s}]", f"einsum(\"{s}\", {slots})",
+                       rf"\operatorname{{einsum}}_{{\text{{{s}}}}}\left({slots}\right)", True)(*args)
+        if op == "take_label":
+            return _fn("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args)
+        if op == "put_label":
+            return _fn("onehot", "onehot({1})", r"\operatorname{{onehot}}\left({1}\right)", True)(*args) * args[0]
+        if op == "stop_gradient":
+            return _fn("stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0])
+        slots = ", ".join("{%d}" % i for i in range(len(args)))
+        attrs = ", ".join(f"{k}={v!r}" for k, v in n.attrs.items() if k not in ("label",))
+        key = f"{op}[{attrs}]"
+        text = f"{op}({slots}{', ' + attrs if attrs else ''})"
+        return _fn(key, text, rf"\operatorname{{{op.replace('_', chr(92) + '_')}}}\left({slots}\right)", True)(*args)
+
+
+def _split_scalars(expr: sp.Expr, scalars) -> tuple[sp.Expr, sp.Expr]:
+    """Σ(c ⊙ x) = c Σ(x) for factors c that are scalars (0-d values, dims, numbers)."""
+    inside, outside = [], []
+    for f in sp.Mul.make_args(expr):
+        if f.free_symbols and all(s in scalars or s.is_integer for s in f.free_symbols) or f.is_Number and f != 1:
+            outside.append(f)
+        else:
+            inside.append(f)
+    if not inside:
+        return expr, sp.Integer(1)
+    return sp.Mul(*inside), sp.Mul(*outside)
+
+
+def _tidy(expr: sp.Expr) -> sp.Expr:
+    """Light simplification: collect and factor without rewriting step functions."""
+    if sp.count_ops(expr) > 60:
+        return expr
+    try:
+        out = sp.factor_terms(sp.expand(expr, deep=False))
+        candidates = [expr, out]
+        if not expr.has(sp.Heaviside, sp.Piecewise):
+            candidates.append(sp.simplify(expr))
+        return min(candidates, key=lambda e: (sp.count_ops(e), len(str(e))))
+    except Exception:  # noqa: BLE001  (simplification is cosmetic)
+        return expr
+
+
+# ----- printers ------------------------------------------------------------------------------
+class TextPrinter(StrPrinter):
+    """Unicode math: ⊙ for elementwise products, · for matmul, σ, ᵀ, Σ."""
+
+    def _print_Function(self, expr):
+        fmt = _FORMATS.get(expr.func.__name__)
+        if fmt is None:
+            return super()._print_Function(expr)
+        return fmt.text.format(*(self._arg(a, expr.func.__name__) for a in expr.args))
+
+    def _arg(self, a, key=None):
+        s = self._print(a)
+        if key in ("matmul", "T") and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
+                isinstance(a, sp.Function) and not _FORMATS.get(a.func.__name__, _Fmt("", "", True)).atom)):
+            return f"({s})"
+        return s
+
+    def _print_Mul(self, expr):
+        num, den = sp.fraction(expr)
+        if den != 1:
+            n = self._print(num) if not isinstance(num, sp.Add) else f"({self._print(num)})"
+            d = self._print(den)
+            if isinstance(den, (sp.Add, sp.Mul)) or (isinstance(den, sp.Function) and den.func.__name__ in _FORMATS and not _FORMATS[den.func.__name__].atom):
+                d = f"({d})"
+            return f"{n}/{d}"
+        coeff, rest = expr.as_coeff_Mul()
+        factors = sp.Mul.make_args(rest)
+        parts = []
+        for f in factors:
+            s = self._print(f)
+            if isinstance(f, sp.Add) or (isinstance(f, sp.Function) and f.func.__name__ in _FORMATS and not _FORMATS[f.func.__name__].atom):
+                s = f"({s})"
+            parts.append(s)
+        body = " ⊙ ".join(parts)
+        if coeff == 1:
+            return body
+        if coeff == -1:
+            return f"-{body}"
+        return f"{self._print(coeff)}·{body}"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp == sp.Rational(1, 2):
+            return f"√{self._wrap(base)}"
+        if exp.is_Number and exp < 0:
+            return f"1/{self._wrap(sp.Pow(base, -exp))}"
+        return f"{self._wrap(base)}^{self._wrap(exp)}"
+
+    def _wrap(self, e):
+        s = self._print(e)
+        return f"({s})" if isinstance(e, (sp.Add, sp.Mul, sp.Pow)) or (e.is_Number and e < 0) else s
+
+    def _print_Heaviside(self, expr):
+        return f"({self._print(expr.args[0])} > 0)"
+
+    def _print_sigmoid(self, expr):
+        return f"σ({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr):
+        out = self._print(expr.args[-1].expr)
+        for piece in reversed(expr.args[:-1]):
+            out = f"where({self._print(piece.cond)}, {self._print(piece.expr)}, {out})"
+        return out
+
+    def _print_Max(self, expr):
+        return f"max({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Min(self, expr):
+        return f"min({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_Float(self, expr):
+        return f"{float(expr):g}"
+
+    def _print_Rational(self, expr):
+        return f"{expr.p}/{expr.q}"
+
+
+class MathLatexPrinter(LatexPrinter):
+    """LaTeX: sympy.latex for the elementwise parts, templates for tensor ops."""
+
+    def __init__(self):
+        super().__init__({"mul_symbol": r" \odot ", "symbol_names": {}})
+
+    def _print_Function(self, expr, exp=None):
+        fmt = _FORMATS.get(expr.func.__name__)
+        if fmt is None:
+            return super()._print_Function(expr, exp)
+        out = fmt.latex.format(*(self._print(a) for a in expr.args))
+        return f"{{{out}}}^{{{exp}}}" if exp else out
+
+    def _print_Symbol(self, expr, style="plain"):
+        if expr.name.startswith(BAR):
+            return rf"\bar{{g}}_{{{self._name(expr.name[len(BAR):])}}}"
+        return self._name(expr.name)
+
+    @staticmethod
+    def _name(name: str) -> str:
+        if "_" in name:
+            head, _, tail = name.partition("_")
+            return rf"{head}_{{\mathrm{{{tail.replace('_', chr(92) + '_')}}}}}"
+        return name
+
+    def _print_Heaviside(self, expr, exp=None):
+        return rf"\mathbb{{1}}\left[{self._print(expr.args[0])} > 0\right]"
+
+    def _print_Float(self, expr):
+        return f"{float(expr):g}"
+
+
+def to_text(expr: sp.Expr) -> str:
+    return TextPrinter().doprint(expr)
+
+
+def to_latex(expr: sp.Expr) -> str:
+    return MathLatexPrinter().doprint(expr)
+
+
+# ----- per-node derivation ---------------------------------------------------------------
+@dataclass
+class NodeMath:
+    """One named node: its forward expression and the VJP term for each input."""
+    name: str
+    shape: tuple
+    forward: sp.Expr
+    vjps: dict[str, sp.Expr] = field(default_factory=dict)   # input name -> its term
+
+
+def _named_order(graph: Graph) -> list[Node]:
+    return [n for n in graph.nodes if n.name is not None and n.op not in ("input", "param")]
+
+
+def _members(graph: Graph, target: Node) -> list[Node]:
+    """The IR nodes that make up ``target``'s expression (its scope), in order."""
+    named = {n for n in graph.nodes if n.name is not None}
+    want = {target}
+    stack = [target]
+    while stack:
+        n = stack.pop()
+        for x in n.inputs:
+            if x not in want and x not in named:
+                want.add(x)
+                stack.append(x)
+    return [n for n in graph.nodes if n in want]
+
+
+def node_math(graph: Graph, target: Node, differentiable: set[str]) -> NodeMath:
+    """Forward expression of ``target`` and ḡ of each named input it reads."""
+    members = _members(graph, target)
+    inside = set(members)
+    leaves: list[Node] = []
+    for n in members:
+        for x in n.inputs:
+            if x not in inside and x not in leaves:
+                leaves.append(x)
+    local = Graph("explain")
+    mapping: dict[Node, Node] = {}
+    wrt = []
+    for leaf in leaves:
+        if leaf.name in differentiable and leaf.dtype == "float":
+            m = local._leaf("param", leaf.name, leaf.shape, "float")   # symbolic dims allowed here
+            local.params[leaf.name] = m
+            wrt.append(leaf.name)
+        else:
+            m = local._leaf("input", leaf.name or f"v{leaf.id}", leaf.shape, leaf.dtype)
+            local.inputs[m.name] = m
+        mapping[leaf] = m
+    for n in members:
+        mapping[n] = local.apply(n.op, [mapping[x] for x in n.inputs], **dict(n.attrs))
+    out = mapping[target]
+    names = {m: sp.Symbol(m.name, real=True) for m in mapping.values() if m.op in ("input", "param")}
+    forward = _tidy(_Reader(names)(out))
+    math = NodeMath(target.name, target.shape, forward)
+    if not wrt or out.dtype != "float" or target.name not in differentiable:
+        return math
+    seed = local._leaf("input", BAR + target.name, target.shape, "float")
+    local.loss(op_sum(seed * out), "seed")
+    local.wrt = tuple(wrt)
+    d = differentiate(local)
+    symbols = {d.lookup(name): sp.Symbol(name, real=True) for name in [*wrt, *local.inputs]}
+    symbols[d.lookup(BAR + target.name)] = sp.Symbol(BAR + target.name, real=True)
+    symbols[d.lookup(target.name) if d.lookup(target.name) is not None else d.nodes[out.id]] = sp.Symbol(target.name, real=True)
+    scalars = {v for k, v in symbols.items() if k is not None and k.shape == ()}
+    reader = _Reader({k: v for k, v in symbols.items() if k is not None}, scalars)
+    for p in wrt:
+        math.vjps[p] = _tidy(_softmax(reader(d.grads[p])))
+    return math
+
+
+def _softmax(expr: sp.Expr) -> sp.Expr:
+    """exp(x − logsumexp(x)) reads better as softmax(x)."""
+    def is_softmax(e):
+        if not isinstance(e, sp.exp):
+            return False
+        terms = sp.Add.make_args(e.args[0])
+        return len(terms) == 2 and any(_is_lse_of(t, terms) for t in terms)
+
+    def to_softmax(e):
+        terms = sp.Add.make_args(e.args[0])
+        lse = next(t for t in terms if _is_lse_of(t, terms))
+        (x,) = (-lse).args
+        name = (-lse).func.__name__.replace("logsumexp", "softmax")
+        return _fn(name, _FORMATS[(-lse).func.__name__].text.replace("logsumexp", "softmax"),
+                   _FORMATS[(-lse).func.__name__].latex.replace("logsumexp", "softmax"), True)(x)
+    return expr.replace(is_softmax, to_softmax)
+
+
+def _is_lse_of(t, terms) -> bool:
+    neg = -t
+    if not (isinstance(neg, sp.Function) and neg.func.__name__.startswith("logsumexp")):
+        return False
+    return any(o == neg.args[0] for o in terms if o is not t)
+
+
+# ----- the report ----------------------------------------------------------------------------
+def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
+    """NodeMath for every named node, and for every value the nodes that consume it."""
+    if graph.loss_node is not None:
+        full = differentiate(graph)
+        differentiable = {k.name for k in full.cotangents if k.name is not None}
+    else:
+        differentiable = set()
+    maths = [node_math(graph, n, differentiable) for n in _named_order(graph)]
+    consumers: dict[str, list[str]] = {}
+    for m in maths:
+        for v in m.vjps:
+            consumers.setdefault(v, []).append(m.name)
+    return maths, consumers
+
+
+def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex: bool = False) -> str:
+    """The derivative report that ``backcomp explain`` prints."""
+    from backcomp.graph import GraphError
+    maths, consumers = derive(graph)
+    by_name = {m.name: m for m in maths}
+    loss = graph.loss_node.name if graph.loss_node is not None else None
+    selected = maths
+    if node is not None:
+        if node not in by_name:
+            if node in graph.inputs or node in graph.params:
+                raise GraphError(f"--node: '{node}' is an input or param, not a node with an expression")
+            raise GraphError(f"--node: no node named '{node}'{_hint(node, by_name)}")
+        selected = [by_name[node]]
+    if wrt is not None:
+        if wrt not in graph.params:
+            raise GraphError(f"--wrt: '{wrt}' is not a param{_hint(wrt, graph.params)}")
+        if wrt not in consumers:
+            return f"{loss} does not depend on {wrt}: ḡ_{wrt} = 0"
+        on_path = _chain(wrt, consumers, loss)
+        selected = [m for m in reversed(maths) if m.name in on_path]
+    fmt = to_latex if latex else to_text
+    lines: list[str] = []
+    if latex:
+        lines.append(r"% generated by backcomp explain; \bar{g}_v = \partial " + (loss or "L") + r" / \partial v")
+    else:
+        lines.append(f"{graph.name}: ḡ_v = ∂{loss}/∂v, ⊙ elementwise product, · matrix product")
+    if loss is not None and (node is None or node == loss):
+        lines.append(rf"\bar{{g}}_{{{MathLatexPrinter._name(loss)}}} = 1" if latex else f"ḡ_{loss} = 1")
+    for m in selected:
+        lhs = MathLatexPrinter._name(m.name) if latex else m.name
+        shape = format_shape(m.shape)
+        if latex:
+            lines.append("")
+            lines.append(rf"{lhs} = {fmt(m.forward)} \qquad \text{{shape }} {shape}")
+        else:
+            lines.append("")
+            lines.append(f"{lhs} = {fmt(m.forward)}    # shape {shape}")
+        for v, term in m.vjps.items():
+            if wrt is not None and v not in on_path:
+                continue
+            acc = "+=" if len(consumers.get(v, [])) > 1 else "="
+            if latex:
+                acc_l = r"\mathrel{+}=" if acc == "+=" else "="
+                lines.append(rf"\quad \bar{{g}}_{{{MathLatexPrinter._name(v)}}} {acc_l} {fmt(term)}")
+            else:
+                lines.append(f"    {BAR}{v} {acc} {fmt(term)}")
+    if node is None:
+        multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
+        if multi:
+            lines.append("")
+            for v, c in multi:
+                terms = " + ".join(f"(from {x})" for x in c)
+                lines.append(("% " if latex else "") + f"{BAR}{v} sums {len(c)} terms: {terms}")
+    return "\n".join(lines)
+
+
+def _chain(param: str, consumers: dict[str, list[str]], loss: str | None) -> set[str]:
+    """The values on some path from ``param`` up to the loss."""
+    up = {param}
+    stack = [param]
+    while stack:
+        v = stack.pop()
+        for c in consumers.get(v, []):
+            if c not in up:
+                up.add(c)
+                stack.append(c)
+    return up
+
+
+def _hint(name, choices) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----- Graphviz ------------------------------------------------------------------------------
+def to_dot(graph: Graph, backward: bool = False) -> str:
+    """The forward DAG (and, with ``backward``, the differentiated one) as DOT."""
+    from backcomp.codegen import assign_names
+    g = differentiate(graph) if backward and graph.loss_node is not None else graph
+    names = assign_names(g)
+    ids = {n: f"n{i}" for i, n in enumerate(g.nodes)}
+    lines = [f'digraph "{graph.name}" {{', "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];']
+    for n in g.nodes:
+        label = names[n]
+        if n.op in ("input", "param"):
+            shape, style = ("box", 'style=filled, fillcolor="#dde8f8"') if n.op == "param" else ("box", "")
+        else:
+            detail = n.attrs.get("label", n.op) if n.op == "ew" else n.op
+            label = f"{label}\\n{detail}"
+            shape, style = "ellipse", ""
+            if n.origin is not None:
+                style = 'style=filled, fillcolor="#f8e0d0"'
+            elif n is g.loss_node:
+                style = 'style=filled, fillcolor="#d8f0d8"'
+        label += f"\\n{format_shape(n.shape)}"
+        attrs = f'label="{_dot_escape(label)}", shape={shape}' + (f", {style}" if style else "")
+        lines.append(f"  {ids[n]} [{attrs}];")
+    for n in g.nodes:
+        for x in n.inputs:
+            lines.append(f"  {ids[x]} -> {ids[n]};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _dot_escape(s: str) -> str:
+    return s.replace('"', '\\"')
+
+
+__all__ = ["explain", "derive", "node_math", "to_dot", "to_text", "to_latex", "NodeMath"]
