@@ -92,13 +92,12 @@ def take_label(x: Node, labels: Node) -> Node:
 # ----- losses -----------------------------------------------------------------------
 def softmax_cross_entropy(logits: Node, y: Node) -> Node:
     """Per-row −Σ y·log_softmax(logits) (one-hot/soft y) or −log_softmax[label] (int y)."""
-    lse = logsumexp(logits, axis=-1)
     if y.dtype == "int":
-        return lse - take_label(logits, y)
+        return logsumexp(logits, axis=-1) - take_label(logits, y)
     if y.shape != logits.shape and st.broadcast_shapes(y.shape, logits.shape) != logits.shape:
         raise ShapeError(f"softmax_cross_entropy: targets {format_shape(y.shape)} do not match logits {format_shape(logits.shape)}")
-    # lse·Σy − Σ y·z is the same as −Σ y·(z − lse) and exact for soft labels too.
-    return lse * st.sum(y, axis=-1) - st.sum(y * logits, axis=-1)
+    # Literally −Σ y·log_softmax: exact for soft labels whatever their row sums.
+    return st.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
 
 
 def sigmoid_binary_cross_entropy(z: Node, y) -> Node:

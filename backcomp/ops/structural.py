@@ -408,6 +408,8 @@ def sum_to_axes(src: Shape, dst: Shape) -> tuple[tuple[int, ...], bool]:
 
 def _sum_to_emit(node, args, out):
     axes, keep = sum_to_axes(node.inputs[0].shape, node.shape)
+    if keep and len(node.inputs[0].shape) == len(node.shape):
+        return [f"{out} = {args[0]}.sum(axis={axes_code(axes)}, keepdims=True)"]
     if not keep:
         return [f"{out} = {args[0]}.sum(axis={axes_code(axes)})"]
     return [f"{out} = {args[0]}.sum(axis={axes_code(axes)}, keepdims=True).reshape({shape_code(node.shape)})"]

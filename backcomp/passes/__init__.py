@@ -7,6 +7,7 @@ from backcomp.graph import Graph
 from backcomp.passes.cse import eliminate_common_subexpressions
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
+from backcomp.passes.reductions import merge_reductions
 from backcomp.passes.stability import Finding, stabilize
 
 
@@ -17,7 +18,8 @@ def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Grap
     sees ``softplus(z) − y·z`` rather than pieces, and stable rewrites such as
     ``log(1 + exp(u))`` → ``softplus(u)`` reach the backward too.
     """
-    for run in (eliminate_common_subexpressions, fuse_elementwise, partial(stabilize, findings=findings)):
+    for run in (eliminate_common_subexpressions, merge_reductions, fuse_elementwise,
+                partial(stabilize, findings=findings)):
         graph = run(graph)
     return graph
 
