@@ -255,7 +255,12 @@ class _Where:
                 col = (col or 1) + chars
             else:
                 line, col = line + lineno - 1, chars + 1
-        return SpecError(self.path, line, col, f"{message} {self.context}".rstrip())
+        cut = message.find(" (did you mean")
+        if cut >= 0 and self.context:   # "unknown function 'f' in node 'h' (did you mean 'g'?)"
+            message = f"{message[:cut]} {self.context}{message[cut:]}"
+        else:
+            message = f"{message} {self.context}".rstrip()
+        return SpecError(self.path, line, col, message)
 
 
 def parse_expression(text: str, where: _Where) -> ast.expr:
@@ -289,7 +294,8 @@ def parse_expression(text: str, where: _Where) -> ast.expr:
         msg = (e.msg or "invalid syntax").replace("invalid syntax. ", "")
         raise where.error(fake, f"syntax error: {msg}") from None
     except (RecursionError, MemoryError, ValueError) as e:
-        raise where.error(None, f"expression cannot be parsed ({type(e).__name__}); simplify it") from None
+        raise where.error(None, f"expression is nested too deeply to parse ({type(e).__name__}); "
+                                "split it into several nodes") from None
     _check_depth(tree.body, where)
     return tree.body
 
@@ -514,6 +520,9 @@ class _Walker:
     # -- calls ------------------------------------------------------------------------
     def call(self, node: ast.Call):
         if not isinstance(node.func, ast.Name):
+            bad = _disallowed(node.func)
+            if bad:
+                raise self.err(node.func, bad)
             raise self.err(node, "only calls of ops and [functions] by name are allowed "
                                  f"(not '{ast.unparse(node.func)}(...)')")
         fname = node.func.id
@@ -946,7 +955,7 @@ class _Loader:
             with graph.scoped(name):
                 value = walker.value(tree)
                 if not isinstance(value, Node):
-                    raise where.error(tree, f"node '{name}' is a constant number; put it in [constants]")
+                    raise where.error(tree, "this expression is a constant number; put it in [constants]")
                 try:
                     node = graph.assign_name(name, value)
                 except GraphError as e:
