@@ -41,7 +41,7 @@ _FORMATS: dict[str, _Fmt] = {}
 
 def _fn(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
     _FORMATS.setdefault(key, _Fmt(text, latex, atom))
-    return sp.Function(key)
+    return sp.Function(key, real=True)
 
 
 def _axes_label(shape, axes) -> tuple[str, str]:
@@ -327,7 +327,7 @@ def node_math(graph: Graph, target: Node, differentiable: set[str]) -> NodeMath:
         mapping[n] = local.apply(n.op, [mapping[x] for x in n.inputs], **dict(n.attrs))
     out = mapping[target]
     names = {m: sp.Symbol(m.name, real=True) for m in mapping.values() if m.op in ("input", "param")}
-    forward = _tidy(_Reader(names)(out))
+    forward = _tidy(_softmax(_Reader(names)(out)))
     math = NodeMath(target.name, target.shape, forward)
     if not wrt or out.dtype != "float" or target.name not in differentiable:
         return math
@@ -345,8 +345,31 @@ def node_math(graph: Graph, target: Node, differentiable: set[str]) -> NodeMath:
     return math
 
 
+def _stable_lse(expr: sp.Expr) -> sp.Expr:
+    """Σ exp(x − sg(m)) is exp(logsumexp(x) − sg(m)): the max-shift is an implementation detail."""
+    mapping = {}
+    for f in expr.atoms(sp.Function):
+        name = f.func.__name__
+        if not (name.startswith("Σ") and name in _FORMATS and isinstance(f.args[0], sp.exp)):
+            continue
+        terms = sp.Add.make_args(f.args[0].args[0])
+        shifts = [t for t in terms if isinstance(-t, sp.Function) and (-t).func.__name__ == "stop_gradient"]
+        if len(shifts) != 1:
+            continue
+        c = -shifts[0]
+        x = f.args[0].args[0] + c
+        fmt = _FORMATS[name]
+        lse = _fn(name.replace("Σ", "logsumexp", 1), fmt.text.replace("Σ", "logsumexp", 1),
+                  fmt.latex.replace(r"\sum", r"\operatorname{logsumexp}", 1), True)(x)
+        mapping[f] = sp.exp(lse - c)
+    if not mapping:
+        return expr
+    return sp.powsimp(expr.xreplace(mapping), combine="exp")
+
+
 def _softmax(expr: sp.Expr) -> sp.Expr:
     """exp(x − logsumexp(x)) reads better as softmax(x)."""
+    expr = _stable_lse(expr)
     def is_softmax(e):
         if not isinstance(e, sp.exp):
             return False
