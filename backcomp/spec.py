@@ -1036,6 +1036,17 @@ def _topological(deps: dict[str, list[str]], cycle_error) -> list[str]:
     return order
 
 
+def ops_table_markdown() -> str:
+    """The op reference table of docs/spec.md, generated from the table above and the registry."""
+    from backcomp.ops.registry import registered_ops
+    reg = registered_ops()
+    rows = ["| call | keywords | meaning |", "|---|---|---|"]
+    for name, op in SPEC_OPS.items():
+        doc = reg[name].doc if name in reg else (getattr(op.fn, "__doc__", "") or "").strip().split("\n")[0]
+        rows.append(f"| `{op.signature()}` | {', '.join(op.keywords) or '—'} | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 def read_spec_text(path: Path) -> str:
     """The spec's text; unreadable files are SpecErrors without a line."""
     shown = str(path)

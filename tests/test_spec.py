@@ -218,3 +218,12 @@ def test_malformed_spec(path, tmp_path):
     assert expect in message
     assert "Traceback" not in message and len(message.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_docs_op_table_is_generated_from_the_code():
+    doc = (ROOT / "docs" / "spec.md").read_text()
+    assert spec_mod.ops_table_markdown() in doc
+    for init in ("zeros", "ones", "normal(std)", "uniform(low, high)", "glorot_uniform", "he_normal"):
+        assert init in doc
+    for key in ("name", "loss", "outputs", "wrt", "shape", "dtype", "init", "args", "expr"):
+        assert f"`{key}`" in doc or f"{key} =" in doc
