@@ -120,12 +120,13 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
 
     Backward statements carry a comment naming the forward node (and input) they
     differentiate; a 2-D transpose read once is inlined as ``x.T`` (a view that
-    BLAS reads in place); dead temporaries are deleted after their last use.
+    BLAS reads in place) and identities use their input's name; dead temporaries
+    are deleted after their last use.
     """
     names = dict(names)
     users = consumers(nodes)
-    inlined = {n: n.inputs[0] for n in nodes
-               if n.op == "transpose" and n.ndim == 2 and len(users[n]) == 1 and n not in returned}
+    inlined = {n: n.inputs[0] for n in nodes if n not in returned and (
+        n.op in ("identity", "stop_gradient") or (n.op == "transpose" and n.ndim == 2 and len(users[n]) == 1))}
     plan = plan_memory(nodes, returned, _is_elementwise, inlined)
     lines: list[str] = []
     last_comment = None
@@ -133,8 +134,8 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
         out = names[node]
         if node.op in ("input", "param"):
             lines.append(f'{out} = {node.op}s["{node.name}"]')
-        elif node in inlined:
-            names[node] = f"{names[node.inputs[0]]}.T"
+        elif node in inlined:   # another name for a value, or a view BLAS reads in place
+            names[node] = names[node.inputs[0]] + (".T" if node.op == "transpose" else "")
         else:
             if node.origin is not None:
                 comment = origin_comment(node, names)

@@ -1,49 +1,33 @@
 """Neural-network ops, built from primitives so their gradients are *derived*.
 
-Only ``logsumexp`` (which needs a stable emission) and label gathering are new
-primitives.  softmax, log_softmax and the losses are compositions: the backward of
-softmax cross-entropy comes out as ḡ·(exp(z − lse) − y) = ḡ·(softmax − y) from the
-VJP pass plus elementwise fusion, without a Jacobian ever being formed.
+Only label gathering is a new primitive.  logsumexp, softmax, log_softmax and the
+losses are compositions: the backward of softmax cross-entropy comes out as
+ḡ·(e/Σe − y) = ḡ·(softmax − y) from the VJP pass plus elementwise fusion, reusing
+the forward's exponentials, without a Jacobian ever being formed.
 """
 from __future__ import annotations
 
 from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops import elementwise as ew
 from backcomp.ops import structural as st
-from backcomp.ops.elementwise import CT, OUT, arg_symbol, ew_from_expr
+from backcomp.ops.elementwise import arg_symbol
 from backcomp.ops.registry import OpDef, register_op
 
 
-# ----- logsumexp (stable primitive) -------------------------------------------------
-def _lse_emit(node, args, out):
-    x = args[0]
-    axes = st.axes_code(node.attrs["axes"])
-    keep = node.attrs["keepdims"]
-    lines = [f"{out}_max = {x}.max(axis={axes}, keepdims=True)",
-             f"{out} = np.log(np.exp({x} - {out}_max).sum(axis={axes}, keepdims=True)) + {out}_max"]
-    if not keep:
-        lines.append(f"{out} = {out}.reshape({st.shape_code(node.shape)})")
-    return lines
-
-
-def _lse_vjp(node, ct):
-    """∂ lse / ∂x = exp(x − lse) = softmax(x), reusing the forward lse."""
-    x = node.inputs[0]
-    shape = st.keepdims_shape(x.shape, node.attrs["axes"])
-    out_kd = node if node.attrs["keepdims"] else st.reshape(node, shape)
-    ct_kd = st._kept(node, ct)
-    soft = ew.exp(x - out_kd)
-    return [ew_from_expr(CT * OUT, {CT: ct_kd, OUT: soft}, label="logsumexp_vjp")]
-
-
-register_op(OpDef("logsumexp", st._reduce_infer, _lse_emit, _lse_vjp, broadcast_ct=True,
-                  doc="log(sum(exp(x))) over axis, computed stably (max subtracted)",
-                  signature="logsumexp(x, axis=None, keepdims=False)"))
-
-
+# ----- logsumexp ----------------------------------------------------------------------
 def logsumexp(x: Node, axis=None, keepdims: bool = False) -> Node:
-    """log Σ exp(x) over ``axis``, stable for any magnitude of x."""
-    return x.graph.apply("logsumexp", (x,), axes=st.normalize_axes(axis, x.ndim, "logsumexp"), keepdims=keepdims)
+    """log Σ exp(x) over ``axis``, stable for any magnitude of x.
+
+    Built as m + log Σ exp(x − m) with m = max(x) behind a stop_gradient (the value
+    does not depend on m).  Being made of primitives, its backward is derived:
+    ∂/∂x = exp(x − m) / Σ exp(x − m), reusing the forward's exponentials and sum,
+    so softmax is never recomputed.
+    """
+    axes = st.normalize_axes(axis, x.ndim, "logsumexp")
+    m = st.stop_gradient(st.max(x, axis=axes, keepdims=True))
+    total = st.sum(ew.exp(x - m), axis=axes, keepdims=True)
+    out = ew.log(total) + m
+    return out if keepdims else st.reshape(out, st.reduced_shape(x.shape, axes, False))
 
 
 def softmax(x: Node, axis: int = -1) -> Node:
