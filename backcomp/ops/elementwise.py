@@ -140,10 +140,6 @@ def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
     return cts
 
 
-def _bool_infer(inputs, attrs):
-    return broadcast_shapes(*(x.shape for x in inputs)), "bool"
-
-
 # ----- the generic node that fusion and the backward create ---------------------
 register_op(OpDef(
     "ew", _infer, _emit, elementwise_vjp, elementwise=True, broadcast_ct=True,
@@ -154,7 +150,9 @@ register_op(OpDef(
 def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
           signature: str, differentiable: bool = True, dtype: str = "float") -> Callable:
     """Register a named elementwise op and return its builder function."""
-    infer = _bool_infer if dtype == "bool" else (lambda inputs, attrs: (broadcast_shapes(*(x.shape for x in inputs)), "float"))
+    def infer(inputs, attrs):
+        return broadcast_shapes(*(x.shape for x in inputs), where=f"{name}: "), dtype
+
     register_op(OpDef(name, infer, _emit, elementwise_vjp if differentiable else None,
                       doc=doc, elementwise=True, broadcast_ct=True, signature=signature, scalar=scalar))
 

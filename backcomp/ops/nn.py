@@ -78,7 +78,11 @@ def softmax_cross_entropy(logits: Node, y: Node) -> Node:
     """Per-row −Σ y·log_softmax(logits) (one-hot/soft y) or −log_softmax[label] (int y)."""
     if y.dtype == "int":
         return logsumexp(logits, axis=-1) - take_label(logits, y)
-    if y.shape != logits.shape and st.broadcast_shapes(y.shape, logits.shape) != logits.shape:
+    try:
+        fits = st.broadcast_shapes(y.shape, logits.shape) == logits.shape
+    except ShapeError:
+        fits = False
+    if not fits:
         raise ShapeError(f"softmax_cross_entropy: targets {format_shape(y.shape)} do not match logits {format_shape(logits.shape)}")
     # Literally −Σ y·log_softmax: exact for soft labels whatever their row sums.
     return st.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
