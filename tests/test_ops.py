@@ -703,3 +703,78 @@ def test_domains_are_declared():
         assert all(d in DOMAINS for d in case.domains), case.name
         for shapes in case.shapes:
             concrete(shapes[0], 3)
+
+
+# ----- shape rules: errors name the op and both shapes -------------------------------------------
+def _g():
+    g = backcomp.Graph("errors")
+    return g, g.param("a", (2, 3)), g.param("b", (4, 3)), g.input("x", ("B", 3))
+
+
+@pytest.mark.parametrize("build, pattern", [
+    (lambda g, a, b, x: a + b, r"^add: cannot broadcast shapes \(2, 3\) and \(4, 3\)"),
+    (lambda g, a, b, x: x * a, r"^mul: cannot broadcast shapes \(B, 3\) and \(2, 3\)"),
+    (lambda g, a, b, x: ops.where(x > b, x, a), r"^greater: cannot broadcast shapes \(B, 3\) and \(4, 3\)"),
+    (lambda g, a, b, x: a @ b, r"matmul.*\(2, 3\) and \(4, 3\)"),
+    (lambda g, a, b, x: ops.einsum("ij,jk->ik", a, b), r"einsum: index 'j' has size 3 in one operand and 4"),
+    (lambda g, a, b, x: ops.reshape(a, (4, 2)), r"reshape.*\(2, 3\) to \(4, 2\)"),
+    (lambda g, a, b, x: ops.reshape(a, (-1, -1)), r"only one dimension may be -1"),
+    (lambda g, a, b, x: a[2], r"index 2 is out of bounds for axis 0 with size 2"),
+    (lambda g, a, b, x: a[0, 0, 0], r"too many indices"),
+    (lambda g, a, b, x: x[1:], r"cannot slice symbolic dimension B"),
+    (lambda g, a, b, x: ops.concatenate((a, b), axis=1), r"concatenate.*\(2, 3\) and \(4, 3\).*axis 1"),
+    (lambda g, a, b, x: ops.concatenate((x, x), axis=0), r"symbolic dimension B"),
+    (lambda g, a, b, x: ops.sum(a, axis=2), r"sum: axis 2 is out of range"),
+    (lambda g, a, b, x: ops.max(a, axis=(0, 0)), r"repeated axis"),
+    (lambda g, a, b, x: ops.transpose(a, (0, 0)), r"not a permutation"),
+    (lambda g, a, b, x: ops.broadcast_to(a, (4, 3)), r"broadcast"),
+    (lambda g, a, b, x: ops.softmax_cross_entropy(a, g.input("lab", (3,), dtype="int")),
+     r"labels of shape \(3,\) do not match logits of shape \(2, 3\)"),
+    (lambda g, a, b, x: ops.softmax_cross_entropy(a, b), r"targets \(4, 3\) do not match logits \(2, 3\)"),
+    (lambda g, a, b, x: g.param("z", (0, 3)), r"dimension 0 must be positive"),
+    (lambda g, a, b, x: g.input("n", (-2,)), r"dimension -2 must be positive"),
+    (lambda g, a, b, x: g.param("f", (2.5,)), r"must be a positive integer"),
+])
+def test_shape_errors(build, pattern):
+    g, a, b, x = _g()
+    with pytest.raises(backcomp.ShapeError, match=pattern):
+        build(g, a, b, x)
+
+
+@pytest.mark.parametrize("build, pattern", [
+    (lambda g, a, b, x: ops.where(a, a, b), r"where\(\) needs a comparison"),
+    (lambda g, a, b, x: ops.relu(a, a), r"relu\(\) takes 1 argument, got 2"),
+    (lambda g, a, b, x: ops.add(1.0, 2.0), r"needs at least one array argument"),
+    (lambda g, a, b, x: ops.einsum("ii->i", a), r"repeated index"),
+    (lambda g, a, b, x: ops.einsum("...i->i", a), r"ellipsis"),
+    (lambda g, a, b, x: a + "x", r"expected a node or a number"),
+    (lambda g, a, b, x: ops.sum(a, keepdims=1), r"keepdims must be true or false"),
+    (lambda g, a, b, x: a + backcomp.Graph("other").param("c", (3,)), r"belongs to graph 'other'"),
+])
+def test_graph_errors(build, pattern):
+    g, a, b, x = _g()
+    with pytest.raises(backcomp.GraphError, match=pattern):
+        build(g, a, b, x)
+
+
+# ----- property: binary ops over random broadcastable shapes -----------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def broadcast_pair(draw):
+    rank = draw(st.integers(0, 3))
+    full = draw(st.lists(st.integers(1, 3), min_size=rank, max_size=rank))
+    def side():
+        drop = draw(st.integers(0, rank))
+        return tuple(1 if draw(st.booleans()) else d for d in full[drop:])
+    return side(), side()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=broadcast_pair(), op=st.sampled_from(["mul", "div", "maximum", "sub"]))
+def test_binary_ops_over_random_broadcast_shapes(pair, op):
+    case = next(c for c in CASES if c.name == op)
+    g, domains, reference = build_case(case, pair)
+    gradcheck(g, domains=domains, reference=reference)
