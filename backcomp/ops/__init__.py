@@ -21,6 +21,7 @@ from backcomp.ops.nn import (  # noqa: F401
     log_softmax, logsumexp, mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
     take_label,
 )
+from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
     broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, reshape,
