@@ -30,6 +30,13 @@ class NumpyExprPrinter(NumPyPrinter):
         """Use the conventional ``np`` alias instead of ``numpy``."""
         return "np." + fqn[len("numpy."):] if fqn.startswith("numpy.") else fqn
 
+    def _print(self, expr, **kwargs):
+        """Any number that is not an integer (log(2), sqrt(pi)) prints as a Python float."""
+        if isinstance(expr, sp.Basic) and expr.is_number and not expr.is_Integer and expr.is_real \
+                and expr.is_finite and not isinstance(expr, sp.Rational):
+            return float_literal(expr.evalf(17))
+        return super()._print(expr, **kwargs)
+
     def _print_Symbol(self, expr):
         """Input symbols print as their variable; dim symbols as themselves."""
         return self.names.get(expr, expr.name)

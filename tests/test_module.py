@@ -121,8 +121,6 @@ def test_grads_are_fresh_writable_arrays(sink):
             assert not np.shares_memory(g, arr), k
 
 
-@pytest.mark.xfail(strict=True, reason="codegen returns NumPy scalars (np.float64) for the loss and for the "
-                   "gradient of a 0-d param; DESIGN.md promises a 0-d array (and grads like the param)")
 def test_scalar_results_are_0d_arrays():
     g = backcomp.Graph("scalar_results")
     s = g.param("s", ())
@@ -468,8 +466,6 @@ def test_written_module_imports_and_matches_build(tmp_path):
 
 
 # ----- generated names ------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="codegen.assign_names gives an unfused erf node the variable '_erf', "
-                   "which shadows the module's _erf helper: UnboundLocalError at run time")
 def test_unfused_erf_node_does_not_shadow_the_erf_helper():
     g = backcomp.Graph("erf_matmul")
     w = g.param("w", (3,))

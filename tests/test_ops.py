@@ -238,14 +238,7 @@ VARIANTS = [pytest.param(case, shapes, id=f"{case.name}[{_shape_id(shapes)}]")
             for case in CASES for shapes in case.shapes]
 
 #: bugs outside backcomp/ops/ that some variants hit: (test, case name) -> reason
-KNOWN_BUGS = {
-    ("unoptimised", "erf"): "codegen.assign_names names an unfused erf node '_erf', shadowing the module's "
-                            "_erf helper (UnboundLocalError)",
-    ("backward32", "erf"): "printer: sqrt(pi) in erf' prints as np.sqrt(<float>), a float64 NumPy scalar "
-                           "that upcasts float32 arrays",
-    ("backward32", "gelu"): "printer: sqrt(pi)/sqrt(2) in gelu' print as np.sqrt(<float>) (float64 upcast)",
-    ("backward32", "rpow"): "printer: log(2) in d(2**x) prints as np.log(<float>) (float64 upcast)",
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def variants(test: str) -> list:
