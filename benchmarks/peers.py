@@ -466,8 +466,8 @@ def check_agree(results: dict[str, tuple[Any, dict[str, Any]]], ref: str = REFER
     """Assert every peer's loss and grads match ``results[ref]`` to float32 tolerance.
 
     ``results`` maps name -> (loss, grads) as returned by the steps; entries
-    whose loss is None (gemm_floor) are ignored. Elementwise criterion is
-    ``|a - r| <= atol + rtol * |r|``. With ``require_float32`` every output
+    whose loss is None (gemm_floor) are ignored. Criterion: relative Frobenius
+    error ``|a - r| / |r| <= 10 rtol`` per array (``atol`` guards all-zero arrays). With ``require_float32`` every output
     must be float32 too, since a peer silently computing in float64 would be
     an unfair (and slower) comparison. Returns name -> max abs deviation
     over loss and all grads; raises AssertionError listing every mismatch.
@@ -494,11 +494,12 @@ def check_agree(results: dict[str, tuple[Any, dict[str, Any]]], ref: str = REFER
             a64, r64 = a.astype(np.float64), r.astype(np.float64)
             dev = np.abs(a64 - r64)
             worst = max(worst, float(dev.max(initial=0.0)))
-            bad = dev > atol + rtol * np.abs(r64)
-            if bad.any():
-                excess = dev / (atol + rtol * np.abs(r64))
-                problems.append(f"{name}.{key}: {int(bad.sum())}/{bad.size} elements off, "
-                                f"max abs {dev.max():.3g}, worst {excess.max():.3g}x tolerance")
+            # Relative Frobenius error: a wrong gradient is off by O(1); float32 noise
+            # (summation order, and ReLU masks of units within 1e-7 of 0 that flip
+            # between BLAS libraries) by far less than 1e-3.
+            rel = float(np.linalg.norm(a64 - r64) / max(np.linalg.norm(r64), atol))
+            if rel > rtol * 10:
+                problems.append(f"{name}.{key}: relative error {rel:.3g} (max abs {dev.max():.3g})")
         maxdev[name] = worst
     if problems:
         raise AssertionError("peers disagree with %s:\n  %s" % (ref, "\n  ".join(problems)))
