@@ -39,6 +39,11 @@ class _Fmt:
 _FORMATS: dict[str, _Fmt] = {}
 
 
+
+def _lit(text: str) -> str:
+    """Escape braces so LaTeX text survives ``str.format`` in the templates."""
+    return text.replace("{", "{{").replace("}", "}}")
+
 def _fn(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
     _FORMATS.setdefault(key, _Fmt(text, latex, atom))
     return sp.Function(key, real=True)
@@ -106,17 +111,17 @@ class _Reader:
                 axes = n.attrs["axes"]
             label, ltx = _axes_label(src, axes)
             name = {"sum": "Σ", "sum_to": "Σ", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}[op]
-            lname = {"Σ": r"\sum", "mean": r"\operatorname{mean}", "max": r"\max",
-                     "logsumexp": r"\operatorname{logsumexp}"}[name]
+            lname = _lit({"Σ": r"\sum", "mean": r"\operatorname{mean}", "max": r"\max",
+                          "logsumexp": r"\operatorname{logsumexp}"}[name])
             sub = ("" if label.startswith("[") else "_") + label if label else ""
-            lsub = f"_{{{ltx}}}" if ltx else ""
+            lsub = _lit(f"_{{{ltx}}}") if ltx else ""
             inner, outer = _split_scalars(args[0], self.scalars) if op in ("sum", "sum_to", "mean") else (args[0], 1)
             return outer * _fn(f"{name}{sub}", f"{name}{sub}({{0}})", f"{lname}{lsub}\\left({{0}}\\right)", True)(inner)
         if op == "einsum":
             s = n.attrs["subscripts"]
             slots = ", ".join("{%d}" % i for i in range(len(args)))
             return _fn(f"einsum[{s}]", f"einsum(\"{s}\", {slots})",
-                       rf"\operatorname{{einsum}}_{{\text{{{s}}}}}\left({slots}\right)", True)(*args)
+                       _lit(rf"\operatorname{{einsum}}_{{\text{{{s}}}}}") + rf"\left({slots}\right)", True)(*args)
         if op == "take_label":
             return _fn("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args)
         if op == "put_label":
@@ -127,7 +132,8 @@ class _Reader:
         attrs = ", ".join(f"{k}={v!r}" for k, v in n.attrs.items() if k not in ("label",))
         key = f"{op}[{attrs}]"
         text = f"{op}({slots}{', ' + attrs if attrs else ''})"
-        return _fn(key, text, rf"\operatorname{{{op.replace('_', chr(92) + '_')}}}\left({slots}\right)", True)(*args)
+        return _fn(key, text, _lit(rf"\operatorname{{{op.replace('_', chr(92) + '_')}}}") + rf"\left({slots}\right)",
+                   True)(*args)
 
 
 def _split_scalars(expr: sp.Expr, scalars) -> tuple[sp.Expr, sp.Expr]:
@@ -360,7 +366,7 @@ def _stable_lse(expr: sp.Expr) -> sp.Expr:
         x = f.args[0].args[0] + c
         fmt = _FORMATS[name]
         lse = _fn(name.replace("Σ", "logsumexp", 1), fmt.text.replace("Σ", "logsumexp", 1),
-                  fmt.latex.replace(r"\sum", r"\operatorname{logsumexp}", 1), True)(x)
+                  fmt.latex.replace(r"\sum", _lit(r"\operatorname{logsumexp}"), 1), True)(x)
         mapping[f] = sp.exp(lse - c)
     if not mapping:
         return expr

@@ -98,8 +98,6 @@ def test_use_mlp_without_a_compiled_module_says_what_to_run(tmp_path):
     assert "backcomp compile" in proc.stderr and "mlp.toml -o mlp.py" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="explain --latex raises KeyError: LaTeX templates with literal braces "
-                                       "go through str.format (backcomp/explain.py)")
 def test_explain_mlp_prints_text_and_latex():
     stdout = run(EXAMPLES / "explain_mlp.py")
     assert "ḡ_W1 += xᵀ · ḡ_z1" in stdout                      # text

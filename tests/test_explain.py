@@ -6,7 +6,10 @@ sigmoid + cross-entropy ⇒ ∂L/∂z = a − y, softmax + cross-entropy ⇒ (A 
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,12 @@ def test_every_example_explains(name):
     maths, _ = derive(load_spec(ROOT / "examples" / f"{name}.toml"))
     assert all(m.forward is not None for m in maths)
     assert to_dot(load_spec(ROOT / "examples" / f"{name}.toml"), backward=True).startswith("digraph")
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "examples").glob("*.toml")))
+def test_latex_renders_for_every_example(spec):
+    """LaTeX templates go through str.format: literal braces must be escaped."""
+    r = subprocess.run([sys.executable, "-m", "backcomp", "explain", str(ROOT / "examples" / spec), "--latex"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r"\bar{g}" in r.stdout
