@@ -1,0 +1,239 @@
+"""Each optimisation pass alone (by structure), and -O1 against -O0 on every example."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import backcomp
+from backcomp import ops
+from backcomp.check import random_inputs, random_params
+from backcomp.compiler import compile_source, lower_graph, stability_report
+from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.scalar import log1p, sigmoid, softplus
+from backcomp.passes.cse import eliminate_common_subexpressions
+from backcomp.passes.dce import eliminate_dead_code
+from backcomp.passes.fuse import fuse_elementwise
+from backcomp.passes.memory import plan_memory
+from backcomp.passes.reductions import merge_reductions
+from backcomp.passes.stability import stabilize
+from backcomp.vjp import differentiate
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+
+def ops_of(graph):
+    return [n.op for n in graph.nodes if n.op not in ("input", "param")]
+
+
+def test_dead_code_elimination_drops_what_no_root_needs():
+    g = backcomp.Graph("dce")
+    x = g.input("x", (3,))
+    ops.exp(x)                      # built, never used
+    g.loss(ops.sum(ops.tanh(x)))
+    out = eliminate_dead_code(g)
+    assert ops_of(out) == ["tanh", "sum"]
+    assert ops_of(g) == ["exp", "tanh", "sum"], "passes must not mutate their input graph"
+
+
+def test_cse_merges_identical_computations():
+    g = backcomp.Graph("cse")
+    x = g.input("x", (2, 3))
+    W = g.param("W", (3, 3))
+    g.loss(ops.sum(ops.tanh(x @ W)) + ops.sum(ops.exp(x @ W)))
+    out = eliminate_common_subexpressions(g)
+    assert ops_of(out).count("matmul") == 1
+    assert ops_of(g).count("matmul") == 2
+
+
+def test_fusion_makes_one_expression_of_a_chain():
+    g = backcomp.Graph("fuse")
+    x = g.input("x", (4,))
+    b = g.param("b", (4,))
+    g.loss(ops.sum(ops.tanh(ops.exp(x + b) * 2 - 1)))
+    out = fuse_elementwise(g)
+    assert ops_of(out) == ["ew", "sum"]
+    (ew,) = [n for n in out.nodes if n.op == "ew"]
+    a0, a1 = arg_symbol(0), arg_symbol(1)
+    names = dict(zip(ew.inputs, (a0, a1)))
+    X, B = names[out.inputs["x"]], names[out.params["b"]]
+    assert sp.simplify(node_expr(ew) - sp.tanh(2 * sp.exp(X + B) - 1)) == 0
+
+
+def test_fusion_keeps_values_that_have_other_consumers():
+    g = backcomp.Graph("fanout")
+    x = g.input("x", (4,))
+    h = ops.exp(x)
+    g.loss(ops.sum(ops.tanh(h)) + ops.sum(h))
+    out = fuse_elementwise(g)
+    assert "exp" in ops_of(out), "exp(x) feeds two consumers and must be computed once"
+
+
+def test_nested_reductions_become_one():
+    g = backcomp.Graph("red")
+    x = g.input("x", ("B", 5))
+    g.loss(ops.mean(ops.sum(x * x, axis=1)))
+    out = merge_reductions(g)
+    assert [op for op in ops_of(out) if op in ("sum", "mean")] == ["sum"]
+    m = backcomp.build(g)
+    xs = np.arange(10.0).reshape(2, 5)
+    assert np.isclose(m.forward({}, {"x": xs})["loss"], np.mean(np.sum(xs * xs, axis=1)))
+
+
+@pytest.mark.parametrize("build, expected", [
+    (lambda u: ops.log(1 + ops.exp(u)), lambda a: softplus(a)),
+    (lambda u: ops.log(1 + u * u), lambda a: log1p(a ** 2)),
+    (lambda u: ops.log(ops.sigmoid(u)), lambda a: -softplus(-a)),
+], ids=["softplus", "log1p", "log_sigmoid"])
+def test_stable_rewrites(build, expected):
+    g = backcomp.Graph("stab")
+    u = g.input("u", (3,))
+    g.loss(ops.sum(build(u)))
+    findings = []
+    out = stabilize(fuse_elementwise(g), findings)
+    (ew,) = [n for n in out.nodes if n.op not in ("input", "param", "sum")]
+    assert sp.simplify(node_expr(ew) - expected(arg_symbol(0))) == 0
+    assert any(f.rewritten for f in findings)
+
+
+def test_stability_report_names_rewrites_and_risks():
+    g = backcomp.Graph("rep")
+    u = g.input("u", (3,))
+    with g.scoped("a"):
+        a = g.assign_name("a", ops.log(1 + ops.exp(u)))
+    with g.scoped("b"):
+        b = g.assign_name("b", ops.log(u))
+    g.loss(ops.sum(a + b))
+    report = stability_report(g)
+    assert any("softplus" in line and "rewrote" in line for line in report)
+    assert any("risky" in line and "log" in line for line in report)
+
+
+def test_log_of_softmax_becomes_log_softmax():
+    """No rule needed: softmax is exp(x − lse), and SymPy folds log(exp(v)) to v."""
+    g = backcomp.Graph("logsm")
+    x = g.input("x", ("B", 4))
+    g.loss(ops.sum(ops.log(ops.softmax(x, axis=-1))))
+    text = compile_source(g)
+    forward = text[text.index("def forward"):text.index("def value_and_grad")]
+    assert "np.log(np.exp" not in forward
+    m = backcomp.build(g)
+    out = m.forward({}, {"x": np.array([[1e4, 0.0, -1e4, 3.0]])})["loss"]
+    assert np.isfinite(out)
+
+
+def _backward_section(text: str) -> str:
+    """The backward statements of value_and_grad, without their comments."""
+    vag = text[text.index("def value_and_grad"):]
+    lines = vag[vag.index("# backward"):].splitlines()
+    return "\n".join(line for line in lines if not line.strip().startswith("#"))
+
+
+def mlp_graph():
+    g = backcomp.Graph("mlp_ce")
+    x = g.input("x", ("B", 6))
+    y = g.input("y", ("B", 3))
+    W1 = g.param("W1", (6, 5))
+    b1 = g.param("b1", (5,))
+    W2 = g.param("W2", (5, 3))
+    b2 = g.param("b2", (3,))
+    h = g.assign_name("h", ops.relu(x @ W1 + b1))
+    logits = g.assign_name("logits", h @ W2 + b2)
+    g.loss(ops.mean(ops.softmax_cross_entropy(logits, y)))
+    return g
+
+
+def test_softmax_cross_entropy_backward_reuses_the_forward_exponentials():
+    """(softmax − y)/B with no Jacobian and no second exp in the backward."""
+    back = _backward_section(compile_source(mlp_graph()))
+    assert "exp(" not in back
+    m = backcomp.build(mlp_graph())
+    p, i = random_params(m), random_inputs(m, batch=4)
+    i["y"] = np.eye(3)[[0, 2, 1, 1]]
+    _, grads = m.value_and_grad(p, i)
+    h = np.maximum(i["x"] @ p["W1"] + p["b1"], 0)
+    z = h @ p["W2"] + p["b2"]
+    soft = np.exp(z - z.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    np.testing.assert_allclose(grads["b2"], ((soft - i["y"]) / 4).sum(0), rtol=1e-12)
+
+
+def test_relu_backward_reads_its_output():
+    back = _backward_section(compile_source(mlp_graph()))
+    assert re.search(r"\(h > 0\)", back), back
+
+
+def test_sigmoid_bce_backward_is_sigmoid_minus_target():
+    """d/dz of softplus(z) − y·z is σ(z) − y: derived, no log or 1/σ anywhere."""
+    g = backcomp.Graph("bce")
+    z = g.input("z", ("B",))
+    y = g.input("y", ("B",))
+    w = g.param("w", ())
+    g.loss(ops.sum(ops.sigmoid_binary_cross_entropy(z * w, y)))
+    d = lower_graph(g)
+    node = d.grads["w"]
+    while node.op != "ew":
+        node = node.inputs[0]
+    Z, W, Y = sp.symbols("Z W Y", real=True)
+    leaf = {d.inputs["z"]: Z, d.params["w"]: W, d.inputs["y"]: Y}
+    leaf.update({n: Z * W for n in d.nodes if set(n.inputs) == {d.inputs["z"], d.params["w"]}})
+    expr = node_expr(node).xreplace({arg_symbol(i): leaf[x] for i, x in enumerate(node.inputs)})
+    assert expr.has(sigmoid) and not expr.has(sp.log)
+    assert sp.simplify(expr - Z * (sigmoid(Z * W) - Y)) == 0
+
+
+def test_tanh_and_sigmoid_derivatives_reuse_the_forward_output():
+    g = backcomp.Graph("reuse")
+    x = g.input("x", ("B", 3))
+    W = g.param("W", (3, 4))
+    V = g.param("V", (4, 1))
+    h = g.assign_name("h", ops.tanh(x @ W))
+    s = g.assign_name("s", ops.sigmoid(h @ V))
+    g.loss(ops.mean(s))
+    back = _backward_section(compile_source(g))
+    assert "1 - h**2" in back and "s*(1 - s)" in back
+    assert "tanh(" not in back and "logaddexp" not in back
+
+
+def test_memory_plan_reuses_a_dead_buffer_and_never_an_input():
+    g = backcomp.Graph("mem")
+    x = g.input("x", ("B", 4))
+    W = g.param("W", (4, 4))
+    b = g.param("b", (4,))
+    g.loss(ops.sum(ops.relu(x @ W + b)))
+    text = compile_source(g)
+    assert re.search(r"np\.add\((\w+), b, out=\1\)", text), text
+    d = lower_graph(g)
+    plan = plan_memory(d.nodes, {d.loss_node}, lambda n: n.op == "ew" or n.op in ("add", "relu"))
+    reused = set(plan.reuse.values())
+    assert not reused & (set(d.inputs.values()) | set(d.params.values()))
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_optimised_equals_unoptimised_on_every_example(spec):
+    fast = backcomp.build(spec, opt_level=1)
+    slow = backcomp.build(spec, opt_level=0)
+    p, i = random_params(fast, seed=3, scale=0.3), random_inputs(fast, batch=4, seed=3)
+    if "labels" in i or any(fast.INPUT_KINDS[k] == "int" for k in i):
+        for k, kind in fast.INPUT_KINDS.items():
+            if kind == "int":
+                i[k] = np.zeros_like(i[k])
+    loss1, g1 = fast.value_and_grad(p, i)
+    loss0, g0 = slow.value_and_grad(p, i)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-10)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-13, err_msg=k)
+    out1, out0 = fast.forward(p, i), slow.forward(p, i)
+    for k in out0:
+        np.testing.assert_allclose(out1[k], out0[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_differentiate_does_not_mutate_the_users_graph():
+    g = mlp_graph()
+    before = [(n.op, n.inputs) for n in g.nodes]
+    differentiate(g)
+    assert [(n.op, n.inputs) for n in g.nodes] == before
