@@ -77,6 +77,7 @@ CONV = [
     ((2, 1, 5, 4), (2, 1, 1, 1), 2, 0),     # 1x1 kernel with stride: dropped rows
     ((2, 2, 4, 5), (3, 2, 4, 5), 1, 0),     # kernel as large as the input: a 1x1 output
     ((1, 2, 3, 3), (2, 2, 3, 3), 3, 2),     # padding makes windows of zeros only
+    ((1, 2, 9, 8), (2, 2, 5, 5), 2, 2),     # a 5x5 kernel: 25 window offsets
 ]
 CONV_IDS = [f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}-p{p}" for x, w, s, p in CONV]
 
@@ -88,6 +89,7 @@ POOL = [
     ((1, 2, 7, 7), 3, 2),                   # overlapping, stride 2
     ((2, 1, 6, 7), (2, 3), (1, 2)),         # non-square window and stride
     ((1, 2, 5, 4), (3, 1), None),
+    ((1, 2, 3, 4), 1, 2),                   # 1x1 windows: a strided subsample
 ]
 POOL_IDS = [f"x{'x'.join(map(str, x))}-k{k}-s{s}" for x, k, s in POOL]
 
@@ -214,12 +216,12 @@ def _helper_graph(kind, dtype_name="h"):
     elif kind == "max_scatter":     # the backward of max_pool2d(x, 3, 2) on (1, 2, 7, 7)
         x = g.param("x", (1, 2, 7, 7), init="normal(1.0)")
         ct = g.param("ct", (1, 2, 3, 3), init="normal(1.0)")
-        idx = g.apply("max_pool2d_argmax", (x,), size=(3, 3), stride=(2, 2))
+        idx = g.apply("max_pool2d_argmax", (x, ops.max_pool2d(x, 3, 2)), size=(3, 3), stride=(2, 2))
         y = g.apply("max_pool2d_scatter", (ct, idx), in_shape=(2, 7, 7), size=(3, 3), stride=(2, 2))
     elif kind == "max_gather":
         x = g.param("x", (1, 2, 7, 7), init="normal(1.0)")
         u = g.param("u", (1, 2, 7, 7), init="normal(1.0)")
-        idx = g.apply("max_pool2d_argmax", (x,), size=(3, 3), stride=(2, 2))
+        idx = g.apply("max_pool2d_argmax", (x, ops.max_pool2d(x, 3, 2)), size=(3, 3), stride=(2, 2))
         y = g.apply("max_pool2d_gather", (u, idx), size=(3, 3), stride=(2, 2))
     else:                           # avg_scatter
         ct = g.param("ct", (1, 2, 3, 3), init="normal(1.0)")
