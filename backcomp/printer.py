@@ -220,7 +220,19 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
         write(expr)
     except _NotInPlace:
         return None
-    return calls
+    return _peephole(calls, into)
+
+
+def _peephole(calls: list[str], into: str) -> list[str]:
+    """``into - b`` then negation is ``b - into``: one pass over the data instead of two."""
+    out: list[str] = []
+    sub, neg = f"np.subtract({into}, ", f"np.negative({into}, out={into})"
+    for call in calls:
+        if call == neg and out and out[-1].startswith(sub):
+            other = out.pop()[len(sub):-len(f", out={into})")]
+            call = f"np.subtract({other}, {into}, out={into})"
+        out.append(call)
+    return out
 
 
 def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | None = None) -> str:
