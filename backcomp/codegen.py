@@ -209,8 +209,25 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
                        bind_dims(grad_body, graph.dims), model_lines, derivative_lines, helpers)
 
 
+def _aliases_caller_data(node: Node) -> bool:
+    """Whether a result may share memory with an input or param the caller passed:
+    follow views and identity expressions (``out = x``) back to where memory was made."""
+    from backcomp.ops.elementwise import node_expr
+    from backcomp.passes.memory import VIEW_OPS
+    while True:
+        if node.op in VIEW_OPS and node.inputs:
+            node = node.inputs[0]
+        elif _is_elementwise(node) and node_expr(node).is_Symbol:
+            node = node.inputs[int(node_expr(node).name.lstrip("%"))]
+        else:
+            return node.op in ("input", "param")
+
+
 def _array_value(node: Node, var: str) -> str:
-    """0-d results of NumPy reductions are scalars; the module returns 0-d arrays."""
+    """Results go out as arrays the caller owns: 0-d reductions (NumPy scalars) become
+    0-d arrays, and a result that is another name for the caller's data is copied."""
+    if _aliases_caller_data(node):
+        return f"np.array({var})"
     return f"np.asarray({var})" if node.shape == () else var
 
 
@@ -221,9 +238,7 @@ def _grad_value(node: Node, var: str, param: str) -> str:
     is copied: callers and ``train_step`` may update gradients in place.
     """
     from backcomp.passes.memory import VIEW_OPS
-    aliased = node.op in VIEW_OPS or node.op in ("input", "param") or (
-        node.op == "ew" and node.attrs["expr"].is_Symbol)
-    if aliased or node.shape == ():
+    if _aliases_caller_data(node) or node.op in VIEW_OPS or node.shape == ():
         return f'np.array({var}, dtype=params["{param}"].dtype)'
     return f'{var}.astype(params["{param}"].dtype, copy=False)'
 

@@ -1,8 +1,8 @@
 """The pipeline: Graph -> VJP pass -> optimisation passes -> module source -> module.
 
 ``compile_source`` returns the text, ``write_module`` writes it atomically, and
-``build`` imports it, caching by a hash of the source so that rebuilding an
-unchanged model is instant.
+``build`` imports it, caching by a hash of the graph, the options and the
+compiler's own code, so that rebuilding an unchanged model is instant.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -110,9 +111,22 @@ def cache_dir() -> Path:
 _MEMORY: dict[str, ModuleType] = {}
 
 
+@lru_cache(maxsize=1)
+def _compiler_fingerprint() -> str:
+    """A hash of backcomp's own code and templates: a changed compiler never reuses
+    modules that an older one generated, even without a version bump."""
+    from backcomp.codegen import templates_dir
+    h = hashlib.sha256(__version__.encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")) + sorted(templates_dir().rglob("*.jinja")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def graph_key(graph: Graph, *options) -> str:
-    """A hash of the graph's structure, the compile options and the backcomp version."""
-    h = hashlib.sha256(f"{__version__}|{options}|{graph.name}".encode())
+    """A hash of the graph's structure, the compile options and the compiler itself."""
+    h = hashlib.sha256(f"{_compiler_fingerprint()}|{options}|{graph.name}".encode())
     index = {n: i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())

@@ -20,13 +20,25 @@ from backcomp.graph import Node
 VIEW_OPS = {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient"}
 #: ops whose result is a fresh array we may overwrite
 FRESH_OPS = {"matmul", "einsum", "ew", "sum_to", "scatter", "max_vjp", "concatenate", "put_label",
-             "logsumexp", "sum", "mean", "max", "take_label", "ones_like", "zeros_like"}
+             "sum", "mean", "max", "take_label", "ones_like", "zeros_like",
+             "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "avg_pool2d",
+             "max_pool2d_scatter", "avg_pool2d_scatter", "max_pool2d_gather"}
 
 
 @dataclass
 class MemoryPlan:
     reuse: dict[Node, Node] = field(default_factory=dict)   # node -> input whose buffer it writes
     drops: dict[int, list[Node]] = field(default_factory=dict)   # statement index -> dead nodes
+
+
+def _aliases_input(n: Node, elementwise) -> bool:
+    """Views, and elementwise nodes whose expression is just an input (``out = x``)."""
+    if n.op in VIEW_OPS and n.inputs:
+        return True
+    if elementwise(n):
+        from backcomp.ops.elementwise import node_expr
+        return node_expr(n).is_Symbol
+    return False
 
 
 def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
@@ -46,7 +58,7 @@ def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
         return n
 
     for n in nodes:
-        if n.op in VIEW_OPS and n.inputs:
+        if _aliases_input(n, elementwise):
             owner[n] = buf(n.inputs[0])
             views.add(n)
     last_use: dict[Node, int] = {}   # buffer -> last statement reading it (through any alias)
@@ -66,7 +78,8 @@ def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
             continue
         for x in n.inputs:
             b = buf(x)
-            if (x not in views and b.op in FRESH_OPS and b not in pinned and b.dtype == "float"
+            fresh = b.op in FRESH_OPS or (elementwise(b) and b not in views)
+            if (x not in views and fresh and b not in pinned and b.dtype == "float"
                     and x.shape == n.shape == b.shape and n.shape != () and last_use.get(b) == i):
                 plan.reuse[n] = x
                 owner[n] = b
