@@ -237,3 +237,19 @@ def test_differentiate_does_not_mutate_the_users_graph():
     before = [(n.op, n.inputs) for n in g.nodes]
     differentiate(g)
     assert [(n.op, n.inputs) for n in g.nodes] == before
+
+
+def test_results_never_share_memory_with_the_callers_arrays():
+    """`x + 0` is just x after simplification: forward outputs and grads must still be copies."""
+    g = backcomp.Graph("alias")
+    x = g.input("x", (3,))
+    W = g.param("W", (3,))
+    g.output("same_as_x", x + 0)
+    g.loss(ops.sum(x * W))
+    m = backcomp.build(g)
+    xs, ws = np.ones(3), np.full(3, 2.0)
+    _, grads = m.value_and_grad({"W": ws}, {"x": xs})
+    out = m.forward({"W": ws}, {"x": xs})
+    assert not np.shares_memory(grads["W"], xs) and not np.shares_memory(out["same_as_x"], xs)
+    grads["W"][:] = 7
+    assert np.all(xs == 1)
