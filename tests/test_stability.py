@@ -1,0 +1,284 @@
+"""Numerical stability of generated code, in float32 and float64.
+
+Each test feeds extreme values (logits of magnitude 1e4, sigmoid arguments of ±1e3,
+probabilities that underflow) and states the mathematical limit that the value and
+the gradient must equal.  Also: ``check_finite`` names the first node that made a
+NaN/Inf, and ``stability_report`` lists what was rewritten and what is still risky.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import backcomp
+from backcomp import ops
+from backcomp.compiler import stability_report
+
+DTYPES = [np.float32, np.float64]
+BIG = 1e4
+#: four logits per row, one dominant, all of magnitude up to 1e4
+LOGITS = np.array([[BIG, -BIG, 0.5 * BIG, 0.0],
+                   [-BIG, -0.25 * BIG, -0.5 * BIG, BIG],
+                   [0.0, 3.0 * BIG / 4, -BIG, 0.1 * BIG]])
+ARGMAX = np.eye(4)[LOGITS.argmax(axis=1)]
+Y = np.eye(4)[[1, 2, 3]]           # targets that are never the dominant logit
+
+
+def _rtol(dtype):
+    return 1e-5 if dtype == np.float32 else 1e-12
+
+
+def logits_model(name, body, n=4, with_y=True, int_labels=False):
+    """z = x + b (b a zero param, so grads w.r.t. b are the sum over rows of dloss/dz)."""
+    g = backcomp.Graph(name)
+    x = g.input("x", ("B", n))
+    y = g.input("y", ("B",), dtype="int") if int_labels else g.input("y", ("B", n)) if with_y else None
+    b = g.param("b", (n,))
+    z = x + b
+    g.loss(body(z, y))
+    return backcomp.build(g)
+
+
+def run(module, x, y=None, dtype=np.float64):
+    params = {"b": np.zeros(module.PARAMS["b"], dtype=dtype)}
+    inputs = {"x": np.asarray(x, dtype=dtype)}
+    if y is not None:
+        inputs["y"] = y if np.asarray(y).dtype.kind in "iu" else np.asarray(y, dtype=dtype)
+    with np.errstate(all="ignore"):
+        loss, grads = module.value_and_grad(params, inputs)
+    assert np.isfinite(loss), f"loss {loss}"
+    assert np.all(np.isfinite(grads["b"])), f"grad {grads['b']}"
+    assert grads["b"].dtype == dtype and np.asarray(loss).dtype == dtype
+    return float(loss), grads["b"].astype(np.float64)
+
+
+# ----- softmax family at |logits| = 1e4 ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softmax_with_huge_logits(dtype):
+    """sum(softmax(z) * y): softmax is onehot(argmax); d/dz = s ⊙ (y − s·y) = 0 there."""
+    m = logits_model("st_softmax", lambda z, y: ops.sum(ops.softmax(z, axis=-1) * y))
+    loss, g = run(m, LOGITS, Y, dtype)
+    assert loss == pytest.approx(float(np.sum(ARGMAX * Y)), abs=1e-6)
+    np.testing.assert_allclose(g, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softmax_output_is_onehot(dtype):
+    g = backcomp.Graph("st_softmax_out")
+    x = g.input("x", ("B", 4))
+    b = g.param("b", (4,))
+    g.output("probs", ops.softmax(x + b, axis=-1))
+    g.loss(ops.sum(g.outputs["probs"][:, 0]))
+    m = backcomp.build(g)
+    with np.errstate(all="ignore"):
+        probs = m.forward({"b": np.zeros(4, dtype)}, {"x": LOGITS.astype(dtype)})["probs"]
+    assert probs.dtype == dtype
+    np.testing.assert_allclose(probs, ARGMAX, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_log_softmax_with_huge_logits(dtype):
+    """log_softmax(z) = z − max(z) (finite, e.g. −2e4); d/dz Σ y·log_softmax = y − onehot·Σy."""
+    m = logits_model("st_log_softmax", lambda z, y: ops.sum(ops.log_softmax(z, axis=-1) * y))
+    loss, g = run(m, LOGITS, Y, dtype)
+    expected = np.sum((LOGITS - LOGITS.max(axis=1, keepdims=True)) * Y)
+    assert loss == pytest.approx(expected, rel=_rtol(dtype))
+    np.testing.assert_allclose(g, np.sum(Y - ARGMAX * Y.sum(1, keepdims=True), axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_logsumexp_with_huge_logits(dtype):
+    """logsumexp(z) = max(z) here; its gradient is softmax = onehot(argmax)."""
+    m = logits_model("st_lse", lambda z, y: ops.sum(ops.logsumexp(z, axis=-1)), with_y=False)
+    loss, g = run(m, LOGITS, None, dtype)
+    assert loss == pytest.approx(LOGITS.max(axis=1).sum(), rel=_rtol(dtype), abs=1e-3)
+    np.testing.assert_allclose(g, ARGMAX.sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softmax_cross_entropy_with_huge_logits(dtype):
+    """mean CE = mean(max − z_target); d/dz = (onehot(argmax) − y) / B."""
+    m = logits_model("st_sce", lambda z, y: ops.mean(ops.softmax_cross_entropy(z, y)))
+    loss, g = run(m, LOGITS, Y, dtype)
+    B = len(LOGITS)
+    assert loss == pytest.approx(np.mean(LOGITS.max(1) - (LOGITS * Y).sum(1)), rel=_rtol(dtype))
+    np.testing.assert_allclose(g, ((ARGMAX - Y) / B).sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softmax_cross_entropy_with_integer_labels_and_huge_logits(dtype):
+    labels = np.array([1, 2, 3])
+    m = logits_model("st_sce_int", lambda z, y: ops.mean(ops.softmax_cross_entropy(z, y)), int_labels=True)
+    loss, g = run(m, LOGITS, labels, dtype)
+    assert loss == pytest.approx(np.mean(LOGITS.max(1) - LOGITS[np.arange(3), labels]), rel=_rtol(dtype))
+    np.testing.assert_allclose(g, ((ARGMAX - Y) / 3).sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_log_of_softmax_is_compiled_as_log_softmax(dtype):
+    """log(softmax(z)) underflows to log(0) = −inf if computed literally; the compiler
+    turns it into z − logsumexp(z), finite with the log_softmax gradient."""
+    m = logits_model("st_log_of_softmax", lambda z, y: ops.sum(ops.log(ops.softmax(z, axis=-1)) * y))
+    loss, g = run(m, LOGITS, Y, dtype)
+    expected = np.sum((LOGITS - LOGITS.max(axis=1, keepdims=True)) * Y)
+    assert loss == pytest.approx(expected, rel=_rtol(dtype))
+    np.testing.assert_allclose(g, np.sum(Y - ARGMAX * Y.sum(1, keepdims=True), axis=0), atol=1e-6)
+
+
+# ----- sigmoid family at ±1e3 --------------------------------------------------------------------
+Z = np.array([[1e3, -1e3, 1e3, -1e3]])
+
+
+def _per_element(name, fn, with_y=False):
+    """sum(fn(z)) (or sum(fn(z, y))); grad w.r.t. b is the elementwise derivative."""
+    return logits_model(name, lambda z, y: ops.sum(fn(z, y) if with_y else fn(z)), with_y=with_y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_sigmoid_saturates(dtype):
+    """σ(±1e3) = 1, 0; σ' = σ(1 − σ) = 0 at both."""
+    m = _per_element("st_sigmoid", ops.sigmoid)
+    loss, g = run(m, Z, None, dtype)
+    assert loss == pytest.approx(2.0, rel=1e-6)
+    np.testing.assert_allclose(g, 0.0, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softplus_limits(dtype):
+    """softplus(1e3) = 1e3, softplus(−1e3) = 0; d/dz softplus = σ(z): 1 and 0."""
+    m = _per_element("st_softplus", ops.softplus)
+    loss, g = run(m, Z, None, dtype)
+    assert loss == pytest.approx(2e3, rel=_rtol(dtype))
+    np.testing.assert_allclose(g, [1.0, 0.0, 1.0, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_sigmoid_binary_cross_entropy_limits(dtype):
+    """BCE(z, y) = softplus(z) − y z: 1e3 where the sign is wrong, 0 where right;
+    d/dz = σ(z) − y: ±1 where wrong, 0 where right."""
+    m = _per_element("st_bce", lambda z, y: ops.sigmoid_binary_cross_entropy(z, y), with_y=True)
+    y = np.array([[0.0, 1.0, 1.0, 0.0]])          # wrong, wrong, right, right
+    loss, g = run(m, Z, y, dtype)
+    assert loss == pytest.approx(2e3, rel=_rtol(dtype))
+    np.testing.assert_allclose(g, [1.0, -1.0, 0.0, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["log_sigmoid", "log_one_minus_sigmoid", "log_one_plus_exp"])
+def test_log_forms_of_sigmoid_are_rewritten_stably(dtype, case):
+    """log σ(z) = −softplus(−z): −1e3 at z = −1e3, d/dz = 1 − σ(z) (1 and 0);
+    log(1 − σ(z)) = −softplus(z): d/dz = −σ(z); log(1 + e^z) = softplus(z)."""
+    fn, value, grad = {
+        "log_sigmoid": (lambda z: ops.log(ops.sigmoid(z)), -2e3, [0.0, 1.0, 0.0, 1.0]),
+        "log_one_minus_sigmoid": (lambda z: ops.log(1.0 - ops.sigmoid(z)), -2e3, [-1.0, 0.0, -1.0, 0.0]),
+        "log_one_plus_exp": (lambda z: ops.log(1.0 + ops.exp(z)), 2e3, [1.0, 0.0, 1.0, 0.0]),
+    }[case]
+    m = _per_element(f"st_{case}", fn)
+    loss, g = run(m, Z, None, dtype)
+    assert loss == pytest.approx(value, rel=_rtol(dtype))
+    np.testing.assert_allclose(g, grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_log_one_plus_tiny_keeps_its_digits(dtype):
+    """log(1 + u) at u = 1e-10 is 1e-10 (log1p), not 0 (what float rounding of 1 + u gives)."""
+    m = _per_element("st_log1p", lambda z: ops.log(1.0 + z))
+    loss, g = run(m, np.full((1, 4), 1e-10), None, dtype)
+    assert loss == pytest.approx(4e-10, rel=1e-5)
+    np.testing.assert_allclose(g, 1.0, rtol=1e-6)
+
+
+# ----- check_finite ------------------------------------------------------------------------------
+def _nan_model(name="st_finite"):
+    g = backcomp.Graph(name)
+    x = g.input("x", ("B", 3))
+    w = g.param("w", (3,))
+    h1 = g.output("h1", ops.log(x * w))                  # NaN where x·w < 0
+    h2 = g.output("h2", ops.exp(h1) * 2.0 + 1.0)         # propagates the NaN (and is later)
+    g.loss(ops.sum(h2 * h1))
+    return g
+
+
+BAD = ({"w": np.array([1.0, -1.0, 1.0])}, {"x": np.ones((2, 3))})
+
+
+@pytest.mark.parametrize("fn", ["forward", "value_and_grad"])
+def test_check_finite_names_the_first_bad_node(fn):
+    m = backcomp.build(_nan_model(), check_finite=True)
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError) as info:
+        getattr(m, fn)(*BAD)
+    message = str(info.value)
+    assert "h1" in message and "log" in message, message
+    assert "h2" not in message.split("h1")[0], f"names a later node first: {message}"
+
+
+def test_check_finite_in_compile_source_and_off_by_default():
+    src = backcomp.compile_source(_nan_model("st_finite_src"), check_finite=True)
+    ns: dict = {}
+    exec(compile(src, "<st_finite_src>", "exec"), ns)   # generated source, not a spec
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="h1"):
+        ns["value_and_grad"](*BAD)
+    plain = backcomp.build(_nan_model())
+    with np.errstate(all="ignore"):
+        out = plain.forward(*BAD)
+    assert np.isnan(out["h1"]).any()                   # without the option: NaN, no exception
+    good = ({"w": np.array([1.0, 2.0, 3.0])}, {"x": np.ones((2, 3))})
+    loss_checked, _ = backcomp.build(_nan_model(), check_finite=True).value_and_grad(*good)
+    assert loss_checked == plain.value_and_grad(*good)[0]
+
+
+def test_check_finite_catches_a_non_finite_gradient():
+    """sqrt(0) is finite but its derivative is inf: the error names a backward node."""
+    g = backcomp.Graph("st_finite_bwd")
+    x = g.input("x", ("B", 2))
+    w = g.param("w", (2,))
+    g.loss(ops.sum(ops.sqrt(x * w)))
+    m = backcomp.build(g, check_finite=True)
+    params, inputs = {"w": np.array([0.0, 1.0])}, {"x": np.ones((1, 2))}
+    m.forward(params, inputs)                          # the forward is finite
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="non-finite"):
+        m.value_and_grad(params, inputs)
+
+
+# ----- stability_report ------------------------------------------------------------------------
+def _report_for(name, body):
+    g = backcomp.Graph(name)
+    x = g.input("x", ("B", 3))
+    w = g.param("w", (3,))
+    g.loss(ops.sum(body(x * w)))
+    return stability_report(g)
+
+
+@pytest.mark.parametrize("body, expected", [
+    (lambda z: ops.log(1.0 + z * z), "log(1 + u) -> log1p(u)"),
+    (lambda z: ops.log(1.0 + ops.exp(z)), "log(1 + exp(u)) -> softplus(u)"),
+    (lambda z: ops.log(ops.sigmoid(z)), "log(sigmoid(z)) -> -softplus(-z)"),
+    (lambda z: ops.log(1.0 - ops.sigmoid(z)), "log(1 - sigmoid(z)) -> -softplus(z)"),
+], ids=["log1p", "softplus", "log_sigmoid", "log_one_minus_sigmoid"])
+def test_report_lists_rewrites(body, expected):
+    report = _report_for("st_report", body)
+    assert any("rewrote" in line and expected in line for line in report), report
+
+
+def test_report_lists_risky_patterns_left():
+    report = _report_for("st_risky", lambda z: ops.exp(z) / (z * z))
+    risky = [line for line in report if "risky" in line]
+    assert any("exp(" in line and "overflow" in line for line in risky), report
+    assert any("division" in line for line in risky), report
+    assert not any("rewrote" in line for line in report), report
+
+
+def test_report_is_clean_for_stable_ops():
+    """softplus and sigmoid are already stable: nothing to rewrite, nothing risky."""
+    report = _report_for("st_clean", lambda z: ops.softplus(z) + ops.sigmoid(z) + ops.tanh(z))
+    assert report == [], report
+
+
+def test_report_names_the_node():
+    g = backcomp.Graph("st_named")
+    x = g.input("x", ("B", 3))
+    w = g.param("w", (3,))
+    h = g.assign_name("h", ops.log(1.0 + x * w * x * w))
+    g.loss(ops.sum(h))
+    report = stability_report(g)
+    assert any(line.startswith("h:") and "log1p" in line for line in report), report
