@@ -136,7 +136,7 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
     for i, node in enumerate(nodes):
         out = names[node]
         if node.op in ("input", "param"):
-            lines.append(f'{out} = {node.op}s["{node.name}"]')
+            pass   # bound, checked, by _validate
         elif node in inlined:   # another name for a value, or a view BLAS reads in place
             names[node] = names[node.inputs[0]] + (".T" if node.op == "transpose" else "")
         else:
@@ -162,11 +162,47 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
     return lines
 
 
-def bind_dims(body: list[str], dims) -> list[str]:
-    """Bind the symbolic dims the statements mention (``B = dims["B"]``)."""
-    text = "\n".join(body)
-    used = [d for d in dims if re.search(rf"\b{re.escape(d)}\b", text)]
-    return [f'{d} = dims["{d}"]' for d in used] + body
+def validation_lines(graph: Graph, names: dict[Node, str]) -> tuple[list[str], str]:
+    """The body of ``_validate`` and the line that unpacks its result.
+
+    Straight-line checks specialised to the model, so that the common case (the
+    right arrays) costs a few attribute reads; anything else takes the slow path,
+    ``_check_array``, which converts lists and words the error.  Symbolic dims
+    are bound from the first input that has them.
+    """
+    from backcomp.ops.structural import shape_code
+    lines = ["if type(params) is not dict or params.keys() != PARAMS.keys():",
+             '    _check_keys("params", params, PARAMS)',
+             "if type(inputs) is not dict or inputs.keys() != INPUTS.keys():",
+             '    _check_keys("inputs", inputs, INPUTS)']
+    bound: dict[str, str] = {}
+    checked: list[str] = []
+    for kind, table, leaves in (("input", "INPUTS", graph.inputs), ("param", "PARAMS", graph.params)):
+        for name, node in leaves.items():
+            v = names[node]
+            checked.append(v)
+            integer = node.dtype == "int"
+            conds = [f"type({v}) is not np.ndarray",
+                     f'{v}.dtype.kind not in "iu"' if integer else f'{v}.dtype.kind != "f"']
+            if all(isinstance(d, int) or d in bound for d in node.shape):
+                conds.append(f"{v}.shape != {shape_code(node.shape)}")
+            else:
+                conds.append(f"{v}.ndim != {len(node.shape)}")
+                conds += [f"{v}.shape[{i}] != {d}" for i, d in enumerate(node.shape)
+                          if isinstance(d, int) or d in bound]
+            known = "{" + ", ".join(f'"{d}": ({d}, "{src}")' for d, src in bound.items()) + "}"
+            lines += [f'{v} = {kind}s["{name}"]',
+                      f"if {' or '.join(conds)}:",
+                      f'    {v} = _check_array("{kind}", "{name}", {v}, {table}["{name}"], {known}, {integer})']
+            for i, d in enumerate(node.shape):
+                if isinstance(d, str) and d not in bound:
+                    lines.append(f"{d} = {v}.shape[{i}]")
+                    bound[d] = name
+    results = checked + list(bound)
+    lines.append(f"return {', '.join(results)}{',' if len(results) == 1 else ''}" if results else "return None")
+    unpack = (f"{', '.join(results)}{',' if len(results) == 1 else ''} = " if results else "") + \
+        "_validate(params, inputs)"
+    return lines, unpack
 
 
 @dataclass
@@ -179,6 +215,8 @@ class ModuleParts:
     model_lines: list[str]
     derivative_lines: list[str]
     helpers: set[str]
+    validate_body: list[str]
+    unpack: str
 
 
 def build_parts(graph: Graph, source: str, check_finite: bool = False) -> ModuleParts:
@@ -197,7 +235,8 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
         roots = [graph.loss_node, *graph.grads.values()]
         grad_nodes = live_nodes(graph, roots)
         grad_body = lower(grad_nodes, names, helpers, set(roots), check_finite)
-        grads = ", ".join(f'"{p}": {_grad_value(n, names[n], p)}' for p, n in graph.grads.items())
+        grads = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
+                          for p, n in graph.grads.items())
         grad_body.append(f"return {_array_value(graph.loss_node, names[graph.loss_node])}, {{{grads}}}")
         derivative_lines = [describe(n, names) for n in grad_nodes
                             if n.origin is not None and n in set(graph.cotangents.values())]
@@ -205,8 +244,9 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
         grad_body = ['raise NotImplementedError("this model declares no loss")']
     model_lines = [describe(n, names) for n in fwd_nodes + [graph.loss_node] * 0
                    if n.op not in ("input", "param") and n.name is not None]
-    return ModuleParts(graph.name, source, bind_dims(forward_body, graph.dims),
-                       bind_dims(grad_body, graph.dims), model_lines, derivative_lines, helpers)
+    validate_body, unpack = validation_lines(graph, names)
+    return ModuleParts(graph.name, source, forward_body, grad_body, model_lines, derivative_lines, helpers,
+                       validate_body, unpack)
 
 
 def _aliases_caller_data(node: Node) -> bool:
@@ -231,7 +271,7 @@ def _array_value(node: Node, var: str) -> str:
     return f"np.asarray({var})" if node.shape == () else var
 
 
-def _grad_value(node: Node, var: str, param: str) -> str:
+def _grad_value(node: Node, var: str, param_var: str) -> str:
     """Gradients go out as fresh writable arrays in the param's dtype.
 
     A gradient that is a view or another name for an input or param (``W_bar = x``)
@@ -239,8 +279,8 @@ def _grad_value(node: Node, var: str, param: str) -> str:
     """
     from backcomp.passes.memory import VIEW_OPS
     if _aliases_caller_data(node) or node.op in VIEW_OPS or node.shape == ():
-        return f'np.array({var}, dtype=params["{param}"].dtype)'
-    return f'{var}.astype(params["{param}"].dtype, copy=False)'
+        return f"np.array({var}, dtype={param_var}.dtype)"
+    return f"{var}.astype({param_var}.dtype, copy=False)"
 
 
 def _environment() -> jinja2.Environment:
@@ -284,6 +324,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         helpers=[HELPERS[h][1] for h in sorted(parts.helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
+        validate_body=parts.validate_body, unpack=parts.unpack,
     )
     return text
 
