@@ -253,3 +253,14 @@ def test_results_never_share_memory_with_the_callers_arrays():
     assert not np.shares_memory(grads["W"], xs) and not np.shares_memory(out["same_as_x"], xs)
     grads["W"][:] = 7
     assert np.all(xs == 1)
+
+
+def test_stability_report_knows_logsumexp_and_softmax_are_safe():
+    """exp(x − max x), log Σ exp(x − max x) and exp(x − lse) cannot overflow or underflow."""
+    g = backcomp.Graph("safe")
+    x = g.input("x", ("B", 4))
+    with g.scoped("p"):
+        p = g.assign_name("p", ops.softmax(x, axis=-1))
+    g.output("p", p)
+    g.loss(ops.sum(ops.logsumexp(x, axis=-1)))
+    assert stability_report(g) == []

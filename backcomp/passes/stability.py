@@ -82,13 +82,61 @@ def stabilize_expr(expr: sp.Expr) -> tuple[sp.Expr, list[str]]:
     return expr, applied
 
 
-def risks(expr: sp.Expr) -> list[str]:
-    """Patterns left in an expression that can overflow, underflow or divide by zero."""
+def _is_shifted_by_own_max(arg: sp.Expr, inputs: dict[sp.Symbol, Node]) -> bool:
+    """x − stop_gradient(max(x)) or x − logsumexp(x): never above 0, so exp cannot overflow."""
+    if arg in inputs and is_elementwise(inputs[arg]):      # the difference is a node of its own
+        node = inputs[arg]
+        return _is_shifted_by_own_max(node_expr(node), {arg_symbol(i): x for i, x in enumerate(node.inputs)})
+    terms = sp.Add.make_args(arg)
+    if len(terms) != 2:
+        return False
+    for shift, x in (terms, terms[::-1]):
+        m, x = inputs.get(-shift), inputs.get(x)
+        if m is not None and x is not None and (_is_max_of(m, x) or _is_logsumexp_of(m, x)):
+            return True
+    return False
+
+
+def _is_max_of(m: Node, x: Node) -> bool:
+    return m.op == "stop_gradient" and m.inputs[0].op == "max" and m.inputs[0].inputs[0] is x
+
+
+def _is_logsumexp_of(node: Node, x: Node) -> bool:
+    """log(Σ exp(x − m)) + m with m = stop_gradient(max(x)), as nn.logsumexp builds it."""
+    if not is_elementwise(node):
+        return False
+    names = {arg_symbol(i): n for i, n in enumerate(node.inputs)}
+    terms = sp.Add.make_args(node_expr(node))
+    logs = [t for t in terms if isinstance(t, sp.log)]
+    rest = [t for t in terms if not isinstance(t, sp.log)]
+    return (len(logs) == 1 and len(rest) == 1 and rest[0] in names and _is_max_of(names[rest[0]], x)
+            and _is_sum_of_shifted_exp(names.get(logs[0].args[0])))
+
+
+def _is_sum_of_shifted_exp(node: Node | None) -> bool:
+    """Σ exp(x − max x) is at least 1: its log cannot underflow."""
+    if node is None or node.op != "sum" or not is_elementwise(node.inputs[0]):
+        return False
+    inner = node.inputs[0]
+    expr = node_expr(inner)
+    names = {arg_symbol(i): x for i, x in enumerate(inner.inputs)}
+    return isinstance(expr, sp.exp) and _is_shifted_by_own_max(expr.args[0], names)
+
+
+def risks(expr: sp.Expr, inputs: dict[sp.Symbol, Node] | None = None) -> list[str]:
+    """Patterns left in an expression that can overflow, underflow or divide by zero.
+
+    ``inputs`` maps the expression's symbols to nodes, to recognise what is safe
+    by construction (the max-shifted exponentials inside logsumexp).
+    """
+    inputs = inputs or {}
     found = []
     for log in expr.atoms(sp.log):
-        found.append(f"log({log.args[0]}) is -inf where its argument underflows to 0")
+        if not _is_sum_of_shifted_exp(inputs.get(log.args[0])):
+            found.append(f"log({log.args[0]}) is -inf where its argument underflows to 0")
     for e in expr.atoms(sp.exp):
-        found.append(f"exp({e.args[0]}) overflows for arguments above ~88 (float32) / ~709 (float64)")
+        if not _is_shifted_by_own_max(e.args[0], inputs):
+            found.append(f"exp({e.args[0]}) overflows for arguments above ~88 (float32) / ~709 (float64)")
     for p in expr.atoms(sp.Pow):
         if p.exp.is_negative and not p.base.is_positive:
             found.append(f"division by {p.base}, which may be 0")
@@ -106,7 +154,8 @@ def stabilize(graph: Graph, findings: list[Finding] | None = None) -> Graph:
         if applied:
             _set_expr(node, list(node.inputs), new)
         if findings is not None and node.origin is None:   # report forward nodes only
-            readable = new.xreplace({arg_symbol(i): sp.Symbol(_label(x)) for i, x in enumerate(node.inputs)})
+            labels = {arg_symbol(i): sp.Symbol(_label(x), real=True) for i, x in enumerate(node.inputs)}
+            inputs = {labels[arg_symbol(i)]: x for i, x in enumerate(node.inputs)}
             findings += [Finding(_label(node), a, True) for a in applied]
-            findings += [Finding(_label(node), r, False) for r in risks(readable)]
+            findings += [Finding(_label(node), r, False) for r in risks(new.xreplace(labels), inputs)]
     return eliminate_dead_code(g)
