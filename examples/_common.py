@@ -124,3 +124,35 @@ class Log:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100)
         plt.close(fig)
+
+
+def train_digits_classifier(spec_name: str, title: str, images: np.ndarray, args: argparse.Namespace,
+                            lr: float, evaluations: int) -> None:
+    """The digits scripts' whole run: a fixed stratified split, Adam ``train_step`` on
+    minibatches of 64, test loss and accuracy ``evaluations`` times, the plot."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    import backcomp
+
+    labels = load_digits().target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.25, random_state=0, stratify=labels)
+    test = {"x": x_test, "labels": y_test}
+    model = backcomp.build(spec(spec_name), optimizer="adam")
+    params = model.init_params(seed=0)
+    state = model.init_state(params)
+    rng = np.random.default_rng(0)
+
+    def evaluate(step):
+        out = model.forward(params, test)
+        log.record(step, loss=out["loss"], accuracy=accuracy(out["logits"], y_test))
+
+    log = Log(title, every=max(1, args.steps // evaluations))
+    evaluate(0)
+    for step, idx in zip(range(1, args.steps + 1), batches(rng, len(x_train), 64)):
+        loss = model.train_step(params, {"x": x_train[idx], "labels": y_train[idx]}, state, lr=lr)
+        log.record(step, train_loss=loss)
+        if log.due(step, args.steps):
+            evaluate(step)
+    log.finish(args.out)
