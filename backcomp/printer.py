@@ -129,6 +129,9 @@ class NumpyExprPrinter(NumPyPrinter):
         self.helpers.add("erf")
         return f"_erf({self._print(expr.args[0])})"
 
+    def _print_Grouped(self, expr):
+        return f"({self._print(expr.args[0])})"
+
     def _print_sign(self, expr):
         return f"np.sign({self._print(expr.args[0])})"
 
@@ -173,7 +176,15 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
             return
         spine = next(a for a in e.args if a.has(buffer))
         others = [a for a in e.args if a is not spine]
-        if e.is_Add:
+        if e.is_Mul and sp.S.NegativeOne in others and spine.is_Add:
+            # -(a - b) = b - a: fold the sign into the sum instead of a pass of its own
+            rest = [o for o in others if o != -1]
+            negated = sp.Add(*[Grouped(-a.args[0]) if isinstance(a, Grouped) else -a for a in spine.args])
+            return write(sp.Mul(*rest, negated, evaluate=False) if rest else negated)
+        if e.is_Add and spine.could_extract_minus_sign():
+            write(-spine)                       # x - S: compute S, then subtract it from x
+            calls.append(f"np.subtract({p.doprint(sp.Add(*others))}, {into}, out={into})")
+        elif e.is_Add:
             write(spine)
             for o in others:
                 if o.could_extract_minus_sign():
@@ -220,19 +231,38 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
         write(expr)
     except _NotInPlace:
         return None
-    return _peephole(calls, into)
+    return calls
 
 
-def _peephole(calls: list[str], into: str) -> list[str]:
-    """``into - b`` then negation is ``b - into``: one pass over the data instead of two."""
-    out: list[str] = []
-    sub, neg = f"np.subtract({into}, ", f"np.negative({into}, out={into})"
-    for call in calls:
-        if call == neg and out and out[-1].startswith(sub):
-            other = out.pop()[len(sub):-len(f", out={into})")]
-            call = f"np.subtract({other}, {into}, out={into})"
-        out.append(call)
-    return out
+class Grouped(sp.Function):
+    """Parentheses that SymPy will not flatten away (a printing device only)."""
+
+    nargs = 1
+
+
+def group_small(expr: sp.Expr, small: set[sp.Symbol]) -> sp.Expr:
+    """Group the operands of sums and products that only involve small arrays.
+
+    NumPy evaluates ``a*b/c`` left to right, so with ``a`` of shape (B, C) and ``b``,
+    ``c`` of shape (B, 1) it makes two passes over (B, C); ``a*(b/c)`` makes one.
+    Symbols not in the expression's array inputs (dims such as B) count as small.
+    """
+    def is_small(e) -> bool:
+        return e.is_number or all(s in small or not s.name.startswith("%") for s in e.free_symbols)
+
+    def visit(e):
+        if not e.args or isinstance(e, Grouped):
+            return e
+        args = [visit(a) for a in e.args]
+        if (e.is_Add or e.is_Mul) and len(args) > 2:
+            smalls = [a for a in args if is_small(a) and not a.is_number]
+            if len(smalls) >= 2 and len(smalls) < len(args):
+                rest = [a for a in args if not (is_small(a) and not a.is_number)]
+                group = Grouped(e.func(*smalls))
+                return e.func(*rest, group, evaluate=False)
+        return e.func(*args) if args != list(e.args) else e
+
+    return visit(expr)
 
 
 def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | None = None) -> str:

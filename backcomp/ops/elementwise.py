@@ -91,9 +91,10 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     With ``into`` (the variable of a dead input buffer of the node's shape), the
     chain of operations from that input to the result is computed in place.
     """
-    from backcomp.printer import print_expr, print_into
+    from backcomp.printer import group_small, print_expr, print_into
     names = {arg_symbol(i): a for i, a in enumerate(args)}
-    expr = node_expr(node)
+    small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
+    expr = group_small(node_expr(node), small)
     if into is not None:
         calls = print_into(expr, names, into, arg_symbol(args.index(into)))
         if calls:

@@ -57,8 +57,6 @@ def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]
         elif is_elementwise(x) and x not in protected:
             if not (len(users[x]) == 1 or unit):
                 continue
-            if not (x.shape == node.shape or unit):
-                continue
             if _shape_without(node, x, list(x.inputs)) != node.shape:
                 continue
             _substitute(node, x, list(x.inputs), node_expr(x))

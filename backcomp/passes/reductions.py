@@ -1,16 +1,17 @@
-"""Merge a reduction of a reduction into one: mean(sum(x, 1)) -> sum(x) / B.
+"""Rewrites of reductions: fewer passes over the data.
 
-Losses are typically a per-row reduction followed by a batch mean; one pass over
-the data instead of two, and one reduction less to differentiate.
+``merge_reductions``: mean(sum(x, 1)) -> sum(x) / B; losses are typically a per-row
+reduction followed by a batch mean.  ``hoist_constant_factors``: Σ(c·A) -> c·Σ(A).
 """
 from __future__ import annotations
 
 import sympy as sp
 
 from backcomp.graph import Graph, Node, consumers
-from backcomp.ops.elementwise import CT, ew_from_expr
+from backcomp.ops.elementwise import CT, arg_symbol, ew_from_expr, node_expr
 from backcomp.ops.structural import _count
 from backcomp.passes.dce import eliminate_dead_code, roots
+from backcomp.passes.fuse import is_elementwise
 
 LINEAR = ("sum", "mean")
 
@@ -69,3 +70,62 @@ def _toposort(nodes: list[Node]) -> list[Node]:
             stack.append((n, True))
             stack.extend((x, False) for x in reversed(n.inputs) if x not in placed)
     return order
+
+
+def _constant_along(node: Node, axes: tuple[int, ...], out_ndim: int) -> bool:
+    """Whether ``node`` (broadcast against a result of rank ``out_ndim``) has size 1 on ``axes``."""
+    lead = out_ndim - node.ndim
+    return all(i < lead or node.shape[i - lead] == 1 for i in axes)
+
+
+def hoist_constant_factors(graph: Graph) -> Graph:
+    """Σ(c·A) -> c·Σ(A) when c is constant along the summed axes.
+
+    The VJP of a loss writes the seed's 1/B and friends into every element before
+    a reduction sums them (``Σ_j y_ij / (B s_i)``); taken outside, they cost one
+    operation on the small result instead of one on the whole array.
+    """
+    g, _ = graph.clone()
+    users = consumers(g.nodes)
+    protected = set(roots(g))
+    replace: dict[Node, Node] = {}
+    for node in list(g.nodes):
+        if node.op not in ("sum", "sum_to") or not node.inputs:
+            continue
+        inner = node.inputs[0]
+        if node.op == "sum":
+            if not node.attrs["keepdims"]:
+                continue
+            axes = node.attrs["axes"]
+        else:
+            if inner.ndim != node.ndim:
+                continue
+            axes = tuple(i for i, (a, b) in enumerate(zip(inner.shape, node.shape)) if a != b)
+        if not is_elementwise(inner) or inner in protected or len(users[inner]) != 1:
+            continue
+        expr = node_expr(inner)
+        if not expr.is_Mul:
+            continue
+        symbols = {arg_symbol(i): x for i, x in enumerate(inner.inputs)}
+        const, rest = [], []
+        for f in expr.args:
+            args = [symbols[s] for s in f.free_symbols if s in symbols]
+            (const if all(_constant_along(x, axes, inner.ndim) for x in args) else rest).append(f)
+        if not const or not rest:
+            continue
+        with g.scoped(node.scope or node.name, node.origin):
+            bindings = dict(symbols)
+            body = ew_from_expr(sp.Mul(*rest), bindings, label=inner.attrs.get("label", inner.op))
+            if body.shape != inner.shape:
+                continue   # what is left does not span the summed array by itself
+            reduced = g.apply(node.op, (body,), **node.attrs)
+            out = ew_from_expr(sp.Mul(*const) * CT, {**bindings, CT: reduced}, label="hoisted")
+        if out.shape != node.shape:
+            continue   # the constant factor would broadcast the result: leave it
+        replace[node] = out
+        if node.name is not None:
+            out.name = node.name
+    if replace:
+        g.replace_uses(replace)
+        g.nodes = _toposort(g.nodes)
+    return eliminate_dead_code(g)

@@ -45,8 +45,21 @@ def _is_log_one_plus_exp(e) -> bool:
     return isinstance(rest, sp.exp)
 
 
+def _is_log_of_exp_product(e) -> bool:
+    return isinstance(e, sp.log) and e.args[0].is_Mul and any(isinstance(a, sp.exp) for a in e.args[0].args)
+
+
+def _split_log_of_exp_product(e):
+    """log(exp(u)·v) = u + log(v): exact wherever the left side is defined (exp(u) > 0)."""
+    factors = e.args[0].args
+    u = sp.Add(*[a.args[0] for a in factors if isinstance(a, sp.exp)])
+    return u + sp.log(sp.Mul(*[a for a in factors if not isinstance(a, sp.exp)]))
+
+
 #: (description, matcher, rewrite), applied in order
 RULES = (
+    ("log(exp(u)·v) -> u + log(v)  (log of softmax -> log_softmax)", _is_log_of_exp_product,
+     _split_log_of_exp_product),
     ("log(1 + exp(u)) -> softplus(u)", _is_log_one_plus_exp, lambda e: softplus((e.args[0] - 1).args[0])),
     ("log(sigmoid(z)) -> -softplus(-z)", _is_log_sigmoid,
      lambda e: -softplus(-e.args[0].args[0])),
