@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 from backcomp import __version__
@@ -189,9 +188,9 @@ def cmd_explain(args) -> int:
 def cmd_check(args) -> int:
     import numpy as np
     from backcomp.check import check_gradients, random_inputs, random_params
-    from backcomp.compiler import compile_source
+    from backcomp.compiler import build
     graph = _load(args.spec)
-    module = _exec_module(compile_source(graph, 1), graph.name)
+    module = build(graph)
     params = random_params(module, seed=args.seed)
     inputs = random_inputs(module, batch=args.batch, seed=args.seed, dtype=np.float64)
     with np.errstate(all="ignore"):
@@ -210,14 +209,6 @@ def cmd_check(args) -> int:
     print(f"{args.spec}: gradients match finite differences ({len(results)} params, batch {args.batch}, "
           f"seed {args.seed})")
     return EXIT_OK
-
-
-def _exec_module(source: str, name: str) -> types.ModuleType:
-    """Import generated source without writing it anywhere."""
-    module = types.ModuleType(f"backcomp_check_{name}")
-    code = compile(source, f"<backcomp:{name}>", "exec")
-    exec(code, module.__dict__)  # generated module source, never spec text
-    return module
 
 
 def cmd_graph(args) -> int:

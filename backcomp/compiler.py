@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import marshal
 import os
 import sys
 import tempfile
@@ -124,9 +125,37 @@ def _compiler_fingerprint() -> str:
     return h.hexdigest()
 
 
-def graph_key(graph: Graph, *options) -> str:
-    """A hash of the graph's structure, the compile options and the compiler itself."""
-    h = hashlib.sha256(f"{_compiler_fingerprint()}|{options}|{graph.name}".encode())
+def _rules_fingerprint(graph: Graph) -> str | None:
+    """A hash of the rules of ops defined outside backcomp (user ops, patched rules).
+
+    backcomp's own rules are covered by the compiler fingerprint; a rule from
+    elsewhere is hashed by its bytecode and closure, and if it cannot be, the
+    graph is not cached at all (None) rather than risk a stale module.
+    """
+    from backcomp.ops.registry import get_op
+    h = hashlib.sha256()
+    for name in sorted({n.op for n in graph.nodes} - {"input", "param"}):
+        op = get_op(name)
+        for rule in (op.infer, op.emit, op.vjp, op.scalar):
+            module = getattr(rule, "__module__", "") or ""
+            if rule is None or module.startswith(("backcomp.", "sympy.")):
+                continue
+            code = getattr(rule, "__code__", None)
+            if code is None:
+                return None
+            h.update(marshal.dumps(code))
+            for cell in rule.__closure__ or ():
+                h.update(repr(cell.cell_contents).encode())
+    return h.hexdigest()
+
+
+def graph_key(graph: Graph, *options) -> str | None:
+    """A hash of the graph's structure, the compile options, the compiler itself and
+    any op rules defined outside it; None when the graph must not be cached."""
+    rules = _rules_fingerprint(graph)
+    if rules is None:
+        return None
+    h = hashlib.sha256(f"{_compiler_fingerprint()}|{rules}|{options}|{graph.name}".encode())
     index = {n: i for i, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
@@ -142,7 +171,11 @@ def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite:
     key = graph_key(graph, opt_level, optimizer, check_finite)
     if key in _MEMORY:
         return _MEMORY[key]
-    path = cache_dir() / f"{graph.name}_{key}.py"
+    if key is None:   # rules we cannot fingerprint: compile afresh, in a private file
+        path = Path(tempfile.mkdtemp(prefix="backcomp_")) / f"{graph.name}.py"
+        key = path.parent.name
+    else:
+        path = cache_dir() / f"{graph.name}_{key}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         g = lower_graph(graph, opt_level)

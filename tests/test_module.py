@@ -490,3 +490,26 @@ def test_user_names_that_clash_with_module_names_still_work():
     loss, gr = m.value_and_grad({"np": np.full(2, 0.5), "grads": np.zeros(2)}, {"inputs": X})
     np.testing.assert_allclose(loss, 6 * np.tanh(0.5), rtol=1e-12)
     np.testing.assert_allclose(gr["grads"], 3 * (1 - np.tanh(0.5) ** 2) * np.ones(2), rtol=1e-12)
+
+
+def test_build_cache_sees_a_changed_user_op_rule():
+    """The cache key covers rules defined outside backcomp: a new rule, a new module."""
+    from backcomp.compiler import _MEMORY
+
+    def make(factor):
+        ops.unregister_op("times_k")
+        ops.register_op(ops.OpDef("times_k", lambda ins, a: (ins[0].shape, "float"),
+                                  lambda n, args, out: [f"{out} = {args[0]} * {factor}"],
+                                  lambda n, ct: [ct * factor]))
+        g = backcomp.Graph("times_k_model")
+        x = g.param("x", (2,))
+        g.loss(ops.sum(ops.apply("times_k", x)))
+        return g
+
+    try:
+        first = backcomp.build(make(3)).forward({"x": np.ones(2)}, {})["loss"]
+        _MEMORY.clear()                        # as in a new process: only the disk cache is left
+        second = backcomp.build(make(2)).forward({"x": np.ones(2)}, {})["loss"]
+        assert (float(first), float(second)) == (6.0, 4.0)
+    finally:
+        ops.unregister_op("times_k")
