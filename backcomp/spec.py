@@ -372,7 +372,7 @@ class _Walker:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool):
                 raise self.err(node, f"'{node.value}' is only allowed as the value of keepdims")
-            if isinstance(node.value, str):
+            if isinstance(node.value, (str, bytes)):
                 raise self.err(node, "a string is only allowed as the first argument of einsum; "
                                      "a number or an array belongs here")
             if node.value is None or node.value is Ellipsis:

@@ -116,10 +116,7 @@ def _payloads(canary: Path) -> dict[str, str]:
     }
 
 
-BUGS = {
-    "bytes_literal": "spec.py:351 _finite calls math.isfinite on a bytes constant: TypeError, "
-                     "exit 3 'internal error' instead of a located exit-2 error",
-}
+BUGS: dict[str, str] = {}   # payload name -> known bug (strict xfail); none left
 
 
 @needs_cli
