@@ -18,6 +18,15 @@ from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
 
 
+#: Fused groups stay small SymPy kernels: the derivative of a chain of n nested
+#: functions has O(n²) terms, so unbounded fusion makes compile time quadratic.
+MAX_FUSED_OPS = 40
+
+
+def _size(node: Node) -> int:
+    return sp.count_ops(node_expr(node))
+
+
 def is_elementwise(node: Node) -> bool:
     return node.op not in ("input", "param") and get_op(node.op).elementwise
 
@@ -56,6 +65,8 @@ def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]
             _substitute(node, x, [x.inputs[0]], arg_symbol(0))
         elif is_elementwise(x) and x not in protected:
             if not (len(users[x]) == 1 or unit):
+                continue
+            if _size(node) + _size(x) > MAX_FUSED_OPS:
                 continue
             if _shape_without(node, x, list(x.inputs)) != node.shape:
                 continue
