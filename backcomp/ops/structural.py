@@ -69,10 +69,6 @@ def _apply(op: str, inputs: Sequence[Node], **attrs) -> Node:
     return inputs[0].graph.apply(op, inputs, **attrs)
 
 
-def _dims_equal(a, b) -> bool:
-    return a == b
-
-
 # ----- matmul ---------------------------------------------------------------------
 def _matmul_infer(inputs, attrs):
     a, b = inputs
@@ -80,7 +76,7 @@ def _matmul_infer(inputs, attrs):
         raise ShapeError(f"matmul: operands must have rank >= 1, got {format_shape(a.shape)} and {format_shape(b.shape)}")
     ka = a.shape[-1]
     kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
-    if not _dims_equal(ka, kb):
+    if ka != kb:   # symbolic dims match only by name
         raise ShapeError(f"matmul: cannot multiply shapes {format_shape(a.shape)} and {format_shape(b.shape)} "
                          f"(inner dimensions {ka} and {kb} differ)")
     if a.ndim == 1 and b.ndim == 1:
