@@ -138,9 +138,10 @@ class _Locator:
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str            # see ``_Walker._arg`` for the kinds
+    kind: str            # see ``_Walker.arg`` for the kinds
     required: bool = True
     default: Any = None
+    minimum: int | None = None   # the least value of an "int" or "pair" (sizes, strides, paddings)
 
 
 @dataclass(frozen=True)
@@ -201,15 +202,12 @@ def _spec_ops() -> dict[str, SpecOp]:
     table["concatenate"] = SpecOp("concatenate", ops.concatenate,
                                   (Param("arrays", "arrays"), Param("axis", "int", False, 0)))
     table["einsum"] = SpecOp("einsum", ops.einsum, (Param("subscripts", "subscripts"),), variadic="array")
-    conv2d = getattr(ops, "conv2d", None)
-    if conv2d is not None:
-        table["conv2d"] = SpecOp("conv2d", conv2d, (Param("x", "array"), Param("w", "array"),
-                                                    Param("stride", "int", False, 1), Param("padding", "int", False, 0)))
+    table["conv2d"] = SpecOp("conv2d", ops.conv2d, (Param("x", "array"), Param("w", "array"),
+                                                    Param("stride", "pair", False, 1, minimum=1),
+                                                    Param("padding", "pair", False, 0, minimum=0)))
     for pool in ("max_pool2d", "avg_pool2d"):
-        fn = getattr(ops, pool, None)
-        if fn is not None:
-            table[pool] = SpecOp(pool, fn, (Param("x", "array"), Param("size", "int"),
-                                            Param("stride", "int", False, None)))
+        table[pool] = SpecOp(pool, getattr(ops, pool), (Param("x", "array"), Param("size", "pair", minimum=1),
+                                                        Param("stride", "pair", False, None, minimum=1)))
     return table
 
 
@@ -509,13 +507,29 @@ class _Walker:
             return slice(*(None if p is None else self.int(p, "a slice bound") for p in (node.lower, node.upper, node.step)))
         return self.int(node, "an index")
 
-    def int(self, node: ast.AST, what: str) -> int:
+    def int(self, node: ast.AST, what: str, expected: str = "an integer", minimum: int | None = None) -> int:
+        """A compile-time integer (a literal or an integer constant), at least ``minimum``."""
         v = _number_value(node, self.where, self.constants)
         if v is None or isinstance(v, float) and not v.is_integer() or isinstance(node, ast.Constant) and isinstance(node.value, float):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                raise self.err(node, f"a string is not allowed here: {what} must be an integer")
-            raise self.err(node, f"{what} must be an integer, got '{ast.unparse(node)}'")
+                raise self.err(node, f"a string is not allowed here: {what} must be {expected}")
+            raise self.err(node, f"{what} must be {expected}, got '{ast.unparse(node)}'")
+        if minimum is not None and v < minimum:
+            least = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f"at least {minimum}"
+            raise self.err(node, f"{what} must be {least}, got {int(v)}")
         return int(v)
+
+    def pair(self, node: ast.AST, what: str, minimum: int | None) -> int | tuple[int, int]:
+        """An integer or an ``(h, w)`` pair of integers (conv and pool sizes, strides, paddings)."""
+        expected = "an integer or an (h, w) pair of integers"
+        if isinstance(node, (ast.Tuple, ast.List)):
+            if len(node.elts) != 2:
+                n = len(node.elts)
+                raise self.err(node, f"{what} must be {expected}, got {n} value{'s' if n != 1 else ''}: "
+                                     f"'{ast.unparse(node)}'")
+            return tuple(self.int(e, f"the {'hw'[i]} value of {what}", "an integer", minimum)
+                         for i, e in enumerate(node.elts))
+        return self.int(node, what, expected, minimum)
 
     # -- calls ------------------------------------------------------------------------
     def call(self, node: ast.Call):
@@ -610,10 +624,12 @@ class _Walker:
             if not (isinstance(node, ast.Constant) and isinstance(node.value, bool)):
                 raise self.err(node, f"{what} must be True or False")
             return node.value
-        if kind == "int":
+        if kind in ("int", "pair"):
             if isinstance(node, ast.Constant) and node.value is None and not p.required and p.default is None:
                 return None
-            return self.int(node, what)
+            if kind == "pair":
+                return self.pair(node, what, p.minimum)
+            return self.int(node, what, minimum=p.minimum)
         if kind in ("axes", "ints", "shape"):
             if isinstance(node, ast.Constant) and node.value is None:
                 if kind == "shape":

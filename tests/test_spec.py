@@ -227,3 +227,83 @@ def test_docs_op_table_is_generated_from_the_code():
         assert init in doc
     for key in ("name", "loss", "outputs", "wrt", "shape", "dtype", "init", "args", "expr"):
         assert f"`{key}`" in doc or f"{key} =" in doc
+
+
+# ----- conv and pool arguments: an int or an (h, w) pair --------------------------------
+CONV_PAIRS = '''
+[inputs]
+x = ["B", 2, 7, 6]
+
+[params]
+w = [3, 2, 3, 2]
+
+[constants]
+one = 1
+
+[graph]
+h = "conv2d(x, w, stride=(1, 2), padding=(1, 0))"
+h2 = "conv2d(x, w, (2, one), [0, 1])"
+p = "max_pool2d(h, (2, 1))"
+q = "avg_pool2d(h, size=(1, 2), stride=(1, 1))"
+r = "max_pool2d(h2, 2, stride=(1, 2))"
+loss = "sum(tanh(p)) + sum(q * q) / 2 + sum(sigmoid(r))"
+
+[model]
+outputs = ["h", "h2", "p", "q", "r", "loss"]
+'''
+
+
+def _conv_pairs_reference(w, x):
+    """The same model in torch.nn.functional (float64)."""
+    import torch
+    import torch.nn.functional as F
+    x, w = torch.as_tensor(x), torch.as_tensor(w)
+    h = F.conv2d(x, w, stride=(1, 2), padding=(1, 0))
+    h2 = F.conv2d(x, w, stride=(2, 1), padding=(0, 1))
+    p = F.max_pool2d(h, (2, 1))
+    q = F.avg_pool2d(h, (1, 2), stride=(1, 1))
+    r = F.max_pool2d(h2, 2, stride=(1, 2))
+    loss = torch.tanh(p).sum() + (q * q).sum() / 2 + torch.sigmoid(r).sum()
+    return {k: v.numpy() for k, v in dict(h=h, h2=h2, p=p, q=q, r=r, loss=loss).items()}
+
+
+def test_conv_and_pool_take_hw_pairs_as_keywords_and_positionally():
+    """Regression (issue 9, defect 3): pairs were refused with "must be an integer"."""
+    from conftest import gradcheck
+    g = parse_spec(CONV_PAIRS, "pairs.toml")
+    assert g.lookup("h").shape == ("B", 3, 7, 3) and g.lookup("h").attrs["stride"] == (1, 2)
+    assert g.lookup("h2").shape == ("B", 3, 3, 7)
+    assert g.lookup("p").shape == ("B", 3, 3, 3) and g.lookup("p").attrs["stride"] == (2, 1)
+    assert g.lookup("q").shape == ("B", 3, 7, 2)
+    assert g.lookup("r").shape == ("B", 3, 2, 3)
+    m = gradcheck(g, batch=2, seed=3,
+                  reference=lambda params, inputs: float(_conv_pairs_reference(params["w"], inputs["x"])["loss"]))
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((2, 2, 7, 6)), rng.standard_normal((3, 2, 3, 2))
+    out = m.forward({"w": w}, {"x": x})
+    want = _conv_pairs_reference(w, x)
+    for name in ("h", "h2", "p", "q", "r", "loss"):
+        assert out[name].shape == want[name].shape, name
+        np.testing.assert_allclose(out[name], want[name], rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("expr, col, message", [
+    ("conv2d(x, w, stride=(1, 2, 3))", 26, "argument 'stride' of conv2d() must be an integer or an (h, w) pair "
+                                           "of integers, got 3 values: '(1, 2, 3)'"),
+    ("conv2d(x, w, stride=(1.5, 2))", 27, "the h value of argument 'stride' of conv2d() must be an integer, got '1.5'"),
+    ("conv2d(x, w, padding=(1, -1))", 31, "the w value of argument 'padding' of conv2d() must be non-negative, got -1"),
+    ("conv2d(x, w, 0)", 19, "argument 'stride' of conv2d() must be positive, got 0"),
+    ("conv2d(x, w, stride=2.0)", 26, "argument 'stride' of conv2d() must be an integer or an (h, w) pair of "
+                                     "integers, got '2.0'"),
+    ("max_pool2d(x, (2,))", 20, "argument 'size' of max_pool2d() must be an integer or an (h, w) pair of "
+                                "integers, got 1 value: '(2,)'"),
+    ("avg_pool2d(x, (2, 2), stride=(0, 1))", 36, "the h value of argument 'stride' of avg_pool2d() must be "
+                                                 "positive, got 0"),
+    ("max_pool2d(x, x)", 20, "argument 'size' of max_pool2d() must be an integer or an (h, w) pair of integers, "
+                             "got 'x'"),
+])
+def test_malformed_hw_pairs_are_located_errors(expr, col, message):
+    text = f'[inputs]\nx = ["B", 2, 6, 5]\n[params]\nw = [3, 2, 3, 2]\n[graph]\nh = "{expr}"\nloss = "sum(h)"\n'
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "pairs.toml")
+    assert str(info.value) == f"pairs.toml:6:{col}: error: {message} in node 'h'"
