@@ -7,10 +7,40 @@ unstable forms of the sigmoid family.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 
 from backcomp.ops.scalar import expm1, log1p, sigmoid, softplus
+
+
+_HELPERS_USED: ContextVar[set[str] | None] = ContextVar("backcomp_helpers_used", default=None)
+
+
+@contextmanager
+def collect_helpers() -> Iterator[set[str]]:
+    """The module-level helpers (``_erf``) called by anything printed inside the block.
+
+    Emission rules print through this printer wherever they print (a CSE temporary,
+    an in-place chain), so the printer reports what the module must define; nothing
+    searches the emitted text for it.
+    """
+    used: set[str] = set()
+    token = _HELPERS_USED.set(used)
+    try:
+        yield used
+    finally:
+        _HELPERS_USED.reset(token)
+
+
+def use_helper(name: str) -> None:
+    """Record that a statement being emitted calls the module-level helper ``name``."""
+    used = _HELPERS_USED.get()
+    if used is not None:
+        used.add(name)
 
 
 def float_literal(value) -> str:
@@ -25,6 +55,11 @@ class NumpyExprPrinter(NumPyPrinter):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
         self.names = names or {}
         self.helpers: set[str] = set()  # module-level helpers the expression needs
+
+    def use_helper(self, name: str) -> None:
+        """Record a helper for this printer and for the enclosing ``collect_helpers``."""
+        self.helpers.add(name)
+        use_helper(name)
 
     def _module_format(self, fqn, register=True):
         """Use the conventional ``np`` alias instead of ``numpy``."""
@@ -126,7 +161,7 @@ class NumpyExprPrinter(NumPyPrinter):
 
     def _print_erf(self, expr):
         """NumPy has no erf; the module defines ``_erf`` from ``math.erf``."""
-        self.helpers.add("erf")
+        self.use_helper("erf")
         return f"_erf({self._print(expr.args[0])})"
 
     def _print_Grouped(self, expr):
@@ -274,4 +309,4 @@ def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | N
     return text
 
 
-__all__ = ["NumpyExprPrinter", "print_expr", "float_literal", "sigmoid", "softplus"]
+__all__ = ["NumpyExprPrinter", "collect_helpers", "use_helper", "print_expr", "float_literal", "sigmoid", "softplus"]
