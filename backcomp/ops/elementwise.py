@@ -104,7 +104,31 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     for k, (sym, sub) in enumerate(temps):
         names[sym] = f"{out}_t{k}"
         lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
-    return lines + [f"{out} = {print_expr(expr, names)}"]
+    return lines + [f"{out} = {_full_shape(node, expr, args, print_expr(expr, names))}"]
+
+
+def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> str:
+    """``value`` as an array of the node's own shape and dtype.
+
+    Folding can drop the operands that gave a node its shape and dtype (``0 * h``,
+    ``x - x``, ``stop_gradient(h) * 0``): the node keeps them as inputs, and the
+    folded value is then written into an array shaped and typed like them, so a
+    rewrite never changes what a node is.
+    """
+    used = [i for i, x in enumerate(node.inputs) if arg_symbol(i) in expr.free_symbols]
+    shape = broadcast_shapes(*(node.inputs[i].shape for i in used)) if used else ()
+    typed = node.dtype != "float" or any(node.inputs[i].dtype == "float" for i in used)
+    if shape == node.shape and typed:
+        return value
+    floats = [a for a, x in zip(args, node.inputs) if x.dtype == "float"]
+    dtype = "bool" if node.dtype == "bool" else f"{floats[0]}.dtype" if floats else "float"
+    same = [a for a, x in zip(args, node.inputs) if x.shape == node.shape and x.dtype == node.dtype]
+    if same and value in ("0", "1"):
+        return f"np.{'zeros' if value == '0' else 'ones'}_like({same[0]})"
+    if same:
+        return f"np.full_like({same[0]}, {value})"
+    from backcomp.ops.structural import shape_code
+    return f"np.full({shape_code(node.shape)}, {value}, dtype={dtype})"
 
 
 def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
