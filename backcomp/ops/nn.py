@@ -55,7 +55,8 @@ register_op(OpDef(
     "take_label", _take_infer,
     lambda node, a, out: [f"{out} = np.take_along_axis({a[0]}, {a[1]}[..., None], axis=-1)[..., 0]"],
     lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
-    doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)"))
+    doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
+    index_range=lambda node: {1: (0, node.inputs[0].shape[-1])}))
 
 
 def _put_emit(node, a, out):

@@ -41,6 +41,9 @@ class OpDef:
     broadcast_ct: bool = False
     #: elementwise ops only: scalar(*arg_symbols, **attrs) -> SymPy expression
     scalar: Callable[..., Any] | None = None
+    #: integer operands that index: index_range(node) -> {input position: (low, high)},
+    #: bounds as ints or dim names; model inputs used so are range-checked on entry
+    index_range: Callable[[Node], dict[int, tuple[Any, Any]]] | None = None
 
 
 _REGISTRY: dict[str, OpDef] = {}
