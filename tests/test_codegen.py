@@ -1,0 +1,133 @@
+"""Code generation defects found by a new user (issue 9), each at its mechanism:
+helpers reported by the printer, folding that keeps shapes, index ranges validated."""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+
+import backcomp
+from backcomp import ops
+from backcomp.compiler import compile_source
+from backcomp.printer import collect_helpers, print_expr
+from conftest import gradcheck
+
+
+def spec_module(tmp_path, graph_lines: str, inputs: str = 'x = ["B", 3]', params: str = "W = [3, 4]",
+                opt_level: int = 1):
+    path = tmp_path / "m.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [model]
+        name = "m"
+        loss = "loss"
+        [inputs]
+        {inputs}
+        [params]
+        {params}
+        [graph]
+        """) + textwrap.dedent(graph_lines))
+    return backcomp.build(path, opt_level=opt_level)
+
+
+# ----- 1. every helper a printed line calls is defined ----------------------------------------
+def test_printer_reports_helpers_of_every_line():
+    import sympy as sp
+    x = sp.Symbol("x", real=True)
+    with collect_helpers() as used:
+        print_expr(sp.erf(x) + 1, {x: "a"})
+    assert used == {"erf"}
+    with collect_helpers() as used:
+        print_expr(sp.exp(x), {x: "a"})
+    assert used == set()
+
+
+@pytest.mark.parametrize("opt_level", [0, 1])
+def test_erf_moved_into_a_cse_temporary_is_defined(tmp_path, opt_level):
+    m = spec_module(tmp_path, """\
+        z = "x @ W"
+        e = "stop_gradient(erf(z) * erf(z) + erf(z))"
+        loss = "sum(e * z)"
+        """, opt_level=opt_level)
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    p = m.init_params(dtype=np.float64)
+    from math import erf
+    z = x @ p["W"]
+    e = np.vectorize(erf)(z)
+    loss, grads = m.value_and_grad(p, {"x": x})
+    np.testing.assert_allclose(loss, np.sum((e * e + e) * z), rtol=1e-12)
+    np.testing.assert_allclose(grads["W"], x.T @ (e * e + e), rtol=1e-12)
+
+
+# ----- 2. folding never changes a node's shape or dtype ---------------------------------------
+@pytest.mark.parametrize("expr", ["x @ W * 0", "0 * (x @ W)", "stop_gradient(x @ W) * 0", "(x @ W) - (x @ W)"])
+@pytest.mark.parametrize("opt_level", [0, 1])
+def test_zero_folding_keeps_the_shape(tmp_path, expr, opt_level):
+    """The initial state of an RNN, written as users write it."""
+    m = spec_module(tmp_path, f"""\
+        h0 = "{expr}"
+        h1 = "tanh(h0 @ W.T + x)"
+        loss = "sum(h1 * h1) + sum(h0)"
+        """, opt_level=opt_level)
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((5, 3)).astype(dtype)
+        p = m.init_params(dtype=dtype)
+        loss, grads = m.value_and_grad(p, {"x": x})
+        assert loss.dtype == dtype and grads["W"].dtype == dtype
+        np.testing.assert_allclose(loss, np.sum(np.tanh(x) ** 2), rtol=1e-6)
+        np.testing.assert_allclose(grads["W"], 0, atol=1e-7)   # h0 = 0 whatever W is
+        out = m.forward(p, {"x": x})
+        assert out["loss"].shape == ()
+
+
+def test_folded_operand_keeps_the_broadcast_shape(tmp_path):
+    """tanh(x@W·0 + b) is (B, 4), not b's (4,): the sum must count every row."""
+    m = spec_module(tmp_path, """\
+        a = "tanh((x @ W) * 0 + b)"
+        c = "where((x @ W) > (x @ W), x @ W, b)"
+        loss = "sum(a * c)"
+        """, params="W = [3, 4]\nb = [4]")
+    p = m.init_params(dtype=np.float32)
+    p["b"][:] = 0.5
+    x = np.ones((6, 3), np.float32)
+    loss, grads = m.value_and_grad(p, {"x": x})
+    assert loss.dtype == np.float32
+    np.testing.assert_allclose(loss, 6 * 4 * 0.5 * np.tanh(0.5), rtol=1e-6)
+    d = np.tanh(0.5) + 0.5 * (1 - np.tanh(0.5) ** 2)
+    np.testing.assert_allclose(grads["b"], np.full(4, 6 * d), rtol=1e-6)
+
+
+def test_zero_folding_graph_gradcheck():
+    g = backcomp.Graph("fold")
+    x = g.input("x", ("B", 3))
+    W = g.param("W", (3, 3))
+    h = x @ W
+    g.loss(ops.sum(ops.tanh(h * 0 + x) * h) + ops.sum((h - h) * h))
+    gradcheck(g)
+
+
+# ----- 5. labels outside [0, C) are refused by name --------------------------------------------
+@pytest.mark.parametrize("bad, shown", [(-1, "-1"), (105, "105"), (5, "5")])
+def test_labels_outside_the_class_range_are_a_value_error(tmp_path, bad, shown):
+    m = spec_module(tmp_path, """\
+        loss = "mean(softmax_cross_entropy(x @ W, y))"
+        """, inputs='x = ["B", 3]\ny = { shape = ["B"], dtype = "int64" }', params="W = [3, 5]")
+    assert m.INDEX_RANGES == {"y": (0, 5)}
+    p = m.init_params()
+    x = np.ones((4, 3), np.float32)
+    m.value_and_grad(p, {"x": x, "y": np.array([0, 1, 4, 2])})   # in range: fine
+    y = np.array([0, 1, bad, 2])
+    for run in (m.value_and_grad, m.forward):
+        with pytest.raises(ValueError, match=rf"input 'y' holds {shown} at index \(2,\), "
+                                             r"outside the allowed range \[0, 5\)"):
+            run(p, {"x": x, "y": y})
+
+
+def test_models_without_indices_define_no_index_check():
+    g = backcomp.Graph("plain")
+    x = g.input("x", ("B", 3))
+    W = g.param("W", (3, 3))
+    g.loss(ops.sum(x @ W))
+    src = compile_source(g)
+    assert "INDEX_RANGES = {}" in src and "_index_error" not in src
