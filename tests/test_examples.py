@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-import backcomp
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -48,18 +47,12 @@ def result(stdout: str) -> dict[str, float]:
     return {key: float(value) for key, value in (field.split("=") for field in lines[-1].split()[1:])}
 
 
-def needs_ops(script: str) -> None:
-    if script == "train_digits_cnn.py" and not hasattr(backcomp.ops, "conv2d"):
-        pytest.skip("conv2d/max_pool2d are not in the op registry yet")
-
-
 def test_every_training_script_is_tested():
     assert sorted(p.name for p in EXAMPLES.glob("train_*.py")) == sorted(TRAINING)
 
 
 @pytest.mark.parametrize("script", TRAINING)
 def test_short_run_lowers_the_loss_and_plots(script, tmp_path):
-    needs_ops(script)
     plot = tmp_path / "plot.png"
     stdout = run(EXAMPLES / script, "--quick", "--out", plot)
     assert sum(line.startswith("step ") for line in stdout.splitlines()) >= 3, "no progress printed"
@@ -71,7 +64,6 @@ def test_short_run_lowers_the_loss_and_plots(script, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", TRAINING)
 def test_full_run(script, tmp_path):
-    needs_ops(script)
     plot = tmp_path / "plot.png"
     r = result(run(EXAMPLES / script, "--out", plot))
     assert r["final_loss"] < r["initial_loss"]
@@ -81,10 +73,6 @@ def test_full_run(script, tmp_path):
 
 def test_quick_start_use_mlp(tmp_path):
     """.ci/run: `backcomp compile examples/mlp.toml -o mlp.py`, then use_mlp.py in that directory."""
-    try:
-        import backcomp.cli  # noqa: F401
-    except ImportError:
-        pytest.skip("backcomp.cli has not landed yet: nothing to compile with")
     run("-m", "backcomp", "compile", EXAMPLES / "mlp.toml", "-o", tmp_path / "mlp.py")
     stdout = run(EXAMPLES / "use_mlp.py", cwd=tmp_path)
     r = result(stdout)
