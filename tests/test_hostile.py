@@ -23,8 +23,6 @@ import backcomp
 from backcomp import ops
 
 ROOT = Path(__file__).resolve().parent.parent
-HAVE_CLI = (ROOT / "backcomp" / "cli.py").exists()
-needs_cli = pytest.mark.skipif(not HAVE_CLI, reason="backcomp/cli.py does not exist yet (CLI issue)")
 
 VALID = """\
 [model]
@@ -119,7 +117,6 @@ def _payloads(canary: Path) -> dict[str, str]:
 BUGS: dict[str, str] = {}   # payload name -> known bug (strict xfail); none left
 
 
-@needs_cli
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BUGS[n]))
                                   if n in BUGS else n for n in sorted(_payloads(Path("c")))])
 def test_code_execution_attempts_are_refused_and_never_run(name, tmp_path, monkeypatch):
@@ -133,7 +130,6 @@ def test_code_execution_attempts_are_refused_and_never_run(name, tmp_path, monke
     assert_refused(spec, tmp_path, code, err)
 
 
-@needs_cli
 @pytest.mark.parametrize("where", ["function_body", "constant", "init", "dtype", "shape_dim", "model_name", "loss"])
 def test_payloads_in_other_places_are_refused(where, tmp_path, monkeypatch):
     canary = tmp_path / "CANARY_DIR" / "PWNED"
@@ -189,7 +185,6 @@ def _mentions_spec(obj) -> bool:
     return False
 
 
-@needs_cli
 def test_spec_text_never_reaches_an_evaluator(tmp_path, monkeypatch):
     """Compiling and explaining a spec whose names are marked: no eval/exec/parse_expr call
     ever sees them (sympify of a string goes through sympy's parse_expr, so this covers it)."""
@@ -221,14 +216,14 @@ def test_spec_text_never_reaches_an_evaluator(tmp_path, monkeypatch):
     assert seen and seen[0][0] == "eval"
 
 
-EVALUATORS = {"eval", "exec", "sympify", "parse_expr", "parse_latex", "__import__", "S", "lambdify"}
-#: (file, function) pairs allowed to exec: they run *generated module source*, never spec text
-ALLOWED = {("cli.py", "_exec_module")}
+EVALUATORS = {"eval", "exec", "sympify", "parse_expr", "parse_latex", "__import__", "S", "lambdify",
+              "exec_module", "run_path", "run_module"}
+#: (file, function) pairs allowed to execute code: they run *generated module source*, never spec text
+ALLOWED = {("compiler.py", "import_path")}
 
 
-def test_backcomp_source_never_calls_an_evaluator():
-    """A scan of every backcomp/*.py: no call of eval/exec/compile/sympify/parse_expr/S/...
-    except running the module backcomp itself generated."""
+def _evaluator_calls() -> list[tuple[str, str, int, str]]:
+    """(file, enclosing function, line, callee) of every evaluator call in backcomp/."""
     found = []
     for path in sorted((ROOT / "backcomp").rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -247,20 +242,72 @@ def test_backcomp_source_never_calls_an_evaluator():
             fn = node
             while fn in parents and not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 fn = parents[fn]
-            where = (path.name, getattr(fn, "name", "<module>"))
-            if where not in ALLOWED:
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}()")
+            found.append((path.name, getattr(fn, "name", "<module>"), node.lineno, name))
+    return found
+
+
+def test_backcomp_source_never_calls_an_evaluator():
+    """A scan of every backcomp/*.py: no call of eval/exec/compile/sympify/parse_expr/S/exec_module/...
+    except running the module backcomp itself generated."""
+    found = [f"backcomp/{file}:{line}: {name}()" for file, fn, line, name in _evaluator_calls()
+             if (file, fn) not in ALLOWED]
     assert not found, "evaluator calls in backcomp/: " + ", ".join(found)
 
 
-def test_the_allowed_exec_only_sees_generated_source():
-    """cli._exec_module's callers pass compile_source(...) output, never spec text."""
-    tree = ast.parse((ROOT / "backcomp" / "cli.py").read_text(encoding="utf-8"))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id == "_exec_module"]
-    for call in calls:
-        arg = call.args[0]
-        assert isinstance(arg, ast.Call) and getattr(arg.func, "id", None) == "compile_source", ast.dump(arg)
+def test_every_allowed_evaluator_exists():
+    """An allow-list entry that no longer matches any call is stale (it once pointed at
+    cli._exec_module, which was removed): the runtime test below must spy on the real one."""
+    used = {(file, fn) for file, fn, _, _ in _evaluator_calls()}
+    assert ALLOWED <= used, f"stale entries: {sorted(ALLOWED - used)}"
+
+
+def test_the_allowed_exec_only_sees_generated_source(tmp_path, monkeypatch):
+    """backcomp executes code in one place, ``compiler.import_path``: it imports the module
+    file that ``build`` has just written.  With a spy on it and on ``builtins.exec`` (which
+    the import machinery calls), run `backcomp check` and ``backcomp.build`` on the marked
+    spec with an empty cache: every file imported is byte for byte what ``compile_source``
+    generates for the spec, and every exec of code carrying the spec's names runs one of
+    those files."""
+    import builtins
+
+    from backcomp import compiler
+    from backcomp.codegen import MARKER
+    from backcomp.spec import load_spec
+
+    spec = tmp_path / "marked.toml"
+    spec.write_text(MARKED, encoding="utf-8")
+    generated = {compiler.compile_source(spec), compiler.compile_source(load_spec(spec))}
+    imported: list[tuple[str, str]] = []        # (path, text)
+    executed: list[str] = []                    # co_filename of each exec of spec-named code
+    real_import, real_exec = compiler.import_path, builtins.exec
+
+    def import_spy(path, module_name):
+        imported.append((str(path), Path(path).read_text(encoding="utf-8")))
+        return real_import(path, module_name)
+
+    def exec_spy(obj, *args, **kwargs):
+        if _mentions_spec(obj):
+            executed.append(getattr(obj, "co_filename", "<text>"))
+        return real_exec(obj, *args, **kwargs)
+
+    monkeypatch.setattr(compiler, "import_path", import_spy)
+    monkeypatch.setattr(builtins, "exec", exec_spy)
+    for run, cache in [(lambda: cli("check", str(spec)), "check"), (lambda: backcomp.build(spec), "build")]:
+        monkeypatch.setenv("BACKCOMP_CACHE", str(tmp_path / cache))
+        monkeypatch.setattr(compiler, "_MEMORY", {})
+        before = len(imported)
+        result = run()
+        if isinstance(result, tuple):
+            assert result[0] == 0, result[2]
+        else:
+            assert result.forward is not None and "zq_W" in result.PARAMS
+        assert len(imported) == before + 1, f"{cache}: expected one import of a generated module, saw {imported[before:]}"
+    monkeypatch.undo()
+    for path, text in imported:
+        assert MARKER in text[:400], f"{path} does not carry the generated-module marker"
+        assert text in generated, f"{path} is not compile_source output for the spec"
+    assert executed, "the exec spy saw nothing: it no longer sits on the path that imports modules"
+    assert set(executed) <= {path for path, _ in imported}, f"spec-named code ran from elsewhere: {executed}"
 
 
 def test_the_scan_would_catch_an_eval():
@@ -271,7 +318,6 @@ def test_the_scan_would_catch_an_eval():
 
 
 # ----- size and nesting ----------------------------------------------------------------------
-@needs_cli
 @pytest.mark.parametrize("case", ["long_expression", "nested_parens", "nested_calls", "long_chain_in_function",
                                   "nested_brackets_subscript", "huge_param", "huge_param_inline",
                                   "astronomic_dim", "huge_int_literal", "huge_float_literal"])
@@ -320,7 +366,6 @@ def test_huge_params_are_never_allocated_by_the_compiler():
 
 
 # ----- unreadable files ----------------------------------------------------------------------
-@needs_cli
 @pytest.mark.parametrize("case", ["non_utf8", "non_utf8_in_expression", "directory", "missing", "empty",
                                   "nul_bytes", "bom_and_crlf_garbage"])
 def test_unreadable_specs(case, tmp_path):
@@ -353,7 +398,6 @@ def _run(args, cwd):
                           timeout=60, env=env, cwd=cwd)
 
 
-@needs_cli
 @pytest.mark.parametrize("case", ["import_system", "nested_parens", "huge_param", "directory"])
 def test_hostile_specs_in_a_subprocess(case, tmp_path):
     canary = tmp_path / "CANARY_DIR" / "PWNED"
