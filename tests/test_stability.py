@@ -282,3 +282,113 @@ def test_report_names_the_node():
     g.loss(ops.sum(h))
     report = stability_report(g)
     assert any(line.startswith("h:") and "log1p" in line for line in report), report
+
+
+# ----- no false alarms: a sign analysis of the graph ------------------------------------------------
+def _spec_report(graph_lines: str, name="st_spec") -> list[str]:
+    from backcomp.spec import parse_spec
+    text = ('[inputs]\nx = ["B", 4]\ny = ["B", 4]\n[params]\ng = [4]\nb = [4]\n[graph]\n'
+            + graph_lines.strip() + "\n")
+    return stability_report(parse_spec(text, f"{name}.toml"))
+
+
+SAFE_BY_CONSTRUCTION = {
+    "layernorm": '''
+m = "mean(x, axis=-1, keepdims=True)"
+v = "mean((x - m) ** 2, axis=-1, keepdims=True)"
+h = "(x - m) / sqrt(v + 1e-5) * g + b"
+loss = "sum(h * y)"''',
+    "rmsnorm": '''
+h = "x / sqrt(mean(x * x, axis=-1, keepdims=True) + 1e-6) * g"
+loss = "sum(h * y)"''',
+    "manual_softmax": '''
+z = "x * g + b"
+e = "exp(z - max(z, axis=-1, keepdims=True))"
+p = "e / sum(e, axis=-1, keepdims=True)"
+loss = "sum(p * y)"''',
+    "manual_softmax_stop_gradient": '''
+z = "x * g + b"
+e = "exp(z - stop_gradient(max(z, axis=-1, keepdims=True)))"
+loss = "sum(e / sum(e, axis=-1, keepdims=True) * y)"''',
+    "manual_softmax_all_axes": '''
+z = "x * g"
+loss = "sum(exp(z - max(z)) * y) / sum(exp(z - max(z)))"''',
+    "sums_with_a_positive_constant": '''
+h = "y / (1 + softplus(x * g)) + y / (g * g + 0.5) + y / (abs(x) + relu(b) + 1e-3)"
+loss = "sum(h)"''',
+    "log_of_eps_shifted_square": '''
+loss = "sum(log(x * x * g * g + 1e-8))"''',
+    "softmax_output_and_cross_entropy": '''
+logits = "x * g + b"
+probs = "softmax(logits, axis=-1)"
+loss = "mean(softmax_cross_entropy(logits, y)) + sum(probs * y)"''',     # exp(x − m − log Σ): ≤ 0
+    "gaussian": '''
+loss = "sum(exp(-(x * g) ** 2) * y + exp(-abs(b)))"''',
+}
+
+
+@pytest.mark.parametrize("case", SAFE_BY_CONSTRUCTION)
+def test_report_is_clean_where_safe_by_construction(case):
+    """Regression (issue 9, defect 8): sqrt(var + eps) and a softmax's sum are positive
+    by construction, bounded away from zero; nothing here can overflow either."""
+    report = _spec_report(SAFE_BY_CONSTRUCTION[case], f"st_safe_{case}")
+    assert report == [], report
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ('loss = "sum(x * g / y)"', "division by y, which may be 0"),
+    ('loss = "sum(g / (x - x * x))"', "which may be 0"),
+    ('loss = "sum(g / (x * y + 1e-5))"', "division by"),                  # x·y may be negative
+    ('loss = "sum(y / sigmoid(x * g))"', "positive but may underflow to 0"),
+    ('loss = "sum(y / sqrt(x * x * g))"', "division by sqrt("),
+    ('e = "exp(x * g)"\nloss = "sum(e / sum(e, axis=-1, keepdims=True) * y)"', "positive but may underflow"),
+    ('z = "x * g"\ne = "exp(z - max(z, axis=0, keepdims=True))"\n'           # shifted by another axis' max:
+     'loss = "sum(e / sum(e, axis=-1, keepdims=True) * y)"', "positive but may underflow"),   # no term is 1
+    ('loss = "sum(log(x * g + 1e-8))"', "log("),
+], ids=["x_over_y", "difference", "product_plus_eps", "sigmoid", "sqrt_of_nonneg", "unshifted_softmax",
+        "other_axis_max", "log_of_signed"])
+def test_report_still_flags_what_may_be_zero(graph, expected):
+    report = _spec_report(graph, "st_unsafe")
+    risky = [line for line in report if "risky" in line]
+    assert any(expected in line for line in risky), report
+
+
+def test_unshifted_softmax_still_reports_its_exp():
+    report = _spec_report('e = "exp(x * g)"\nloss = "sum(e / sum(e, axis=-1, keepdims=True) * y)"', "st_unshifted")
+    assert any(line.startswith("e:") and "overflows" in line for line in report), report
+
+
+def test_report_prints_constants_as_their_shortest_repr():
+    """Regression (issue 9, defect 8): constants are SymPy Floats of 17 digits, which
+    SymPy's str shows as 1.0000000000000001e-5."""
+    report = _spec_report('loss = "sum(g / (y + 1e-5)) + sum(log(x * g + 0.1))"', "st_digits")
+    text = "\n".join(report)
+    assert "division by y + 1e-05, which may be 0" in text, text
+    assert "0.1" in text and "1.0000000000000001e-5" not in text and "0.10000000000000001" not in text, text
+
+
+def test_sign_analysis_of_a_graph():
+    """graph_bounds: the lower bound of every node, derived from its op and its inputs."""
+    from backcomp.passes.stability import NONNEG, POSITIVE, Bound, graph_bounds
+    g = backcomp.Graph("st_bounds")
+    x = g.input("x", ("B", 4))
+    w = g.param("w", (4,))
+    sq = (x - w) ** 2
+    var = ops.mean(sq, axis=-1, keepdims=True)
+    shifted = ops.exp(x - ops.max(x, axis=-1, keepdims=True))
+    nodes = {
+        "x": x, "square": sq, "var": var, "var_eps": var + 1e-5, "rsqrt": ops.sqrt(var + 1e-5) ** -1.0,
+        "exp": ops.exp(x), "sum_exp": ops.sum(ops.exp(x), axis=-1), "relu": ops.relu(x),
+        "shifted_sum": ops.sum(shifted, axis=-1), "shifted_sum_other_axis": ops.sum(shifted, axis=0),
+        "softmax": ops.softmax(x, axis=-1), "log_softmax": ops.log_softmax(x, axis=-1),
+        "abs_matmul": ops.abs(x) @ ops.reshape(w * w, (4, 1)), "neg_square": -sq,
+    }
+    bounds = graph_bounds(g)
+    got = {k: bounds.get(n) for k, n in nodes.items()}
+    assert got["x"] is None and got["neg_square"] is None and got["log_softmax"] is None
+    assert got["square"] == got["var"] == got["relu"] == got["abs_matmul"] == NONNEG
+    assert got["var_eps"] == Bound(1e-5, True) and got["var_eps"].away_from_zero
+    assert got["rsqrt"] == POSITIVE
+    assert got["exp"] == got["sum_exp"] == got["softmax"] == got["shifted_sum_other_axis"] == POSITIVE
+    assert not got["exp"].away_from_zero
+    assert got["shifted_sum"] == Bound(1.0, True)
