@@ -3,6 +3,7 @@
     python benchmarks/scale.py                     # the full table (chains up to 2000 layers)
     python benchmarks/scale.py --quick             # smaller sizes, for a smoke run
     python benchmarks/scale.py --json out.json     # also write the numbers as JSON
+    python benchmarks/scale.py --check             # exit 1 if compile time grows too fast
 
 Models (built with the Python builder, so spec parsing is not timed):
 - ``chain(n)``: a residual chain of n layers, h = h + tanh(h @ W_i + b_i), width 4;
@@ -11,8 +12,14 @@ Models (built with the Python builder, so spec parsing is not timed):
 - ``random_dag(n)``: n nodes, each an op of one or two earlier nodes (fan-out everywhere).
 
 Each row is the median of ``--repeat`` compiles of a fresh graph (the build cache is not
-involved: ``compile_source`` is called directly).  A compile that raises is recorded with
-its error instead of a time.  The tests in tests/test_scale.py use the same builders.
+involved: ``compile_source`` is called directly; SymPy's cache is cleared before each).  A compile that raises is recorded with
+its error instead of a time.  The tests in tests/test_scale.py use the same builders
+(and check the numbers the modules compute; timing is measured only here).
+
+Growth: for each pair in ``GROWTH`` (4x the size), the ratio of compile times is
+printed as ``x4.0 nodes -> x4.6 time`` and compared with ``GROWTH_LIMIT`` (10x: linear
+growth with room for noise; quadratic growth would give about 16x).  ``--check``
+makes a ratio over the limit exit 1.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import backcomp  # noqa: E402
 from backcomp import ops  # noqa: E402
 from backcomp.compiler import compile_source  # noqa: E402
+from sympy.core.cache import clear_cache  # noqa: E402
 
 
 # ----- the models ---------------------------------------------------------------------------
@@ -125,6 +133,7 @@ def measure(build, size: int, repeat: int = 1, opt_level: int = 1) -> dict:
     nodes = op_count(build(size))
     for _ in range(repeat):
         graph = build(size)
+        clear_cache()   # SymPy's cache: every compile starts cold, whatever ran before it
         start = time.perf_counter()
         try:
             source = compile_source(graph, opt_level=opt_level)
@@ -144,6 +153,32 @@ PLAN = {
     "elementwise_chain": (elementwise_chain, [25, 50, 100, 2000]),
 }
 QUICK = {"chain": [125, 250, 500], "mlp": [2, 8, 32], "random_dag": [125, 250], "elementwise_chain": [25, 100]}
+
+
+#: (model, small size, large size): compile-time growth that must stay about linear
+GROWTH = [("chain", 150, 600), ("elementwise_chain", 25, 100)]
+GROWTH_LIMIT = 10.0
+
+
+def measure_growth(name: str, small: int, large: int, repeat: int = 1) -> dict:
+    build = PLAN[name][0]
+    a, b = measure(build, small, repeat=repeat), measure(build, large, repeat=repeat)
+    ratio = b["seconds"] / a["seconds"] if a["seconds"] and b["seconds"] is not None else None
+    return {"model": name, "sizes": [small, large], "nodes": [a["nodes"], b["nodes"]],
+            "seconds": [a["seconds"], b["seconds"]], "node_ratio": b["nodes"] / a["nodes"],
+            "time_ratio": ratio, "limit": GROWTH_LIMIT, "ok": ratio is not None and ratio < GROWTH_LIMIT,
+            "error": a["error"] or b["error"]}
+
+
+def print_growth(rows: list[dict]) -> None:
+    print(f"\ncompile-time growth (limit x{GROWTH_LIMIT:g} time):")
+    for r in rows:
+        small, large = r["sizes"]
+        if r["time_ratio"] is None:
+            print(f"  {r['model']} {small} -> {large}: {r['error']}")
+            continue
+        print(f"  {r['model']} {small} -> {large}: x{r['node_ratio']:.1f} nodes -> x{r['time_ratio']:.1f} time"
+              f"  {'ok' if r['ok'] else 'TOO FAST A GROWTH'}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -169,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--repeat", type=int, default=1, help="compiles per size (median is reported)")
     ap.add_argument("--only", choices=sorted(PLAN), action="append", help="only these models")
+    ap.add_argument("--check", action="store_true",
+                    help=f"exit 1 if 4x the size takes {GROWTH_LIMIT:g}x the compile time or more")
     ap.add_argument("--json", metavar="FILE", default=str(Path(__file__).with_name("scale.json")),
                     help="where to write the numbers (default: benchmarks/scale.json)")
     args = ap.parse_args(argv)
@@ -182,11 +219,14 @@ def main(argv=None) -> int:
             print(f"  {name}({size}): {row['seconds'] if row['seconds'] is not None else row['error']}",
                   file=sys.stderr, flush=True)
     print_table(rows)
+    growth = [measure_growth(name, small, large, repeat=args.repeat) for name, small, large in GROWTH
+              if not args.only or name in args.only]
+    print_growth(growth)
     report = {"backcomp": backcomp.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "rows": rows}
+              "machine": platform.machine(), "rows": rows, "growth": growth}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
-    return 0
+    return 1 if args.check and not all(r["ok"] for r in growth) else 0
 
 
 if __name__ == "__main__":
