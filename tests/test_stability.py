@@ -345,8 +345,10 @@ def test_report_is_clean_where_safe_by_construction(case):
     ('z = "x * g"\ne = "exp(z - max(z, axis=0, keepdims=True))"\n'           # shifted by another axis' max:
      'loss = "sum(e / sum(e, axis=-1, keepdims=True) * y)"', "positive but may underflow"),   # no term is 1
     ('loss = "sum(log(x * g + 1e-8))"', "log("),
+    # two inputs with the same label ("loss (sum)") were once merged into one symbol: a/b -> 1
+    ('loss = "sum(x * g) / sum(y)"', "division by loss (sum), which may be 0"),
 ], ids=["x_over_y", "difference", "product_plus_eps", "sigmoid", "sqrt_of_nonneg", "unshifted_softmax",
-        "other_axis_max", "log_of_signed"])
+        "other_axis_max", "log_of_signed", "same_label_inputs"])
 def test_report_still_flags_what_may_be_zero(graph, expected):
     report = _spec_report(graph, "st_unsafe")
     risky = [line for line in report if "risky" in line]
