@@ -105,7 +105,7 @@ def _load(spec: str):
 
 
 def cmd_compile(args) -> int:
-    from backcomp.compiler import OverwriteError, atomic_write, compile_source, lower_graph
+    from backcomp.compiler import OverwriteError, atomic_write, compile_model
     start = time.perf_counter()
     graph = _load(args.spec)
     out = Path(args.output) if args.output else Path(f"{graph.name}.py")
@@ -116,8 +116,9 @@ def cmd_compile(args) -> int:
     module_name = out.stem
     if not module_name.isidentifier():
         raise UserError(f"{out}: error: '{module_name}' is not importable; choose an identifier file name")
-    lowered = lower_graph(graph, args.opt_level)
-    text = compile_source(graph, args.opt_level, optimizer=args.optimizer, check_finite=args.check_finite)
+    compiled = compile_model(graph, args.opt_level, optimizer=args.optimizer, check_finite=args.check_finite,
+                             source=Path(args.spec).name)
+    text, lowered = compiled.text, compiled.lowered
     test_path = out.with_name(f"test_{module_name}.py")
     test_text = emit_test(graph, module_name) if args.emit_test else None
     if test_text is not None and test_path.exists() and not args.force:
@@ -141,40 +142,24 @@ def cmd_compile(args) -> int:
     print(f"{args.spec} -> {out}{extra}: {forward} forward nodes, {statements} statements "
           f"({fused} fused elementwise groups), {seconds:.2f}s")
     if args.report:
-        print_report(lowered)
+        print_report(compiled, args.opt_level)
     return EXIT_OK
 
 
-def print_report(lowered) -> None:
-    from backcomp import compiler
-    report = getattr(compiler, "stability_report", None)
-    if report is not None:
-        result = report(lowered)
-        if isinstance(result, str):
-            print(result.rstrip("\n"))
-        elif result:
-            for line in result:
-                print(line)
-        return
-    from backcomp.printer import print_expr  # noqa: F401  (same printer as codegen)
-    from backcomp.ops.elementwise import node_expr
-    import sympy as sp
+def print_report(compiled, opt_level: int) -> None:
+    """The stability findings gathered while lowering the user's graph (its own names).
+
+    -O0 applies no rewrites: the same analysis runs, and says what -O1 would rewrite.
+    """
+    findings = compiled.findings
+    if opt_level == 0:
+        from backcomp.passes import prepare_forward
+        prepare_forward(compiled.graph, findings)
     print("stability report:")
-    notes = 0
-    for n in lowered.nodes:
-        if n.op in ("logsumexp",):
-            print(f"  {n.scope or n.name or n.op}: logsumexp subtracts the max (stable)")
-            notes += 1
-        elif n.op == "ew":
-            expr = node_expr(n)
-            risky = [f.func.__name__ for f in expr.atoms(sp.Function) if f.func in (sp.log, sp.exp)]
-            if expr.atoms(sp.Pow) and any(p.exp.is_negative for p in expr.atoms(sp.Pow)):
-                risky.append("division")
-            if risky:
-                print(f"  {n.scope or n.name or 'ew'}: {', '.join(sorted(set(risky)))} "
-                      "(may overflow or divide by zero on extreme inputs)")
-                notes += 1
-    if not notes:
+    for f in findings:
+        done = "rewrote" if opt_level else "not rewritten at -O0 (-O1 would)"
+        print(f"  {f.node}: {done if f.rewritten else 'risky'}: {f.message}")
+    if not findings:
         print("  nothing to report")
 
 

@@ -1,8 +1,11 @@
 """The pipeline: Graph -> VJP pass -> optimisation passes -> module source -> module.
 
-``compile_source`` returns the text, ``write_module`` writes it atomically, and
-``build`` imports it, caching by a hash of the graph, the options and the
-compiler's own code, so that rebuilding an unchanged model is instant.
+``compile_model`` lowers a model once and returns the text together with the
+lowered graph and the stability findings gathered on the user's own graph (what
+``backcomp compile --report`` prints); ``compile_source`` returns the text,
+``write_module`` writes it atomically, and ``build`` imports it, caching by a
+hash of the graph, the options and the compiler's own code, so that rebuilding
+an unchanged model is instant.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import marshal
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +24,7 @@ from backcomp import __version__
 from backcomp.codegen import MARKER, build_parts, render
 from backcomp.graph import Graph
 from backcomp.passes import optimize, prepare_forward
+from backcomp.passes.stability import Finding
 from backcomp.vjp import differentiate
 
 
@@ -35,10 +40,14 @@ def _as_graph(model) -> tuple[Graph, str]:
     return load_spec(path), path.name
 
 
-def lower_graph(graph: Graph, opt_level: int = 1) -> Graph:
-    """The differentiated (and, at opt_level >= 1, optimised) graph."""
+def lower_graph(graph: Graph, opt_level: int = 1, findings: list[Finding] | None = None) -> Graph:
+    """The differentiated (and, at opt_level >= 1, optimised) graph.
+
+    ``findings`` collects the stability rewrites and risks that ``prepare_forward``
+    sees on the way: the user's own nodes, before fusion with the backward hides them.
+    """
     if opt_level >= 1:
-        graph = prepare_forward(graph)
+        graph = prepare_forward(graph, findings)
     g = differentiate(graph) if graph.loss_node is not None else graph.clone()[0]
     return optimize(g) if opt_level >= 1 else g
 
@@ -51,17 +60,38 @@ def stability_report(model) -> list[str]:
     return [str(f) for f in findings]
 
 
+@dataclass
+class Compiled:
+    """One compilation: the module text, the graph it came from, and what it found."""
+    graph: Graph                # as given (the user's names)
+    lowered: Graph              # differentiated and optimised
+    text: str
+    findings: list[Finding] = field(default_factory=list)   # empty at -O0 (no rewrites)
+
+
+def compile_model(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False,
+                  source: str | None = None) -> Compiled:
+    """Lower ``model`` (a Graph or a spec path) once and render its module.
+
+    ``source`` labels the module's docstring; a spec path gives its file name
+    (not the path: the text stays the same wherever it is compiled from).
+    """
+    graph, label = _as_graph(model)
+    findings: list[Finding] = []
+    g = lower_graph(graph, opt_level, findings)
+    text = render(g, build_parts(g, source or label, check_finite=check_finite), optimizer=optimizer)
+    return Compiled(graph, g, text, findings)
+
+
 def compile_source(model, opt_level: int = 1, optimizer: str | None = None,
-                   check_finite: bool = False) -> str:
+                   check_finite: bool = False, source: str | None = None) -> str:
     """Module source for a Graph or a spec path.
 
     ``optimizer`` ("sgd", "momentum", "adam") adds ``init_state``/``train_step``;
     ``check_finite`` makes the module raise FloatingPointError at the first node
     that produces a NaN or Inf.
     """
-    graph, source = _as_graph(model)
-    g = lower_graph(graph, opt_level)
-    return render(g, build_parts(g, source, check_finite=check_finite), optimizer=optimizer)
+    return compile_model(model, opt_level, optimizer, check_finite, source).text
 
 
 def atomic_write(path: Path, text: str, force: bool = False) -> None:
@@ -168,7 +198,7 @@ def graph_key(graph: Graph, *options) -> str | None:
 def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False) -> ModuleType:
     """Compile and import; unchanged models come back from the cache at once."""
     graph, source = _as_graph(model)
-    key = graph_key(graph, opt_level, optimizer, check_finite)
+    key = graph_key(graph, opt_level, optimizer, check_finite, source)
     if key in _MEMORY:
         return _MEMORY[key]
     if key is None:   # rules we cannot fingerprint: compile afresh, in a private file
@@ -178,9 +208,8 @@ def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite:
         path = cache_dir() / f"{graph.name}_{key}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        g = lower_graph(graph, opt_level)
-        parts = build_parts(g, source, check_finite=check_finite)
-        atomic_write(path, render(g, parts, optimizer=optimizer), force=True)
+        text = compile_model(graph, opt_level, optimizer, check_finite, source).text
+        atomic_write(path, text, force=True)
     module = import_path(path, f"backcomp_generated.{graph.name}_{key}")
     _MEMORY[key] = module
     return module

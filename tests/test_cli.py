@@ -108,6 +108,40 @@ def test_options_O0_check_finite_report(tmp_path):
     assert len(r.stdout.strip().splitlines()) >= 2
 
 
+SOFTPLUS = '[inputs]\nx = ["B", 3]\n[params]\nw = [3]\n[graph]\nz = "x @ w"\nloss = "mean(log(1 + exp(z)))"\n'
+
+
+def test_report_lists_the_rewrites_of_the_users_graph(tmp_path):
+    """--report used to analyse the already optimised graph: no rewrite was left to report."""
+    spec = tmp_path / "sp.toml"
+    spec.write_text(SOFTPLUS)
+    r = bc("compile", str(spec), "-o", str(tmp_path / "sp.py"), "--report")
+    assert r.returncode == 0, r.stderr
+    assert "loss (log): rewrote: log(1 + exp(u)) -> softplus(u)" in r.stdout
+    from backcomp.compiler import stability_report
+    assert all(line in r.stdout for line in stability_report(spec))
+    r = bc("compile", str(spec), "-o", str(tmp_path / "sp0.py"), "--report", "-O0")
+    assert "not rewritten at -O0" in r.stdout and "rewrote" not in r.stdout
+
+
+def test_compile_lowers_the_graph_once_and_names_its_spec(tmp_path, monkeypatch, capsys):
+    from backcomp import compiler
+    from backcomp.cli import main
+    spec = tmp_path / "sp.toml"
+    spec.write_text(SOFTPLUS)
+    calls = []
+    lower = compiler.lower_graph
+    monkeypatch.setattr(compiler, "lower_graph", lambda *a, **k: calls.append(1) or lower(*a, **k))
+    assert main(["compile", str(spec), "-o", str(tmp_path / "a.py"), "--report"]) == 0
+    assert len(calls) == 1 and "rewrote" in capsys.readouterr().out
+    text = (tmp_path / "a.py").read_text()
+    assert "Source: sp.toml\n" in text and "built in Python" not in text
+    # the label is the file name: the same bytes whichever way the spec is reached
+    monkeypatch.chdir(tmp_path)
+    assert main(["compile", "sp.toml", "-o", "b.py"]) == 0
+    assert (tmp_path / "b.py").read_text() == text
+
+
 def test_user_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[inputs]\nx = [3]\n[params]\nw = [3]\n[graph]\nh1 = "relux(w * x)"\nloss = "sum(h1)"\n')
