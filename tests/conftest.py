@@ -15,6 +15,16 @@ import pytest
 import backcomp
 from backcomp.check import check_gradients
 
+
+# ----- options and collection ---------------------------------------------------------
+#: tests/golden/*.py are generated modules that test_golden.py compares with, not tests
+collect_ignore = ["golden"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/ from the current code generator instead of comparing")
+
 RTOL = 1e-6
 
 
