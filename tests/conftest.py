@@ -3,7 +3,8 @@
 The central helper is ``gradcheck``: compile a graph, draw float64 values for its
 leaves from per-leaf *domains* (positive for log/sqrt, away from kinks for
 relu/abs, ...), and assert that every gradient of the compiled module matches
-central finite differences of its forward loss to a relative error of 1e-6.
+central finite differences of its forward loss, within the tolerance that
+backcomp.check derives from the step (the project's one finite-difference checker).
 """
 from __future__ import annotations
 
@@ -14,18 +15,6 @@ import pytest
 
 import backcomp
 from backcomp.check import check_gradients
-
-
-# ----- options and collection ---------------------------------------------------------
-#: tests/golden/*.py are generated modules that test_golden.py compares with, not tests
-collect_ignore = ["golden"]
-
-
-def pytest_addoption(parser):
-    parser.addoption("--update-golden", action="store_true", default=False,
-                     help="rewrite tests/golden/ from the current code generator instead of comparing")
-
-RTOL = 1e-6
 
 
 # ----- session setup ------------------------------------------------------------------
@@ -108,7 +97,7 @@ def draw(module, domains: dict[str, str] | None = None, batch: int = 3, seed: in
 
 
 def gradcheck(graph, batch: int = 3, seed: int = 0, domains: dict[str, str] | None = None,
-              reference=None, opt_level: int = 1, rtol: float = RTOL):
+              reference=None, opt_level: int = 1):
     """Build ``graph``, check every gradient against central differences; return the module.
 
     ``reference(params, inputs) -> float`` is an independent NumPy computation of
@@ -130,11 +119,11 @@ def gradcheck(graph, batch: int = 3, seed: int = 0, domains: dict[str, str] | No
         assert np.all(np.isfinite(g)), f"grad of {name} is not finite: {g}"
     if reference is not None:
         np.testing.assert_allclose(loss, expected, rtol=1e-10, atol=1e-12, err_msg="forward loss vs NumPy reference")
-    for result in check_gradients(checked, params, inputs, rtol=rtol, seed=seed):
+    for result in check_gradients(checked, params, inputs, seed=seed):
         assert result.checked > 0
-        assert result.max_rel <= rtol, (
-            f"{graph.name}: gradient of '{result.name}' off by relative error {result.max_rel:.3g} "
-            f"(abs {result.max_abs:.3g}) against central differences")
+        assert result.ok, (
+            f"{graph.name}: gradient of '{result.name}' off by {result.max_abs:.3g} (tolerance {result.tol:.3g}, "
+            f"relative error {result.max_rel:.3g}) against central differences")
     return module
 
 
@@ -161,18 +150,3 @@ class Copying:
 
 def _copies(arrays: dict) -> dict:
     return {k: np.array(v, copy=True) for k, v in arrays.items()}
-
-
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences of a scalar function of one float64 array."""
-    x = np.array(x, dtype=np.float64)
-    g = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        old = x[idx]
-        x[idx] = old + eps
-        up = f(x)
-        x[idx] = old - eps
-        down = f(x)
-        x[idx] = old
-        g[idx] = (up - down) / (2 * eps)
-    return g

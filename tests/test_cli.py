@@ -42,28 +42,11 @@ def test_bad_arguments_exit_2():
     assert r.returncode == 2
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_check_passes_on_every_example(path):
-    r = bc("check", str(path.relative_to(ROOT)), "--batch", "2", "--seed", "1")
+def test_check_runs_from_the_command_line():
+    """End to end through ``python -m backcomp``; every example and a wrong VJP: test_check.py."""
+    r = bc("check", "examples/xor.toml", "--batch", "2", "--seed", "1")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "max rel err" in r.stdout and "FAIL" not in r.stdout
-
-
-def test_check_fails_on_a_broken_vjp_rule():
-    script = (
-        "import dataclasses, sys\n"
-        "from backcomp.ops import registry\n"
-        "op = registry.get_op('matmul')\n"
-        "rule = op.vjp\n"
-        "def broken(node, ct):\n"
-        "    ga, gb = rule(node, ct)\n"
-        "    return [ga, gb * 1.01]\n"
-        "registry._REGISTRY['matmul'] = dataclasses.replace(op, vjp=broken)\n"
-        "from backcomp.cli import main\n"
-        "sys.exit(main(['check', 'examples/xor.toml']))\n")
-    r = run("-c", script)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "FAIL" in r.stdout and "W1" in r.stdout and "gradient check FAILED" in r.stderr
+    assert "tolerance" in r.stdout and "(all)" in r.stdout and "FAIL" not in r.stdout
 
 
 def test_compile_writes_module_and_emitted_test(tmp_path):
