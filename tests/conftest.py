@@ -17,6 +17,16 @@ import backcomp
 from backcomp.check import check_gradients
 
 
+# ----- options and collection ---------------------------------------------------------
+#: tests/golden/*.py are generated modules that test_golden.py compares with, not tests
+collect_ignore = ["golden"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/ from the current code generator instead of comparing")
+
+
 # ----- session setup ------------------------------------------------------------------
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
