@@ -131,3 +131,10 @@ def test_models_without_indices_define_no_index_check():
     g.loss(ops.sum(x @ W))
     src = compile_source(g)
     assert "INDEX_RANGES = {}" in src and "_index_error" not in src
+
+
+def test_expressions_with_cse_temporaries_are_not_rewrapped():
+    """The shape check looks at the whole expression, not at what is left after CSE."""
+    from pathlib import Path
+    src = compile_source(Path(__file__).resolve().parent.parent / "examples" / "functions.toml")
+    assert "full_like" not in src and "zeros_like" not in src

@@ -99,12 +99,12 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         calls = print_into(expr, names, into, arg_symbol(args.index(into)))
         if calls:
             return calls[:-1] + [f"{out} = {calls[-1]}"]
-    temps, (expr,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
+    temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
     lines = []
     for k, (sym, sub) in enumerate(temps):
         names[sym] = f"{out}_t{k}"
         lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
-    return lines + [f"{out} = {_full_shape(node, expr, args, print_expr(expr, names))}"]
+    return lines + [f"{out} = {_full_shape(node, expr, args, print_expr(body, names))}"]
 
 
 def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> str:
