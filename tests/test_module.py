@@ -421,6 +421,20 @@ def test_write_module_writes_and_overwrites_its_own_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]   # no temp files left
 
 
+def test_written_modules_have_ordinary_permissions(tmp_path):
+    """mkstemp makes 0600 files: a new module gets the umask's mode, a replaced one keeps its own."""
+    path = tmp_path / "tiny.py"
+    umask = os.umask(0o022)
+    try:
+        backcomp.write_module(_tiny(), path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o664)
+        backcomp.write_module(_tiny(), path)
+        assert path.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(umask)
+
+
 def test_write_module_refuses_to_overwrite_a_user_file(tmp_path):
     path = tmp_path / "mine.py"
     path.write_text("def my_code():\n    return 42\n")
