@@ -156,7 +156,7 @@ def _tidy(expr: sp.Expr) -> sp.Expr:
     try:
         out = sp.factor_terms(sp.expand(expr, deep=False))
         candidates = [expr, out]
-        if not expr.has(sp.Heaviside, sp.Piecewise):
+        if not expr.has(sp.Heaviside, sp.Piecewise, sp.tanh, sp.sin, sp.cos):   # trigsimp: seconds each
             candidates.append(sp.simplify(expr))
         return min(candidates, key=lambda e: (sp.count_ops(e), len(str(e))))
     except Exception:  # noqa: BLE001  (simplification is cosmetic)
@@ -290,43 +290,78 @@ class NodeMath:
     vjps: dict[str, sp.Expr] = field(default_factory=dict)   # input name -> its term
 
 
-def _named_order(graph: Graph) -> list[Node]:
-    return [n for n in graph.nodes if n.name is not None and n.op not in ("input", "param")]
+def line_names(graph: Graph) -> dict[Node, str]:
+    """The nodes that get a line of their own, and the name each is shown under.
+
+    Named nodes (a spec's [graph] lines) keep their names.  In a graph built in
+    Python, an unnamed value read in several places gets a line too, named as the
+    module names it: written inline it would be repeated at every use, and a chain
+    of such values grows exponentially.
+    """
+    from backcomp.codegen import assign_names
+    users: dict[Node, int] = {}
+    for n in graph.nodes:
+        for x in set(n.inputs):
+            users[x] = users.get(x, 0) + 1
+    shared = [n for n in graph.nodes if n.name is None and n.scope is None and users.get(n, 0) > 1
+              and n.op not in ("input", "param", "stop_gradient")]
+    names = {n: n.name for n in graph.nodes if n.name is not None}
+    generated = assign_names(graph) if shared else {}
+    taken = set(names.values())
+    for n in shared:
+        base = name = generated[n].lstrip("_")   # names may not start with '_'
+        k = 2
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        names[n] = name
+        taken.add(name)
+    return names
 
 
-def _members(graph: Graph, target: Node) -> list[Node]:
+def _named_order(graph: Graph, lines: dict[Node, str]) -> list[Node]:
+    return [n for n in graph.nodes if n in lines and n.op not in ("input", "param")]
+
+
+def _members(graph: Graph, target: Node, lines: dict[Node, str]) -> list[Node]:
     """The IR nodes that make up ``target``'s expression (its scope), in order."""
-    named = {n for n in graph.nodes if n.name is not None}
     want = {target}
     stack = [target]
     while stack:
         n = stack.pop()
         for x in n.inputs:
-            if x not in want and x not in named:
+            if x not in want and x not in lines:
                 want.add(x)
                 stack.append(x)
     return [n for n in graph.nodes if n in want]
 
 
-def node_math(graph: Graph, target: Node, differentiable: set[str]) -> NodeMath:
-    """Forward expression of ``target`` and ḡ of each named input it reads."""
-    members = _members(graph, target)
+def node_math(graph: Graph, target: Node, differentiable: set[int],
+              lines: dict[Node, str] | None = None) -> NodeMath:
+    """Forward expression of ``target`` and ḡ of each named input it reads.
+
+    ``differentiable`` holds the ids of the nodes the loss depends on; ``lines``
+    the names of the nodes shown on lines of their own (``line_names``).
+    """
+    lines = line_names(graph) if lines is None else lines
+    members = _members(graph, target, lines)
     inside = set(members)
     leaves: list[Node] = []
     for n in members:
         for x in n.inputs:
             if x not in inside and x not in leaves:
                 leaves.append(x)
+    name_of = {leaf: lines.get(leaf, leaf.name or f"v{leaf.id}") for leaf in leaves}
+    target_name = lines[target]
     local = Graph("explain")
     mapping: dict[Node, Node] = {}
     wrt = []
     for leaf in leaves:
-        if leaf.name in differentiable and leaf.dtype == "float":
-            m = local._leaf("param", leaf.name, leaf.shape, "float")   # symbolic dims allowed here
-            local.params[leaf.name] = m
-            wrt.append(leaf.name)
+        if leaf.id in differentiable and leaf.dtype == "float":
+            m = local._leaf("param", name_of[leaf], leaf.shape, "float")   # symbolic dims allowed here
+            local.params[name_of[leaf]] = m
+            wrt.append(name_of[leaf])
         else:
-            m = local._leaf("input", leaf.name or f"v{leaf.id}", leaf.shape, leaf.dtype)
+            m = local._leaf("input", name_of[leaf], leaf.shape, leaf.dtype)
             local.inputs[m.name] = m
         mapping[leaf] = m
     for n in members:
@@ -334,16 +369,16 @@ def node_math(graph: Graph, target: Node, differentiable: set[str]) -> NodeMath:
     out = mapping[target]
     names = {m: sp.Symbol(m.name, real=True) for m in mapping.values() if m.op in ("input", "param")}
     forward = _tidy(_softmax(_Reader(names)(out)))
-    math = NodeMath(target.name, target.shape, forward)
-    if not wrt or out.dtype != "float" or target.name not in differentiable:
+    math = NodeMath(target_name, target.shape, forward)
+    if not wrt or out.dtype != "float" or target.id not in differentiable:
         return math
-    seed = local._leaf("input", BAR + target.name, target.shape, "float")
+    seed = local._leaf("input", BAR + target_name, target.shape, "float")
     local.loss(op_sum(seed * out), "seed")
     local.wrt = tuple(wrt)
     d = differentiate(local)
     symbols = {d.lookup(name): sp.Symbol(name, real=True) for name in [*wrt, *local.inputs]}
-    symbols[d.lookup(BAR + target.name)] = sp.Symbol(BAR + target.name, real=True)
-    symbols[d.lookup(target.name) if d.lookup(target.name) is not None else d.nodes[out.id]] = sp.Symbol(target.name, real=True)
+    symbols[d.lookup(BAR + target_name)] = sp.Symbol(BAR + target_name, real=True)
+    symbols[d.nodes[out.id]] = sp.Symbol(target_name, real=True)
     scalars = {v for k, v in symbols.items() if k is not None and k.shape == ()}
     reader = _Reader({k: v for k, v in symbols.items() if k is not None}, scalars)
     for p in wrt:
@@ -403,11 +438,11 @@ def _is_lse_of(t, terms) -> bool:
 def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
     """NodeMath for every named node, and for every value the nodes that consume it."""
     if graph.loss_node is not None:
-        full = differentiate(graph)
-        differentiable = {k.name for k in full.cotangents if k.name is not None}
+        differentiable = {k.id for k in differentiate(graph).cotangents}
     else:
         differentiable = set()
-    maths = [node_math(graph, n, differentiable) for n in _named_order(graph)]
+    lines = line_names(graph)
+    maths = [node_math(graph, n, differentiable, lines) for n in _named_order(graph, lines)]
     consumers: dict[str, list[str]] = {}
     for m in maths:
         for v in m.vjps:
@@ -471,6 +506,21 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
     return "\n".join(lines)
 
 
+#: a module's docstring lists the explain text of models up to this size
+SUMMARY_MAX_LINES, SUMMARY_MAX_MEMBERS = 80, 60
+
+
+def summary(graph: Graph) -> str | None:
+    """The explain text for a generated module's docstring, or None for a model too big
+    to read there (many lines, or a line made of many unnamed nodes)."""
+    lines = line_names(graph)
+    shown = _named_order(graph, lines)
+    if len(shown) > SUMMARY_MAX_LINES or any(len(_members(graph, n, lines)) > SUMMARY_MAX_MEMBERS
+                                            for n in shown):
+        return None
+    return explain(graph)
+
+
 def _chain(param: str, consumers: dict[str, list[str]], loss: str | None) -> set[str]:
     """The values on some path from ``param`` up to the loss."""
     up = {param}
@@ -524,4 +574,4 @@ def _dot_escape(s: str) -> str:
     return s.replace('"', '\\"')
 
 
-__all__ = ["explain", "derive", "node_math", "to_dot", "to_text", "to_latex", "NodeMath"]
+__all__ = ["explain", "summary", "derive", "node_math", "to_dot", "to_text", "to_latex", "NodeMath"]
