@@ -247,15 +247,18 @@ class ModuleParts:
     source: str
     forward_body: list[str]
     grad_body: list[str]
-    model_lines: list[str]
-    derivative_lines: list[str]
+    summary_lines: list[str]
     helpers: set[str]
     validate_body: list[str]
     unpack: str
 
 
-def build_parts(graph: Graph, source: str, check_finite: bool = False) -> ModuleParts:
-    """Lower both functions of a differentiated (and possibly optimised) graph."""
+def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Graph | None = None) -> ModuleParts:
+    """Lower both functions of a differentiated (and possibly optimised) graph.
+
+    ``model`` is the graph as the user wrote it: the docstring explains it (``backcomp
+    explain``), in the user's names, since the lowered graph's nodes are fused away.
+    """
     names = assign_names(graph)
     helpers: set[str] = set()
     outputs = graph.forward_outputs()
@@ -265,25 +268,30 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False) -> Module
     forward_body.append(f"return {{{ret}}}")
 
     grad_body: list[str] = []
-    derivative_lines: list[str] = []
     if graph.loss_node is not None:
         roots = [graph.loss_node, *graph.grads.values()]
-        grad_nodes = live_nodes(graph, roots)
-        grad_body = lower(grad_nodes, names, helpers, set(roots), check_finite)
+        grad_body = lower(live_nodes(graph, roots), names, helpers, set(roots), check_finite)
         grads = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
                           for p, n in graph.grads.items())
         grad_body.append(f"return {_array_value(graph.loss_node, names[graph.loss_node])}, {{{grads}}}")
-        derivative_lines = [describe(n, names) for n in grad_nodes
-                            if n.origin is not None and n in set(graph.cotangents.values())]
     else:
         grad_body = ['raise NotImplementedError("this model declares no loss")']
-    model_lines = [describe(n, names) for n in fwd_nodes + [graph.loss_node] * 0
-                   if n.op not in ("input", "param") and n.name is not None]
+    summary_lines = docstring_summary(model if model is not None else graph)
     validate_body, unpack = validation_lines(graph, names)
     if index_ranges(graph):
         helpers.add("index")
-    return ModuleParts(graph.name, source, forward_body, grad_body, model_lines, derivative_lines, helpers,
-                       validate_body, unpack)
+    return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, helpers, validate_body, unpack)
+
+
+def docstring_summary(model: Graph) -> list[str]:
+    """The lines of ``backcomp explain``, indented and escaped for the module docstring."""
+    from backcomp.explain import summary
+    text = summary(model)
+    if text is None:
+        count = sum(1 for n in model.nodes if n.op not in ("input", "param"))
+        text = f"{model.name}: {count} nodes, too many to list here; `backcomp explain` shows each derivative."
+    text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return [f"    {line}" if line else "" for line in text.splitlines()]
 
 
 def _aliases_caller_data(node: Node) -> bool:
@@ -349,7 +357,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
     imports = sorted({HELPERS[h][0] for h in parts.helpers} - {""})
     text = _environment().get_template("module.py.jinja").render(
         name=parts.name, version=__version__, source=parts.source,
-        model_lines=parts.model_lines, derivative_lines=parts.derivative_lines,
+        summary_lines=parts.summary_lines,
         loss_name=loss_name, imports=imports,
         params_literal=_dict_literal({k: v.shape for k, v in graph.params.items()}),
         inputs_literal=_dict_literal({k: v.shape for k, v in graph.inputs.items()}),

@@ -3,6 +3,7 @@ helpers reported by the printer, folding that keeps shapes, index ranges validat
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,40 @@ def test_expressions_with_cse_temporaries_are_not_rewrapped():
     from pathlib import Path
     src = compile_source(Path(__file__).resolve().parent.parent / "examples" / "functions.toml")
     assert "full_like" not in src and "zeros_like" not in src
+
+
+# ----- 7. the docstring is the model's explain text, in the user's names ---------------------
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_docstring_is_the_explain_text(path):
+    from backcomp.explain import explain
+    from backcomp.spec import load_spec
+    m = backcomp.build(path)
+    text = explain(load_spec(path))
+    assert textwrap.indent(text, "    ") in m.__doc__
+    assert "_bar" not in m.__doc__ and "stop_gradient" not in m.__doc__
+
+
+def test_docstring_of_a_big_unnamed_model_points_to_explain():
+    """A 300-layer residual chain built in Python: no names, so no readable summary."""
+    g = backcomp.Graph("deep")
+    h = g.input("x", ("B", 2))
+    for i in range(300):
+        h = h + ops.tanh(h @ g.param(f"W{i}", (2, 2)))
+    g.loss(ops.sum(h))
+    src = compile_source(g)
+    assert "deep: 901 nodes, too many to list here; `backcomp explain` shows each derivative." in src
+
+
+def test_explain_names_shared_unnamed_values():
+    """Shared values of a Python-built graph get lines of their own (else the text doubles per use)."""
+    from backcomp.explain import explain
+    g = backcomp.Graph("shared")
+    h = g.input("x", ("B", 2))
+    for i in range(30):
+        h = h + ops.tanh(h @ g.param(f"W{i}", (2, 2)))
+    g.loss(ops.sum(h))
+    text = explain(g)
+    assert len(text.splitlines()) < 200 and "ḡ_W29 = " in text

@@ -3,28 +3,37 @@
 Source: attention.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    q = x @ Wq
-    k = x @ Wk
-    v = x @ Wv
-    scores = 0.35355339059327373*scores_einsum
-    attn = exp(scores - attn_stop_gradient)/attn_sum
-    ctx = einsum(attn, v, subscripts='bts,bsd->btd')
-    out = out_matmul + x
-    loss = mean(loss_pow, axes=(0, 1, 2), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    out_bar = (0.025)*(2*out - 2*target)/B
-    ctx_bar = out_bar @ out_bar_transpose
-    Wo_bar = sum_to(out_bar_matmul, shape=(8, 8))
-    attn_bar = einsum(ctx_bar, v, subscripts='btd,bsd->bts')
-    v_bar = einsum(ctx_bar, attn, subscripts='btd,bts->bsd')
-    scores_bar_dmul = 0.35355339059327373*attn_bar*attn - 0.35355339059327373*attn_exp*attn_bar_sum_to/attn_sum
-    q_bar = einsum(scores_bar_dmul, k, subscripts='bts,bsd->btd')
-    k_bar = einsum(scores_bar_dmul, q, subscripts='bts,btd->bsd')
-    Wv_bar = sum_to(v_bar_matmul, shape=(8, 8))
-    Wk_bar = sum_to(k_bar_matmul, shape=(8, 8))
-    Wq_bar = sum_to(q_bar_matmul, shape=(8, 8))
+    attention: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    q = x · Wq    # shape (B, 5, 8)
+        ḡ_Wq = Σ_B(xᵀ · ḡ_q)
+
+    k = x · Wk    # shape (B, 5, 8)
+        ḡ_Wk = Σ_B(xᵀ · ḡ_k)
+
+    v = x · Wv    # shape (B, 5, 8)
+        ḡ_Wv = Σ_B(xᵀ · ḡ_v)
+
+    scores = 0.353553·einsum("btd,bsd->bts", q, k)    # shape (B, 5, 5)
+        ḡ_q = einsum("bts,bsd->btd", 0.353553·ḡ_scores, k)
+        ḡ_k = einsum("bts,btd->bsd", 0.353553·ḡ_scores, q)
+
+    attn = softmax[axis=2](scores)    # shape (B, 5, 5)
+        ḡ_scores = attn ⊙ ḡ_attn - softmax[axis=2](scores) ⊙ Σ[axis=2](attn ⊙ ḡ_attn)
+
+    ctx = einsum("bts,bsd->btd", attn, v)    # shape (B, 5, 8)
+        ḡ_attn = einsum("btd,bsd->bts", ḡ_ctx, v)
+        ḡ_v = einsum("btd,bts->bsd", ḡ_ctx, attn)
+
+    out = x + ctx · Wo    # shape (B, 5, 8)
+        ḡ_ctx = ḡ_out · Woᵀ
+        ḡ_Wo = Σ_B(ctxᵀ · ḡ_out)
+
+    loss = mean((out - target)^2)    # shape ()
+        ḡ_out = ḡ_loss ⊙ (out - target)/(20·B)
 """
 import numpy as np
 

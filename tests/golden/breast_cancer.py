@@ -3,14 +3,20 @@
 Source: breast_cancer.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    z = z_matmul + b
-    loss = loss_mean + 0.0005*loss_sum
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    z_bar = (-y + exp(-logaddexp(0, -z)))/B
-    b_bar = sum_to(z_bar, shape=())
-    w_bar = z_bar_matmul + 0.001*w
+    breast_cancer: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    z = b + x · w    # shape (B,)
+        ḡ_w += ḡ_z · x
+        ḡ_b = Σ(ḡ_z)
+
+    loss = mean(-y ⊙ z + softplus(z)) + 0.0005·Σ(w^2)    # shape ()
+        ḡ_z = ḡ_loss ⊙ (-y + σ(z))/B
+        ḡ_w += 0.001·w ⊙ ḡ_loss
+
+    ḡ_w sums 2 terms: (from z) + (from loss)
 """
 import numpy as np
 

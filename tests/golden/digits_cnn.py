@@ -3,28 +3,31 @@
 Source: digits_cnn.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    a = maximum(a_conv2d + c, 0)
-    p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    f = reshape(p, shape=('B', 512))
-    logits = logits_matmul + b
-    loss = loss_mean + 5e-05*loss_sum_2
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    loss_bar = ones_like(loss)
-    loss_bar_mean_vjp = loss_bar_reshape/B
-    loss_bar_broadcast_to = broadcast_to(loss_bar_dsub, shape=('B',))
-    loss_bar_broadcast_to_2 = broadcast_to(loss_bar_mean_vjp, shape=('B',))
-    loss_bar_reshape_2 = reshape(loss_bar_broadcast_to_2, shape=('B', 1))
-    logits_bar = loss_bar_put_label + loss_exp*loss_bar_reshape_2/loss_sum
-    b_bar = sum_to(logits_bar, shape=(10,))
-    f_bar = logits_bar @ logits_bar_transpose
-    p_bar = reshape(f_bar, shape=('B', 32, 4, 4))
-    a_bar = max_pool2d_scatter(p_bar, p_bar_max_pool2d_argmax, in_shape=(32, 8, 8), size=(2, 2), stride=(2, 2))
-    a_bar_dew = a_bar*(a > 0)
-    c_bar = sum_to(a_bar_dew, shape=(32, 1, 1))
-    K_bar = conv2d_grad_weight(x, a_bar_dew, kernel=(3, 3), stride=(1, 1), padding=(1, 1))
-    W_bar = logits_bar_matmul + 0.0001*W
+    digits_cnn: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    a = max(0, c + conv2d(x, K, stride=(1, 1), padding=(1, 1)))    # shape (B, 32, 8, 8)
+        ḡ_K = conv2d_grad_weight(x, ḡ_a ⊙ (a > 0), kernel=(3, 3), stride=(1, 1), padding=(1, 1))
+        ḡ_c = Σ[axis=0,2,3](ḡ_a ⊙ (a > 0))
+
+    p = max_pool2d(a, size=(2, 2), stride=(2, 2))    # shape (B, 32, 4, 4)
+        ḡ_a = max_pool2d_scatter(ḡ_p, max_pool2d_argmax(a, p, size=(2, 2), stride=(2, 2)), in_shape=(32, 8, 8), size=(2, 2), stride=(2, 2))
+
+    f = p    # shape (B, 512)
+        ḡ_p = ḡ_f
+
+    logits = b + f · W    # shape (B, 10)
+        ḡ_f = ḡ_logits · Wᵀ
+        ḡ_W += fᵀ · ḡ_logits
+        ḡ_b = Σ_B(ḡ_logits)
+
+    loss = mean(logsumexp[axis=1](logits) - logits[labels]) + 5e-05·Σ(W^2)    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-onehot(labels) + softmax[axis=1](logits))/B
+        ḡ_W += 0.0001·W ⊙ ḡ_loss
+
+    ḡ_W sums 2 terms: (from logits) + (from loss)
 """
 import numpy as np
 

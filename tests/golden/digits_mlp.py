@@ -3,24 +3,27 @@
 Source: digits_mlp.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h = maximum(h_matmul + b1, 0)
-    logits = logits_matmul + b2
-    loss = loss_mean + 5e-05*loss_sum_2 + 5e-05*loss_sum_3
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    loss_bar = ones_like(loss)
-    loss_bar_mean_vjp = loss_bar_reshape/B
-    loss_bar_broadcast_to = broadcast_to(loss_bar_dsub, shape=('B',))
-    loss_bar_broadcast_to_2 = broadcast_to(loss_bar_mean_vjp, shape=('B',))
-    loss_bar_reshape_2 = reshape(loss_bar_broadcast_to_2, shape=('B', 1))
-    logits_bar = loss_bar_put_label + loss_exp*loss_bar_reshape_2/loss_sum
-    b2_bar = sum_to(logits_bar, shape=(10,))
-    h_bar = logits_bar @ logits_bar_transpose
-    h_bar_dew = h_bar*(h > 0)
-    b1_bar = sum_to(h_bar_dew, shape=(128,))
-    W2_bar = logits_bar_matmul + 0.0001*W2
-    W1_bar = h_bar_matmul + 0.0001*W1
+    digits_mlp: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    h = max(0, b1 + x · W1)    # shape (B, 128)
+        ḡ_W1 += xᵀ · (ḡ_h ⊙ (h > 0))
+        ḡ_b1 = Σ_B(ḡ_h ⊙ (h > 0))
+
+    logits = b2 + h · W2    # shape (B, 10)
+        ḡ_h = ḡ_logits · W2ᵀ
+        ḡ_W2 += hᵀ · ḡ_logits
+        ḡ_b2 = Σ_B(ḡ_logits)
+
+    loss = mean(logsumexp[axis=1](logits) - logits[labels]) + 5e-05·Σ(W1^2) + 5e-05·Σ(W2^2)    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-onehot(labels) + softmax[axis=1](logits))/B
+        ḡ_W1 += 0.0001·W1 ⊙ ḡ_loss
+        ḡ_W2 += 0.0001·W2 ⊙ ḡ_loss
+
+    ḡ_W1 sums 2 terms: (from h) + (from loss)
+    ḡ_W2 sums 2 terms: (from logits) + (from loss)
 """
 import numpy as np
 

@@ -3,19 +3,22 @@
 Source: functions.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h = (h_matmul + b1)*exp(-logaddexp(0, -(h_matmul + b1)))
-    y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1)
-    loss = mean(loss_pow, axes=(0, 1), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    y_bar_dew = (0.5)*(2*y - 2*t)*(-2.0*(y_matmul + b2)**2/(sqrt((y_matmul + b2)**2 + 0.001)*(sqrt((y_matmul + b2)**2 + 0.001) + 1)**2) + 2.0/(sqrt((y_matmul + b2)**2 + 0.001) + 1))/B
-    b2_bar = sum_to(y_bar_dew, shape=(2,))
-    h_bar = y_bar_dew @ y_bar_transpose
-    W2_bar = y_bar_transpose_2 @ y_bar_dew
-    h_bar_dew = h_bar*(h*(1 - exp(-logaddexp(0, -(h_matmul + b1)))) + exp(-logaddexp(0, -(h_matmul + b1))))
-    b1_bar = sum_to(h_bar_dew, shape=(8,))
-    W1_bar = h_bar_transpose @ h_bar_dew
+    functions: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    h = (b1 + x · W1) ⊙ σ(b1 + x · W1)    # shape (B, 8)
+        ḡ_W1 = xᵀ · (ḡ_h ⊙ (-h ⊙ σ(b1 + x · W1) + h + σ(b1 + x · W1)))
+        ḡ_b1 = Σ_B(ḡ_h ⊙ (-h ⊙ σ(b1 + x · W1) + h + σ(b1 + x · W1)))
+
+    y = (2·b2 + 2·(h · W2))/(√((b2 + h · W2)^2 + 0.001) + 1)    # shape (B, 2)
+        ḡ_h = (2·ḡ_y/(√((b2 + h · W2)^2 + 0.001) + 1)^2 + 0.002·ḡ_y/((√((b2 + h · W2)^2 + 0.001) + 1)^2 ⊙ √((b2 + h · W2)^2 + 0.001))) · W2ᵀ
+        ḡ_W2 = hᵀ · (2·ḡ_y/(√((b2 + h · W2)^2 + 0.001) + 1)^2 + 0.002·ḡ_y/((√((b2 + h · W2)^2 + 0.001) + 1)^2 ⊙ √((b2 + h · W2)^2 + 0.001)))
+        ḡ_b2 = Σ_B(2·ḡ_y/(√((b2 + h · W2)^2 + 0.001) + 1)^2 + 0.002·ḡ_y/((√((b2 + h · W2)^2 + 0.001) + 1)^2 ⊙ √((b2 + h · W2)^2 + 0.001)))
+
+    loss = mean((t - y)^2)    # shape ()
+        ḡ_y = ḡ_loss ⊙ (-t + y)/B
 """
 import numpy as np
 

@@ -3,18 +3,35 @@
 Source: layernorm.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    mu = mean(mu_mul, axes=(1,), keepdims=True)
-    xc = mu_mul - mu
-    var = mean(var_pow, axes=(1,), keepdims=True)
-    y = beta + gamma*xc/sqrt(var + 1e-05)
-    loss = mean(loss_pow, axes=(0, 1), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    y_bar = (0.1)*(2*y - 2*t)/B
-    beta_bar = sum_to(y_bar, shape=(10,))
-    xc_bar = y_bar*gamma/sqrt(var + 1e-05) - 0.1*xc*y_bar_sum_to_2/(var + 1e-05)**1.5
-    gamma_bar = y_bar_sum_to + mu_bar_sum_to
+    layernorm: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    mu = mean[axis=1](gamma ⊙ x)    # shape (B, 1)
+        ḡ_gamma += Σ_B(x ⊙ ḡ_mu)/10
+
+    xc = gamma ⊙ x - mu    # shape (B, 10)
+        ḡ_gamma += Σ_B(x ⊙ ḡ_xc)
+        ḡ_mu = -Σ[axis=1](ḡ_xc)
+
+    var = mean[axis=1](xc^2)    # shape (B, 1)
+        ḡ_xc += xc ⊙ ḡ_var/5
+
+    xhat = xc/√(var + 1e-05)    # shape (B, 10)
+        ḡ_var = -Σ[axis=1](xhat ⊙ ḡ_xhat/√(var + 1e-05))/(2·√(var + 1e-05))
+        ḡ_xc += ḡ_xhat/√(var + 1e-05)
+
+    y = beta + gamma ⊙ xhat    # shape (B, 10)
+        ḡ_xhat = gamma ⊙ ḡ_y
+        ḡ_gamma += Σ_B(xhat ⊙ ḡ_y)
+        ḡ_beta = Σ_B(ḡ_y)
+
+    loss = mean((t - y)^2)    # shape ()
+        ḡ_y = ḡ_loss ⊙ (-t + y)/(5·B)
+
+    ḡ_gamma sums 3 terms: (from mu) + (from xc) + (from y)
+    ḡ_xc sums 2 terms: (from var) + (from xhat)
 """
 import numpy as np
 

@@ -3,13 +3,29 @@
 Source: logistic_l2.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    y = exp(-logaddexp(0, -(z_matmul + b)))
-    L_reg = 0.005*R_sum + (0.5)*(y - t)**2
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dL_reg/dx, the cotangent of x):
-    y_bar_dew = y*(1 - y)*(y - t)
-    w_bar = 0.01*w + y_bar_dew*x
+    logistic_l2: ḡ_v = ∂L_reg/∂v, ⊙ elementwise product, · matrix product
+    ḡ_L_reg = 1
+
+    z = b + w · x    # shape ()
+        ḡ_w += x ⊙ ḡ_z
+        ḡ_b = ḡ_z
+
+    y = σ(z)    # shape ()
+        ḡ_z = y ⊙ ḡ_y ⊙ (1 - y)
+
+    L = (t - y)^2/2    # shape ()
+        ḡ_y = ḡ_L ⊙ (-t + y)
+
+    R = Σ(w^2)/2    # shape ()
+        ḡ_w += w ⊙ ḡ_R
+
+    L_reg = L + 0.01·R    # shape ()
+        ḡ_R = 0.01·ḡ_L_reg
+        ḡ_L = ḡ_L_reg
+
+    ḡ_w sums 2 terms: (from z) + (from R)
 """
 import numpy as np
 

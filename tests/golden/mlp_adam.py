@@ -3,21 +3,30 @@
 Source: mlp.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h1 = maximum(z1_matmul + b1, 0)
-    logits = logits_matmul + b2
-    probs = exp(probs_sub)
-    loss = loss_sum_2/B + 0.0005*loss_sum
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    loss_bar_dew = -y/B
-    logits_bar = loss_bar_dew - probs_exp*probs_bar_sum_to/probs_sum
-    b2_bar = sum_to(logits_bar, shape=(4,))
-    h1_bar = logits_bar @ logits_bar_transpose
-    W2_bar = logits_bar_transpose_2 @ logits_bar
-    h1_bar_dew = h1_bar*(h1 > 0)
-    b1_bar = sum_to(h1_bar_dew, shape=(16,))
-    W1_bar = z1_bar_matmul + 0.001*W1
+    mlp: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    z1 = b1 + x · W1    # shape (B, 16)
+        ḡ_W1 += xᵀ · ḡ_z1
+        ḡ_b1 = Σ_B(ḡ_z1)
+
+    h1 = max(0, z1)    # shape (B, 16)
+        ḡ_z1 = ḡ_h1 ⊙ (h1 > 0)
+
+    logits = b2 + h1 · W2    # shape (B, 4)
+        ḡ_h1 = ḡ_logits · W2ᵀ
+        ḡ_W2 = h1ᵀ · ḡ_logits
+        ḡ_b2 = Σ_B(ḡ_logits)
+
+    probs = softmax[axis=1](logits)    # shape (B, 4)
+
+    loss = -mean(Σ[axis=1](y ⊙ (logits - logsumexp[axis=1](logits)))) + 0.0005·Σ(W1^2)    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-y + softmax[axis=1](logits) ⊙ Σ[axis=1](y))/B
+        ḡ_W1 += 0.001·W1 ⊙ ḡ_loss
+
+    ḡ_W1 sums 2 terms: (from z1) + (from loss)
 """
 import numpy as np
 

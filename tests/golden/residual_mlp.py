@@ -3,31 +3,35 @@
 Source: residual_mlp.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h = tanh(h_matmul + b_in)
-    h2 = h + r_matmul_2 + b_b
-    logits = logits_matmul + b_out
-    loss = mean(loss_sub, axes=(0,), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    loss_bar = ones_like(loss)
-    loss_bar_mean_vjp = loss_bar_reshape/B
-    loss_bar_broadcast_to = broadcast_to(loss_bar_dsub, shape=('B',))
-    loss_bar_broadcast_to_2 = broadcast_to(loss_bar_mean_vjp, shape=('B',))
-    loss_bar_reshape_2 = reshape(loss_bar_broadcast_to_2, shape=('B', 1))
-    logits_bar = loss_bar_put_label + loss_exp*loss_bar_reshape_2/loss_sum
-    b_out_bar = sum_to(logits_bar, shape=(3,))
-    h2_bar = logits_bar @ logits_bar_transpose
-    W_out_bar = logits_bar_transpose_2 @ logits_bar
-    b_b_bar = sum_to(h2_bar, shape=(12,))
-    r_bar_matmul = h2_bar @ r_bar_transpose
-    W_b_bar = r_bar_transpose_2 @ h2_bar
-    r_bar_dew = r_bar_matmul*(r_relu > 0)
-    b_a_bar = sum_to(r_bar_dew, shape=(12,))
-    W_a_bar = r_bar_transpose_4 @ r_bar_dew
-    h_bar_dew = (1 - h**2)*(h2_bar + r_bar_matmul_2)
-    b_in_bar = sum_to(h_bar_dew, shape=(12,))
-    W_in_bar = h_bar_transpose @ h_bar_dew
+    residual_mlp: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    h = tanh(b_in + x · W_in)    # shape (B, 12)
+        ḡ_W_in = xᵀ · (ḡ_h ⊙ (1 - h^2))
+        ḡ_b_in = Σ_B(ḡ_h ⊙ (1 - h^2))
+
+    r = b_b + max(0, b_a + h · W_a) · W_b    # shape (B, 12)
+        ḡ_h += ((max(0, b_a + h · W_a) > 0) ⊙ (ḡ_r · W_bᵀ)) · W_aᵀ
+        ḡ_W_a = hᵀ · ((max(0, b_a + h · W_a) > 0) ⊙ (ḡ_r · W_bᵀ))
+        ḡ_b_a = Σ_B((max(0, b_a + h · W_a) > 0) ⊙ (ḡ_r · W_bᵀ))
+        ḡ_W_b = max(0, b_a + h · W_a)ᵀ · ḡ_r
+        ḡ_b_b = Σ_B(ḡ_r)
+
+    h2 = h + r    # shape (B, 12)
+        ḡ_h += ḡ_h2
+        ḡ_r = ḡ_h2
+
+    logits = b_out + h2 · W_out    # shape (B, 3)
+        ḡ_h2 = ḡ_logits · W_outᵀ
+        ḡ_W_out = h2ᵀ · ḡ_logits
+        ḡ_b_out = Σ_B(ḡ_logits)
+
+    loss = mean(logsumexp[axis=1](logits) - logits[labels])    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-onehot(labels) + softmax[axis=1](logits))/B
+
+    ḡ_h sums 2 terms: (from r) + (from h2)
 """
 import numpy as np
 

@@ -3,38 +3,47 @@
 Source: reversal_attention.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h = h_matmul + P
-    q = h @ Wq
-    k = h @ Wk
-    v = h @ Wv
-    scores = 0.17677669529663687*scores_einsum
-    attn = exp(scores - attn_stop_gradient)/attn_sum
-    ctx = einsum(attn, v, subscripts='bts,bsd->btd')
-    logits = logits_matmul + bo
-    loss = mean(loss_sub, axes=(0, 1), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    loss_bar = ones_like(loss)
-    loss_bar_mean_vjp = (0.125)*loss_bar_reshape/B
-    loss_bar_broadcast_to = broadcast_to(loss_bar_dsub, shape=('B', 8))
-    loss_bar_broadcast_to_2 = broadcast_to(loss_bar_mean_vjp, shape=('B', 8))
-    loss_bar_reshape_2 = reshape(loss_bar_broadcast_to_2, shape=('B', 8, 1))
-    logits_bar = loss_bar_put_label + loss_exp*loss_bar_reshape_2/loss_sum
-    bo_bar = sum_to(logits_bar, shape=(10,))
-    ctx_bar = logits_bar @ logits_bar_transpose
-    Wo_bar = sum_to(logits_bar_matmul, shape=(32, 10))
-    attn_bar = einsum(ctx_bar, v, subscripts='btd,bsd->bts')
-    v_bar = einsum(ctx_bar, attn, subscripts='btd,bts->bsd')
-    scores_bar_dmul = 0.17677669529663687*attn_bar*attn - 0.17677669529663687*attn_exp*attn_bar_sum_to/attn_sum
-    q_bar = einsum(scores_bar_dmul, k, subscripts='bts,bsd->btd')
-    k_bar = einsum(scores_bar_dmul, q, subscripts='bts,btd->bsd')
-    Wv_bar = sum_to(v_bar_matmul_2, shape=(32, 32))
-    Wk_bar = sum_to(k_bar_matmul_2, shape=(32, 32))
-    Wq_bar = sum_to(q_bar_matmul_2, shape=(32, 32))
-    h_bar = q_bar_matmul + v_bar_matmul + k_bar_matmul
-    P_bar = sum_to(h_bar, shape=(8, 32))
-    E_bar = sum_to(h_bar_matmul, shape=(10, 32))
+    reversal_attention: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    h = P + tokens · E    # shape (B, 8, 32)
+        ḡ_E = Σ_B(tokensᵀ · ḡ_h)
+        ḡ_P = Σ_B(ḡ_h)
+
+    q = h · Wq    # shape (B, 8, 32)
+        ḡ_h += ḡ_q · Wqᵀ
+        ḡ_Wq = Σ_B(hᵀ · ḡ_q)
+
+    k = h · Wk    # shape (B, 8, 32)
+        ḡ_h += ḡ_k · Wkᵀ
+        ḡ_Wk = Σ_B(hᵀ · ḡ_k)
+
+    v = h · Wv    # shape (B, 8, 32)
+        ḡ_h += ḡ_v · Wvᵀ
+        ḡ_Wv = Σ_B(hᵀ · ḡ_v)
+
+    scores = 0.176777·einsum("btd,bsd->bts", q, k)    # shape (B, 8, 8)
+        ḡ_q = einsum("bts,bsd->btd", 0.176777·ḡ_scores, k)
+        ḡ_k = einsum("bts,btd->bsd", 0.176777·ḡ_scores, q)
+
+    attn = softmax[axis=2](scores)    # shape (B, 8, 8)
+        ḡ_scores = attn ⊙ ḡ_attn - softmax[axis=2](scores) ⊙ Σ[axis=2](attn ⊙ ḡ_attn)
+
+    ctx = einsum("bts,bsd->btd", attn, v)    # shape (B, 8, 32)
+        ḡ_attn = einsum("btd,bsd->bts", ḡ_ctx, v)
+        ḡ_v = einsum("btd,bts->bsd", ḡ_ctx, attn)
+
+    logits = bo + ctx · Wo    # shape (B, 8, 10)
+        ḡ_ctx = ḡ_logits · Woᵀ
+        ḡ_Wo = Σ_B(ctxᵀ · ḡ_logits)
+        ḡ_bo = Σ[axis=0,1](ḡ_logits)
+
+    loss = mean(logsumexp[axis=2](logits) - logits[target])    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-onehot(target) + softmax[axis=2](logits))/(8·B)
+
+    ḡ_h sums 3 terms: (from q) + (from k) + (from v)
 """
 import numpy as np
 

@@ -3,20 +3,27 @@
 Source: xor.toml
 Regenerate with `backcomp compile` after changing the model.
 
-Model:
-    h1 = exp(-logaddexp(0, -(z1_matmul + b1)))
-    z2 = z2_matmul + b2
-    y = exp(-logaddexp(0, -z2))
-    loss = mean(loss_sub, axes=(0, 1), keepdims=False)
+The model and the derivative of each node (as `backcomp explain` prints them):
 
-Gradients (x_bar = dloss/dx, the cotangent of x):
-    z2_bar = (-t + exp(-logaddexp(0, -z2)))/B
-    b2_bar = sum_to(z2_bar, shape=(1,))
-    h1_bar = z2_bar @ z2_bar_transpose
-    W2_bar = z2_bar_transpose_2 @ z2_bar
-    h1_bar_dew = h1_bar*h1*(1 - h1)
-    b1_bar = sum_to(h1_bar_dew, shape=(2,))
-    W1_bar = z1_bar_transpose @ h1_bar_dew
+    xor: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    z1 = b1 + x · W1    # shape (B, 2)
+        ḡ_W1 = xᵀ · ḡ_z1
+        ḡ_b1 = Σ_B(ḡ_z1)
+
+    h1 = σ(z1)    # shape (B, 2)
+        ḡ_z1 = h1 ⊙ ḡ_h1 ⊙ (1 - h1)
+
+    z2 = b2 + h1 · W2    # shape (B, 1)
+        ḡ_h1 = ḡ_z2 · W2ᵀ
+        ḡ_W2 = h1ᵀ · ḡ_z2
+        ḡ_b2 = Σ_B(ḡ_z2)
+
+    y = σ(z2)    # shape (B, 1)
+
+    loss = mean(-t ⊙ z2 + softplus(z2))    # shape ()
+        ḡ_z2 = ḡ_loss ⊙ (-t + σ(z2))/B
 """
 import numpy as np
 
