@@ -160,7 +160,7 @@ class NumpyExprPrinter(NumPyPrinter):
         return f"np.logaddexp(0, {self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
-        """NumPy has no erf; the module defines ``_erf`` from ``math.erf``."""
+        """NumPy has no erf; the module defines ``_erf`` (backcomp/runtime.py)."""
         self.use_helper("erf")
         return f"_erf({self._print(expr.args[0])})"
 

@@ -1,0 +1,60 @@
+"""Helpers that generated modules define for themselves: their source is copied in.
+
+A generated module imports nothing but numpy, so what NumPy lacks is written here
+once, as plain functions over numpy, tested here, and inlined by the code
+generator (``inspect.getsource``) into the modules that call it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _erf(x):
+    """erf in the dtype of x, vectorised: Cephes' rational approximations (ndtr.c).
+
+    |x| < 1: x·T(x²)/U(x²); 1 <= |x| < 6: 1 − exp(−x²)·P(|x|)/Q(|x|); past 6,
+    erfc(x) < 2.2e-17 rounds away and erf(x) = ±1.  Computed in float64.
+    """
+    x = np.asarray(x)
+    a = np.abs(x).astype(np.float64)
+    out = np.empty_like(a)
+    small = a < 1.0
+    s = a[small]
+    z = s * s
+    out[small] = s * np.polyval(
+        (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+         7.00332514112805075473e3, 5.55923013010394962768e4), z) / np.polyval(
+        (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+         2.26290000613890934246e4, 4.92673942608635921086e4), z)
+    b = np.minimum(a[~small], 6.0)   # NaN stays NaN
+    out[~small] = 1.0 - np.exp(-b * b) * np.polyval(
+        (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+         4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+         9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2), b) / np.polyval(
+        (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+         9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+         1.65666309194161350182e3, 5.57535340817727675546e2), b)
+    return np.copysign(out, x).astype(x.dtype if x.dtype.kind == "f" else np.float64, copy=False)
+
+
+def _index_error(kind, name, value, low, high):
+    """Name the first index or label outside [low, high) and where it is."""
+    where = tuple(int(i) for i in np.argwhere((value < low) | (value >= high))[0])
+    raise ValueError(f"{kind} '{name}' holds {value[where]} at index {where}, "
+                     f"outside the allowed range [{low}, {high})")
+
+
+def _check_finite(node, value):
+    """--check-finite: stop at the first node whose value is not finite."""
+    if not np.all(np.isfinite(value)):
+        raise FloatingPointError(f"non-finite value (NaN or Inf) produced by node: {node}")
+
+
+#: helper name (as the printer and code generator report it) -> the functions it needs
+HELPERS = {"erf": (_erf,), "index": (_index_error,), "finite": (_check_finite,)}
+
+
+def helper_source(name: str) -> str:
+    """The source text a module needs to define helper ``name``."""
+    import inspect
+    return "\n\n\n".join(inspect.getsource(f).rstrip("\n") for f in HELPERS[name])

@@ -1,0 +1,51 @@
+"""The helpers generated modules inline (backcomp/runtime.py), against the standard library."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from backcomp.runtime import _erf, helper_source
+
+
+def _erf_reference(x):
+    return np.array([math.erf(float(v)) for v in np.ravel(x)]).reshape(np.shape(x))
+
+
+def _grid():
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.standard_normal(100_000) * 3, np.linspace(-7, 7, 20_001),
+                           np.geomspace(1e-300, 1e3, 20_000), -np.geomspace(1e-300, 30, 2_000),
+                           [0.0, 1.0, -1.0, 6.0, np.nextafter(6.0, 0), np.nextafter(1.0, 0), 1e308]])
+
+
+def test_erf_float64_within_1e_14_relative_over_the_real_line():
+    x = _grid()
+    ref = _erf_reference(x)
+    rel = np.abs(_erf(x) - ref) / np.maximum(np.abs(ref), np.finfo(float).tiny)
+    assert rel.max() <= 1e-14
+
+
+def test_erf_float32_within_2_ulp_and_stays_float32():
+    x = _grid()[:-1].astype(np.float32)   # without 1e308, which float32 cannot hold
+    y = _erf(x)
+    assert y.dtype == np.float32
+    ref = _erf_reference(x)
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    assert (np.abs(y - ref) / ulp).max() <= 2
+
+
+@pytest.mark.parametrize("value, expected", [(np.inf, 1.0), (-np.inf, -1.0), (-0.0, -0.0), (0.0, 0.0)])
+def test_erf_special_values(value, expected):
+    out = _erf(np.array(value))
+    assert out.shape == () and out == expected and math.copysign(1, out) == math.copysign(1, expected)
+    assert np.isnan(_erf(np.array([np.nan, 1.0])))[0]
+
+
+def test_helper_source_defines_what_it_names_with_numpy_only():
+    namespace = {"np": np}
+    exec(compile(helper_source("erf"), "<helper>", "exec"), namespace)   # our own source, not a spec's
+    x = np.linspace(-3, 3, 101)
+    np.testing.assert_array_equal(namespace["_erf"](x), _erf(x))
+    assert "import" not in helper_source("erf")
