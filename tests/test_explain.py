@@ -6,6 +6,8 @@ sigmoid + cross-entropy ⇒ ∂L/∂z = a − y, softmax + cross-entropy ⇒ (A 
 """
 from __future__ import annotations
 
+import math
+
 import os
 import re
 import subprocess
@@ -122,7 +124,7 @@ class Evaluate:
     def __call__(self, e):
         if isinstance(e, sp.Symbol):
             return self.values[e.name]
-        if e.is_Number:
+        if e.is_number:   # also pi, sqrt(2)
             return float(e)
         args = [self(a) for a in e.args]
         if isinstance(e, sp.Add):
@@ -138,6 +140,7 @@ class Evaluate:
         name = type(e).__name__
         simple = {"tanh": np.tanh, "exp": np.exp, "log": np.log, "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
                   "softplus": lambda z: np.logaddexp(0, z), "matmul": np.matmul,
+                  "erf": np.vectorize(math.erf),
                   "T": lambda a: np.swapaxes(a, -1, -2),
                   "take_label": lambda a, i: np.take_along_axis(a, i[..., None], -1),
                   "onehot": lambda _, i: np.eye(self.classes)[i]}
