@@ -13,18 +13,18 @@ import sympy as sp
 
 from backcomp.graph import GraphError, Node
 from backcomp.ops.elementwise import (  # noqa: F401  (re-exported)
-    abs, add, cos, div, equal, erf, exp, gelu, greater, greater_equal, leaky_relu, less,
-    less_equal, log, log1p, maximum, minimum, mul, neg, pow, relu, sigmoid, sin, softplus,
-    sqrt, sub, tanh, where, ew_from_expr, arg_symbol, node_expr,
+    abs, add, clip, cos, div, equal, erf, exp, expm1, gelu, greater, greater_equal, leaky_relu, less,
+    less_equal, log, log1p, log_sigmoid, maximum, minimum, mul, neg, pow, relu, sigmoid, silu, sin,
+    softplus, sqrt, square, sub, tanh, where, ew_from_expr, arg_symbol, node_expr,
 )
 from backcomp.ops.nn import (  # noqa: F401
-    log_softmax, logsumexp, mse, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
-    take_label,
+    log_softmax, logsumexp, mse, norm, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
+    std, take_label, var,
 )
 from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
-    broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, reshape,
+    broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, min, reshape,
     stop_gradient, sum, sum_to, transpose,
 )
 

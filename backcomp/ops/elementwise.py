@@ -9,6 +9,7 @@ derivatives such as σ' = σ(1 − σ) and tanh' = 1 − tanh² reuse the forwar
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from numbers import Real
 from typing import Callable, Sequence
@@ -17,6 +18,7 @@ import sympy as sp
 
 from backcomp.graph import GraphError, Node, broadcast_shapes
 from backcomp.ops.registry import OpDef, get_op, register_op
+from backcomp.ops import scalar as sc
 from backcomp.ops.scalar import fix_step_convention, sigmoid, softplus
 from backcomp.ops.scalar import log1p as sp_log1p
 
@@ -229,8 +231,24 @@ tanh = _make("tanh", sp.tanh, 1, "hyperbolic tangent", "tanh(x)")
 sigmoid = _make("sigmoid", sigmoid, 1, "1 / (1 + exp(-x)), computed without overflow", "sigmoid(x)")
 softplus = _make("softplus", softplus, 1, "log(1 + exp(x)), computed without overflow", "softplus(x)")
 relu = _make("relu", lambda a: sp.Max(a, 0), 1, "max(x, 0); relu'(0) = 0", "relu(x)")
-gelu = _make("gelu", lambda a: a * (1 + sp.erf(a / sp.sqrt(2))) / 2, 1,
-             "x·Φ(x), the exact erf form", "gelu(x)")
+
+
+def _gelu(a, approximate=False):
+    """x·Φ(x) (erf); approximate: ½x(1 + tanh(√(2/π)(x + 0.044715x³))), PyTorch's "tanh"."""
+    if approximate:
+        return a * (1 + sp.tanh(_number(math.sqrt(2 / math.pi)) * (a + _number(0.044715) * a ** 3))) / 2
+    return a * (1 + sp.erf(a / sp.sqrt(2))) / 2
+
+
+_gelu_op = _make("gelu", _gelu, 1, "x·Φ(x), the exact erf form; approximate=True: the tanh form "
+                 "(PyTorch's approximate='tanh')", "gelu(x, approximate=False)")
+
+
+def gelu(x, approximate=False):
+    """x·Φ(x) with the erf; ``approximate=True`` uses the tanh form, as PyTorch's ``approximate="tanh"``."""
+    if not isinstance(approximate, bool):
+        raise GraphError(f"gelu: approximate must be True or False, got {approximate!r}")
+    return _gelu_op(x, approximate=True) if approximate else _gelu_op(x)
 
 
 def _leaky(a, alpha):
@@ -244,6 +262,53 @@ def leaky_relu(x, alpha=0.01):
     """x if x > 0 else alpha·x (alpha a number, default 0.01)."""
     _number(alpha)
     return _leaky_relu(x, alpha=float(alpha))
+
+
+# ----- defined by a formula: generic ``ew`` nodes labelled with the op's name -------
+def _formula(name: str, scalar: Callable[..., sp.Expr], doc: str) -> Callable:
+    """A unary elementwise op given by its scalar formula (numbers as keywords).
+
+    Like ``_make`` the derivative is ``sympy.diff`` of the formula, with the forward
+    value reused; unlike it, no OpDef is registered: the node is the generic ``ew``
+    node labelled ``name``, as a user's ``[functions]`` entry is.
+    """
+    arg = sp.Symbol(f"%{name}", real=True)
+
+    def build(x, **numbers):
+        if not isinstance(x, Node):
+            raise GraphError(f"{name}() needs an array argument, got {x!r}")
+        return ew_from_expr(scalar(arg, **numbers), {arg: x}, label=name)
+
+    build.__name__ = name
+    build.__doc__ = doc
+    return build
+
+
+expm1 = _formula("expm1", sc.expm1, "e ** x − 1, accurate for small x")
+square = _formula("square", lambda a: a ** 2, "x ** 2")
+silu = _formula("silu", lambda a: a * sc.sigmoid(a), "x·σ(x) (swish), computed without overflow")
+log_sigmoid = _formula("log_sigmoid", lambda a: -sc.softplus(-a), "log σ(x) = −softplus(−x), computed without overflow")
+
+
+def _clip_scalar(a, lo, hi):
+    return sp.Piecewise((lo, a < lo), (hi, a > hi), (a, True))
+
+
+_clip = _formula("clip", _clip_scalar, "")
+
+
+def clip(x, lo, hi):
+    """x limited to [lo, hi] (numbers); the gradient is 1 inside and on the borders, 0 outside (as torch.clamp)."""
+    lo_, hi_ = _number(lo), _number(hi)
+    if lo_ > hi_:
+        raise GraphError(f"clip: lo ({lo!r}) is greater than hi ({hi!r})")
+    return _clip(x, lo=lo_, hi=hi_)
+
+
+def safe_sqrt(x: Node, label: str = "sqrt") -> Node:
+    """√x for x ≥ 0 whose derivative at 0 is 0 rather than ∞ (norm and std at zero, as PyTorch)."""
+    s = sp.Symbol("%s", real=True)
+    return ew_from_expr(sp.Piecewise((sp.sqrt(s), s > 0), (0, True)), {s: x}, label=label)
 
 
 # ----- comparisons and selection (no gradient through the condition) ------------

@@ -7,6 +7,8 @@ the forward's exponentials, without a Jacobian ever being formed.
 """
 from __future__ import annotations
 
+import sympy as sp
+
 from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops import elementwise as ew
 from backcomp.ops import structural as st
@@ -38,6 +40,49 @@ def softmax(x: Node, axis: int = -1) -> Node:
 def log_softmax(x: Node, axis: int = -1) -> Node:
     """x − logsumexp(x), never log(softmax(x)) (which underflows to -inf)."""
     return x - logsumexp(x, axis=axis, keepdims=True)
+
+
+# ----- statistics ---------------------------------------------------------------------
+def _stat_args(op: str, x: Node, axis, keepdims, ddof=0) -> tuple[int, ...]:
+    if not isinstance(keepdims, bool):
+        raise GraphError(f"{op}: keepdims must be true or false")
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+        raise GraphError(f"{op}: ddof must be a non-negative integer, got {ddof!r}")
+    axes = st.normalize_axes(axis, x.ndim, op)
+    n = st._count(x.shape, axes)
+    if n.is_Integer and n <= ddof:
+        raise GraphError(f"{op}: ddof={ddof} leaves no degrees of freedom over the {n} reduced elements")
+    return axes
+
+
+def _var(x: Node, axes: tuple[int, ...], keepdims: bool, ddof: int) -> Node:
+    d = x - st.mean(x, axis=axes, keepdims=True)
+    if ddof == 0:
+        return st.mean(d * d, axis=axes, keepdims=keepdims)
+    total = sp.Symbol("%sum", real=True)
+    return ew.ew_from_expr(total / (st._count(x.shape, axes) - ddof),
+                           {total: st.sum(d * d, axis=axes, keepdims=keepdims)}, label="var")
+
+
+def var(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
+    """Σ(x − mean(x))² / (n − ddof) over ``axis`` (ddof=0 as NumPy; ddof=1 is torch.var's default).
+
+    Two passes (centre, then square), built from mean/sum so the VJP is derived:
+    2(x − μ)/(n − ddof)·ḡ, the mean's term included (it is 0 only at the minimum,
+    so second derivatives stay right).
+    """
+    return _var(x, _stat_args("var", x, axis, keepdims, ddof), keepdims, ddof)
+
+
+def std(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
+    """√var(x, axis, keepdims, ddof); the gradient of a constant slice is 0, as PyTorch."""
+    return ew.safe_sqrt(_var(x, _stat_args("std", x, axis, keepdims, ddof), keepdims, ddof), label="std")
+
+
+def norm(x: Node, axis=None, keepdims: bool = False) -> Node:
+    """The L2 norm √Σx² over ``axis`` (None: all); the gradient at x = 0 is 0, as PyTorch."""
+    axes = _stat_args("norm", x, axis, keepdims)
+    return ew.safe_sqrt(st.sum(x * x, axis=axes, keepdims=keepdims), label="norm")
 
 
 # ----- integer labels ---------------------------------------------------------------
@@ -101,5 +146,5 @@ def mse(a: Node, b) -> Node:
     return st.mean((a - b) ** 2)
 
 
-__all__ = ["logsumexp", "softmax", "log_softmax", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
+__all__ = ["var", "std", "norm", "logsumexp", "softmax", "log_softmax", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
            "mse", "take_label", "arg_symbol"]

@@ -293,6 +293,18 @@ mean = _reduction("mean")
 max = _reduction("max")
 
 
+def min(x: Node, axis=None, keepdims: bool = False) -> Node:
+    """min over axis, keepdims; ties share the gradient (as torch.amin).
+
+    Built as −max(−x): exact, since negation rounds nothing, and its VJP is derived
+    from max's, so ties are treated exactly as max treats them.
+    """
+    if not isinstance(keepdims, bool):
+        raise GraphError("min: keepdims must be true or false")
+    axes = normalize_axes(axis, x.ndim, "min")
+    return -max(-x, axis=axes, keepdims=keepdims)
+
+
 # ----- shape manipulation ---------------------------------------------------------
 def _transpose_infer(inputs, attrs):
     (x,) = inputs
@@ -595,5 +607,5 @@ def identity(x: Node) -> Node:
     return _apply("identity", (x,))
 
 
-__all__ = ["matmul", "einsum", "sum", "mean", "max", "transpose", "reshape", "broadcast_to", "sum_to",
+__all__ = ["matmul", "einsum", "sum", "mean", "max", "min", "transpose", "reshape", "broadcast_to", "sum_to",
            "getitem", "concatenate", "stop_gradient", "identity", "arg_symbol"]
