@@ -97,9 +97,9 @@ def describe(node: Node, names: dict[Node, str]) -> str:
 
 
 def origin_comment(node: Node, names: dict[Node, str]) -> str:
-    fwd, index = node.origin
-    names = _Names(names)
-    where = f" w.r.t. {names[fwd.inputs[index]]}" if index is not None else ""
+    fwd, wrt = node.origin   # wrt: the input differentiated (a node, not a position: passes
+    names = _Names(names)    # may rewrite the forward node's inputs after differentiation)
+    where = f" w.r.t. {names[wrt]}" if wrt is not None else ""
     return f"# backward of {describe(fwd, names)}{where}"
 
 

@@ -84,7 +84,7 @@ class Node:
     name: str | None = None
     #: the named node this one was built for (names temporaries in generated code)
     scope: str | None = None
-    #: backward nodes: (forward node, input index or None) they differentiate
+    #: backward nodes: (forward node, the input node or None) they differentiate
     origin: tuple | None = None
 
     @property
@@ -265,7 +265,7 @@ class Graph:
         for n in self.nodes:
             m = Node(n.op, tuple(mapping[i] for i in n.inputs), dict(n.attrs), n.shape, n.dtype, g,
                      len(g.nodes), n.name, n.scope,
-                     (mapping.get(n.origin[0], n.origin[0]), n.origin[1]) if n.origin else None)
+                     tuple(mapping.get(o, o) for o in n.origin) if n.origin else None)
             g.nodes.append(m)
             mapping[n] = m
             if n.name is not None:

@@ -76,14 +76,14 @@ def differentiate(graph: Graph) -> Graph:
         for i, (x, c) in enumerate(zip(node.inputs, in_cts)):
             if c is None or x not in needed:
                 continue
-            with g.scoped(scope=scope, origin=(node, i)):
+            with g.scoped(scope=scope, origin=(node, x)):
                 if opdef.elementwise and x.shape != node.shape and c.shape != node.shape:
                     # x was broadcast by this node: a lazy cotangent must first take the
                     # node's full shape, or summing it would miss the repeated copies
                     c = broadcast_to(c, node.shape)
                 c = fit_cotangent(c, x.shape)
             if c.origin == (node, None) and c is not ct:
-                c.origin = (node, i)
+                c.origin = (node, x)
             pending.setdefault(x, []).append(c)
 
     for p, node in zip(g.wrt_params(), wrt):
