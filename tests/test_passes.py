@@ -264,3 +264,48 @@ def test_stability_report_knows_logsumexp_and_softmax_are_safe():
     g.output("p", p)
     g.loss(ops.sum(ops.logsumexp(x, axis=-1)))
     assert stability_report(g) == []
+
+
+# ----- keep_residuals: the backward reads the forward's transcendental calls ----------------
+def _gelu_mlp(act):
+    g = backcomp.Graph("res")
+    x = g.input("x", ("B", 4))
+    W = g.param("W", (4, 5))
+    b = g.param("b", (5,))
+    g.loss(ops.sum(act(x @ W + b) ** 2))
+    return g
+
+
+@pytest.mark.parametrize("act, call", [(ops.gelu, "_erf("), (lambda z: z * ops.sigmoid(z), "logaddexp(")])
+def test_backward_reuses_calls_inside_the_forward_expression(act, call):
+    """GELU's Φ(x) and swish's σ(u) are computed once: the backward reads them."""
+    src = compile_source(_gelu_mlp(act))
+    vag = "\n".join(line for line in src[src.index("def value_and_grad"):].splitlines()
+                    if not line.strip().startswith("#"))
+    assert vag.count(call) == 1, vag
+    m = backcomp.build(_gelu_mlp(act))
+    p, i = random_params(m), random_inputs(m, batch=3)
+    slow = backcomp.build(_gelu_mlp(act), opt_level=0)
+    for k, v in m.value_and_grad(p, i)[1].items():
+        np.testing.assert_allclose(v, slow.value_and_grad(p, i)[1][k], rtol=1e-12)
+
+
+def test_gelu_erf_gets_a_node_of_its_own():
+    from backcomp.passes.residuals import keep_residuals
+    kept = keep_residuals(_gelu_mlp(ops.gelu))
+    assert [type(node_expr(n)).__name__ for n in kept.nodes if n.op == "ew"] == ["erf", "Mul"]
+
+
+def test_forward_alone_fuses_the_kept_call_back():
+    src = compile_source(_gelu_mlp(ops.gelu))
+    fwd = src[src.index("def forward"):src.index("def value_and_grad")]
+    assert fwd.count("_erf(") == 1
+
+
+def test_constant_calls_are_not_residuals():
+    """2 ** x differentiates to log(2)·2 ** x: log(2) is a number, not a node."""
+    from backcomp.passes.residuals import keep_residuals
+    g = backcomp.Graph("rpow")
+    x = g.input("x", (3,))
+    g.loss(ops.sum(2.0 ** x))
+    assert [n.op for n in keep_residuals(g).nodes].count("ew") == 0

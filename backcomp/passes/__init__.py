@@ -8,6 +8,7 @@ from backcomp.passes.cse import eliminate_common_subexpressions
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
 from backcomp.passes.reductions import hoist_constant_factors, merge_reductions
+from backcomp.passes.residuals import keep_residuals
 from backcomp.passes.stability import Finding, stabilize
 
 
@@ -16,10 +17,11 @@ def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Grap
 
     Fusing first lets the VJP pass differentiate whole chains at once, so SymPy
     sees ``softplus(z) − y·z`` rather than pieces, and stable rewrites such as
-    ``log(1 + exp(u))`` → ``softplus(u)`` reach the backward too.
+    ``log(1 + exp(u))`` → ``softplus(u)`` reach the backward too.  Last, calls the
+    backward would repeat (erf in GELU) become nodes of their own (``keep_residuals``).
     """
     for run in (eliminate_common_subexpressions, merge_reductions, fuse_elementwise,
-                partial(stabilize, findings=findings)):
+                partial(stabilize, findings=findings), keep_residuals):
         graph = run(graph)
     return graph
 

@@ -154,11 +154,8 @@ def forward(params, inputs):
     attn_max = scores.max(axis=2, keepdims=True)
     attn_exp = np.exp(scores - attn_max)
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    del attn_exp
-    np.subtract(scores, attn_max, out=scores)
-    np.exp(scores, out=scores)
-    attn = np.divide(scores, attn_sum, out=scores)
-    del scores, attn_max, attn_sum
+    attn = attn_exp/attn_sum
+    del scores, attn_max, attn_exp, attn_sum
     ctx = np.einsum("bts,bsd->btd", attn, v)
     del v, attn
     out_matmul = ctx @ Wo
@@ -183,9 +180,7 @@ def value_and_grad(params, inputs):
     attn_max = scores.max(axis=2, keepdims=True)
     attn_exp = np.exp(scores - attn_max)
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    np.subtract(scores, attn_max, out=scores)
-    np.exp(scores, out=scores)
-    attn = np.divide(scores, attn_sum, out=scores)
+    attn = attn_exp/attn_sum
     del scores, attn_max
     ctx = np.einsum("bts,bsd->btd", attn, v)
     out_matmul = ctx @ Wo
@@ -216,15 +211,16 @@ def value_and_grad(params, inputs):
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
     v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
     del ctx_bar
-    # backward of attn = exp(scores - attn_max)/attn_sum w.r.t. attn_sum
-    attn_bar_dew = attn_bar*attn
+    # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
+    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
+    del attn
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
     del attn_bar_dew
     # backward of scores = 0.35355339059327373*scores_einsum w.r.t. scores_einsum
-    np.multiply(attn_bar, 0.35355339059327373, out=attn_bar)
-    np.multiply(attn_bar, attn, out=attn_bar)
-    scores_bar_dmul = np.subtract(attn_bar, 0.35355339059327373*attn_exp*(attn_bar_sum_to/attn_sum), out=attn_bar)
-    del attn_exp, attn_sum, attn, attn_bar, attn_bar_sum_to
+    scores_bar_dmul_t0 = 1/attn_sum
+    scores_bar_dmul_t1 = 0.35355339059327373*attn_exp
+    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
     del k

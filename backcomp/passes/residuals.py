@@ -1,0 +1,61 @@
+"""Keep what the backward needs from the forward: transcendental residuals.
+
+The VJP of an elementwise node reuses the node's own output (tanh' = 1 − tanh²),
+but not a function call *inside* it: for GELU, x·Φ(x), the derivative Φ(x) + x·φ(x)
+calls erf again, and for swish, u·σ(u), the sigmoid.  This pass, run before
+differentiation, gives each such call a node of its own, so that the forward
+computes it once and the backward reads it.  Where only the forward runs, fusion
+merges it back (it then has a single consumer), so ``forward`` pays nothing.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from backcomp.graph import Graph, Node
+from backcomp.ops.elementwise import arg_symbol, ew_from_expr, node_expr
+from backcomp.ops.scalar import fix_step_convention, sigmoid, softplus
+from backcomp.passes.fuse import is_elementwise
+from backcomp.passes.reductions import _toposort
+
+#: calls worth keeping: each costs far more than reading a stored array
+TRANSCENDENTAL = (sp.erf, sp.exp, sp.tanh, sp.log, sigmoid, softplus, sp.sin, sp.cos)
+
+
+def _residuals(node: Node) -> list[sp.Expr]:
+    """Calls strictly inside ``node``'s expression that a derivative would compute again."""
+    expr = node_expr(node)
+    args = {arg_symbol(i) for i in range(len(node.inputs))}
+    calls = sorted((f for f in expr.atoms(*TRANSCENDENTAL) if f != expr and f.free_symbols & args),
+                   key=sp.default_sort_key)
+    if not calls:
+        return []
+    derivatives = [fix_step_convention(sp.diff(expr, arg_symbol(i)))
+                   for i, x in enumerate(node.inputs) if x.dtype == "float"]
+    return [f for f in calls if any(d.has(f) for d in derivatives)]
+
+
+def keep_residuals(graph: Graph) -> Graph:
+    """Graph -> Graph where transcendental calls the backward reuses are nodes of their own."""
+    g, _ = graph.clone()
+    changed = False
+    for node in list(g.nodes):
+        if not is_elementwise(node) or node.dtype != "float":
+            continue
+        calls = _residuals(node)
+        if not calls:
+            continue
+        bindings = {arg_symbol(i): x for i, x in enumerate(node.inputs)}
+        expr = node_expr(node)
+        inputs = list(node.inputs)
+        with g.scoped(node.scope or node.name, node.origin):
+            for f in calls:
+                kept = ew_from_expr(f, bindings, label=type(f).__name__)
+                if kept not in inputs:
+                    inputs.append(kept)
+                expr = expr.xreplace({f: arg_symbol(inputs.index(kept))})
+        label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
+        node.op, node.inputs, node.attrs = "ew", tuple(inputs), {"expr": expr, "label": label}
+        changed = True
+    if changed:
+        g.nodes = _toposort(g.nodes)
+    return g
