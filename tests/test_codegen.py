@@ -155,24 +155,23 @@ def test_docstring_is_the_explain_text(path):
     assert "_bar" not in m.__doc__ and "stop_gradient" not in m.__doc__
 
 
-def test_docstring_of_a_big_unnamed_model_points_to_explain():
-    """A 300-layer residual chain built in Python: no names, so no readable summary."""
-    g = backcomp.Graph("deep")
+def residual_chain(name: str, layers: int) -> backcomp.Graph:
+    """h ← h + tanh(h·W), built in Python with no names: every h is read twice."""
+    g = backcomp.Graph(name)
     h = g.input("x", ("B", 2))
-    for i in range(300):
+    for i in range(layers):
         h = h + ops.tanh(h @ g.param(f"W{i}", (2, 2)))
     g.loss(ops.sum(h))
-    src = compile_source(g)
+    return g
+
+
+def test_docstring_of_a_big_unnamed_model_points_to_explain():
+    src = compile_source(residual_chain("deep", 300))
     assert "deep: 901 nodes, too many to list here; `backcomp explain` shows each derivative." in src
 
 
 def test_explain_names_shared_unnamed_values():
-    """Shared values of a Python-built graph get lines of their own (else the text doubles per use)."""
+    """Shared values get lines of their own (written inline, the text doubles per layer)."""
     from backcomp.explain import explain
-    g = backcomp.Graph("shared")
-    h = g.input("x", ("B", 2))
-    for i in range(30):
-        h = h + ops.tanh(h @ g.param(f"W{i}", (2, 2)))
-    g.loss(ops.sum(h))
-    text = explain(g)
+    text = explain(residual_chain("shared", 30))
     assert len(text.splitlines()) < 200 and "ḡ_W29 = " in text
