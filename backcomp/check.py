@@ -65,19 +65,19 @@ def check_point(module, seed=0, perturb=0.0, jitter=0.01):
     return params
 
 
-def random_inputs(module, batch=3, seed=0, dtype=np.float64, classes=None):
+def random_inputs(module, batch=3, seed=0, dtype=np.float64):
     """Random inputs matching ``module.INPUTS``; symbolic dims get ``batch``.
 
-    Float inputs are N(0, 1).  Integer inputs are labels in [0, classes[name])
-    (``classes``: see ``label_classes``; else the module's LABEL_CLASSES; else 2).
+    Float inputs are N(0, 1).  Integer inputs are labels or indices, drawn in the
+    range the module checks them against (``INDEX_RANGES``), else in [0, 2).
     """
     rng = np.random.default_rng(seed)
-    classes = classes if classes is not None else getattr(module, "LABEL_CLASSES", {})
     out = {}
     for name, shape in module.INPUTS.items():
         concrete = tuple(batch if isinstance(d, str) else d for d in shape)
         if module.INPUT_KINDS[name] == "int":
-            out[name] = rng.integers(0, classes.get(name, 2), size=concrete).astype(np.int64)
+            low, high = (batch if isinstance(b, str) else b for b in module.INDEX_RANGES.get(name, (0, 2)))
+            out[name] = rng.integers(low, high, size=concrete).astype(np.int64)
         else:
             out[name] = rng.standard_normal(concrete).astype(dtype)
     return out
@@ -171,21 +171,6 @@ STANDALONE = (constant_inits, check_point, random_inputs, loss_of, compare_gradi
 def standalone_source() -> str:
     """The source of ``STANDALONE``, for the emitted test (one definition, inlined)."""
     return "\n\n".join(inspect.getsource(f) for f in STANDALONE)
-
-
-def label_classes(graph) -> dict[str, int]:
-    """Integer input -> its number of classes, read from the logits it indexes.
-
-    Labels drawn outside [0, C) would be wrong inputs (or errors), so ``random_inputs``
-    needs C; the module does not record it, the graph does (``take_label``).
-    """
-    classes: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "take_label":
-            logits, labels = node.inputs
-            if labels.op == "input" and isinstance(logits.shape[-1], int):
-                classes[labels.name] = min(classes.get(labels.name, logits.shape[-1]), logits.shape[-1])
-    return classes
 
 
 @dataclass

@@ -191,14 +191,14 @@ def cmd_explain(args) -> int:
 
 def cmd_check(args) -> int:
     import numpy as np
-    from backcomp.check import check_gradients, check_point, constant_inits, label_classes, random_inputs
+    from backcomp.check import check_gradients, check_point, constant_inits, random_inputs
     from backcomp.compiler import build
     graph = _load(args.spec)
     if graph.loss_node is None:
         raise UserError(f"{args.spec}: error: the model declares no loss: there is no gradient to check")
     module = build(graph)
     params = check_point(module, args.seed, perturb=args.perturb, jitter=args.jitter)
-    inputs = random_inputs(module, batch=args.batch, seed=args.seed, classes=label_classes(graph))
+    inputs = random_inputs(module, batch=args.batch, seed=args.seed)
     jittered = constant_inits(module, args.seed) if args.jitter > args.perturb else []
     with np.errstate(all="ignore"):
         loss = float(module.value_and_grad(params, inputs)[0])
@@ -271,11 +271,11 @@ def emit_test(graph, module_name: str) -> str:
     It includes backcomp.check's checker verbatim (the file may run where backcomp
     is not installed), so it runs the same algorithm as ``backcomp check``.
     """
-    from backcomp.check import label_classes, standalone_source
+    from backcomp.check import standalone_source
     from backcomp.codegen import MARKER, _environment
     text = _environment().get_template("test_module.py.jinja").render(
         name=module_name, version=__version__, test_file=f"test_{module_name}.py",
-        label_classes=repr(label_classes(graph)), checker=standalone_source())
+        checker=standalone_source())
     assert MARKER in text[:400]
     return text
 

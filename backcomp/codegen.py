@@ -206,8 +206,8 @@ def validation_lines(graph: Graph, names: dict[Node, str]) -> tuple[list[str], s
 def index_ranges(graph: Graph) -> dict[str, tuple]:
     """Integer inputs that ops use as indices -> the [low, high) their values must lie in.
 
-    An input indexing several axes must fit the narrowest; bounds that are dim
-    names are kept as such (they are variables once ``_validate`` has bound them).
+    An input indexing several axes must fit the narrowest (``min(5, C)`` when some
+    sizes are dim names: those are variables once ``_validate`` has bound them).
     """
     ranges: dict[str, list[tuple]] = {}
     for node in graph.nodes:
@@ -218,8 +218,13 @@ def index_ranges(graph: Graph) -> dict[str, tuple]:
                 ranges[leaf.name].append(bounds)
     out = {}
     for name, bounds in ranges.items():
-        ints = [b for b in bounds if all(isinstance(v, int) for v in b)]
-        out[name] = (max(b[0] for b in ints), min(b[1] for b in ints)) if len(ints) == len(bounds) else bounds[0]
+        lows = sorted({b[0] for b in bounds}, key=str)
+        highs = sorted({b[1] for b in bounds}, key=str)
+        low = max(lows) if all(isinstance(v, int) for v in lows) else f"max({', '.join(map(str, lows))})"
+        ints = [v for v in highs if isinstance(v, int)]
+        names = [v for v in highs if not isinstance(v, int)]
+        parts = ([str(min(ints))] if ints else []) + names
+        out[name] = (low, min(ints) if not names else parts[0] if len(parts) == 1 else f"min({', '.join(parts)})")
     return out
 
 

@@ -99,8 +99,8 @@ def draw(module, domains: dict[str, str] | None = None, batch: int = 3, seed: in
     for name, shape in module.INPUTS.items():
         shape = concrete(shape, batch)
         if module.INPUT_KINDS[name] == "int":
-            high = getattr(module, "LABEL_CLASSES", {}).get(name, domains.get(name, 2))
-            inputs[name] = rng.integers(0, high, size=shape).astype(np.int64)
+            low, high = (batch if isinstance(b, str) else b for b in module.INDEX_RANGES.get(name, (0, 2)))
+            inputs[name] = rng.integers(low, high, size=shape).astype(np.int64)
         else:
             inputs[name] = DOMAINS[domains.get(name, "real")](rng, shape).astype(dtype)
     return params, inputs

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backcomp.check import (check_point, compare_gradients, label_classes, random_inputs, standalone_source)
+from backcomp.check import (check_point, compare_gradients, random_inputs, standalone_source)
 from backcomp.cli import main
 from backcomp.ops import registry
 from backcomp.spec import load_spec
@@ -151,14 +151,12 @@ def test_check_point_is_the_inits_with_constant_ones_jittered():
 
 
 def test_labels_are_drawn_in_the_models_class_range():
-    graph = load_spec(ROOT / "examples" / "digits_mlp.toml")
-    classes = label_classes(graph)
-    assert classes and set(classes.values()) == {10}
+    """From the module's INDEX_RANGES: every class in [0, 10) appears, nothing outside."""
     import backcomp
-    m = backcomp.build(graph)
-    inputs = random_inputs(m, batch=200, seed=0, classes=classes)
-    for name in classes:
-        assert inputs[name].min() >= 0 and inputs[name].max() == 9
+    m = backcomp.build(ROOT / "examples" / "digits_mlp.toml")
+    assert m.INDEX_RANGES == {"labels": (0, 10)}
+    labels = random_inputs(m, batch=200, seed=0)["labels"]
+    assert labels.min() == 0 and labels.max() == 9
 
 
 # ----- the algorithm, on functions with known gradients ----------------------------------------

@@ -175,3 +175,19 @@ def test_explain_names_shared_unnamed_values():
     from backcomp.explain import explain
     text = explain(residual_chain("shared", 30))
     assert len(text.splitlines()) < 200 and "ḡ_W29 = " in text
+
+
+def test_labels_indexing_a_fixed_and_a_symbolic_class_axis_fit_both(tmp_path):
+    m = spec_module(tmp_path, """\
+        a = "softmax_cross_entropy(x @ W, y)"
+        b = "softmax_cross_entropy(z, y)"
+        loss = "mean(a) + mean(b)"
+        """, inputs='x = ["B", 3]\nz = ["B", "C"]\ny = { shape = ["B"], dtype = "int64" }', params="W = [3, 5]")
+    assert m.INDEX_RANGES == {"y": (0, "min(5, C)")}
+    p, y = m.init_params(), np.array([0, 2, 3])
+    x = np.ones((3, 3), np.float32)
+    m.value_and_grad(p, {"x": x, "z": np.ones((3, 4), np.float32), "y": y})      # 3 < min(5, 4)
+    for c in (3, 7):    # 3 is outside [0, 3); with C = 7, 5 still bounds it
+        bad = np.array([0, 2, 5]) if c == 7 else y
+        with pytest.raises(ValueError, match=r"input 'y' holds \d at index \(2,\), outside the allowed range"):
+            m.value_and_grad(p, {"x": x, "z": np.ones((3, c), np.float32), "y": bad})
