@@ -1,10 +1,12 @@
 """Convolution and pooling ops (NCHW), with tensor-level VJP rules.
 
-Every op reads its windows with ``np.lib.stride_tricks.sliding_window_view`` and
-contracts them with ``np.tensordot`` (or reduces them window-offset-major, which NumPy
-does far faster than over the two trailing window axes).  No Python loop over pixels
-in generated code: scatters back to the input loop over the kh·kw window offsets,
-unrolled into one statement each.
+Every op reads its windows with ``np.lib.stride_tricks.sliding_window_view``.  The
+convolutions copy them once into contiguous columns laid out so that each direction
+is one GEMM with no transposed copy of a large operand (im2col), and so that the copy
+itself keeps the image's rows innermost; pools reduce them window-offset-major, which
+NumPy does far faster than over the two trailing window axes.  No Python loop over
+pixels in generated code: scatters back to the input loop over the kh·kw window
+offsets, unrolled into one statement each.
 
 ``conv2d`` is a cross-correlation exactly like ``torch.nn.functional.conv2d``
 (x: N,C,H,W; w: O,C,kh,kw; zero padding).  Its VJPs are two more linear ops,
@@ -90,6 +92,11 @@ def _windows(x: str, kernel, stride) -> str:
     return f"{_SWV}({x}, ({kh}, {kw}), axis=(2, 3)){step}"
 
 
+def _columns(x: str, kernel, stride, axes) -> str:
+    """A contiguous copy of the (N, C, Ho, Wo, kh, kw) windows of ``x`` in ``axes`` order."""
+    return f"np.ascontiguousarray({_windows(x, kernel, stride)}.transpose{axes})"
+
+
 def _scratch(out: str, what: str) -> str:
     """A second local for an emission: node names never start with two underscores."""
     return f"__{out}_{what}"
@@ -115,12 +122,17 @@ def _conv2d_infer(inputs, attrs):
 
 
 def _conv2d_emit(node, args, out):
-    """Windows of the padded input, contracted with w first: BLAS then gets
-    (O, C·kh·kw) @ (C·kh·kw, N·Ho·Wo), the orientation NumPy copies and multiplies fastest."""
+    """im2col then one GEMM per image: the padded input's windows copied once into
+    contiguous columns (N, C·kh·kw, Ho·Wo), and (O, C·kh·kw) @ columns gives
+    (N, O, Ho·Wo), already NCHW: no transposed copy of the output."""
     x, w = args
-    lines, xp = _padded(node, x, out)
-    return lines + [f"{out} = {_windows(xp, node.inputs[1].shape[2:], node.attrs['stride'])}",
-                    f"{out} = np.tensordot({w}, {out}, axes=((1, 2, 3), (1, 4, 5))).transpose(1, 0, 2, 3)"]
+    (o, c, kh, kw), (ho, wo) = node.inputs[1].shape, node.shape[2:]
+    lines, xp = _padded(node, x, _scratch(out, "pad"))
+    cols = _scratch(out, "cols")
+    lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (0, 1, 4, 5, 2, 3))}",
+              f"{out} = ({w}.reshape({o}, {c * kh * kw}) @ {cols}.reshape(-1, {c * kh * kw}, {ho * wo}))"
+              f".reshape(-1, {o}, {ho}, {wo})"]
+    return lines + [f"del {cols}" + (f", {xp}" if xp != x else "")]
 
 
 def _conv2d_vjp(node, ct):
@@ -160,21 +172,22 @@ def _grad_input_infer(inputs, attrs):
 
 
 def _grad_input_emit(node, args, out):
-    """col2im: cols = wᵀḡ, shape (C, kh, kw, N, Ho, Wo), one BLAS call; then each window
-    offset (a, b) adds cols[:, a, b] at rows a, a+s, ... of the padded input.  Rows the
-    forward dropped ((H + 2p − kh) % s of them) are never written: they stay zero."""
+    """col2im: columns wᵀḡ of shape (N, C, kh, kw, Ho, Wo), one GEMM per image (no
+    transposed copies); then each window offset (a, b) adds its columns at rows a,
+    a+s, ... of the padded input, all in NCHW order.  Rows the forward dropped
+    ((H + 2p − kh) % s of them) are never written: they stay zero."""
     ct, w = args
-    (kh, kw), (sh, sw), (ph, pw) = node.inputs[1].shape[2:], node.attrs["stride"], node.attrs["padding"]
+    (o, c, kh, kw), (sh, sw), (ph, pw) = node.inputs[1].shape, node.attrs["stride"], node.attrs["padding"]
     (h, wd), (ho, wo) = node.attrs["in_hw"], node.inputs[0].shape[2:]
-    c = node.inputs[1].shape[1]
     cols = _scratch(out, "cols")
-    lines = [f"{cols} = np.tensordot({w}, {ct}, axes=((0,), (1,)))",
-             f"{out} = np.zeros(({c}, {ct}.shape[0], {h + 2 * ph}, {wd + 2 * pw}), dtype={cols}.dtype)"]
+    lines = [f"{cols} = ({w}.reshape({o}, {c * kh * kw}).T @ {ct}.reshape(-1, {o}, {ho * wo}))"
+             f".reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
+             f"{out} = np.zeros(({cols}.shape[0], {c}, {h + 2 * ph}, {wd + 2 * pw}), dtype={cols}.dtype)"]
     for a in range(kh):
         for b in range(kw):
-            lines.append(f"{out}[:, :, {_strided(a, ho, sh)}, {_strided(b, wo, sw)}] += {cols}[:, {a}, {b}]")
-    crop = "" if (ph, pw) == (0, 0) else f"[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]"
-    return lines + [f"del {cols}", f"{out} = {out}{crop}.transpose(1, 0, 2, 3)"]
+            lines.append(f"{out}[:, :, {_strided(a, ho, sh)}, {_strided(b, wo, sw)}] += {cols}[:, :, {a}, {b}]")
+    crop = [] if (ph, pw) == (0, 0) else [f"{out} = {out}[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]"]
+    return lines + [f"del {cols}"] + crop
 
 
 def _grad_input_vjp(node, ct):
@@ -210,12 +223,18 @@ def _grad_weight_infer(inputs, attrs):
 
 
 def _grad_weight_emit(node, args, out):
-    """Windows of the padded input contracted with ḡ over N, Ho, Wo (windows first: the
-    faster copy), then made contiguous in O, C, kh, kw order."""
+    """One GEMM over the whole batch: ḡ as (O, N·Ho·Wo) times the transpose of the padded
+    input's windows as contiguous columns (C·kh·kw, N·Ho·Wo).  Both copies keep Wo as
+    their innermost axis, so NumPy copies them row by row, not three floats at a time."""
     x, ct = args
-    lines, xp = _padded(node, x, out)
-    return lines + [f"{out} = {_windows(xp, node.attrs['kernel'], node.attrs['stride'])}",
-                    f"{out} = np.ascontiguousarray(np.tensordot({out}, {ct}, axes=((0, 2, 3), (0, 2, 3))).transpose(3, 0, 1, 2))"]
+    (kh, kw), c = node.attrs["kernel"], node.inputs[0].shape[1]
+    o = node.shape[0]
+    lines, xp = _padded(node, x, _scratch(out, "pad"))
+    cols = _scratch(out, "cols")
+    lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (1, 4, 5, 0, 2, 3))}",
+              f"{out} = ({ct}.transpose(1, 0, 2, 3).reshape({o}, -1) @ {cols}.reshape({c * kh * kw}, -1).T)"
+              f".reshape({o}, {c}, {kh}, {kw})"]
+    return lines + [f"del {cols}" + (f", {xp}" if xp != x else "")]
 
 
 def _grad_weight_vjp(node, ct):

@@ -149,10 +149,11 @@ def _index_error(kind, name, value, low, high):
 def forward(params, inputs):
     """The model's outputs logits, loss as a dict of arrays."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    a_conv2d = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    a_conv2d[:, :, 1:9, 1:9] = x
-    a_conv2d = np.lib.stride_tricks.sliding_window_view(a_conv2d, (3, 3), axis=(2, 3))
-    a_conv2d = np.tensordot(K, a_conv2d, axes=((1, 2, 3), (1, 4, 5))).transpose(1, 0, 2, 3)
+    __a_conv2d_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
+    __a_conv2d_pad[:, :, 1:9, 1:9] = x
+    __a_conv2d_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__a_conv2d_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del __a_conv2d_cols, __a_conv2d_pad
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -190,10 +191,11 @@ def forward(params, inputs):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    a_conv2d = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    a_conv2d[:, :, 1:9, 1:9] = x
-    a_conv2d = np.lib.stride_tricks.sliding_window_view(a_conv2d, (3, 3), axis=(2, 3))
-    a_conv2d = np.tensordot(K, a_conv2d, axes=((1, 2, 3), (1, 4, 5))).transpose(1, 0, 2, 3)
+    __a_conv2d_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
+    __a_conv2d_pad[:, :, 1:9, 1:9] = x
+    __a_conv2d_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__a_conv2d_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del __a_conv2d_cols, __a_conv2d_pad
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -278,10 +280,11 @@ def value_and_grad(params, inputs):
     # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
     c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
     # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    K_bar = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    K_bar[:, :, 1:9, 1:9] = x
-    K_bar = np.lib.stride_tricks.sliding_window_view(K_bar, (3, 3), axis=(2, 3))
-    K_bar = np.ascontiguousarray(np.tensordot(K_bar, a_bar_dew, axes=((0, 2, 3), (0, 2, 3))).transpose(3, 0, 1, 2))
+    __K_bar_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
+    __K_bar_pad[:, :, 1:9, 1:9] = x
+    __K_bar_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__K_bar_pad, (3, 3), axis=(2, 3)).transpose(1, 4, 5, 0, 2, 3))
+    K_bar = (a_bar_dew.transpose(1, 0, 2, 3).reshape(32, -1) @ __K_bar_cols.reshape(9, -1).T).reshape(32, 1, 3, 3)
+    del __K_bar_cols, __K_bar_pad
     del a_bar_dew
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
