@@ -68,8 +68,8 @@ def var(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
     """Σ(x − mean(x))² / (n − ddof) over ``axis`` (ddof=0 as NumPy; ddof=1 is torch.var's default).
 
     Two passes (centre, then square), built from mean/sum so the VJP is derived:
-    2(x − μ)/(n − ddof)·ḡ, the mean's term included (it is 0 only at the minimum,
-    so second derivatives stay right).
+    2(x − μ)/(n − ddof)·ḡ plus the term through μ, which is zero in value but not
+    in its derivative; keeping it (no stop_gradient on μ) keeps second derivatives right.
     """
     return _var(x, _stat_args("var", x, axis, keepdims, ddof), keepdims, ddof)
 
