@@ -78,6 +78,7 @@ CONV = [
     ((2, 2, 4, 5), (3, 2, 4, 5), 1, 0),     # kernel as large as the input: a 1x1 output
     ((1, 2, 3, 3), (2, 2, 3, 3), 3, 2),     # padding makes windows of zeros only
     ((1, 2, 9, 8), (2, 2, 5, 5), 2, 2),     # a 5x5 kernel: 25 window offsets
+    ((2, 3, 6, 7), (4, 3, 3, 2), (1, 2), (2, 1)),   # non-square kernel, stride and padding pairs
 ]
 CONV_IDS = [f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}-p{p}" for x, w, s, p in CONV]
 
@@ -90,6 +91,8 @@ POOL = [
     ((2, 1, 6, 7), (2, 3), (1, 2)),         # non-square window and stride
     ((1, 2, 5, 4), (3, 1), None),
     ((1, 2, 3, 4), 1, 2),                   # 1x1 windows: a strided subsample
+    ((2, 3, 6, 4), (3, 2), None),           # non-square windows tiling the input exactly
+    ((1, 2, 12, 13), 12, None),             # 144 window offsets: wider than int8 indices
 ]
 POOL_IDS = [f"x{'x'.join(map(str, x))}-k{k}-s{s}" for x, k, s in POOL]
 

@@ -323,8 +323,19 @@ def _max_pool_vjp(node, ct):
     return [_apply("max_pool2d_scatter", (ct, idx), in_shape=x.shape[1:], **_pool_attrs(node))]
 
 
+def _max_pool_emit(node, args, out):
+    """np.maximum over the kh·kw strided views of x, one window offset at a time: each
+    pass streams over whole rows, with no copy of the windows (NaN propagates as in
+    ``max``)."""
+    (x,), views = args, [where for _, where in _offsets(node, node.shape[2:])]
+    if len(views) == 1:
+        return [f"{out} = {x}{views[0]}.copy()"]
+    return [f"{out} = np.maximum({x}{views[0]}, {x}{views[1]})"] + \
+           [f"np.maximum({out}, {x}{where}, out={out})" for where in views[2:]]
+
+
 register_op(OpDef(
-    "max_pool2d", _pool_infer("max_pool2d"), _pool_emit("max"), _max_pool_vjp,
+    "max_pool2d", _pool_infer("max_pool2d"), _max_pool_emit, _max_pool_vjp,
     doc="max over size x size windows of NCHW x (no padding; stride defaults to size); "
         "the gradient goes to the first maximum of each window, as PyTorch",
     signature="max_pool2d(x, size, stride=size)"))
@@ -339,17 +350,21 @@ def _argmax_infer(inputs, attrs):
     return shape, "int"
 
 
+def _index_dtype(node: Node) -> str:
+    """The smallest integer type that holds every window offset."""
+    kh, kw = node.attrs["size"]
+    return "np.int8" if kh * kw <= 128 else "np.int32"
+
+
 def _argmax_emit(node, args, out):
     """The first offset where a window equals its max (the forward's output): offsets are
-    tried from last to first, so the first one that matches is written last."""
+    tried from last to first, so the first one that matches is written last.  Offsets
+    are read as strided views of x and kept in the smallest integer type."""
     x, m = args
-    kh, kw = node.attrs["size"]
-    win = _scratch(out, "win")
-    lines = [f"{win} = {_windows(x, node.attrs['size'], node.attrs['stride'])}",
-             f"{out} = np.where({win}[..., {kh - 1}, {kw - 1}] == {m}, {kh * kw - 1}, 0)"]
-    for k in reversed(range(kh * kw - 1)):
-        lines.append(f"{out} = np.where({win}[..., {k // kw}, {k % kw}] == {m}, {k}, {out})")
-    return lines + [f"del {win}"]
+    (k, last), *rest = reversed(list(_offsets(node, node.shape[2:])))
+    it = _index_dtype(node)
+    lines = [f"{out} = np.where({x}{last} == {m}, {it}({k}), {it}(0))"]
+    return lines + [f"{out} = np.where({x}{where} == {m}, {it}({j}), {out})" for j, where in rest]
 
 
 register_op(OpDef(
@@ -368,12 +383,17 @@ def _scatter_infer(inputs, attrs):
 
 
 def _scatter_emit(node, args, out):
+    """Offset by offset: (idx == k)·ḡ at offset k's strided positions, written in place
+    (``out=``) where windows do not overlap and added where they do.  Windows that tile
+    the input (stride = size, sizes divisible) write every element once: no zero fill."""
     ct, idx = args
     c, h, w = node.attrs["in_shape"]
-    lines = [f"{out} = np.zeros(({ct}.shape[0], {c}, {h}, {w}), dtype={ct}.dtype)"]
-    op = "+=" if _overlap(node) else "="
-    for k, where in _offsets(node, node.inputs[0].shape[2:]):
-        lines.append(f"{out}{where} {op} ({idx} == {k}) * {ct}")
+    (kh, kw), (ho, wo) = node.attrs["size"], node.inputs[0].shape[2:]
+    tiles = node.attrs["stride"] == node.attrs["size"] and (ho * kh, wo * kw) == (h, w)
+    lines = [f"{out} = np.{'empty' if tiles else 'zeros'}(({ct}.shape[0], {c}, {h}, {w}), dtype={ct}.dtype)"]
+    for k, where in _offsets(node, (ho, wo)):
+        lines.append(f"{out}{where} += ({idx} == {k}) * {ct}" if _overlap(node) else
+                     f"np.multiply({idx} == {k}, {ct}, out={out}{where})")
     return lines
 
 

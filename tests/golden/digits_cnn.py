@@ -157,8 +157,9 @@ def forward(params, inputs):
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
-    p = np.lib.stride_tricks.sliding_window_view(a, (2, 2), axis=(2, 3))[:, :, ::2, ::2].transpose(4, 5, 0, 1, 2, 3)
-    p = p.reshape((4,) + p.shape[2:]).max(axis=0)
+    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
+    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
+    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
     del a
     f = p.reshape((B, 512))
     del p
@@ -199,8 +200,9 @@ def value_and_grad(params, inputs):
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
-    p = np.lib.stride_tricks.sliding_window_view(a, (2, 2), axis=(2, 3))[:, :, ::2, ::2].transpose(4, 5, 0, 1, 2, 3)
-    p = p.reshape((4,) + p.shape[2:]).max(axis=0)
+    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
+    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
+    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
     f = p.reshape((B, 512))
     logits_matmul = f @ W
     logits = np.add(logits_matmul, b, out=logits_matmul)
@@ -260,19 +262,17 @@ def value_and_grad(params, inputs):
     p_bar = f_bar.reshape((B, 32, 4, 4))
     del f_bar
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    __p_bar_max_pool2d_argmax_win = np.lib.stride_tricks.sliding_window_view(a, (2, 2), axis=(2, 3))[:, :, ::2, ::2]
-    p_bar_max_pool2d_argmax = np.where(__p_bar_max_pool2d_argmax_win[..., 1, 1] == p, 3, 0)
-    p_bar_max_pool2d_argmax = np.where(__p_bar_max_pool2d_argmax_win[..., 1, 0] == p, 2, p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(__p_bar_max_pool2d_argmax_win[..., 0, 1] == p, 1, p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(__p_bar_max_pool2d_argmax_win[..., 0, 0] == p, 0, p_bar_max_pool2d_argmax)
-    del __p_bar_max_pool2d_argmax_win
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 1:8:2] == p, np.int8(3), np.int8(0))
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 0:7:2] == p, np.int8(2), p_bar_max_pool2d_argmax)
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 1:8:2] == p, np.int8(1), p_bar_max_pool2d_argmax)
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 0:7:2] == p, np.int8(0), p_bar_max_pool2d_argmax)
     del p
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
-    a_bar = np.zeros((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
-    a_bar[:, :, 0:7:2, 0:7:2] = (p_bar_max_pool2d_argmax == 0) * p_bar
-    a_bar[:, :, 0:7:2, 1:8:2] = (p_bar_max_pool2d_argmax == 1) * p_bar
-    a_bar[:, :, 1:8:2, 0:7:2] = (p_bar_max_pool2d_argmax == 2) * p_bar
-    a_bar[:, :, 1:8:2, 1:8:2] = (p_bar_max_pool2d_argmax == 3) * p_bar
+    a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
+    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar, out=a_bar[:, :, 0:7:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar, out=a_bar[:, :, 0:7:2, 1:8:2])
+    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar, out=a_bar[:, :, 1:8:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar, out=a_bar[:, :, 1:8:2, 1:8:2])
     del p_bar, p_bar_max_pool2d_argmax
     # backward of a = maximum(a_conv2d + c, 0) w.r.t. a_conv2d
     a_bar_dew = np.multiply(a_bar, (a > 0), out=a_bar)
