@@ -45,7 +45,10 @@ def _lit(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 def _fn(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
-    _FORMATS.setdefault(key, _Fmt(text, latex, atom))
+    """An opaque SymPy function printed by ``text``; a key always has the same format
+    (the registry is global, so a key that could take two arities would print wrong)."""
+    fmt = _FORMATS.setdefault(key, _Fmt(text, latex, atom))
+    assert fmt == _Fmt(text, latex, atom), (key, fmt, text)
     return sp.Function(key, real=True)
 
 
@@ -130,7 +133,7 @@ class _Reader:
             return _fn("stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0])
         slots = ", ".join("{%d}" % i for i in range(len(args)))
         attrs = ", ".join(f"{k}={v!r}" for k, v in n.attrs.items() if k not in ("label",))
-        key = f"{op}[{attrs}]"
+        key = f"{op}[{attrs}]" if len(args) == 1 else f"{op}_{len(args)}[{attrs}]"   # a format per arity
         text = f"{op}({slots}{', ' + attrs if attrs else ''})"
         return _fn(key, text, _lit(rf"\operatorname{{{op.replace('_', chr(92) + '_')}}}") + rf"\left({slots}\right)",
                    True)(*args)

@@ -191,3 +191,16 @@ def test_labels_indexing_a_fixed_and_a_symbolic_class_axis_fit_both(tmp_path):
         bad = np.array([0, 2, 5]) if c == 7 else y
         with pytest.raises(ValueError, match=r"input 'y' holds \d at index \(2,\), outside the allowed range"):
             m.value_and_grad(p, {"x": x, "z": np.ones((3, c), np.float32), "y": bad})
+
+
+def test_explain_formats_do_not_leak_between_arities():
+    """concatenate of two, then of three arrays: the format registry is global, and the
+    second used to print with the first's two slots (an IndexError in every docstring)."""
+    from backcomp.explain import explain
+    for k in (2, 3):
+        g = backcomp.Graph(f"cat{k}")
+        x = g.input("x", ("B", 2))
+        W = g.param("W", (2, 2))
+        g.loss(ops.sum(ops.concatenate(tuple(x @ W * (i + 1) for i in range(k)), axis=1)))
+        parts = ", ".join(["x · W"] + [f"{i + 1}·(x · W)" for i in range(1, k)])
+        assert f"loss = Σ(concatenate({parts}, axis=1))" in explain(g)
