@@ -223,17 +223,25 @@ def _grad_weight_infer(inputs, attrs):
 
 
 def _grad_weight_emit(node, args, out):
-    """One GEMM over the whole batch: ḡ as (O, N·Ho·Wo) times the transpose of the padded
-    input's windows as contiguous columns (C·kh·kw, N·Ho·Wo).  Both copies keep Wo as
-    their innermost axis, so NumPy copies them row by row, not three floats at a time."""
+    """The padded input's windows copied once into contiguous columns (Wo innermost, so
+    NumPy copies whole rows), then the contraction with ḡ over N·Ho·Wo as GEMMs whose
+    long axis is the inner one (OpenBLAS is many times slower with it as the output's
+    width).  Few columns (C·kh·kw < 32, a first layer): one GEMM per image into a small
+    (N, O, C·kh·kw) partial, summed.  Otherwise one GEMM, columns (C·kh·kw, N·Ho·Wo)
+    times ḡ as (N·Ho·Wo, O) (a small transposed copy of ḡ)."""
     x, ct = args
-    (kh, kw), c = node.attrs["kernel"], node.inputs[0].shape[1]
-    o = node.shape[0]
+    (kh, kw), c, o = node.attrs["kernel"], node.inputs[0].shape[1], node.shape[0]
+    k, (ho, wo) = c * kh * kw, node.inputs[1].shape[2:]
     lines, xp = _padded(node, x, _scratch(out, "pad"))
     cols = _scratch(out, "cols")
-    lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (1, 4, 5, 0, 2, 3))}",
-              f"{out} = ({ct}.transpose(1, 0, 2, 3).reshape({o}, -1) @ {cols}.reshape({c * kh * kw}, -1).T)"
-              f".reshape({o}, {c}, {kh}, {kw})"]
+    if k < 32:
+        lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (0, 1, 4, 5, 2, 3))}",
+                  f"{out} = ({ct}.reshape(-1, {o}, {ho * wo}) @ {cols}.reshape(-1, {k}, {ho * wo}).transpose(0, 2, 1))"
+                  f".sum(axis=0).reshape({o}, {c}, {kh}, {kw})"]
+    else:
+        lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (1, 4, 5, 0, 2, 3))}",
+                  f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
+                  f".T.reshape({o}, {c}, {kh}, {kw})"]
     return lines + [f"del {cols}" + (f", {xp}" if xp != x else "")]
 
 

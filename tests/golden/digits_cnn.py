@@ -282,8 +282,8 @@ def value_and_grad(params, inputs):
     # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
     __K_bar_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
     __K_bar_pad[:, :, 1:9, 1:9] = x
-    __K_bar_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__K_bar_pad, (3, 3), axis=(2, 3)).transpose(1, 4, 5, 0, 2, 3))
-    K_bar = (a_bar_dew.transpose(1, 0, 2, 3).reshape(32, -1) @ __K_bar_cols.reshape(9, -1).T).reshape(32, 1, 3, 3)
+    __K_bar_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__K_bar_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
     del __K_bar_cols, __K_bar_pad
     del a_bar_dew
     # backward of param W
