@@ -290,6 +290,14 @@ def test_backward_reuses_calls_inside_the_forward_expression(act, call):
         np.testing.assert_allclose(v, slow.value_and_grad(p, i)[1][k], rtol=1e-12)
 
 
+def test_gelu_keeps_its_pre_activation_once():
+    """erf(z/√2) and z·Φ(z) read one z = x·W + b: neither pass recomputes the sum."""
+    src = compile_source(_gelu_mlp(ops.gelu))
+    code = [line for line in src[src.index("def value_and_grad"):].splitlines()
+            if not line.strip().startswith("#")]
+    assert sum(line.count("+ b") for line in code) == 1, "\n".join(code)
+
+
 def test_gelu_erf_gets_a_node_of_its_own():
     from backcomp.passes.residuals import keep_residuals
     kept = keep_residuals(_gelu_mlp(ops.gelu))

@@ -47,12 +47,24 @@ def keep_residuals(graph: Graph) -> Graph:
         bindings = {arg_symbol(i): x for i, x in enumerate(node.inputs)}
         expr = node_expr(node)
         inputs = list(node.inputs)
+        def bind(value: sp.Expr, label: str) -> sp.Symbol:
+            """``value`` as a node of its own, an input of ``node``: its symbol there."""
+            kept = ew_from_expr(value, bindings, label=label)
+            if kept not in inputs:
+                inputs.append(kept)
+            symbol = arg_symbol(inputs.index(kept))
+            bindings[symbol] = kept
+            return symbol
+
         with g.scoped(node.scope or node.name, node.origin):
             for f in calls:
-                kept = ew_from_expr(f, bindings, label=type(f).__name__)
-                if kept not in inputs:
-                    inputs.append(kept)
-                expr = expr.xreplace({f: arg_symbol(inputs.index(kept))})
+                # the call's argument up to constant factors (z in erf(z/√2)): when the
+                # expression reads it outside the call too, it is kept, not recomputed
+                core = sp.Mul(*[a for a in sp.Mul.make_args(f.args[0]) if not a.is_number])
+                if not core.is_Symbol and expr.xreplace({f: sp.Dummy()}).has(core):
+                    pre = bind(core, "arg")
+                    expr, f = expr.xreplace({core: pre}), f.xreplace({core: pre})
+                expr = expr.xreplace({f: bind(f, type(f).__name__)})
         label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
         node.op, node.inputs, node.attrs = "ew", tuple(inputs), {"expr": expr, "label": label}
         changed = True

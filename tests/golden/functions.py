@@ -130,10 +130,10 @@ def forward(params, inputs):
     """The model's outputs y, loss as a dict of arrays."""
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_sigmoid = np.exp(-np.logaddexp(0, -(h_matmul + b1)))
-    np.add(h_matmul, b1, out=h_matmul)
-    h = np.multiply(h_matmul, h_sigmoid, out=h_matmul)
-    del h_matmul, h_sigmoid
+    h_arg = h_matmul + b1
+    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
+    h = h_arg*h_sigmoid
+    del h_matmul, h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
     y_t0 = y_matmul + b2
@@ -149,8 +149,10 @@ def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_sigmoid = np.exp(-np.logaddexp(0, -(h_matmul + b1)))
-    h = h_sigmoid*(h_matmul + b1)
+    h_arg = h_matmul + b1
+    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
+    h = h_arg*h_sigmoid
+    del h_matmul
     y_matmul = h @ W2
     y_t0 = y_matmul + b2
     y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)
@@ -170,22 +172,13 @@ def value_and_grad(params, inputs):
     # backward of y_matmul = h @ W2 w.r.t. W2
     W2_bar = h.T @ y_bar_dew
     del h, y_bar_dew
-    # backward of h = h_sigmoid*(h_matmul + b1) w.r.t. h_matmul
-    h_bar_dew = h_bar*h_sigmoid
-    # backward of h = h_sigmoid*(h_matmul + b1) w.r.t. b1
-    h_bar_sum_to = h_bar_dew.sum(axis=0)
-    # backward of h_sigmoid = exp(-logaddexp(0, -(h_matmul + b1))) w.r.t. h_matmul
-    h_bar_dew_2 = h_sigmoid*h_bar*(1 - h_sigmoid)*(h_matmul + b1)
-    del h_matmul, h_sigmoid, h_bar
-    # backward of h_sigmoid = exp(-logaddexp(0, -(h_matmul + b1))) w.r.t. b1
-    h_bar_sum_to_2 = h_bar_dew_2.sum(axis=0)
-    # backward of h_matmul = x @ W1
-    h_bar_add = np.add(h_bar_dew, h_bar_dew_2, out=h_bar_dew)
-    del h_bar_dew, h_bar_dew_2
+    # backward of h_arg = h_matmul + b1
+    h_bar_add_t0 = h_bar*h_sigmoid
+    h_bar_add = h_arg*h_bar_add_t0*(1 - h_sigmoid) + h_bar_add_t0
+    del h_arg, h_sigmoid, h_bar
+    # backward of h_arg = h_matmul + b1 w.r.t. b1
+    b1_bar = h_bar_add.sum(axis=0)
     # backward of h_matmul = x @ W1 w.r.t. W1
     W1_bar = x.T @ h_bar_add
     del h_bar_add
-    # backward of param b1
-    b1_bar = np.add(h_bar_sum_to, h_bar_sum_to_2, out=h_bar_sum_to)
-    del h_bar_sum_to, h_bar_sum_to_2
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}

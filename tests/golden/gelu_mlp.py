@@ -184,18 +184,16 @@ def forward(params, inputs):
     """The model's outputs logits, loss as a dict of arrays."""
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_erf = _erf((0.5)*1.4142135623730951*(h1_matmul + b1))
-    np.add(h1_matmul, b1, out=h1_matmul)
-    np.multiply(h1_matmul, 0.5, out=h1_matmul)
-    h1 = np.multiply(h1_matmul, h1_erf + 1, out=h1_matmul)
-    del h1_matmul, h1_erf
+    h1_arg = h1_matmul + b1
+    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    del h1_matmul, h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
-    h2_erf = _erf((0.5)*1.4142135623730951*(h2_matmul + b2))
-    np.add(h2_matmul, b2, out=h2_matmul)
-    np.multiply(h2_matmul, 0.5, out=h2_matmul)
-    h2 = np.multiply(h2_matmul, h2_erf + 1, out=h2_matmul)
-    del h2_matmul, h2_erf
+    h2_arg = h2_matmul + b2
+    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    del h2_matmul, h2_arg, h2_erf
     logits_matmul = h2 @ W3
     del h2
     logits = np.add(logits_matmul, b3, out=logits_matmul)
@@ -221,11 +219,15 @@ def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_erf = _erf((0.5)*1.4142135623730951*(h1_matmul + b1))
-    h1 = (0.5)*(h1_matmul + b1)*(h1_erf + 1)
+    h1_arg = h1_matmul + b1
+    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    del h1_matmul
     h2_matmul = h1 @ W2
-    h2_erf = _erf((0.5)*1.4142135623730951*(h2_matmul + b2))
-    h2 = (0.5)*(h2_matmul + b2)*(h2_erf + 1)
+    h2_arg = h2_matmul + b2
+    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    del h2_matmul
     logits_matmul = h2 @ W3
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
@@ -274,48 +276,22 @@ def value_and_grad(params, inputs):
     # backward of logits_matmul = h2 @ W3 w.r.t. W3
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
-    # backward of h2 = (0.5)*(h2_matmul + b2)*(h2_erf + 1) w.r.t. h2_matmul
-    np.multiply(h2_erf, 0.5, out=h2_erf)
-    np.add(h2_erf, 0.5, out=h2_erf)
-    h2_bar_dew = np.multiply(h2_erf, h2_bar, out=h2_erf)
-    del h2_erf
-    # backward of h2 = (0.5)*(h2_matmul + b2)*(h2_erf + 1) w.r.t. b2
-    h2_bar_sum_to = h2_bar_dew.sum(axis=0)
-    # backward of h2_erf = _erf((0.5)*1.4142135623730951*(h2_matmul + b2)) w.r.t. h2_matmul
-    h2_bar_dew_2 = 1.4142135623730951*h2_bar*((0.5)*h2_matmul + (0.5)*b2)*np.exp(-0.5*(h2_matmul + b2)**2)/1.772453850905516
-    del h2_matmul, h2_bar
-    # backward of h2_erf = _erf((0.5)*1.4142135623730951*(h2_matmul + b2)) w.r.t. b2
-    h2_bar_sum_to_2 = h2_bar_dew_2.sum(axis=0)
-    # backward of h2_matmul = h1 @ W2
-    h2_bar_add = np.add(h2_bar_dew, h2_bar_dew_2, out=h2_bar_dew)
-    del h2_bar_dew, h2_bar_dew_2
+    # backward of h2_arg = h2_matmul + b2
+    h2_bar_add = (0.5)*1.4142135623730951*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2)/1.772453850905516 + h2_bar*((0.5)*h2_erf + 0.5)
+    del h2_arg, h2_erf, h2_bar
+    # backward of h2_arg = h2_matmul + b2 w.r.t. b2
+    b2_bar = h2_bar_add.sum(axis=0)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h1_bar = h2_bar_add @ W2.T
     # backward of h2_matmul = h1 @ W2 w.r.t. W2
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
-    # backward of h1 = (0.5)*(h1_matmul + b1)*(h1_erf + 1) w.r.t. h1_matmul
-    np.multiply(h1_erf, 0.5, out=h1_erf)
-    np.add(h1_erf, 0.5, out=h1_erf)
-    h1_bar_dew = np.multiply(h1_erf, h1_bar, out=h1_erf)
-    del h1_erf
-    # backward of h1 = (0.5)*(h1_matmul + b1)*(h1_erf + 1) w.r.t. b1
-    h1_bar_sum_to = h1_bar_dew.sum(axis=0)
-    # backward of h1_erf = _erf((0.5)*1.4142135623730951*(h1_matmul + b1)) w.r.t. h1_matmul
-    h1_bar_dew_2 = 1.4142135623730951*h1_bar*((0.5)*h1_matmul + (0.5)*b1)*np.exp(-0.5*(h1_matmul + b1)**2)/1.772453850905516
-    del h1_matmul, h1_bar
-    # backward of h1_erf = _erf((0.5)*1.4142135623730951*(h1_matmul + b1)) w.r.t. b1
-    h1_bar_sum_to_2 = h1_bar_dew_2.sum(axis=0)
-    # backward of h1_matmul = x @ W1
-    h1_bar_add = np.add(h1_bar_dew, h1_bar_dew_2, out=h1_bar_dew)
-    del h1_bar_dew, h1_bar_dew_2
+    # backward of h1_arg = h1_matmul + b1
+    h1_bar_add = (0.5)*1.4142135623730951*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2)/1.772453850905516 + h1_bar*((0.5)*h1_erf + 0.5)
+    del h1_arg, h1_erf, h1_bar
+    # backward of h1_arg = h1_matmul + b1 w.r.t. b1
+    b1_bar = h1_bar_add.sum(axis=0)
     # backward of h1_matmul = x @ W1 w.r.t. W1
     W1_bar = x.T @ h1_bar_add
     del h1_bar_add
-    # backward of param b2
-    b2_bar = np.add(h2_bar_sum_to, h2_bar_sum_to_2, out=h2_bar_sum_to)
-    del h2_bar_sum_to, h2_bar_sum_to_2
-    # backward of param b1
-    b1_bar = np.add(h1_bar_sum_to, h1_bar_sum_to_2, out=h1_bar_sum_to)
-    del h1_bar_sum_to, h1_bar_sum_to_2
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False), "b3": b3_bar.astype(b3.dtype, copy=False)}
