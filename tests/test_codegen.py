@@ -204,3 +204,19 @@ def test_explain_formats_do_not_leak_between_arities():
         g.loss(ops.sum(ops.concatenate(tuple(x @ W * (i + 1) for i in range(k)), axis=1)))
         parts = ", ".join(["x · W"] + [f"{i + 1}·(x · W)" for i in range(1, k)])
         assert f"loss = Σ(concatenate({parts}, axis=1))" in explain(g)
+
+
+def test_fusing_a_producer_read_twice_replaces_every_read():
+    """A consumer whose inputs repeat a producer (e, e): fusion substitutes both reads
+    (it substituted the first and left the symbol '%1' in the printed code)."""
+    from backcomp.ops.elementwise import arg_symbol, node_expr
+    from backcomp.passes.fuse import fuse_elementwise
+    g = backcomp.Graph("twice")
+    x = g.input("x", ("B", 3))
+    e = ops.exp(x)
+    g.loss(ops.sum(g.apply("ew", (e, e), expr=arg_symbol(0) * arg_symbol(1), label="mul")))
+    fused = [n for n in fuse_elementwise(g).nodes if n.op == "ew"]
+    assert [str(node_expr(n)) for n in fused] == ["exp(2*%0)"]
+    m = backcomp.build(g)
+    x_ = np.linspace(-1, 1, 6).reshape(2, 3)
+    np.testing.assert_allclose(m.value_and_grad({}, {"x": x_})[0], np.exp(2 * x_).sum(), rtol=1e-12)

@@ -44,8 +44,8 @@ def _substitute(node: Node, old: Node, new_inputs: list[Node], value: sp.Expr) -
         if x not in inputs:
             inputs.append(x)
     mapping = {arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(node.inputs) if x is not old}
-    mapping[arg_symbol(node.inputs.index(old))] = value.xreplace(
-        {arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(new_inputs)})
+    value = value.xreplace({arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(new_inputs)})
+    mapping.update({arg_symbol(i): value for i, x in enumerate(node.inputs) if x is old})   # every use of old
     _set_expr(node, inputs, expr.xreplace(mapping))
 
 
