@@ -1,16 +1,20 @@
 """One value_and_grad step of the issue-13 CNN, float32, 2 threads, side by side.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/cnn.py [--repeats 20] [--profile]
+        [--baseline old_cnn_bench.py]
 
 B 64, 1x28x28: conv 3x3x16 (padding 1), relu, 2x2 max pool, conv 3x3x32 (padding 1),
 relu, 2x2 max pool, dense 10, integer-label cross-entropy.  Times the generated module
 against PyTorch eager (skipped with a note if torch is missing), interleaved so that
 machine noise hits both alike, after checking that the two agree on the loss and every
-gradient.  ``--profile`` prints the per-statement time of the generated module.
+gradient.  ``--profile`` prints the per-statement time of the generated module;
+``--baseline`` times a module generated from this SPEC by another checkout (say the
+release before a change: ``backcomp compile``) in the same interleaved rounds.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -77,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="per-statement profile of the generated module")
+    ap.add_argument("--baseline", help="a module generated from SPEC elsewhere, timed alongside")
     args = ap.parse_args(argv)
     try:
         import torch  # noqa: F401  (imported first, so pin_threads sets its pool too)
@@ -97,6 +102,11 @@ def main(argv=None) -> int:
 
     with timing.pin_threads(args.threads):
         steps = {"generated": generated}
+        if args.baseline:
+            spec = importlib.util.spec_from_file_location("cnn_baseline", args.baseline)
+            baseline = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(baseline)
+            steps["baseline"] = lambda: (lambda lg: (float(lg[0]), lg[1]))(baseline.value_and_grad(params, inputs))
         if "torch" in sys.modules:
             steps["torch_eager"] = torch_step(params, x, labels)
         ref_loss, ref_grads = generated()
