@@ -264,37 +264,21 @@ def leaky_relu(x, alpha=0.01):
     return _leaky_relu(x, alpha=float(alpha))
 
 
-# ----- defined by a formula: generic ``ew`` nodes labelled with the op's name -------
-def _formula(name: str, scalar: Callable[..., sp.Expr], doc: str) -> Callable:
-    """A unary elementwise op given by its scalar formula (numbers as keywords).
-
-    Like ``_make`` the derivative is ``sympy.diff`` of the formula, with the forward
-    value reused; unlike it, no OpDef is registered: the node is the generic ``ew``
-    node labelled ``name``, as a user's ``[functions]`` entry is.
-    """
-    arg = sp.Symbol(f"%{name}", real=True)
-
-    def build(x, **numbers):
-        if not isinstance(x, Node):
-            raise GraphError(f"{name}() needs an array argument, got {x!r}")
-        return ew_from_expr(scalar(arg, **numbers), {arg: x}, label=name)
-
-    build.__name__ = name
-    build.__doc__ = doc
-    return build
-
-
-expm1 = _formula("expm1", sc.expm1, "e ** x − 1, accurate for small x")
-square = _formula("square", lambda a: a ** 2, "x ** 2")
-silu = _formula("silu", lambda a: a * sc.sigmoid(a), "x·σ(x) (swish), computed without overflow")
-log_sigmoid = _formula("log_sigmoid", lambda a: -sc.softplus(-a), "log σ(x) = −softplus(−x), computed without overflow")
+# ----- more unary math and activations ------------------------------------------
+expm1 = _make("expm1", sc.expm1, 1, "e ** x − 1, accurate for small x", "expm1(x)")
+square = _make("square", lambda a: a ** 2, 1, "x ** 2", "square(x)")
+silu = _make("silu", lambda a: a * sc.sigmoid(a), 1, "x·σ(x) (swish), computed without overflow", "silu(x)")
+log_sigmoid = _make("log_sigmoid", lambda a: -sc.softplus(-a), 1,
+                    "log σ(x) = −softplus(−x), computed without overflow", "log_sigmoid(x)")
 
 
 def _clip_scalar(a, lo, hi):
     return sp.Piecewise((lo, a < lo), (hi, a > hi), (a, True))
 
 
-_clip = _formula("clip", _clip_scalar, "")
+_clip = _make("clip", _clip_scalar, 3,
+              "x limited to [lo, hi] (numbers); gradient 1 inside and on the borders, 0 outside (as torch.clamp)",
+              "clip(x, lo, hi)")
 
 
 def clip(x, lo, hi):
@@ -302,7 +286,9 @@ def clip(x, lo, hi):
     lo_, hi_ = _number(lo), _number(hi)
     if lo_ > hi_:
         raise GraphError(f"clip: lo ({lo!r}) is greater than hi ({hi!r})")
-    return _clip(x, lo=lo_, hi=hi_)
+    if not isinstance(x, Node):
+        raise GraphError(f"clip() needs an array argument, got {x!r}")
+    return _clip(x, lo_, hi_)
 
 
 def safe_sqrt(x: Node, label: str = "sqrt") -> Node:
