@@ -193,8 +193,9 @@ def _spec_ops() -> dict[str, SpecOp]:
     table["where"] = SpecOp("where", ops.where, (Param("cond", "cond"), Param("a", "value"), Param("b", "value")))
     for name in ("sum", "mean", "max", "min", "logsumexp", "norm"):
         table[name] = _reduction(name)
-    # 'var' waits: examples/layernorm.toml names a node 'var', and a name may not be an op's
-    table["std"] = SpecOp("std", ops.std, _reduction("std").params + (Param("ddof", "int", False, 0, minimum=0),))
+    for name in ("var", "std"):
+        table[name] = SpecOp(name, getattr(ops, name),
+                             _reduction(name).params + (Param("ddof", "int", False, 0, minimum=0),))
     for name in ("softmax", "log_softmax"):
         table[name] = SpecOp(name, getattr(ops, name), (Param("x", "array"), Param("axis", "int", False, -1)))
     table["softmax_cross_entropy"] = _binary("softmax_cross_entropy", ops.softmax_cross_entropy,

@@ -360,3 +360,31 @@ def test_spec_errors_are_located(expr, col, message):
         parse_spec(text, "bad.toml")
     start = len('y = "')
     assert str(info.value) == f"bad.toml:{line}:{start + col}: error: {message}"
+
+
+def test_var_in_a_spec_matches_torch(tmp_path):
+    """var by name in a spec (ddof as a keyword), values and gradients as torch.var."""
+    import textwrap
+    path = tmp_path / "v.toml"
+    path.write_text(textwrap.dedent('''\
+        [model]
+        name = "v"
+        loss = "loss"
+        [inputs]
+        x = ["B", 5]
+        [params]
+        W = [5, 5]
+        [graph]
+        h = "x @ W"
+        loss = "sum(var(h, axis=-1, ddof=1)) + sum(var(h))"
+        '''))
+    m = backcomp.build(path)
+    p = m.init_params(dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    loss, grads = m.value_and_grad(p, {"x": x})
+    W = torch.tensor(p["W"], requires_grad=True)
+    h = torch.tensor(x) @ W
+    ref = h.var(dim=-1, correction=1).sum() + h.var(correction=0)
+    ref.backward()
+    np.testing.assert_allclose(loss, ref.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grads["W"], W.grad.numpy(), rtol=1e-10)

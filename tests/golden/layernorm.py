@@ -15,12 +15,12 @@ The model and the derivative of each node (as `backcomp explain` prints them):
         ḡ_gamma += Σ_B(x ⊙ ḡ_xc)
         ḡ_mu = -Σ[axis=1](ḡ_xc)
 
-    var = mean[axis=1](xc^2)    # shape (B, 1)
-        ḡ_xc += xc ⊙ ḡ_var/5
+    v = mean[axis=1](xc^2)    # shape (B, 1)
+        ḡ_xc += xc ⊙ ḡ_v/5
 
-    xhat = xc/√(var + 1e-05)    # shape (B, 10)
-        ḡ_var = -Σ[axis=1](xhat ⊙ ḡ_xhat/√(var + 1e-05))/(2·√(var + 1e-05))
-        ḡ_xc += ḡ_xhat/√(var + 1e-05)
+    xhat = xc/√(v + 1e-05)    # shape (B, 10)
+        ḡ_v = -Σ[axis=1](xhat ⊙ ḡ_xhat/√(v + 1e-05))/(2·√(v + 1e-05))
+        ḡ_xc += ḡ_xhat/√(v + 1e-05)
 
     y = beta + gamma ⊙ xhat    # shape (B, 10)
         ḡ_xhat = gamma ⊙ ḡ_y
@@ -31,7 +31,7 @@ The model and the derivative of each node (as `backcomp explain` prints them):
         ḡ_y = ḡ_loss ⊙ (-t + y)/(5·B)
 
     ḡ_gamma sums 3 terms: (from mu) + (from xc) + (from y)
-    ḡ_xc sums 2 terms: (from var) + (from xhat)
+    ḡ_xc sums 2 terms: (from v) + (from xhat)
 """
 import numpy as np
 
@@ -136,12 +136,12 @@ def forward(params, inputs):
     mu = mu_mul.mean(axis=1, keepdims=True)
     xc = np.subtract(mu_mul, mu, out=mu_mul)
     del mu_mul, mu
-    var_pow = xc**2
-    var = var_pow.mean(axis=1, keepdims=True)
-    del var_pow
-    np.multiply(xc, (gamma/np.sqrt(var + 1e-05)), out=xc)
+    v_pow = xc**2
+    v = v_pow.mean(axis=1, keepdims=True)
+    del v_pow
+    np.multiply(xc, (gamma/np.sqrt(v + 1e-05)), out=xc)
     y = np.add(xc, beta, out=xc)
-    del xc, var
+    del xc, v
     loss_pow = (y - t)**2
     loss = loss_pow.mean()
     del loss_pow
@@ -155,10 +155,10 @@ def value_and_grad(params, inputs):
     mu = mu_mul.mean(axis=1, keepdims=True)
     xc = np.subtract(mu_mul, mu, out=mu_mul)
     del mu_mul, mu
-    var_pow = xc**2
-    var = var_pow.mean(axis=1, keepdims=True)
-    del var_pow
-    y = beta + xc*(gamma/np.sqrt(var + 1e-05))
+    v_pow = xc**2
+    v = v_pow.mean(axis=1, keepdims=True)
+    del v_pow
+    y = beta + xc*(gamma/np.sqrt(v + 1e-05))
     loss_pow = (y - t)**2
     loss = loss_pow.mean()
     del loss_pow
@@ -168,21 +168,21 @@ def value_and_grad(params, inputs):
     np.multiply(y, 0.1, out=y)
     y_bar = np.divide(y, B, out=y)
     del y
-    # backward of y = beta + gamma*xc/sqrt(var + 1e-05)
-    y_bar_dew = y_bar*xc/np.sqrt(var + 1e-05)
-    # backward of y = beta + gamma*xc/sqrt(var + 1e-05) w.r.t. beta
+    # backward of y = beta + gamma*xc/sqrt(v + 1e-05)
+    y_bar_dew = y_bar*xc/np.sqrt(v + 1e-05)
+    # backward of y = beta + gamma*xc/sqrt(v + 1e-05) w.r.t. beta
     beta_bar = y_bar.sum(axis=0)
-    # backward of y = beta + gamma*xc/sqrt(var + 1e-05) w.r.t. gamma
+    # backward of y = beta + gamma*xc/sqrt(v + 1e-05) w.r.t. gamma
     y_bar_sum_to = y_bar_dew.sum(axis=0)
     del y_bar_dew
-    # backward of y = beta + gamma*xc/sqrt(var + 1e-05) w.r.t. var
+    # backward of y = beta + gamma*xc/sqrt(v + 1e-05) w.r.t. v
     y_bar_dew_2 = y_bar*gamma*xc
     y_bar_sum_to_2 = y_bar_dew_2.sum(axis=1, keepdims=True)
     del y_bar_dew_2
     # backward of xc = mu_mul - mu
-    np.multiply(y_bar, (gamma/np.sqrt(var + 1e-05)), out=y_bar)
-    xc_bar = np.subtract(y_bar, (0.1)*xc*(y_bar_sum_to_2/(var + 1e-05)**1.5), out=y_bar)
-    del xc, var, y_bar, y_bar_sum_to_2
+    np.multiply(y_bar, (gamma/np.sqrt(v + 1e-05)), out=y_bar)
+    xc_bar = np.subtract(y_bar, (0.1)*xc*(y_bar_sum_to_2/(v + 1e-05)**1.5), out=y_bar)
+    del xc, v, y_bar, y_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
     # backward of mu_mul = x*gamma
