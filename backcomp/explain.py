@@ -103,7 +103,9 @@ class _Reader:
         if op == "transpose":
             axes = n.attrs["axes"]
             if axes == tuple(reversed(range(len(axes)))) or axes == tuple(range(len(axes) - 2)) + (len(axes) - 1, len(axes) - 2):
-                return _fn("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)(args[0])
+                transpose = _fn("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)
+                inner = args[0]
+                return inner.args[0] if isinstance(inner, transpose) else transpose(inner)   # (Wᵀ)ᵀ = W
             return _fn(f"transpose{axes}", f"transpose({{0}}, {axes})", rf"\mathrm{{transpose}}_{{{axes}}}\left({{0}}\right)", True)(args[0])
         if op in ("sum", "sum_to", "mean", "max", "logsumexp"):
             src = n.inputs[0].shape

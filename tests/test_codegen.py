@@ -220,3 +220,14 @@ def test_fusing_a_producer_read_twice_replaces_every_read():
     m = backcomp.build(g)
     x_ = np.linspace(-1, 1, 6).reshape(2, 3)
     np.testing.assert_allclose(m.value_and_grad({}, {"x": x_})[0], np.exp(2 * x_).sum(), rtol=1e-12)
+
+
+def test_explain_reads_a_double_transpose_as_the_matrix():
+    from backcomp.explain import explain
+    g = backcomp.Graph("tt")
+    x = g.input("x", ("B", 3))
+    W = g.param("W", (3, 3))
+    h = g.assign_name("h", ops.tanh(x @ W))
+    g.loss(ops.sum(ops.tanh(h @ ops.transpose(W, (1, 0)))))
+    text = explain(g)
+    assert "ᵀᵀ" not in text and "ḡ_h = (ḡ_loss ⊙ (1 - tanh(h · Wᵀ)^2)) · W" in text
