@@ -1,10 +1,10 @@
 """Convolution and pooling ops (NCHW), with tensor-level VJP rules.
 
-Every op reads its windows with ``np.lib.stride_tricks.sliding_window_view``.  The
-convolutions copy them once into contiguous columns laid out so that each direction
-is one GEMM with no transposed copy of a large operand (im2col), and so that the copy
-itself keeps the image's rows innermost; pools reduce them window-offset-major, which
-NumPy does far faster than over the two trailing window axes.  No Python loop over
+The convolutions copy the windows once into contiguous columns (im2col: one strided
+copy per window offset, straight from the unpadded input, the padding being the
+zeros of the buffer), laid out so that each direction is one GEMM with no transposed
+copy of a large operand, and so that each copy moves whole image rows; pools reduce
+strided views of the input window offset by window offset.  No Python loop over
 pixels in generated code: scatters back to the input loop over the kh·kw window
 offsets, unrolled into one statement each.
 
@@ -74,17 +74,6 @@ def _conv_out(op: str, x_shape, w_shape, stride, padding):
     return n, o, _out_size(h, kh, sh, ph), _out_size(wd, kw, sw, pw)
 
 
-def _padded(node: Node, x: str, out: str) -> tuple[list[str], str]:
-    """Statements zero-padding NCHW ``x`` into ``out`` (none without padding), and its name.
-
-    A zero buffer and one slice assignment: several times faster than ``np.pad``."""
-    (ph, pw), (c, h, w) = node.attrs["padding"], node.inputs[0].shape[1:]
-    if (ph, pw) == (0, 0):
-        return [], x
-    return [f"{out} = np.zeros(({x}.shape[0], {c}, {h + 2 * ph}, {w + 2 * pw}), dtype={x}.dtype)",
-            f"{out}[:, :, {ph}:{ph + h}, {pw}:{pw + w}] = {x}"], out
-
-
 def _windows(x: str, kernel, stride) -> str:
     """N, C, Ho, Wo, kh, kw strided windows of ``x`` (a read-only view)."""
     (kh, kw), (sh, sw) = kernel, stride
@@ -92,9 +81,36 @@ def _windows(x: str, kernel, stride) -> str:
     return f"{_SWV}({x}, ({kh}, {kw}), axis=(2, 3)){step}"
 
 
-def _columns(x: str, kernel, stride, axes) -> str:
-    """A contiguous copy of the (N, C, Ho, Wo, kh, kw) windows of ``x`` in ``axes`` order."""
-    return f"np.ascontiguousarray({_windows(x, kernel, stride)}.transpose{axes})"
+def _covered(size: int, kernel_offset: int, stride: int, pad: int, count: int) -> tuple[int, int]:
+    """Output positions [lo, hi) whose window offset lands inside the unpadded input."""
+    lo = max(0, -(-(pad - kernel_offset) // stride))
+    return lo, max(lo, min(count, (size - 1 + pad - kernel_offset) // stride + 1))
+
+
+def _im2col(node: Node, x: str, cols: str, grid, channels_first: bool) -> list[str]:
+    """Statements filling contiguous columns of the windows of ``x`` straight from the
+    unpadded input, one strided copy per window offset (no padded copy of x; the zeros
+    of the padding are the buffer's, filled only when there is padding).  Layout
+    (N, C, kh, kw, Ho, Wo), or (C, kh, kw, N, Ho, Wo) with ``channels_first``: Wo is
+    innermost either way, so each copy moves whole rows."""
+    (c, h, w), (kh, kw) = node.inputs[0].shape[1:], node.attrs.get("kernel") or node.inputs[1].shape[2:]
+    (sh, sw), (ph, pw), (ho, wo) = node.attrs["stride"], node.attrs["padding"], grid
+    shape = f"({c}, {kh}, {kw}, {x}.shape[0], {ho}, {wo})" if channels_first else \
+            f"({x}.shape[0], {c}, {kh}, {kw}, {ho}, {wo})"
+    fill = "zeros" if (ph, pw) != (0, 0) else "empty"
+    lines = [f"{cols} = np.{fill}({shape}, dtype={x}.dtype)"]
+    for a in range(kh):
+        (r0, r1) = _covered(h, a, sh, ph, ho)
+        for b in range(kw):
+            (c0, c1) = _covered(w, b, sw, pw, wo)
+            if r1 == r0 or c1 == c0:
+                continue
+            src = (f"{x}[:, :, {_strided(r0 * sh + a - ph, r1 - r0, sh)}, "
+                   f"{_strided(c0 * sw + b - pw, c1 - c0, sw)}]")
+            dst = f"[:, {a}, {b}, :, {r0}:{r1}, {c0}:{c1}]" if channels_first else \
+                  f"[:, :, {a}, {b}, {r0}:{r1}, {c0}:{c1}]"
+            lines.append(f"{cols}{dst} = {src}" + (".transpose(1, 0, 2, 3)" if channels_first else ""))
+    return lines
 
 
 def _scratch(out: str, what: str) -> str:
@@ -127,12 +143,11 @@ def _conv2d_emit(node, args, out):
     (N, O, Ho·Wo), already NCHW: no transposed copy of the output."""
     x, w = args
     (o, c, kh, kw), (ho, wo) = node.inputs[1].shape, node.shape[2:]
-    lines, xp = _padded(node, x, _scratch(out, "pad"))
     cols = _scratch(out, "cols")
-    lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (0, 1, 4, 5, 2, 3))}",
-              f"{out} = ({w}.reshape({o}, {c * kh * kw}) @ {cols}.reshape(-1, {c * kh * kw}, {ho * wo}))"
+    lines = _im2col(node, x, cols, (ho, wo), channels_first=False)
+    lines += [f"{out} = ({w}.reshape({o}, {c * kh * kw}) @ {cols}.reshape(-1, {c * kh * kw}, {ho * wo}))"
               f".reshape(-1, {o}, {ho}, {wo})"]
-    return lines + [f"del {cols}" + (f", {xp}" if xp != x else "")]
+    return lines + [f"del {cols}"]
 
 
 def _conv2d_vjp(node, ct):
@@ -232,17 +247,15 @@ def _grad_weight_emit(node, args, out):
     x, ct = args
     (kh, kw), c, o = node.attrs["kernel"], node.inputs[0].shape[1], node.shape[0]
     k, (ho, wo) = c * kh * kw, node.inputs[1].shape[2:]
-    lines, xp = _padded(node, x, _scratch(out, "pad"))
     cols = _scratch(out, "cols")
+    lines = _im2col(node, x, cols, (ho, wo), channels_first=k >= 32)
     if k < 32:
-        lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (0, 1, 4, 5, 2, 3))}",
-                  f"{out} = ({ct}.reshape(-1, {o}, {ho * wo}) @ {cols}.reshape(-1, {k}, {ho * wo}).transpose(0, 2, 1))"
+        lines += [f"{out} = ({ct}.reshape(-1, {o}, {ho * wo}) @ {cols}.reshape(-1, {k}, {ho * wo}).transpose(0, 2, 1))"
                   f".sum(axis=0).reshape({o}, {c}, {kh}, {kw})"]
     else:
-        lines += [f"{cols} = {_columns(xp, (kh, kw), node.attrs['stride'], (1, 4, 5, 0, 2, 3))}",
-                  f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
+        lines += [f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
                   f".T.reshape({o}, {c}, {kh}, {kw})"]
-    return lines + [f"del {cols}" + (f", {xp}" if xp != x else "")]
+    return lines + [f"del {cols}"]
 
 
 def _grad_weight_vjp(node, ct):

@@ -149,11 +149,18 @@ def _index_error(kind, name, value, low, high):
 def forward(params, inputs):
     """The model's outputs logits, loss as a dict of arrays."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    __a_conv2d_pad[:, :, 1:9, 1:9] = x
-    __a_conv2d_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__a_conv2d_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols, __a_conv2d_pad
+    del __a_conv2d_cols
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -192,11 +199,18 @@ def forward(params, inputs):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    __a_conv2d_pad[:, :, 1:9, 1:9] = x
-    __a_conv2d_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__a_conv2d_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols, __a_conv2d_pad
+    del __a_conv2d_cols
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -280,11 +294,18 @@ def value_and_grad(params, inputs):
     # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
     c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
     # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    __K_bar_pad = np.zeros((x.shape[0], 1, 10, 10), dtype=x.dtype)
-    __K_bar_pad[:, :, 1:9, 1:9] = x
-    __K_bar_cols = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(__K_bar_pad, (3, 3), axis=(2, 3)).transpose(0, 1, 4, 5, 2, 3))
+    __K_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __K_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __K_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __K_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __K_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __K_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __K_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __K_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __K_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __K_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del __K_bar_cols, __K_bar_pad
+    del __K_bar_cols
     del a_bar_dew
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
