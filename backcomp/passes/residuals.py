@@ -61,8 +61,11 @@ def keep_residuals(graph: Graph) -> Graph:
             for f in calls:
                 # the call's argument up to constant factors (z in erf(z/√2)): when the
                 # expression reads it outside the call too, it is kept, not recomputed
+                # (only a call-free argument: in nested chains, rebuilding the calls around
+                # it is where SymPy's evaluation takes seconds)
                 core = sp.Mul(*[a for a in sp.Mul.make_args(f.args[0]) if not a.is_number])
-                if not core.is_Symbol and expr.xreplace({f: sp.Dummy()}).has(core):
+                if not core.is_Symbol and not core.has(*TRANSCENDENTAL) \
+                        and expr.xreplace({f: sp.Dummy(real=True)}).has(core):
                     pre = bind(core, "arg")
                     expr, f = expr.xreplace({core: pre}), f.xreplace({core: pre})
                 expr = expr.xreplace({f: bind(f, type(f).__name__)})
