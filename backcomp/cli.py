@@ -139,7 +139,7 @@ def cmd_compile(args) -> int:
                              source=Path(args.spec).name)
     text, lowered = compiled.text, compiled.lowered
     test_path = out.with_name(f"test_{module_name}.py")
-    test_text = emit_test(graph, module_name) if args.emit_test else None
+    test_text = emit_test(module_name) if args.emit_test else None
     if test_text is not None and test_path.exists() and not args.force:
         from backcomp.codegen import MARKER
         head = test_path.read_text(encoding="utf-8", errors="replace")[:400]
@@ -265,7 +265,7 @@ COMMANDS = {"compile": cmd_compile, "explain": cmd_explain, "check": cmd_check, 
 
 
 # ----- the emitted test ------------------------------------------------------------------
-def emit_test(graph, module_name: str) -> str:
+def emit_test(module_name: str) -> str:
     """The source of a standalone pytest file that checks ``module_name``'s gradients.
 
     It includes backcomp.check's checker verbatim (the file may run where backcomp
