@@ -156,7 +156,7 @@ def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check
     return lines
 
 
-def validation_lines(graph: Graph, names: dict[Node, str]) -> tuple[list[str], str]:
+def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tuple]) -> tuple[list[str], str]:
     """The body of ``_validate`` and the line that unpacks its result.
 
     Straight-line checks specialised to the model, so that the common case (the
@@ -192,7 +192,7 @@ def validation_lines(graph: Graph, names: dict[Node, str]) -> tuple[list[str], s
                 if isinstance(d, str) and d not in bound:
                     lines.append(f"{d} = {v}.shape[{i}]")
                     bound[d] = name
-    for name, (low, high) in index_ranges(graph).items():
+    for name, (low, high) in ranges.items():
         v = names[graph.inputs[name]]
         lines += [f"if {v}.size and ({v}.min() < {low} or {v}.max() >= {high}):",
                   f'    _index_error("input", "{name}", {v}, {low}, {high})']
@@ -236,6 +236,7 @@ class ModuleParts:
     forward_body: list[str]
     grad_body: list[str]
     summary_lines: list[str]
+    ranges: dict[str, tuple]
     helpers: set[str]
     validate_body: list[str]
     unpack: str
@@ -265,10 +266,12 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     else:
         grad_body = ['raise NotImplementedError("this model declares no loss")']
     summary_lines = docstring_summary(model if model is not None else graph)
-    validate_body, unpack = validation_lines(graph, names)
-    if index_ranges(graph):
+    ranges = index_ranges(graph)
+    validate_body, unpack = validation_lines(graph, names, ranges)
+    if ranges:
         helpers.add("index")
-    return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, helpers, validate_body, unpack)
+    return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
+                       unpack)
 
 
 def docstring_summary(model: Graph) -> list[str]:
@@ -349,7 +352,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         params_literal=_dict_literal({k: v.shape for k, v in graph.params.items()}),
         inputs_literal=_dict_literal({k: v.shape for k, v in graph.inputs.items()}),
         kinds_literal=_dict_literal({k: v.dtype for k, v in graph.inputs.items()}),
-        ranges_literal=_dict_literal(index_ranges(graph)),
+        ranges_literal=_dict_literal(parts.ranges),
         outputs_literal=repr(tuple(graph.forward_outputs())),
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),
