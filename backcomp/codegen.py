@@ -17,7 +17,7 @@ from backcomp import __version__
 from backcomp.graph import Graph, Node, consumers, live_nodes
 from backcomp.inits import init_code
 from backcomp.ops.registry import get_op
-from backcomp.passes.memory import plan_memory
+from backcomp.passes.memory import is_view, plan_memory
 from backcomp.printer import collect_helpers, use_helper
 from backcomp.runtime import helper_source
 
@@ -107,6 +107,14 @@ def _is_elementwise(node: Node) -> bool:
     return node.op not in ("input", "param") and get_op(node.op).elementwise
 
 
+def _inline_suffix(node: Node, readers: int) -> str | None:
+    """What a node inlined into its readers appends to its input's name (OpDef.inline), or None."""
+    if node.op in ("input", "param"):
+        return None
+    inline = get_op(node.op).inline
+    return inline(node, readers) if inline is not None else None
+
+
 def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned: set[Node],
           check_finite: bool = False) -> list[str]:
     """Statements computing ``nodes`` in order, with the memory plan applied.
@@ -124,8 +132,8 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
 
 def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
     users = consumers(nodes)
-    inlined = {n: n.inputs[0] for n in nodes if n not in returned and (
-        n.op in ("identity", "stop_gradient") or (n.op == "transpose" and n.ndim == 2 and len(users[n]) == 1))}
+    suffix = {n: _inline_suffix(n, len(users[n])) for n in nodes if n not in returned}
+    inlined = {n: n.inputs[0] for n, text in suffix.items() if text is not None}
     plan = plan_memory(nodes, returned, _is_elementwise, inlined)
     lines: list[str] = []
     last_comment = None
@@ -134,7 +142,7 @@ def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check
         if node.op in ("input", "param"):
             pass   # bound, checked, by _validate
         elif node in inlined:   # another name for a value, or a view BLAS reads in place
-            names[node] = names[node.inputs[0]] + (".T" if node.op == "transpose" else "")
+            names[node] = names[node.inputs[0]] + suffix[node]
         else:
             if node.origin is not None:
                 comment = origin_comment(node, names)
@@ -289,9 +297,8 @@ def _aliases_caller_data(node: Node) -> bool:
     """Whether a result may share memory with an input or param the caller passed:
     follow views and identity expressions (``out = x``) back to where memory was made."""
     from backcomp.ops.elementwise import node_expr
-    from backcomp.passes.memory import VIEW_OPS
     while True:
-        if node.op in VIEW_OPS and node.inputs:
+        if is_view(node):
             node = node.inputs[0]
         elif _is_elementwise(node) and node_expr(node).is_Symbol:
             node = node.inputs[int(node_expr(node).name.lstrip("%"))]
@@ -313,8 +320,7 @@ def _grad_value(node: Node, var: str, param_var: str) -> str:
     A gradient that is a view or another name for an input or param (``W_bar = x``)
     is copied: callers and ``train_step`` may update gradients in place.
     """
-    from backcomp.passes.memory import VIEW_OPS
-    if _aliases_caller_data(node) or node.op in VIEW_OPS or node.shape == ():
+    if _aliases_caller_data(node) or is_view(node) or node.shape == ():
         return f"np.array({var}, dtype={param_var}.dtype)"
     return f"{var}.astype({param_var}.dtype, copy=False)"
 

@@ -18,50 +18,15 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
+from backcomp import notation
 from backcomp.graph import Graph, Node, format_shape
+from backcomp.notation import FORMATS, Fmt, lit, opaque
 from backcomp.ops import sum as op_sum
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
-from backcomp.ops.scalar import sigmoid
 from backcomp.vjp import differentiate
 
 BAR = "ḡ_"
-
-
-# ----- opaque tensor functions inside SymPy expressions ------------------------------------
-@dataclass(frozen=True)
-class _Fmt:
-    text: str    # str.format over the printed args: "{0} · {1}"
-    latex: str
-    atom: bool = False   # needs no parentheses as a factor
-
-
-_FORMATS: dict[str, _Fmt] = {}
-
-
-
-def _lit(text: str) -> str:
-    """Escape braces so LaTeX text survives ``str.format`` in the templates."""
-    return text.replace("{", "{{").replace("}", "}}")
-
-def _fn(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
-    """An opaque SymPy function printed by ``text``; a key always has the same format
-    (the registry is global, so a key that could take two arities would print wrong)."""
-    fmt = _FORMATS.setdefault(key, _Fmt(text, latex, atom))
-    assert fmt == _Fmt(text, latex, atom), (key, fmt, text)
-    return sp.Function(key, real=True)
-
-
-def _axes_label(shape, axes) -> tuple[str, str]:
-    """Σ over all axes: no label; over symbolic dims: their names; else axis numbers."""
-    if tuple(axes) == tuple(range(len(shape))):
-        return "", ""
-    dims = [shape[a] for a in axes]
-    if all(isinstance(d, str) for d in dims):
-        label = ",".join(dims)
-    else:
-        label = "[axis=" + ",".join(str(a) for a in axes) + "]"
-    return label, label.replace("[axis=", r"\mathrm{axis}\,").rstrip("]")
 
 
 class _Reader:
@@ -87,71 +52,14 @@ class _Reader:
         return self.memo[node]
 
     def read(self, n: Node, args: list[sp.Expr]) -> sp.Expr:
-        op = n.op
-        if op in ("input", "param"):
+        if n.op in ("input", "param"):
             return sp.Symbol(n.name or f"%{n.id}", real=True)
-        if op == "ones_like":
-            return sp.Integer(1)
-        if op == "zeros_like":
-            return sp.Integer(0)
-        if op in ("reshape", "broadcast_to", "identity"):
-            return args[0]
-        if get_op(op).elementwise:
+        opdef = get_op(n.op)
+        if opdef.elementwise:
             return node_expr(n).xreplace({arg_symbol(i): a for i, a in enumerate(args)})
-        if op == "matmul":
-            return _fn("matmul", "{0} · {1}", r"{0} \cdot {1}")(*args)
-        if op == "transpose":
-            axes = n.attrs["axes"]
-            if axes == tuple(reversed(range(len(axes)))) or axes == tuple(range(len(axes) - 2)) + (len(axes) - 1, len(axes) - 2):
-                transpose = _fn("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)
-                inner = args[0]
-                return inner.args[0] if isinstance(inner, transpose) else transpose(inner)   # (Wᵀ)ᵀ = W
-            return _fn(f"transpose{axes}", f"transpose({{0}}, {axes})", rf"\mathrm{{transpose}}_{{{axes}}}\left({{0}}\right)", True)(args[0])
-        if op in ("sum", "sum_to", "mean", "max", "logsumexp"):
-            src = n.inputs[0].shape
-            if op == "sum_to":
-                from backcomp.ops.structural import sum_to_axes
-                axes = sum_to_axes(src, n.shape)[0]
-            else:
-                axes = n.attrs["axes"]
-            label, ltx = _axes_label(src, axes)
-            name = {"sum": "Σ", "sum_to": "Σ", "mean": "mean", "max": "max", "logsumexp": "logsumexp"}[op]
-            lname = _lit({"Σ": r"\sum", "mean": r"\operatorname{mean}", "max": r"\max",
-                          "logsumexp": r"\operatorname{logsumexp}"}[name])
-            sub = ("" if label.startswith("[") else "_") + label if label else ""
-            lsub = _lit(f"_{{{ltx}}}") if ltx else ""
-            inner, outer = _split_scalars(args[0], self.scalars) if op in ("sum", "sum_to", "mean") else (args[0], 1)
-            return outer * _fn(f"{name}{sub}", f"{name}{sub}({{0}})", f"{lname}{lsub}\\left({{0}}\\right)", True)(inner)
-        if op == "einsum":
-            s = n.attrs["subscripts"]
-            slots = ", ".join("{%d}" % i for i in range(len(args)))
-            return _fn(f"einsum[{s}]", f"einsum(\"{s}\", {slots})",
-                       _lit(rf"\operatorname{{einsum}}_{{\text{{{s}}}}}") + rf"\left({slots}\right)", True)(*args)
-        if op == "take_label":
-            return _fn("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args)
-        if op == "put_label":
-            return _fn("onehot", "onehot({1})", r"\operatorname{{onehot}}\left({1}\right)", True)(*args) * args[0]
-        if op == "stop_gradient":
-            return _fn("stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0])
-        slots = ", ".join("{%d}" % i for i in range(len(args)))
-        attrs = ", ".join(f"{k}={v!r}" for k, v in n.attrs.items() if k not in ("label",))
-        key = f"{op}[{attrs}]" if len(args) == 1 else f"{op}_{len(args)}[{attrs}]"   # a format per arity
-        text = f"{op}({slots}{', ' + attrs if attrs else ''})"
-        return _fn(key, text, _lit(rf"\operatorname{{{op.replace('_', chr(92) + '_')}}}") + rf"\left({slots}\right)",
-                   True)(*args)
-
-
-def _split_scalars(expr: sp.Expr, scalars) -> tuple[sp.Expr, sp.Expr]:
-    """Σ(c ⊙ x) = c Σ(x) for factors c that are scalars (0-d values, dims, numbers)."""
-    inside, outside = [], []
-    for f in sp.Mul.make_args(expr):
-        if f.free_symbols and all(s in scalars or s.is_integer for s in f.free_symbols) or f.is_Number and f != 1:
-            outside.append(f)
-        else:
-            inside.append(f)
-    if not inside:
-        return expr, sp.Integer(1)
-    return sp.Mul(*inside), sp.Mul(*outside)
+        if opdef.explain is not None:
+            return opdef.explain(n, args, self.scalars)
+        return notation.call(n, args)
 
 
 def _tidy(expr: sp.Expr) -> sp.Expr:
@@ -173,7 +81,7 @@ class TextPrinter(StrPrinter):
     """Unicode math: ⊙ for elementwise products, · for matmul, σ, ᵀ, Σ."""
 
     def _print_Function(self, expr):
-        fmt = _FORMATS.get(expr.func.__name__)
+        fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr)
         return fmt.text.format(*(self._arg(a, expr.func.__name__) for a in expr.args))
@@ -181,7 +89,7 @@ class TextPrinter(StrPrinter):
     def _arg(self, a, key=None):
         s = self._print(a)
         if key in ("matmul", "T") and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
-                isinstance(a, sp.Function) and not _FORMATS.get(a.func.__name__, _Fmt("", "", True)).atom)):
+                isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)):
             return f"({s})"
         return s
 
@@ -190,7 +98,7 @@ class TextPrinter(StrPrinter):
         if den != 1:
             n = self._print(num) if not isinstance(num, sp.Add) else f"({self._print(num)})"
             d = self._print(den)
-            if isinstance(den, (sp.Add, sp.Mul)) or (isinstance(den, sp.Function) and den.func.__name__ in _FORMATS and not _FORMATS[den.func.__name__].atom):
+            if isinstance(den, (sp.Add, sp.Mul)) or (isinstance(den, sp.Function) and den.func.__name__ in FORMATS and not FORMATS[den.func.__name__].atom):
                 d = f"({d})"
             return f"{n}/{d}"
         coeff, rest = expr.as_coeff_Mul()
@@ -198,7 +106,7 @@ class TextPrinter(StrPrinter):
         parts = []
         for f in factors:
             s = self._print(f)
-            if isinstance(f, sp.Add) or (isinstance(f, sp.Function) and f.func.__name__ in _FORMATS and not _FORMATS[f.func.__name__].atom):
+            if isinstance(f, sp.Add) or (isinstance(f, sp.Function) and f.func.__name__ in FORMATS and not FORMATS[f.func.__name__].atom):
                 s = f"({s})"
             parts.append(s)
         body = " ⊙ ".join(parts)
@@ -252,7 +160,7 @@ class MathLatexPrinter(LatexPrinter):
         super().__init__({"mul_symbol": r" \odot ", "symbol_names": {}})
 
     def _print_Function(self, expr, exp=None):
-        fmt = _FORMATS.get(expr.func.__name__)
+        fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr, exp)
         out = fmt.latex.format(*(self._print(a) for a in expr.args))
@@ -396,7 +304,7 @@ def _stable_lse(expr: sp.Expr) -> sp.Expr:
     mapping = {}
     for f in expr.atoms(sp.Function):
         name = f.func.__name__
-        if not (name.startswith("Σ") and name in _FORMATS and isinstance(f.args[0], sp.exp)):
+        if not (name.startswith("Σ") and name in FORMATS and isinstance(f.args[0], sp.exp)):
             continue
         terms = sp.Add.make_args(f.args[0].args[0])
         shifts = [t for t in terms if isinstance(-t, sp.Function) and (-t).func.__name__ == "stop_gradient"]
@@ -404,9 +312,9 @@ def _stable_lse(expr: sp.Expr) -> sp.Expr:
             continue
         c = -shifts[0]
         x = f.args[0].args[0] + c
-        fmt = _FORMATS[name]
-        lse = _fn(name.replace("Σ", "logsumexp", 1), fmt.text.replace("Σ", "logsumexp", 1),
-                  fmt.latex.replace(r"\sum", _lit(r"\operatorname{logsumexp}"), 1), True)(x)
+        fmt = FORMATS[name]
+        lse = opaque(name.replace("Σ", "logsumexp", 1), fmt.text.replace("Σ", "logsumexp", 1),
+                  fmt.latex.replace(r"\sum", lit(r"\operatorname{logsumexp}"), 1), True)(x)
         mapping[f] = sp.exp(lse - c)
     if not mapping:
         return expr
@@ -427,8 +335,8 @@ def _softmax(expr: sp.Expr) -> sp.Expr:
         lse = next(t for t in terms if _is_lse_of(t, terms))
         (x,) = (-lse).args
         name = (-lse).func.__name__.replace("logsumexp", "softmax")
-        return _fn(name, _FORMATS[(-lse).func.__name__].text.replace("logsumexp", "softmax"),
-                   _FORMATS[(-lse).func.__name__].latex.replace("logsumexp", "softmax"), True)(x)
+        return opaque(name, FORMATS[(-lse).func.__name__].text.replace("logsumexp", "softmax"),
+                   FORMATS[(-lse).func.__name__].latex.replace("logsumexp", "softmax"), True)(x)
     return expr.replace(is_softmax, to_softmax)
 
 

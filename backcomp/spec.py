@@ -28,6 +28,7 @@ import sympy as sp
 from backcomp import ops
 from backcomp.graph import Graph, GraphError, Node, ShapeError, format_shape
 from backcomp.ops.registry import RegistryError
+from backcomp.ops.signature import Param, SpecFunction, spec_functions
 from backcomp.ops.scalar import SCALAR_FUNCTIONS
 
 #: hostile-input guards
@@ -134,90 +135,8 @@ class _Locator:
         return line, col
 
 
-# ----- the ops a spec may call -----------------------------------------------------------
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: str            # see ``_Walker.arg`` for the kinds
-    required: bool = True
-    default: Any = None
-    minimum: int | None = None   # the least value of an "int" or "pair" (sizes, strides, paddings)
-
-
-@dataclass(frozen=True)
-class SpecOp:
-    name: str
-    fn: Callable
-    params: tuple[Param, ...]
-    variadic: str | None = None   # kind of extra positional args (einsum operands)
-    doc: str = ""
-
-    @property
-    def keywords(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params if p.kind not in ("array", "value", "label", "cond", "arrays", "subscripts"))
-
-    def signature(self) -> str:
-        parts = []
-        for p in self.params:
-            parts.append(p.name if p.required else f"{p.name}={p.default!r}")
-        if self.variadic:
-            parts.append("*operands")
-        return f"{self.name}({', '.join(parts)})"
-
-
-def _unary(name: str, fn: Callable) -> SpecOp:
-    return SpecOp(name, fn, (Param("x", "array"),))
-
-
-def _binary(name: str, fn: Callable, a="a", b="b", kinds=("value", "value")) -> SpecOp:
-    return SpecOp(name, fn, (Param(a, kinds[0]), Param(b, kinds[1])))
-
-
-def _reduction(name: str) -> SpecOp:
-    return SpecOp(name, getattr(ops, name), (Param("x", "array"), Param("axis", "axes", False, None),
-                                             Param("keepdims", "bool", False, False)))
-
-
-def _spec_ops() -> dict[str, SpecOp]:
-    table: dict[str, SpecOp] = {}
-    for name in ("relu", "sigmoid", "tanh", "exp", "log", "log1p", "sqrt", "abs", "softplus"):
-        table[name] = _unary(name, getattr(ops, name))
-    table["gelu"] = SpecOp("gelu", ops.gelu, (Param("x", "array"), Param("approximate", "bool", False, False)))
-    for name in ("erf", "sin", "cos", "stop_gradient", "expm1", "square", "log_sigmoid", "silu"):
-        table[name] = _unary(name, getattr(ops, name))
-    table["clip"] = SpecOp("clip", ops.clip, (Param("x", "array"), Param("lo", "number"), Param("hi", "number")))
-    table["leaky_relu"] = SpecOp("leaky_relu", ops.leaky_relu,
-                                 (Param("x", "array"), Param("alpha", "number", False, 0.01)))
-    table["maximum"] = _binary("maximum", ops.maximum)
-    table["minimum"] = _binary("minimum", ops.minimum)
-    table["where"] = SpecOp("where", ops.where, (Param("cond", "cond"), Param("a", "value"), Param("b", "value")))
-    for name in ("sum", "mean", "max", "min", "logsumexp", "norm"):
-        table[name] = _reduction(name)
-    for name in ("var", "std"):
-        table[name] = SpecOp(name, getattr(ops, name),
-                             _reduction(name).params + (Param("ddof", "int", False, 0, minimum=0),))
-    for name in ("softmax", "log_softmax"):
-        table[name] = SpecOp(name, getattr(ops, name), (Param("x", "array"), Param("axis", "int", False, -1)))
-    table["softmax_cross_entropy"] = _binary("softmax_cross_entropy", ops.softmax_cross_entropy,
-                                             "logits", "y", ("array", "label"))
-    table["sigmoid_binary_cross_entropy"] = _binary("sigmoid_binary_cross_entropy",
-                                                    ops.sigmoid_binary_cross_entropy, "z", "y", ("array", "value"))
-    table["mse"] = _binary("mse", ops.mse, "a", "b", ("array", "value"))
-    table["transpose"] = SpecOp("transpose", ops.transpose, (Param("x", "array"), Param("axes", "ints", False, None)))
-    table["reshape"] = SpecOp("reshape", ops.reshape, (Param("x", "array"), Param("shape", "shape")))
-    table["concatenate"] = SpecOp("concatenate", ops.concatenate,
-                                  (Param("arrays", "arrays"), Param("axis", "int", False, 0)))
-    table["einsum"] = SpecOp("einsum", ops.einsum, (Param("subscripts", "subscripts"),), variadic="array")
-    table["conv2d"] = SpecOp("conv2d", ops.conv2d, (Param("x", "array"), Param("w", "array"),
-                                                    Param("stride", "pair", False, 1, minimum=1),
-                                                    Param("padding", "pair", False, 0, minimum=0)))
-    for pool in ("max_pool2d", "avg_pool2d"):
-        table[pool] = SpecOp(pool, getattr(ops, pool), (Param("x", "array"), Param("size", "pair", minimum=1),
-                                                        Param("stride", "pair", False, None, minimum=1)))
-    return table
-
-
-SPEC_OPS = _spec_ops()
+# ----- the ops a spec may call: declared beside each builder (backcomp.ops.signature) -----
+SPEC_OPS = spec_functions()
 
 
 # ----- expressions ------------------------------------------------------------------------
@@ -563,7 +482,7 @@ class _Walker:
             raise self.err(node.func, f"unknown function '{fname}'{hint}")
         return self.call_op(node, op)
 
-    def call_op(self, node: ast.Call, op: SpecOp):
+    def call_op(self, node: ast.Call, op: SpecFunction):
         params = list(op.params)
         given: dict[str, Any] = {}
         extra: list[Any] = []
@@ -592,15 +511,9 @@ class _Walker:
             raise self.err(node, f"{op.name}() is missing argument '{missing[0]}': {op.signature()}")
         if op.variadic and not extra:
             raise self.err(node, f"{op.name}() needs at least one operand: {op.name}(\"ij,jk->ik\", a, b)")
-        kwargs = {p.name: given[p.name] for p in params if p.name in given}
-        if op.name in ("transpose", "reshape") or op.name == "einsum":
-            args = [kwargs.pop(p.name) for p in params if p.name in kwargs]
-            return self.apply(node, op.fn, *args, *extra, **kwargs)
-        first = kwargs.pop(params[0].name)
-        return self.apply(node, op.fn, first, *(kwargs.pop(p.name) for p in params[1:] if p.kind in
-                                                ("array", "value", "label", "cond") and p.name in kwargs), **kwargs)
+        return self.apply(node, op.call, given, tuple(extra))
 
-    def arg(self, node: ast.AST, p: Param, op: SpecOp):
+    def arg(self, node: ast.AST, p: Param, op: SpecFunction):
         what = f"argument '{p.name}' of {op.name}()"
         kind = p.kind
         if kind == "cond":

@@ -792,3 +792,44 @@ def test_binary_ops_over_random_broadcast_shapes(pair, op):
     case = next(c for c in CASES if c.name == op)
     g, domains, reference = build_case(case, pair)
     gradcheck(g, domains=domains, reference=reference)
+
+
+def test_an_op_is_one_declaration_spec_memory_and_explain(tmp_path):
+    """The README's cube: one OpDef (with its explain rule) and one @spec_function make
+    an op a spec can call, that explain writes as math and that compiles and differentiates."""
+    from backcomp.explain import explain
+    from backcomp.ops import OpDef, register_op, unregister_op
+    from backcomp.ops import signature
+    from backcomp.ops.registry import RegistryError
+    from backcomp.spec import parse_spec
+    from backcomp.ops.signature import X, spec_function
+
+    register_op(OpDef("readme_cube", lambda inputs, attrs: (inputs[0].shape, "float"),
+                      lambda node, args, out: [f"{out} = {args[0]} ** 3"],
+                      lambda node, ct: [ct * 3 * node.inputs[0] * node.inputs[0]],
+                      explain=lambda node, args, scalars: args[0] ** 3))
+
+    def readme_cube(x):
+        return ops.apply("readme_cube", x)
+
+    spec_function(X)(readme_cube)
+    try:
+        g = parse_spec('[model]\nname = "c"\nloss = "loss"\n[inputs]\nx = ["B", 3]\n[params]\nb = [3]\n'
+                       '[graph]\nh = "readme_cube(x + b)"\nloss = "sum(h)"\n', "c.toml")
+        text = explain(g, wrt="b")
+        assert "(x + b)^3" in text.replace("b + x", "x + b")
+        x = np.array([[0.5, -1.0, 2.0]])
+        b = np.array([0.1, 0.2, -0.3])
+        loss, grads = backcomp.build(g).value_and_grad({"b": b}, {"x": x})
+        np.testing.assert_allclose(loss, np.sum((x + b) ** 3), rtol=1e-12)
+        np.testing.assert_allclose(grads["b"], 3 * np.sum((x + b) ** 2, axis=0), rtol=1e-12)
+        with pytest.raises(RegistryError, match="memory must be"):
+            OpDef("bad_memory", None, None, None, memory="borrowed")
+    finally:
+        unregister_op("readme_cube")
+        del signature._FUNCTIONS["readme_cube"]
+
+
+def test_memory_classes_are_declared_on_the_ops():
+    views = {name for name, op in registered_ops().items() if op.memory == "view"}
+    assert views == {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient"}

@@ -307,3 +307,39 @@ def test_malformed_hw_pairs_are_located_errors(expr, col, message):
     with pytest.raises(SpecError) as info:
         parse_spec(text, "pairs.toml")
     assert str(info.value) == f"pairs.toml:6:{col}: error: {message} in node 'h'"
+
+
+# ----- spec signatures declared on the builders -----------------------------------------
+def test_spec_function_checks_option_names_at_declaration():
+    from backcomp.ops.signature import X, Param, spec_function
+
+    def scale(x, factor=1.0):
+        return x * factor
+
+    with pytest.raises(ValueError, match="option 'factr' is not a parameter"):
+        spec_function(X, Param("factr", "number", False, 1.0), name="scale_typo")(scale)
+    with pytest.raises(ValueError, match="declared twice"):
+        spec_function(X, name="relu")(scale)
+    with pytest.raises(ValueError, match="unknown argument kind"):
+        Param("x", "tensor")
+
+
+def test_a_declared_builder_is_callable_from_specs(tmp_path):
+    from backcomp import ops
+    from backcomp.ops import signature
+    from backcomp.ops.signature import X, Param, spec_function
+
+    def scaled_tanh(x, factor=1.0):
+        return ops.tanh(x) * factor
+
+    spec_function(X, Param("factor", "number", False, 1.0))(scaled_tanh)
+    try:
+        g = spec_mod.parse_spec(
+            '[model]\nname = "m"\nloss = "loss"\n[inputs]\nx = ["B", 3]\n[params]\nb = [3]\n[graph]\n'
+            'loss = "sum(scaled_tanh(x + b, factor=2.5))"\n', "m.toml")
+        x = np.linspace(-1, 1, 6).reshape(2, 3)
+        mod = backcomp.build(g)
+        b = np.array([0.1, -0.2, 0.3])
+        np.testing.assert_allclose(mod.forward({"b": b}, {"x": x})["loss"], 2.5 * np.tanh(x + b).sum(), rtol=1e-12)
+    finally:
+        del signature._FUNCTIONS["scaled_tanh"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
+from backcomp.ops.signature import X, Param, spec_function
 
 _SWV = "np.lib.stride_tricks.sliding_window_view"
 
@@ -165,6 +166,8 @@ register_op(OpDef(
     attrs_doc={"stride": "(sh, sw) step between windows", "padding": "(ph, pw) zeros added on each side"}))
 
 
+@spec_function(X, Param("w", "array"), Param("stride", "pair", False, 1, minimum=1),
+               Param("padding", "pair", False, 0, minimum=0))
 def conv2d(x: Node, w: Node, stride=1, padding=0) -> Node:
     """Cross-correlation of NCHW ``x`` with OIHW ``w``, exactly as PyTorch's conv2d."""
     return _apply("conv2d", (x, w), stride=_pair(stride, "stride", "conv2d", 1),
@@ -493,7 +496,7 @@ def _pool(op: str):
     build.__name__ = op
     build.__doc__ = (f"{op.split('_')[0]} over ``size`` windows of NCHW ``x`` (int or (h, w)); "
                      f"``stride`` defaults to ``size``; no padding.")
-    return build
+    return spec_function(X, Param("size", "pair", minimum=1), Param("stride", "pair", False, None, minimum=1))(build)
 
 
 max_pool2d = _pool("max_pool2d")

@@ -18,6 +18,7 @@ import sympy as sp
 
 from backcomp.graph import GraphError, Node, broadcast_shapes
 from backcomp.ops.registry import OpDef, get_op, register_op
+from backcomp.ops.signature import UNARY, X, Param, spec_function
 from backcomp.ops import scalar as sc
 from backcomp.ops.scalar import fix_step_convention, sigmoid, softplus
 from backcomp.ops.scalar import log1p as sp_log1p
@@ -175,8 +176,10 @@ register_op(OpDef(
 
 
 def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
-          signature: str, differentiable: bool = True, dtype: str = "float") -> Callable:
-    """Register a named elementwise op and return its builder function."""
+          signature: str, differentiable: bool = True, dtype: str = "float",
+          spec: tuple[Param, ...] | None = None) -> Callable:
+    """Register a named elementwise op and return its builder function
+    (callable from specs with the arguments ``spec``, if given)."""
     def infer(inputs, attrs):
         return broadcast_shapes(*(x.shape for x in inputs), where=f"{name}: "), dtype
 
@@ -201,6 +204,8 @@ def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
 
     build.__name__ = name
     build.__doc__ = doc
+    if spec is not None:
+        spec_function(*spec)(build)
     return build
 
 
@@ -212,25 +217,27 @@ div = _make("div", lambda a, b: a / b, 2, "a / b, broadcasting", "div(a, b) or a
 pow = _make("pow", lambda a, b: a ** b, 2, "a ** b (a > 0 where b is not a constant)", "a ** b")
 neg = _make("neg", lambda a: -a, 1, "-a", "-a")
 maximum = _make("maximum", lambda a, b: sp.Max(a, b), 2,
-                "elementwise max; the gradient goes to a where a > b, else to b", "maximum(a, b)")
+                "elementwise max; the gradient goes to a where a > b, else to b", "maximum(a, b)",
+                spec=(Param("a", "value"), Param("b", "value")))
 minimum = _make("minimum", lambda a, b: sp.Min(a, b), 2,
-                "elementwise min; the gradient goes to a where a < b, else to b", "minimum(a, b)")
+                "elementwise min; the gradient goes to a where a < b, else to b", "minimum(a, b)",
+                spec=(Param("a", "value"), Param("b", "value")))
 
 # ----- unary math ---------------------------------------------------------------
-exp = _make("exp", sp.exp, 1, "e ** x", "exp(x)")
-log = _make("log", sp.log, 1, "natural log (x > 0)", "log(x)")
-log1p = _make("log1p", sp_log1p, 1, "log(1 + x), accurate for small x", "log1p(x)")
-sqrt = _make("sqrt", sp.sqrt, 1, "square root (x > 0)", "sqrt(x)")
-abs = _make("abs", sp.Abs, 1, "|x|; abs'(0) = 0", "abs(x)")
-sin = _make("sin", sp.sin, 1, "sine", "sin(x)")
-cos = _make("cos", sp.cos, 1, "cosine", "cos(x)")
-erf = _make("erf", sp.erf, 1, "the error function", "erf(x)")
+exp = _make("exp", sp.exp, 1, "e ** x", "exp(x)", spec=UNARY)
+log = _make("log", sp.log, 1, "natural log (x > 0)", "log(x)", spec=UNARY)
+log1p = _make("log1p", sp_log1p, 1, "log(1 + x), accurate for small x", "log1p(x)", spec=UNARY)
+sqrt = _make("sqrt", sp.sqrt, 1, "square root (x > 0)", "sqrt(x)", spec=UNARY)
+abs = _make("abs", sp.Abs, 1, "|x|; abs'(0) = 0", "abs(x)", spec=UNARY)
+sin = _make("sin", sp.sin, 1, "sine", "sin(x)", spec=UNARY)
+cos = _make("cos", sp.cos, 1, "cosine", "cos(x)", spec=UNARY)
+erf = _make("erf", sp.erf, 1, "the error function", "erf(x)", spec=UNARY)
 
 # ----- activations --------------------------------------------------------------
-tanh = _make("tanh", sp.tanh, 1, "hyperbolic tangent", "tanh(x)")
-sigmoid = _make("sigmoid", sigmoid, 1, "1 / (1 + exp(-x)), computed without overflow", "sigmoid(x)")
-softplus = _make("softplus", softplus, 1, "log(1 + exp(x)), computed without overflow", "softplus(x)")
-relu = _make("relu", lambda a: sp.Max(a, 0), 1, "max(x, 0); relu'(0) = 0", "relu(x)")
+tanh = _make("tanh", sp.tanh, 1, "hyperbolic tangent", "tanh(x)", spec=UNARY)
+sigmoid = _make("sigmoid", sigmoid, 1, "1 / (1 + exp(-x)), computed without overflow", "sigmoid(x)", spec=UNARY)
+softplus = _make("softplus", softplus, 1, "log(1 + exp(x)), computed without overflow", "softplus(x)", spec=UNARY)
+relu = _make("relu", lambda a: sp.Max(a, 0), 1, "max(x, 0); relu'(0) = 0", "relu(x)", spec=UNARY)
 
 
 def _gelu(a, approximate=False):
@@ -244,6 +251,7 @@ _gelu_op = _make("gelu", _gelu, 1, "x·Φ(x), the exact erf form; approximate=Tr
                  "(PyTorch's approximate='tanh')", "gelu(x, approximate=False)")
 
 
+@spec_function(X, Param("approximate", "bool", False, False))
 def gelu(x, approximate=False):
     """x·Φ(x) with the erf; ``approximate=True`` uses the tanh form, as PyTorch's ``approximate="tanh"``."""
     if not isinstance(approximate, bool):
@@ -258,6 +266,7 @@ def _leaky(a, alpha):
 _leaky_relu = _make("leaky_relu", _leaky, 1, "x if x > 0 else alpha·x", "leaky_relu(x, alpha=0.01)")
 
 
+@spec_function(X, Param("alpha", "number", False, 0.01))
 def leaky_relu(x, alpha=0.01):
     """x if x > 0 else alpha·x (alpha a number, default 0.01)."""
     _number(alpha)
@@ -265,11 +274,11 @@ def leaky_relu(x, alpha=0.01):
 
 
 # ----- more unary math and activations ------------------------------------------
-expm1 = _make("expm1", sc.expm1, 1, "e ** x − 1, accurate for small x", "expm1(x)")
-square = _make("square", lambda a: a ** 2, 1, "x ** 2", "square(x)")
-silu = _make("silu", lambda a: a * sc.sigmoid(a), 1, "x·σ(x) (swish), computed without overflow", "silu(x)")
+expm1 = _make("expm1", sc.expm1, 1, "e ** x − 1, accurate for small x", "expm1(x)", spec=UNARY)
+square = _make("square", lambda a: a ** 2, 1, "x ** 2", "square(x)", spec=UNARY)
+silu = _make("silu", lambda a: a * sc.sigmoid(a), 1, "x·σ(x) (swish), computed without overflow", "silu(x)", spec=UNARY)
 log_sigmoid = _make("log_sigmoid", lambda a: -sc.softplus(-a), 1,
-                    "log σ(x) = −softplus(−x), computed without overflow", "log_sigmoid(x)")
+                    "log σ(x) = −softplus(−x), computed without overflow", "log_sigmoid(x)", spec=UNARY)
 
 
 def _clip_scalar(a, lo, hi):
@@ -281,6 +290,7 @@ _clip = _make("clip", _clip_scalar, 3,
               "clip(x, lo, hi)")
 
 
+@spec_function(X, Param("lo", "number"), Param("hi", "number"))
 def clip(x, lo, hi):
     """x limited to [lo, hi] (numbers); the gradient is 1 inside and on the borders, 0 outside (as torch.clamp)."""
     lo_, hi_ = _number(lo), _number(hi)
@@ -313,6 +323,7 @@ _where = _make("where", _where_scalar, 3, "a where cond else b (cond from a comp
                "where(cond, a, b)")
 
 
+@spec_function(Param("cond", "cond"), Param("a", "value"), Param("b", "value"))
 def where(cond, a, b):
     """a where cond else b; cond is a boolean node (e.g. ``x > 0``)."""
     if not isinstance(cond, Node) or cond.dtype != "bool":

@@ -13,10 +13,13 @@ from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops import elementwise as ew
 from backcomp.ops import structural as st
 from backcomp.ops.elementwise import arg_symbol
+from backcomp import notation
 from backcomp.ops.registry import OpDef, register_op
+from backcomp.ops.signature import REDUCTION, X, Param, spec_function
 
 
 # ----- logsumexp ----------------------------------------------------------------------
+@spec_function(*REDUCTION)
 def logsumexp(x: Node, axis=None, keepdims: bool = False) -> Node:
     """log Σ exp(x) over ``axis``, stable for any magnitude of x.
 
@@ -32,11 +35,13 @@ def logsumexp(x: Node, axis=None, keepdims: bool = False) -> Node:
     return out if keepdims else st.reshape(out, st.reduced_shape(x.shape, axes, False))
 
 
+@spec_function(X, Param("axis", "int", False, -1))
 def softmax(x: Node, axis: int = -1) -> Node:
     """exp(x − logsumexp(x)): stable, and its VJP reuses the forward values."""
     return ew.exp(x - logsumexp(x, axis=axis, keepdims=True))
 
 
+@spec_function(X, Param("axis", "int", False, -1))
 def log_softmax(x: Node, axis: int = -1) -> Node:
     """x − logsumexp(x), never log(softmax(x)) (which underflows to -inf)."""
     return x - logsumexp(x, axis=axis, keepdims=True)
@@ -64,6 +69,7 @@ def _var(x: Node, axes: tuple[int, ...], keepdims: bool, ddof: int) -> Node:
                            {total: st.sum(d * d, axis=axes, keepdims=keepdims)}, label="var")
 
 
+@spec_function(*REDUCTION, Param("ddof", "int", False, 0, minimum=0))
 def var(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
     """Σ(x − mean(x))² / (n − ddof) over ``axis`` (ddof=0 as NumPy; ddof=1 is torch.var's default).
 
@@ -74,11 +80,13 @@ def var(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
     return _var(x, _stat_args("var", x, axis, keepdims, ddof), keepdims, ddof)
 
 
+@spec_function(*REDUCTION, Param("ddof", "int", False, 0, minimum=0))
 def std(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
     """√var(x, axis, keepdims, ddof); the gradient of a constant slice is 0, as PyTorch."""
     return ew.safe_sqrt(_var(x, _stat_args("std", x, axis, keepdims, ddof), keepdims, ddof), label="std")
 
 
+@spec_function(*REDUCTION)
 def norm(x: Node, axis=None, keepdims: bool = False) -> Node:
     """The L2 norm √Σx² over ``axis`` (None: all); the gradient at x = 0 is 0, as PyTorch."""
     axes = _stat_args("norm", x, axis, keepdims)
@@ -100,6 +108,7 @@ register_op(OpDef(
     "take_label", _take_infer,
     lambda node, a, out: [f"{out} = np.take_along_axis({a[0]}, {a[1]}[..., None], axis=-1)[..., 0]"],
     lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
+    explain=lambda node, args, scalars: notation.opaque("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args),
     doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
     index_range=lambda node: {1: (0, node.inputs[0].shape[-1])}))
 
@@ -112,6 +121,8 @@ def _put_emit(node, a, out):
 register_op(OpDef(
     "put_label", lambda ins, attrs: (attrs["shape"], "float"), _put_emit,
     lambda node, ct: [take_label(ct, node.inputs[1]), None],
+    explain=lambda node, args, scalars: notation.opaque(
+        "onehot", "onehot({1})", r"\operatorname{{onehot}}\left({1}\right)", True)(*args) * args[0],
     doc="zeros with ḡ written at the labels: the VJP of take_label (compiler-internal)"))
 
 
@@ -120,6 +131,7 @@ def take_label(x: Node, labels: Node) -> Node:
 
 
 # ----- losses -----------------------------------------------------------------------
+@spec_function(Param("logits", "array"), Param("y", "label"))
 def softmax_cross_entropy(logits: Node, y: Node) -> Node:
     """Per-row −Σ y·log_softmax(logits) (one-hot/soft y) or −log_softmax[label] (int y)."""
     if y.dtype == "int":
@@ -134,6 +146,7 @@ def softmax_cross_entropy(logits: Node, y: Node) -> Node:
     return st.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
 
 
+@spec_function(Param("z", "array"), Param("y", "value"))
 def sigmoid_binary_cross_entropy(z: Node, y) -> Node:
     """−(y log σ(z) + (1 − y) log(1 − σ(z))) = softplus(z) − y·z, from the logits."""
     if isinstance(y, Node) and y.dtype == "int":
@@ -141,6 +154,7 @@ def sigmoid_binary_cross_entropy(z: Node, y) -> Node:
     return ew.softplus(z) - y * z
 
 
+@spec_function(Param("a", "array"), Param("b", "value"))
 def mse(a: Node, b) -> Node:
     """mean((a − b)²) over every element."""
     return st.mean((a - b) ** 2)

@@ -1,7 +1,8 @@
 """The op registry: everything about an op in one ``OpDef``.
 
-An op is its shape rule (``infer``), its NumPy emission (``emit``) and its VJP rule
-(``vjp``), declared side by side.  The VJP rule returns one cotangent *node* per
+An op is its shape rule (``infer``), its NumPy emission (``emit``), its VJP rule
+(``vjp``), its memory class and its explain notation, declared side by side (the
+builder function beside it declares its spec signature, ``backcomp.ops.signature``).  The VJP rule returns one cotangent *node* per
 input (or None where the input gets no gradient), built from registered ops, so the
 backward pass is made of the same IR as the forward and can be optimised, printed
 and differentiated again.  Registering a name twice is an error: silent overrides
@@ -44,6 +45,20 @@ class OpDef:
     #: integer operands that index: index_range(node) -> {input position: (low, high)},
     #: bounds as ints or dim names; model inputs used so are range-checked on entry
     index_range: Callable[[Node], dict[int, tuple[Any, Any]]] | None = None
+    #: the result's memory: "fresh" (a new array the memory plan may overwrite) or
+    #: "view" (may share the first input's buffer: kept alive while the view is)
+    memory: str = "fresh"
+    #: inline(node, readers) -> a suffix for the input's name ("" for another name,
+    #: ".T" for a 2-D transpose read once), printed in the reader instead of a
+    #: statement; None: the node is a statement of its own
+    inline: Callable[[Node, int], str | None] | None = None
+    #: explain(node, args, scalars) -> how ``backcomp explain`` writes the node, as a
+    #: SymPy expression over its arguments' (``backcomp.notation``); None: op(args, attrs)
+    explain: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        if self.memory not in ("fresh", "view"):
+            raise RegistryError(f"op '{self.name}': memory must be 'fresh' or 'view', not {self.memory!r}")
 
 
 _REGISTRY: dict[str, OpDef] = {}

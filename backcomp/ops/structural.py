@@ -14,6 +14,8 @@ import sympy as sp
 from backcomp.graph import GraphError, Node, Shape, ShapeError, broadcast_shapes, format_shape
 from backcomp.ops.elementwise import CT, arg_symbol, dim_symbol, ew_from_expr
 from backcomp.ops.registry import OpDef, register_op
+from backcomp import notation
+from backcomp.ops.signature import REDUCTION, UNARY, X, Param, spec_function
 
 
 def shape_code(shape: Shape) -> str:
@@ -111,7 +113,11 @@ def _matmul_vjp(node: Node, ct: Node):
     return [matmul(ct, _swap_last(b)), matmul(_swap_last(a), ct)]
 
 
-register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp,
+def _matmul_explain(node, args, scalars):
+    return notation.opaque("matmul", "{0} · {1}", r"{0} \cdot {1}")(*args)
+
+
+register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp, explain=_matmul_explain,
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -184,11 +190,20 @@ def _einsum_vjp(node: Node, ct: Node):
     return cts
 
 
-register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp,
+def _einsum_explain(node, args, scalars):
+    s = node.attrs["subscripts"]
+    slots = ", ".join("{%d}" % i for i in range(len(args)))
+    return notation.opaque(f"einsum[{s}]", f"einsum(\"{s}\", {slots})",
+                           notation.lit(rf"\operatorname{{einsum}}_{{\text{{{s}}}}}") + rf"\left({slots}\right)",
+                           True)(*args)
+
+
+register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, explain=_einsum_explain,
                   doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
                   signature='einsum("ij,jk->ik", a, b)'))
 
 
+@spec_function(Param("subscripts", "subscripts"), variadic="array")
 def einsum(subscripts: str, *operands: Node) -> Node:
     """Einstein summation, e.g. ``einsum("btd,bsd->bts", q, k)``."""
     if not operands:
@@ -268,11 +283,17 @@ def _no_second_order(name):
     return vjp
 
 
-register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp,
+def _reduce_explain(name: str, latex: str):
+    def explain(node, args, scalars):
+        return notation.reduction(node, args, scalars, name, latex, node.attrs["axes"])
+    return explain
+
+
+register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, explain=_reduce_explain("Σ", r"\sum"),
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
 register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp,
-                  broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
-register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp,
+                  explain=_reduce_explain("mean", r"\operatorname{mean}"), broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
+register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, explain=_reduce_explain("max", r"\max"),
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
 register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _no_second_order("max"),
                   doc="the cotangent of max: ḡ spread over the maximal elements (compiler-internal)"))
@@ -285,7 +306,7 @@ def _reduction(op):
         return _apply(op, (x,), axes=normalize_axes(axis, x.ndim, op), keepdims=keepdims)
     build.__name__ = op
     build.__doc__ = f"np.{op} over ``axis`` (None = all axes), optionally keeping dims."
-    return build
+    return spec_function(*REDUCTION)(build)
 
 
 sum = _reduction("sum")
@@ -293,6 +314,7 @@ mean = _reduction("mean")
 max = _reduction("max")
 
 
+@spec_function(*REDUCTION)
 def min(x: Node, axis=None, keepdims: bool = False) -> Node:
     """min over axis, keepdims; ties share the gradient (as torch.amin).
 
@@ -326,11 +348,33 @@ def _transpose_vjp(node, ct):
     return [transpose(ct, inverse)]
 
 
-register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp,
+def _transpose_explain(node, args, scalars):
+    axes = node.attrs["axes"]
+    n = len(axes)
+    if axes == tuple(reversed(range(n))) or axes == tuple(range(n - 2)) + (n - 1, n - 2):
+        transposed = notation.opaque("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)
+        inner = args[0]
+        return inner.args[0] if isinstance(inner, transposed) else transposed(inner)   # (Wᵀ)ᵀ = W
+    return notation.opaque(f"transpose{axes}", f"transpose({{0}}, {axes})",
+                           rf"\mathrm{{transpose}}_{{{axes}}}\left({{0}}\right)", True)(args[0])
+
+
+def _transpose_inline(node, readers):
+    """A 2-D transpose read once is printed as ``x.T`` in its reader: BLAS reads it in place."""
+    return ".T" if node.ndim == 2 and readers == 1 else None
+
+
+def _same(node, args, scalars):
+    return args[0]
+
+
+register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, memory="view",
+                  inline=_transpose_inline, explain=_transpose_explain,
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
 
 
+@spec_function(X, Param("axes", "ints", False, None))
 def transpose(x: Node, axes=None) -> Node:
     """Permute axes; no ``axes`` reverses them (``x.T``)."""
     if axes is None:
@@ -377,10 +421,11 @@ def resolve_reshape(shape: Shape, target) -> Shape:
 
 
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
-                  lambda node, ct: [reshape(ct, node.inputs[0].shape)],
+                  lambda node, ct: [reshape(ct, node.inputs[0].shape)], memory="view", explain=_same,
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
+@spec_function(X, Param("shape", "shape"))
 def reshape(x: Node, shape) -> Node:
     """np.reshape with one optional -1 (``reshape(h, (-1, 32))`` keeps a symbolic batch)."""
     target = resolve_reshape(x.shape, shape)
@@ -398,7 +443,7 @@ def _broadcast_infer(inputs, attrs):
 
 
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
-                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)],
+                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)], memory="view", explain=_same,
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -425,6 +470,8 @@ def _sum_to_emit(node, args, out):
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
                   lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)],
+                  explain=lambda node, args, scalars: notation.reduction(
+                      node, args, scalars, "Σ", r"\sum", sum_to_axes(node.inputs[0].shape, node.shape)[0]),
                   doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
 
 
@@ -529,7 +576,7 @@ def _getitem_vjp(node, ct):
 
 
 register_op(OpDef("getitem", _getitem_infer, lambda node, args, out: [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"],
-                  _getitem_vjp, doc="basic NumPy indexing: ints, slices with steps, None, ...",
+                  _getitem_vjp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -577,6 +624,7 @@ register_op(OpDef("concatenate", _concat_infer,
                   _concat_vjp, doc="join arrays along an existing axis", signature="concatenate((a, b), axis=0)"))
 
 
+@spec_function(Param("arrays", "arrays"), Param("axis", "int", False, 0))
 def concatenate(arrays: Sequence[Node], axis: int = 0) -> Node:
     arrays = tuple(arrays)
     if not arrays:
@@ -586,18 +634,29 @@ def concatenate(arrays: Sequence[Node], axis: int = 0) -> Node:
 
 
 # ----- identity-like ----------------------------------------------------------------
+def _another_name(node, readers):
+    return ""
+
+
 register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
+                  memory="view", inline=_another_name,
+                  explain=lambda node, args, scalars: notation.opaque(
+                      "stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0]),
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
-                  lambda node, ct: [ct], doc="a second name for a value (compiler-internal)"))
+                  lambda node, ct: [ct], memory="view", inline=_another_name, explain=_same,
+                  doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
+                  explain=lambda node, args, scalars: sp.Integer(1),
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
+                  explain=lambda node, args, scalars: sp.Integer(0),
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 
 
+@spec_function(*UNARY)
 def stop_gradient(x: Node) -> Node:
     """x in the forward; no gradient flows back through it."""
     return _apply("stop_gradient", (x,))

@@ -15,14 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backcomp.graph import Node
+from backcomp.ops.registry import get_op
 
-#: ops whose result may share memory with their first input
-VIEW_OPS = {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient"}
-#: ops whose result is a fresh array we may overwrite
-FRESH_OPS = {"matmul", "einsum", "ew", "sum_to", "scatter", "max_vjp", "concatenate", "put_label",
-             "sum", "mean", "max", "take_label", "ones_like", "zeros_like",
-             "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "avg_pool2d",
-             "max_pool2d_scatter", "avg_pool2d_scatter", "max_pool2d_gather"}
+
+def memory_class(n: Node) -> str:
+    """"caller" (an input or param: never written), or the op's own "fresh" / "view"."""
+    return "caller" if n.op in ("input", "param") else get_op(n.op).memory
+
+
+def is_view(n: Node) -> bool:
+    return memory_class(n) == "view" and bool(n.inputs)
 
 
 @dataclass
@@ -33,7 +35,7 @@ class MemoryPlan:
 
 def _aliases_input(n: Node, elementwise) -> bool:
     """Views, and elementwise nodes whose expression is just an input (``out = x``)."""
-    if n.op in VIEW_OPS and n.inputs:
+    if is_view(n):
         return True
     if elementwise(n):
         from backcomp.ops.elementwise import node_expr
@@ -78,7 +80,7 @@ def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
             continue
         for x in n.inputs:
             b = buf(x)
-            fresh = b.op in FRESH_OPS or (elementwise(b) and b not in views)
+            fresh = memory_class(b) == "fresh" and b not in views
             if (x not in views and fresh and b not in pinned and b.dtype == "float"
                     and x.shape == n.shape == b.shape and n.shape != () and last_use.get(b) == i):
                 plan.reuse[n] = x
