@@ -24,8 +24,9 @@ class GraphError(ValueError):
     """A graph is malformed: bad names, missing loss, a non-scalar loss, ..."""
 
 
-def check_shape(shape: Iterable[Any], what: str) -> Shape:
-    """Validate a user-written shape: positive ints or identifier-like dim names."""
+def check_shape(shape: Iterable[Any], what: str, products: bool = False) -> Shape:
+    """Validate a shape: positive ints or identifier-like dim names (and, with
+    ``products``, products of them such as "B*T", written by ``product_dim``)."""
     out = []
     for dim in tuple(shape):
         if isinstance(dim, bool) or not isinstance(dim, (int, str)):
@@ -33,9 +34,33 @@ def check_shape(shape: Iterable[Any], what: str) -> Shape:
         if isinstance(dim, int) and dim <= 0:
             raise ShapeError(f"{what}: dimension {dim} must be positive")
         if isinstance(dim, str) and not dim.isidentifier():
-            raise ShapeError(f"{what}: symbolic dimension {dim!r} must be an identifier")
+            if not (products and "*" in dim and product_dim(*dim_factors(dim)) == dim):
+                raise ShapeError(f"{what}: symbolic dimension {dim!r} must be an identifier")
         out.append(dim)
     return tuple(out)
+
+
+def dim_factors(dim: Dim) -> tuple[int, list[str]]:
+    """A dim as (integer coefficient, dim names): 32 -> (32, []), "4*B*T" -> (4, ["B", "T"])."""
+    if isinstance(dim, int):
+        return dim, []
+    coeff, names = 1, []
+    for f in dim.split("*"):
+        if f.isdigit():
+            coeff *= int(f)
+        elif f.isidentifier():
+            names.append(f)
+        else:
+            raise ShapeError(f"symbolic dimension {dim!r} must be a name or a product of names and integers")
+    return coeff, sorted(names)
+
+
+def product_dim(coeff: int, names: Iterable[str]) -> Dim:
+    """The one spelling of a product of dims: an int, a name, or "4*B*T" (names sorted)."""
+    names = sorted(names)
+    if not names:
+        return coeff
+    return "*".join(([str(coeff)] if coeff != 1 else []) + names)
 
 
 def broadcast_shapes(*shapes: Shape, where: str = "") -> Shape:

@@ -22,6 +22,8 @@ from backcomp.ops.nn import (  # noqa: F401
     std, take_label, var,
 )
 from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
+from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  # noqa: F401
+from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
     broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, min, reshape,

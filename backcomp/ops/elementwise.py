@@ -35,11 +35,36 @@ def dim_symbol(name: str) -> sp.Symbol:
     return sp.Symbol(name, positive=True, integer=True)
 
 
+def dim_value(dim) -> sp.Expr:
+    """A shape entry as a number in an expression: 4, B, or 4·B·T for "4*B*T"."""
+    from backcomp.graph import dim_factors
+    coeff, names = dim_factors(dim)
+    return sp.Integer(coeff) * sp.Mul(*(dim_symbol(n) for n in names))
+
+
+def dim_from_value(value) -> "int | str | None":
+    """The shape entry a dim expression stands for (``B * T`` -> "B*T"), or None when it
+    is not a positive integer times a product of dims."""
+    from backcomp.graph import product_dim
+    coeff, factors = (sp.Integer(value) if isinstance(value, int) else value).as_coeff_mul()
+    if not (coeff.is_Integer and coeff > 0):
+        return None
+    names = []
+    for f in factors:
+        base, power = f.as_base_exp()
+        if not (base.is_Symbol and base.is_integer and base.is_positive and power.is_Integer and power > 0):
+            return None
+        names += [base.name] * int(power)
+    return product_dim(int(coeff), names)
+
+
 OUT = sp.Symbol("%out", real=True)   # the node's own output, inside its derivative
 CT = sp.Symbol("%ct", real=True)     # the incoming cotangent
 
 
 def _number(value) -> sp.Expr:
+    if isinstance(value, sp.Expr) and value.free_symbols and all(s.is_integer for s in value.free_symbols):
+        return value   # arithmetic on symbolic dims (``sum(x) / B``): a number once the module runs
     if isinstance(value, bool) or not isinstance(value, Real):
         raise GraphError(f"expected a node or a number, got {value!r}")
     if isinstance(value, int):

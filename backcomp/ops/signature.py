@@ -18,8 +18,11 @@ Argument kinds (how ``backcomp.spec`` reads each argument):
   pair      an integer or an (h, w) pair of integers (``minimum`` applies)
   axes      an integer or a tuple of integers
   ints      a tuple of integers
-  shape     a tuple of integers (dims)
+  shape     a tuple of integers and symbolic dim names
+  dim       an integer or a symbolic dim name (``arange(T)``)
 Array-like kinds are passed positionally in declaration order, the rest by keyword.
+A builder with a ``graph`` parameter (array constants: ``zeros((B, 4))`` has no
+operand to find its graph from) gets the spec's graph as ``graph=``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Any, Callable
 
 #: kinds passed positionally (operands); the others are options passed by keyword
 OPERAND_KINDS = ("array", "value", "label", "cond", "arrays", "subscripts")
-KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape")
+KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape", "dim")
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,12 @@ class SpecFunction:
             parts.append("*operands")
         return f"{self.name}({', '.join(parts)})"
 
-    def call(self, given: dict[str, Any], extra: tuple = ()):
+    def call(self, given: dict[str, Any], extra: tuple = (), graph=None):
         """Call the builder: operands positionally (then ``extra``), options by keyword."""
         args = [given[p.name] for p in self.params if p.kind in OPERAND_KINDS and p.name in given]
         options = {p.name: given[p.name] for p in self.params if p.kind not in OPERAND_KINDS and p.name in given}
+        if "graph" in inspect.signature(self.fn).parameters:
+            options["graph"] = graph
         return self.fn(*args, *extra, **options)
 
 

@@ -6,13 +6,12 @@ so rules here never unbroadcast by hand.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import sympy as sp
 
-from backcomp.graph import GraphError, Node, Shape, ShapeError, broadcast_shapes, format_shape
-from backcomp.ops.elementwise import CT, arg_symbol, dim_symbol, ew_from_expr
+from backcomp.graph import GraphError, Node, Shape, ShapeError, broadcast_shapes, dim_factors, format_shape, product_dim
+from backcomp.ops.elementwise import CT, arg_symbol, dim_value, ew_from_expr
 from backcomp.ops.registry import OpDef, register_op
 from backcomp import notation
 from backcomp.ops.signature import REDUCTION, UNARY, X, Param, spec_function
@@ -254,7 +253,7 @@ def _count(shape: Shape, axes) -> sp.Expr:
     n = sp.Integer(1)
     for a in axes:
         d = shape[a]
-        n *= dim_symbol(d) if isinstance(d, str) else sp.Integer(d)
+        n *= dim_value(d)
     return n
 
 
@@ -386,7 +385,11 @@ def transpose(x: Node, axes=None) -> Node:
 
 
 def resolve_reshape(shape: Shape, target) -> Shape:
-    """Target shape with its one ``-1`` inferred, symbolic dims included."""
+    """Target shape with its one ``-1`` inferred, symbolic dims included.
+
+    Dims are compared as products: (B, T, 4) reshapes to ("B*T", 4), to (-1, 4)
+    (which infers "B*T") and back to (B, T, 4).
+    """
     target = tuple(target)
     if any(isinstance(d, bool) or not isinstance(d, (int, str)) for d in target):
         raise ShapeError(f"reshape: shape {target!r} must hold integers and dim names")
@@ -394,12 +397,17 @@ def resolve_reshape(shape: Shape, target) -> Shape:
         raise ShapeError("reshape: only one dimension may be -1")
     if any(isinstance(d, int) and d != -1 and d <= 0 for d in target):
         raise ShapeError(f"reshape: dimensions must be positive, got {format_shape(target)}")
-    src_syms = sorted(d for d in shape if isinstance(d, str))
-    dst_syms = sorted(d for d in target if isinstance(d, str))
-    src_n = math.prod(d for d in shape if isinstance(d, int))
-    dst_n = math.prod(d for d in target if isinstance(d, int) and d != -1)
-    rest = list(src_syms)
-    for d in dst_syms:
+
+    def size(dims) -> tuple[int, list[str]]:
+        n, names = 1, []
+        for d in dims:
+            coeff, more = dim_factors(d)
+            n, names = n * coeff, names + more
+        return n, sorted(names)
+
+    src_n, rest = size(shape)
+    dst_n, dst_names = size(d for d in target if d != -1)
+    for d in dst_names:
         if d not in rest:
             raise ShapeError(f"reshape: cannot reshape {format_shape(shape)} to {format_shape(target)} "
                              f"(dimension {d} does not divide it)")
@@ -410,13 +418,7 @@ def resolve_reshape(shape: Shape, target) -> Shape:
         return target
     if src_n % dst_n:
         raise ShapeError(f"reshape: cannot reshape {format_shape(shape)} to {format_shape(target)}")
-    ratio = src_n // dst_n
-    if not rest:
-        fill = ratio
-    elif len(rest) == 1 and ratio == 1:
-        fill = rest[0]
-    else:
-        raise ShapeError(f"reshape: cannot infer -1 in {format_shape(target)} from {format_shape(shape)}")
+    fill = product_dim(src_n // dst_n, rest)
     return tuple(fill if d == -1 else d for d in target)
 
 
@@ -519,6 +521,8 @@ def normalize_index(index, shape: Shape) -> tuple:
         ok = item is None or item is Ellipsis or (isinstance(item, int) and not isinstance(item, bool))
         if isinstance(item, slice):
             ok = all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (item.start, item.stop, item.step))
+            if isinstance(item.stop, str) and item.stop.isidentifier() and item.start in (None, 0) and item.step is None:
+                ok = True   # x[:T]: the first T entries, T a symbolic dim
             if item.step == 0:
                 raise ShapeError("index: slice step cannot be zero")
         if not ok:
@@ -552,6 +556,9 @@ def _getitem_infer(inputs, attrs):
             if isinstance(d, int) and not -d <= item < d:
                 raise ShapeError(f"index {item} is out of bounds for axis {axis - 1} with size {d}")
             continue
+        if isinstance(item.stop, str):
+            out.append(item.stop)   # checked against d when the module runs (_dim_slice_checks)
+            continue
         if isinstance(d, str):
             if item.start is None and item.stop is None and item.step in (None, 1, -1):
                 out.append(d)
@@ -575,7 +582,32 @@ def _getitem_vjp(node, ct):
     return [_apply("scatter", (ct,), index=node.attrs["index"], shape=x.shape)]
 
 
-register_op(OpDef("getitem", _getitem_infer, lambda node, args, out: [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"],
+def _dim_slice_checks(node: Node, x: Node) -> list[str]:
+    """``x[:T]`` with T a dim bound by the inputs: T must not exceed the axis (NumPy would
+    silently give fewer entries, and the error would surface far away)."""
+    index = node.attrs["index"]
+    n_axes = _indexed_axes(index)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (x.ndim - n_axes) + index[k + 1:]
+    lines, axis = [], 0
+    for item in index:
+        if item is None:
+            continue
+        d = x.shape[axis]
+        if isinstance(item, slice) and isinstance(item.stop, str) and item.stop != d:
+            lines += [f"if {item.stop} > {d}:",
+                      f"    raise ValueError(f\"{item.stop}={{{item.stop}}} exceeds {d}, the size of axis {axis} of "
+                      f"a {format_shape(x.shape)} value sliced [:{item.stop}]\")"]
+        axis += 1
+    return lines
+
+
+def _getitem_emit(node, args, out):
+    return _dim_slice_checks(node, node.inputs[0]) + [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"]
+
+
+register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
                   _getitem_vjp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
                   signature="x[i, a:b:c, None, ...]"))
 

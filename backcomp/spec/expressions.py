@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import sympy as sp
 
 from backcomp import ops
 from backcomp.graph import Graph, GraphError, Node, ShapeError
+from backcomp.ops.elementwise import dim_from_value, dim_symbol
 from backcomp.ops.registry import RegistryError
 from backcomp.ops.signature import Param, SpecFunction, spec_functions
 from backcomp.spec.text import MAX_AST_DEPTH, MAX_EXPR_CHARS, MAX_NESTING, SpecError, suggest, toml_type
@@ -137,6 +139,8 @@ def number_value(node: ast.AST, where: Where, constants: dict[str, float]):
 
 
 def finite(value, node, where):
+    if isinstance(value, sp.Basic):   # arithmetic on symbolic dims: B * T, 1 / B
+        return value
     if isinstance(value, int):
         if abs(value) > 2 ** 62:
             raise where.error(node, f"the number {str(value)[:20]}... is too large")
@@ -210,6 +214,8 @@ class Walker:
         found = self.names.get(node.id)
         if found is not None:
             return found
+        if node.id in self.graph.dims:   # a symbolic dim is a number, bound when the module runs
+            return dim_symbol(node.id)
         if node.id in SPEC_OPS or node.id in self.functions:
             raise self.err(node, f"'{node.id}' is a function; call it as {node.id}(...)")
         known = list(self.names) + list(self.constants)
@@ -264,6 +270,8 @@ class Walker:
                 r = a * b
             elif symbol == "/":
                 r = a / b
+            elif isinstance(a, sp.Basic) or isinstance(b, sp.Basic):
+                r = sp.Pow(a, b)
             else:
                 r = float(a) ** float(b)
                 if isinstance(r, complex):
@@ -299,8 +307,23 @@ class Walker:
         if isinstance(node, ast.Constant) and (node.value is None or node.value is Ellipsis):
             return node.value
         if isinstance(node, ast.Slice):
-            return slice(*(None if p is None else self.int(p, "a slice bound") for p in (node.lower, node.upper, node.step)))
+            return slice(*(None if p is None else self.dim_or_int(p, "a slice bound")
+                           for p in (node.lower, node.upper)),
+                         None if node.step is None else self.int(node.step, "a slice step"))
         return self.int(node, "an index")
+
+    def dim_or_int(self, node: ast.AST, what: str, minimum: int | None = None) -> int | str:
+        """A symbolic dim written by its name (``B``), or a compile-time integer."""
+        if isinstance(node, ast.Name) and node.id in self.graph.dims and node.id not in self.names:
+            return node.id
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            v = self.value(node)
+            if isinstance(v, sp.Basic):   # B * T, 4 * H: a product of dims
+                dim = dim_from_value(v)
+                if dim is None:
+                    raise self.err(node, f"{what} must be an integer or a product of dims, got '{ast.unparse(node)}'")
+                return dim
+        return self.int(node, what, minimum=minimum)
 
     def int(self, node: ast.AST, what: str, expected: str = "an integer", minimum: int | None = None) -> int:
         """A compile-time integer (a literal or an integer constant), at least ``minimum``."""
@@ -381,7 +404,7 @@ class Walker:
             raise self.err(node, f"{op.name}() is missing argument '{missing[0]}': {op.signature()}")
         if op.variadic and not extra:
             raise self.err(node, f"{op.name}() needs at least one operand: {op.name}(\"ij,jk->ik\", a, b)")
-        return self.apply(node, op.call, given, tuple(extra))
+        return self.apply(node, op.call, given, tuple(extra), self.graph)
 
     def arg(self, node: ast.AST, p: Param, op: SpecFunction):
         what = f"argument '{p.name}' of {op.name}()"
@@ -413,6 +436,8 @@ class Walker:
             if not (isinstance(node, ast.Constant) and isinstance(node.value, bool)):
                 raise self.err(node, f"{what} must be True or False")
             return node.value
+        if kind == "dim":
+            return self.dim_or_int(node, what, minimum=p.minimum)
         if kind in ("int", "pair"):
             if isinstance(node, ast.Constant) and node.value is None and not p.required and p.default is None:
                 return None
@@ -425,6 +450,8 @@ class Walker:
                     raise self.err(node, f"{what} must be a tuple of integers")
                 return None
             if isinstance(node, (ast.Tuple, ast.List)):
+                if kind == "shape":
+                    return tuple(self.dim_or_int(e, what) for e in node.elts)
                 return tuple(self.int(e, what) for e in node.elts)
             if kind == "axes":
                 return self.int(node, what)

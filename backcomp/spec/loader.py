@@ -53,6 +53,7 @@ class _Loader:
                                 f"unknown key '{key}' in [model]{suggest(key, MODEL_KEYS)} (keys: {', '.join(MODEL_KEYS)})")
         graph = self.make_graph(model)
         self.used: dict[str, str] = {}
+        self.dims: dict[str, str] = {}   # symbolic dim -> the input that binds it
         self.constants = self.load_constants(data.get("constants", {}))
         self.load_inputs(graph, data.get("inputs", {}))
         self.load_params(graph, data.get("params", {}))
@@ -83,6 +84,9 @@ class _Loader:
             raise self.fail(where, f"'{name}' is the name of a built-in op; choose another name")
         if name in self.used:
             raise self.fail(where, f"duplicate name '{name}': already defined in [{self.used[name]}]")
+        if name in self.dims:
+            raise self.fail(where, f"'{name}' is a dimension of input '{self.dims[name]}'; "
+                                   "dim names share the namespace of values: choose another name")
         self.used[name] = section
 
     def load_constants(self, table: dict) -> dict[str, float]:
@@ -142,6 +146,13 @@ class _Loader:
                 graph.input(name, shape, DTYPES[dtype])
             except (GraphError, ShapeError) as e:
                 raise self.fail(self.loc.value("inputs", name), str(e)) from None
+            for d in shape:
+                if isinstance(d, str) and d in self.used:
+                    raise self.fail(self.loc.value("inputs", name),
+                                    f"dimension '{d}' of input '{name}' has the name of a value in [{self.used[d]}]; "
+                                    "dim names share the namespace of values: choose another name")
+                if isinstance(d, str):
+                    self.dims.setdefault(d, name)
 
     def load_params(self, graph: Graph, table: dict) -> None:
         total = 0
