@@ -286,7 +286,7 @@ def test_local_schedulers(scheduler):
 def client():
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address=None, worker_dashboard_address=None)
+                                       dashboard_address=":0")
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()
@@ -325,3 +325,19 @@ def test_local_cluster_refusal_and_broadcast_input(client):
     got = bd.value_and_grad(module, params, chunked(module, data, 10))
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     np.testing.assert_allclose(got[1]["w"], want[1]["w"], rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_lbfgs_example_runs(tmp_path):
+    """examples/dask_lbfgs.py --quick: a LocalCluster, L-BFGS on both models, the plot."""
+    import subprocess
+    import sys
+    out = tmp_path / "lbfgs.png"
+    root = EXAMPLES.parent
+    run = subprocess.run([sys.executable, str(EXAMPLES / "dask_lbfgs.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = dict(kv.split("=") for kv in run.stdout.strip().splitlines()[-1].split()[1:])
+    assert float(result["logistic_loss"]) < 0.69 and float(result["mlp_loss"]) < 0.69
+    assert "Dask dashboard:" in run.stdout and out.stat().st_size > 0
