@@ -79,7 +79,9 @@ def compile_model(model, opt_level: int = 1, optimizer: str | None = None, check
     graph, label = _as_graph(model)
     findings: list[Finding] = []
     g = lower_graph(graph, opt_level, findings)
-    text = render(g, build_parts(g, source or label, check_finite=check_finite, model=graph), optimizer=optimizer)
+    parts = build_parts(g, source or label, check_finite=check_finite, model=graph,
+                        lower_model=lambda partial: lower_graph(partial, opt_level))
+    text = render(g, parts, optimizer=optimizer)
     return Compiled(graph, g, text, findings)
 
 

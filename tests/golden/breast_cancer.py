@@ -41,6 +41,27 @@ INDEX_RANGES = {}
 OUTPUTS = ('z', 'loss')
 LOSS = 'loss'
 WRT = ('w', 'b')
+#: output name -> shape and kind ("float", "int" or "bool"), as INPUTS and INPUT_KINDS
+OUTPUT_SHAPES = {
+    'z': ('B',),
+    'loss': (),
+}
+OUTPUT_KINDS = {
+    'z': 'float',
+    'loss': 'float',
+}
+#: the batch dim, and its axis in each input and output that keeps rows apart (inputs
+#: without it are the same for every chunk of rows); BATCH_SEPARABLE: the loss is a sum
+#: or mean over the batch of per-row terms plus terms of params alone, so the partial
+#: functions over chunks of rows sum to the whole (backcomp.dask); if not, BATCH_REFUSAL
+BATCH_DIM = 'B'
+BATCH_AXES = {
+    'x': 0,
+    'y': 0,
+    'z': 0,
+}
+BATCH_SEPARABLE = True
+BATCH_REFUSAL = None
 
 
 def init_params(seed=0, dtype=np.float32):
@@ -162,3 +183,60 @@ def value_and_grad(params, inputs):
     w_bar = np.add(z_bar_matmul, 0.001*w, out=z_bar_matmul)
     del z_bar_matmul
     return np.asarray(loss), {"w": w_bar.astype(w.dtype, copy=False), "b": np.array(b_bar, dtype=b.dtype)}
+
+
+def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, y, w, b, B = _validate(params, inputs)
+    z_matmul = x @ w
+    z = np.add(z_matmul, b, out=z_matmul)
+    del z_matmul
+    loss_sub = -z*y + np.logaddexp(0, z)
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss_pow = w**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    # backward of loss_sub = -z*y + logaddexp(0, z) w.r.t. z
+    np.negative(z, out=z)
+    np.logaddexp(0, z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    np.subtract(z, y, out=z)
+    z_bar = np.divide(z, total_rows, out=z)
+    del z
+    # backward of z = z_matmul + b w.r.t. b
+    b_bar = z_bar.sum(axis=0)
+    # backward of z_matmul = x @ w w.r.t. w
+    z_bar_matmul = z_bar @ x
+    del z_bar
+    # backward of param w
+    w_bar = np.add(z_bar_matmul, 0.001*w*param_terms, out=z_bar_matmul)
+    del z_bar_matmul
+    return np.asarray(loss), {"w": w_bar.astype(w.dtype, copy=False), "b": np.array(b_bar, dtype=b.dtype)}, B
+
+
+def loss_partial(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
+    x, y, w, b, B = _validate(params, inputs)
+    z_matmul = x @ w
+    z = np.add(z_matmul, b, out=z_matmul)
+    del z_matmul
+    loss_sub = -z*y + np.logaddexp(0, z)
+    del z
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss_pow = w**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    return np.asarray(loss), B

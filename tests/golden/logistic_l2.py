@@ -50,6 +50,23 @@ INDEX_RANGES = {}
 OUTPUTS = ('y', 'L_reg')
 LOSS = 'L_reg'
 WRT = ('w', 'b')
+#: output name -> shape and kind ("float", "int" or "bool"), as INPUTS and INPUT_KINDS
+OUTPUT_SHAPES = {
+    'y': (),
+    'L_reg': (),
+}
+OUTPUT_KINDS = {
+    'y': 'float',
+    'L_reg': 'float',
+}
+#: the batch dim, and its axis in each input and output that keeps rows apart (inputs
+#: without it are the same for every chunk of rows); BATCH_SEPARABLE: the loss is a sum
+#: or mean over the batch of per-row terms plus terms of params alone, so the partial
+#: functions over chunks of rows sum to the whole (backcomp.dask); if not, BATCH_REFUSAL
+BATCH_DIM = None
+BATCH_AXES = {}
+BATCH_SEPARABLE = False
+BATCH_REFUSAL = "model 'logistic_l2' is not batch-separable: no input has a symbolic leading dim (the batch), so there is nothing to split into chunks"
 
 
 def init_params(seed=0, dtype=np.float32):
