@@ -97,8 +97,11 @@ def describe(node: Node, names: dict[Node, str]) -> str:
 
 
 def origin_comment(node: Node, names: dict[Node, str]) -> str:
-    fwd, wrt = node.origin   # wrt: the input differentiated (a node, not a position: passes
-    names = _Names(names)    # may rewrite the forward node's inputs after differentiation)
+    """``# backward of <node>`` (w.r.t. an input), or ``# tangent of <node>`` (forward mode)."""
+    fwd, wrt, *mode = node.origin   # wrt: the input differentiated (a node, not a position:
+    names = _Names(names)           # passes may rewrite the forward node's inputs afterwards)
+    if mode:
+        return f"# tangent of {describe(fwd, names)}"
     where = f" w.r.t. {names[wrt]}" if wrt is not None else ""
     return f"# backward of {describe(fwd, names)}{where}"
 

@@ -143,6 +143,12 @@ class Graph:
     #: filled by the VJP pass: the cotangent node of each wrt param, and of each node
     grads: dict[str, Node] = field(default_factory=dict)
     cotangents: dict[Node, Node] = field(default_factory=dict)
+    #: filled by the JVP pass (forward mode): the tangent node of each node it reached,
+    #: the tangent leaves it was seeded with (by the name of their value) and the
+    #: tangents a generated ``jvp``/``hvp`` returns (by name)
+    tangents: dict[Node, Node] = field(default_factory=dict)
+    tangent_inputs: dict[str, Node] = field(default_factory=dict)
+    tangent_outputs: dict[str, Node] = field(default_factory=dict)
     #: stamped on nodes as they are created (see ``scoped``)
     scope: str | None = None
     #: stamped on backward nodes as they are created
@@ -277,6 +283,9 @@ class Graph:
         g.grads = {k: mapping[v] for k, v in self.grads.items()}
         # keys may be forward nodes a pass removed: keep them, they still name cotangents
         g.cotangents = {mapping.get(k, k): mapping[v] for k, v in self.cotangents.items()}
+        g.tangents = {mapping.get(k, k): mapping[v] for k, v in self.tangents.items()}
+        g.tangent_inputs = {k: mapping[v] for k, v in self.tangent_inputs.items()}
+        g.tangent_outputs = {k: mapping[v] for k, v in self.tangent_outputs.items()}
         return g, mapping
 
     def replace_uses(self, replace: dict[Node, Node]) -> None:
@@ -288,6 +297,8 @@ class Graph:
         self.outputs = {k: replace.get(v, v) for k, v in self.outputs.items()}
         self.grads = {k: replace.get(v, v) for k, v in self.grads.items()}
         self.cotangents = {k: replace.get(v, v) for k, v in self.cotangents.items() if k not in replace}
+        self.tangents = {k: replace.get(v, v) for k, v in self.tangents.items() if k not in replace}
+        self.tangent_outputs = {k: replace.get(v, v) for k, v in self.tangent_outputs.items()}
         if self.loss_node is not None:
             self.loss_node = replace.get(self.loss_node, self.loss_node)
 

@@ -1,8 +1,11 @@
-"""Structural ops: tensor-level shape rules, NumPy emission and VJP rules.
+"""Structural ops: tensor-level shape rules, NumPy emission, VJP and JVP rules.
 
-Each VJP builds IR nodes from other registered ops.  Cotangents may come back with
+Each rule builds IR nodes from other registered ops.  Cotangents may come back with
 a broadcast shape; the VJP pass sums them down to the input's shape (``sum_to``),
-so rules here never unbroadcast by hand.
+so rules here never unbroadcast by hand.  Tangents always have their value's exact
+shape.  Most of these ops are linear, so their JVP is the op itself applied to the
+tangent (``linear_jvp``); the bilinear ones (matmul, einsum) follow the product
+rule (``multilinear_jvp``).
 """
 from __future__ import annotations
 
@@ -69,6 +72,28 @@ def _apply(op: str, inputs: Sequence[Node], **attrs) -> Node:
     return inputs[0].graph.apply(op, inputs, **attrs)
 
 
+# ----- JVP rules shared by many ops -------------------------------------------------
+def linear_jvp(node: Node, tangents) -> Node | None:
+    """A linear op's tangent is the op applied to its input's tangent; further inputs
+    (labels, window indices) are read as they are."""
+    t = tangents[0]
+    if t is None:
+        return None
+    return node.graph.apply(node.op, (t,) + tuple(node.inputs[1:]), **node.attrs)
+
+
+def multilinear_jvp(node: Node, tangents) -> Node | None:
+    """Product rule for an op linear in each input: Σ_i op(x_1, .., ṫ_i, .., x_n)."""
+    terms = [node.graph.apply(node.op, node.inputs[:i] + (t,) + node.inputs[i + 1:], **node.attrs)
+             for i, t in enumerate(tangents) if t is not None]
+    if not terms:
+        return None
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 # ----- matmul ---------------------------------------------------------------------
 def _matmul_infer(inputs, attrs):
     a, b = inputs
@@ -111,7 +136,7 @@ def _matmul_vjp(node: Node, ct: Node):
     return [matmul(ct, _swap_last(b)), matmul(_swap_last(a), ct)]
 
 
-register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp,
+register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp, jvp=multilinear_jvp,
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -184,7 +209,7 @@ def _einsum_vjp(node: Node, ct: Node):
     return cts
 
 
-register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp,
+register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, jvp=multilinear_jvp,
                   doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
                   signature='einsum("ij,jk->ik", a, b)'))
 
@@ -262,19 +287,41 @@ def _max_vjp_emit(node, args, out):
             f"{out} = {out} * ({g} / np.sum({out}, axis={axes}, keepdims=True, dtype={g}.dtype))"]
 
 
-def _no_second_order(name):
-    def vjp(node, ct):
-        raise NotImplementedError(f"the second derivative through '{name}' is not implemented")
-    return vjp
+def _max_weights(x: Node, out_kd: Node, axes) -> Node:
+    """1/(number of ties) at the maxima of x, 0 elsewhere: ∂max/∂x (piecewise constant)."""
+    return _apply("max_vjp", (x, out_kd, _apply("ones_like", (out_kd,))), axes=axes)
 
 
-register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp,
+def _max_jvp(node, tangents):
+    """ṫ = Σ over the reduced axes of ṫ at the maxima, ties sharing equally (as the VJP)."""
+    (t,) = tangents
+    x, axes = node.inputs[0], node.attrs["axes"]
+    out_kd = node if node.attrs["keepdims"] else reshape(node, keepdims_shape(x.shape, axes))
+    return _apply("sum", (_max_weights(x, out_kd, axes) * t,), axes=axes, keepdims=node.attrs["keepdims"])
+
+
+def _max_vjp_vjp(node, ct):
+    """max_vjp(x, m, ḡ) is linear in ḡ with weights that are piecewise constant in x and
+    m (zero derivative wherever it exists, as relu''): ḡ̄ = Σ_axes weights ⊙ ct."""
+    x, m, _ = node.inputs
+    axes = node.attrs["axes"]
+    return [None, None, _apply("sum", (_max_weights(x, m, axes) * ct,), axes=axes, keepdims=True)]
+
+
+def _max_vjp_jvp(node, tangents):
+    """Linear in ḡ (the weights are piecewise constant): max_vjp(x, m, ṫ_ḡ)."""
+    t = tangents[2]
+    return None if t is None else _apply("max_vjp", (node.inputs[0], node.inputs[1], t), **node.attrs)
+
+
+register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, jvp=linear_jvp,
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
-register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp,
+register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp, jvp=linear_jvp,
                   broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
-register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp,
+register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, jvp=_max_jvp,
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
-register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _no_second_order("max"),
+register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _max_vjp_vjp,
+                  jvp=_max_vjp_jvp,
                   doc="the cotangent of max: ḡ spread over the maximal elements (compiler-internal)"))
 
 
@@ -326,7 +373,7 @@ def _transpose_vjp(node, ct):
     return [transpose(ct, inverse)]
 
 
-register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp,
+register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, jvp=linear_jvp,
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
 
@@ -377,7 +424,7 @@ def resolve_reshape(shape: Shape, target) -> Shape:
 
 
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
-                  lambda node, ct: [reshape(ct, node.inputs[0].shape)],
+                  lambda node, ct: [reshape(ct, node.inputs[0].shape)], jvp=linear_jvp,
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
@@ -398,7 +445,7 @@ def _broadcast_infer(inputs, attrs):
 
 
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
-                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)],
+                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)], jvp=linear_jvp,
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -424,7 +471,7 @@ def _sum_to_emit(node, args, out):
 
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
-                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)],
+                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp,
                   doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
 
 
@@ -529,7 +576,7 @@ def _getitem_vjp(node, ct):
 
 
 register_op(OpDef("getitem", _getitem_infer, lambda node, args, out: [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"],
-                  _getitem_vjp, doc="basic NumPy indexing: ints, slices with steps, None, ...",
+                  _getitem_vjp, jvp=linear_jvp, doc="basic NumPy indexing: ints, slices with steps, None, ...",
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -539,7 +586,7 @@ def _scatter_emit(node, args, out):
 
 
 register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
-                  lambda node, ct: [getitem(ct, node.attrs["index"])],
+                  lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp,
                   doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
 
 
@@ -572,9 +619,18 @@ def _concat_vjp(node, ct):
     return cts
 
 
+def _concat_jvp(node, tangents):
+    """Linear: the tangents joined, zeros standing for inputs without one."""
+    if all(t is None for t in tangents):
+        return None
+    parts = [t if t is not None else _apply("zeros_like", (x,)) for x, t in zip(node.inputs, tangents)]
+    return _apply("concatenate", parts, **node.attrs)
+
+
 register_op(OpDef("concatenate", _concat_infer,
                   lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
-                  _concat_vjp, doc="join arrays along an existing axis", signature="concatenate((a, b), axis=0)"))
+                  _concat_vjp, jvp=_concat_jvp, doc="join arrays along an existing axis",
+                  signature="concatenate((a, b), axis=0)"))
 
 
 def concatenate(arrays: Sequence[Node], axis: int = 0) -> Node:
@@ -587,14 +643,17 @@ def concatenate(arrays: Sequence[Node], axis: int = 0) -> Node:
 
 # ----- identity-like ----------------------------------------------------------------
 register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
+                  no_derivative="zero by definition: no gradient or tangent flows through it",
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
-                  lambda node, ct: [ct], doc="a second name for a value (compiler-internal)"))
+                  lambda node, ct: [ct], jvp=linear_jvp, doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
+                  no_derivative="a constant: its value does not depend on x's",
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
+                  no_derivative="a constant: its value does not depend on x's",
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 
 
