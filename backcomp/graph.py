@@ -232,6 +232,10 @@ class Graph:
             raise GraphError(f"model '{self.name}' has neither a loss nor outputs")
         return {self.loss_node.name: self.loss_node}
 
+    def grad(self, y: Node, x: Node) -> Node:
+        """∂y/∂x (``y`` a scalar node) as a differentiable node of this graph."""
+        return _ops().grad(y, x)
+
     def lookup(self, name: str) -> Node | None:
         return self._names.get(name)
 

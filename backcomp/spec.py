@@ -154,7 +154,8 @@ class SpecOp:
 
     @property
     def keywords(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params if p.kind not in ("array", "value", "label", "cond", "arrays", "subscripts"))
+        return tuple(p.name for p in self.params if p.kind not in ("array", "value", "label", "cond", "arrays", "subscripts",
+                                                                   "node"))
 
     def signature(self) -> str:
         parts = []
@@ -211,6 +212,7 @@ def _spec_ops() -> dict[str, SpecOp]:
     table["conv2d"] = SpecOp("conv2d", ops.conv2d, (Param("x", "array"), Param("w", "array"),
                                                     Param("stride", "pair", False, 1, minimum=1),
                                                     Param("padding", "pair", False, 0, minimum=0)))
+    table["grad"] = SpecOp("grad", ops.grad, (Param("y", "array"), Param("x", "node")))
     for pool in ("max_pool2d", "avg_pool2d"):
         table[pool] = SpecOp(pool, getattr(ops, pool), (Param("x", "array"), Param("size", "pair", minimum=1),
                                                         Param("stride", "pair", False, None, minimum=1)))
@@ -598,7 +600,8 @@ class _Walker:
             return self.apply(node, op.fn, *args, *extra, **kwargs)
         first = kwargs.pop(params[0].name)
         return self.apply(node, op.fn, first, *(kwargs.pop(p.name) for p in params[1:] if p.kind in
-                                                ("array", "value", "label", "cond") and p.name in kwargs), **kwargs)
+                                                ("array", "value", "label", "cond", "node") and p.name in kwargs),
+                          **kwargs)
 
     def arg(self, node: ast.AST, p: Param, op: SpecOp):
         what = f"argument '{p.name}' of {op.name}()"
@@ -613,6 +616,10 @@ class _Walker:
             return node.value
         if kind in ("array", "label"):
             return self.array(node, what, allow_int=kind == "label")
+        if kind == "node":   # grad's x: a value by name, not an expression
+            if not isinstance(node, ast.Name) or not isinstance(self.names.get(node.id), Node):
+                raise self.err(node, f"{what} must be the name of an input, param or node")
+            return self.array(node, what)
         if kind == "value":
             v = self.value(node)
             self.no_int(v, node)

@@ -65,6 +65,16 @@ def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Ca
     return build
 
 
+def grad(y: Node, x: Node) -> Node:
+    """∂y/∂x for a scalar ``y``: a node of x's shape, itself differentiable.
+
+    Built in place by the VJP pass (``backcomp.vjp.grad``), so ``grad(sum(grad(sum(u), x)), x)``
+    is a second derivative and a loss may contain it.
+    """
+    from backcomp.vjp import grad as build_grad   # vjp.py builds on this package
+    return build_grad(y, x)
+
+
 def apply(op: str, *inputs: Node, **attrs) -> Node:
     """Apply a registered op by name (the way to call your own registered ops)."""
     if not inputs:
