@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -24,6 +24,7 @@ from backcomp.runtime import helper_source
 #: names the generated functions use themselves
 RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "seed", "state",
             "forward", "value_and_grad", "init_params", "init_state", "train_step",
+            "jvp", "hvp", "tangents", "_tangents",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
             "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
@@ -40,6 +41,9 @@ def assign_names(graph: Graph) -> dict[Node, str]:
     ct_of: dict[Node, Node] = {}
     for fwd, ct in graph.cotangents.items():
         ct_of.setdefault(ct, fwd)
+    tan_of: dict[Node, Node] = {}
+    for fwd, t in graph.tangents.items():
+        tan_of.setdefault(t, fwd)
     taken = set(RESERVED) | set(graph.dims)
     names: dict[Node, str] = {}
 
@@ -60,8 +64,11 @@ def assign_names(graph: Graph) -> dict[Node, str]:
         if node in names:
             continue
         fwd = ct_of.get(node)
+        primal = tan_of.get(node)
         if fwd is not None and fwd.name is not None:
             names[node] = claim(f"{names.get(fwd, fwd.name)}_bar")
+        elif primal is not None and primal in names:   # a tangent: <value>_dot, <value>_bar_dot
+            names[node] = claim(f"{names[primal]}_dot")
         else:
             label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
             label = re.sub(r"\W", "", label) or "t"
@@ -243,9 +250,45 @@ class ModuleParts:
     helpers: set[str]
     validate_body: list[str]
     unpack: str
+    jvp_body: list[str] = field(default_factory=list)   # empty: the function is not emitted
+    hvp_body: list[str] = field(default_factory=list)
 
 
-def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Graph | None = None) -> ModuleParts:
+def tangent_body(graph: Graph, kind: str, helpers: set[str], check_finite: bool = False) -> list[str]:
+    """The body of ``jvp`` (kind "jvp") or ``hvp`` ("hvp") from a graph that ``jvp_graph`` or
+    ``hvp_graph`` made (and the passes optimised): validate as the other functions do,
+    bind the tangent leaves (missing tangents are zeros), compute, return.
+
+    ``tangents`` is a reserved name, so binding ``v`` to it first keeps the argument
+    safe from a model value that happens to be called ``v``.
+    """
+    names = assign_names(graph)
+    _, unpack = validation_lines(graph, names, index_ranges(graph))
+    primals = {k: graph.lookup(k) for k in graph.tangent_inputs}
+    leaves = [names[t] for t in graph.tangent_inputs.values()]
+    helpers.add("tangents")
+    given = "{" + ", ".join(f'"{k}": {names[v]}' for k, v in primals.items()) + "}"
+    lines = ["tangents = v"] if kind == "hvp" else []
+    lines += [unpack]
+    if leaves:
+        lines.append(f"{', '.join(leaves)}{',' if len(leaves) == 1 else ''} = "
+                     f'_tangents("{"tangents" if kind == "jvp" else "v"}", tangents, {given})')
+    outputs = graph.forward_outputs() if kind == "jvp" else {}
+    roots = [*outputs.values(), *graph.tangent_outputs.values()]
+    lines += lower(live_nodes(graph, roots), names, helpers, set(roots), check_finite)
+    if kind == "jvp":
+        outs = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in outputs.items())
+        tans = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in graph.tangent_outputs.items())
+        lines.append(f"return {{{outs}}}, {{{tans}}}")
+    else:
+        hv = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
+                       for p, n in graph.tangent_outputs.items())
+        lines.append(f"return {{{hv}}}")
+    return lines
+
+
+def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Graph | None = None,
+                jvp: Graph | None = None, hvp: Graph | None = None) -> ModuleParts:
     """Lower both functions of a differentiated (and possibly optimised) graph.
 
     ``model`` is the graph as the user wrote it: the docstring explains it (``backcomp
@@ -273,8 +316,10 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     validate_body, unpack = validation_lines(graph, names, ranges)
     if ranges:
         helpers.add("index")
+    jvp_body = tangent_body(jvp, "jvp", helpers, check_finite) if jvp is not None else []
+    hvp_body = tangent_body(hvp, "hvp", helpers, check_finite) if hvp is not None else []
     return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
-                       unpack)
+                       unpack, jvp_body, hvp_body)
 
 
 def docstring_summary(model: Graph) -> list[str]:
@@ -364,6 +409,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack,
+        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body,
     )
     return text
 
