@@ -241,6 +241,7 @@ def graph_key(graph: Graph, *options) -> str | None:
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
         h.update(repr((n.op, n.name, n.shape, n.dtype, [index[i] for i in n.inputs], attrs)).encode())
+    h.update(repr(sorted((index[k], index[y], index[x]) for k, (y, x) in graph.grad_of.items())).encode())
     h.update(repr((sorted(graph.inits.items()), list(graph.outputs), graph.wrt,
                    graph.loss_node and graph.loss_node.name)).encode())
     return h.hexdigest()[:20]

@@ -149,6 +149,8 @@ class Graph:
     tangents: dict[Node, Node] = field(default_factory=dict)
     tangent_inputs: dict[str, Node] = field(default_factory=dict)
     tangent_outputs: dict[str, Node] = field(default_factory=dict)
+    #: grad(y, x) nodes -> (y, x), for ``explain`` to show them as ∂y/∂x
+    grad_of: dict[Node, tuple[Node, Node]] = field(default_factory=dict)
     #: stamped on nodes as they are created (see ``scoped``)
     scope: str | None = None
     #: stamped on backward nodes as they are created
@@ -290,6 +292,8 @@ class Graph:
         g.tangents = {mapping.get(k, k): mapping[v] for k, v in self.tangents.items()}
         g.tangent_inputs = {k: mapping[v] for k, v in self.tangent_inputs.items()}
         g.tangent_outputs = {k: mapping[v] for k, v in self.tangent_outputs.items()}
+        g.grad_of = {mapping[k]: (mapping[y], mapping[x]) for k, (y, x) in self.grad_of.items()
+                     if k in mapping and y in mapping and x in mapping}
         return g, mapping
 
     def replace_uses(self, replace: dict[Node, Node]) -> None:

@@ -124,5 +124,8 @@ def grad(y: Node, x: Node) -> Node:
     ct = backpropagate(g, y, [x]).get(x)
     with g.scoped(origin=(x, None)):
         if ct is None:   # y does not depend on x: the gradient is exactly zero
-            return g.apply("zeros_like", (x,))
-        return broadcast_to(ct, x.shape) if ct.shape != x.shape else ct
+            ct = g.apply("zeros_like", (x,))
+        elif ct.shape != x.shape:
+            ct = broadcast_to(ct, x.shape)
+    g.grad_of.setdefault(ct, (y, x))
+    return ct

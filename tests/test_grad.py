@@ -226,3 +226,22 @@ def test_grad_matches_torch_double_backward():
     np.testing.assert_allclose(loss, tloss.item(), rtol=1e-12)
     for k, v in zip(T, tg):
         np.testing.assert_allclose(grads[k], v.numpy(), rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+# ----- explain ----------------------------------------------------------------------------------
+def test_explain_shows_grad_nodes_as_derivatives():
+    """A grad node reads ∂/∂x y = <its value>, and the VJPs through it (second derivatives)
+    are ḡ lines like any other; a value read only for its shape contributes no '+= 0'."""
+    from backcomp.explain import explain
+    text = SPEC.replace('d2u = "grad(sum(grad(sum(u), x)), x)"', 'd2u = "grad(sum(du), x)"')
+    text = text.replace('u = "tanh(x @ W1 + b1) @ W2"', 'h = "tanh(x @ W1 + b1)"\nu = "h @ W2"')
+    g = parse_spec(text, "derivs.toml")
+    out = explain(g)
+    assert "du = ∂/∂x Σ(u) = ((1 - h^2) ⊙ W2ᵀ) · W1ᵀ    # shape (B, 1)" in out, out
+    assert "d2u = ∂/∂x Σ(du) = (2·W1 ⊙ h ⊙ (h^2 - 1) ⊙ W2ᵀ) · W1ᵀ    # shape (B, 1)" in out, out
+    assert "    ḡ_h += 2·W1 ⊙ (3·h^2 - 1) ⊙ W2ᵀ ⊙ (ḡ_d2u · W1)" in out, out
+    assert "+= 0" not in out and "= 0\n" not in out
+    latex = explain(g, latex=True)
+    assert r"du = \frac{\partial}{\partial x} \sum\left(u\right) = " in latex, latex
+    # and the module's docstring is that text
+    assert "d2u = ∂/∂x Σ(du) = " in backcomp.compile_source(g)
