@@ -63,6 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also generate init_state() and train_step()")
     c.add_argument("--check-finite", action="store_true", help="raise at the first NaN/Inf a node produces")
     c.add_argument("--report", action="store_true", help="print a numerical-stability report")
+    c.add_argument("--emit", metavar="jvp,hvp", type=_emit_list, default=(),
+                   help="also emit jvp(params, inputs, tangents) and/or hvp(params, inputs, v)")
     c.add_argument("--emit-test", action="store_true",
                    help="also write test_<name>.py: a pytest gradient check using only numpy")
 
@@ -123,6 +125,15 @@ def _load(spec: str):
     return load_spec(Path(spec))
 
 
+def _emit_list(text: str) -> tuple[str, ...]:
+    """--emit jvp,hvp: the extra functions, checked here so a typo is a usage error (exit 2)."""
+    from backcomp.compiler import parse_emit
+    try:
+        return parse_emit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_compile(args) -> int:
     from backcomp.compiler import OverwriteError, atomic_write, compile_model
     start = time.perf_counter()
@@ -136,7 +147,7 @@ def cmd_compile(args) -> int:
     if not module_name.isidentifier():
         raise UserError(f"{out}: error: '{module_name}' is not importable; choose an identifier file name")
     compiled = compile_model(graph, args.opt_level, optimizer=args.optimizer, check_finite=args.check_finite,
-                             source=Path(args.spec).name)
+                             source=Path(args.spec).name, emit=args.emit)
     text, lowered = compiled.text, compiled.lowered
     test_path = out.with_name(f"test_{module_name}.py")
     test_text = emit_test(module_name) if args.emit_test else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -24,6 +24,7 @@ from backcomp.runtime import helper_source
 #: names the generated functions use themselves
 RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "seed", "state",
             "forward", "value_and_grad", "init_params", "init_state", "train_step",
+            "jvp", "hvp", "tangents", "_tangents",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
             "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
@@ -43,6 +44,9 @@ def assign_names(graph: Graph) -> dict[Node, str]:
     ct_of: dict[Node, Node] = {}
     for fwd, ct in graph.cotangents.items():
         ct_of.setdefault(ct, fwd)
+    tan_of: dict[Node, Node] = {}
+    for fwd, t in graph.tangents.items():
+        tan_of.setdefault(t, fwd)
     taken = set(RESERVED) | set(graph.dims)
     names: dict[Node, str] = {}
 
@@ -63,8 +67,11 @@ def assign_names(graph: Graph) -> dict[Node, str]:
         if node in names:
             continue
         fwd = ct_of.get(node)
+        primal = tan_of.get(node)
         if fwd is not None and fwd.name is not None:
             names[node] = claim(f"{names.get(fwd, fwd.name)}_bar")
+        elif primal is not None and primal in names:   # a tangent: <value>_dot, <value>_bar_dot
+            names[node] = claim(f"{names[primal]}_dot")
         else:
             label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
             label = re.sub(r"\W", "", label) or "t"
@@ -100,8 +107,11 @@ def describe(node: Node, names: dict[Node, str]) -> str:
 
 
 def origin_comment(node: Node, names: dict[Node, str]) -> str:
-    fwd, wrt = node.origin   # wrt: the input differentiated (a node, not a position: passes
-    names = _Names(names)    # may rewrite the forward node's inputs after differentiation)
+    """``# backward of <node>`` (w.r.t. an input), or ``# tangent of <node>`` (forward mode)."""
+    fwd, wrt, *mode = node.origin   # wrt: the input differentiated (a node, not a position:
+    names = _Names(names)           # passes may rewrite the forward node's inputs afterwards)
+    if mode:
+        return f"# tangent of {describe(fwd, names)}"
     where = f" w.r.t. {names[wrt]}" if wrt is not None else ""
     return f"# backward of {describe(fwd, names)}{where}"
 
@@ -253,10 +263,45 @@ class ModuleParts:
     unpack: str
     #: template variables of the batch analysis and the per-chunk functions (``batch_parts``)
     batch: dict | None = None
+    jvp_body: list[str] = field(default_factory=list)   # empty: the function is not emitted
+    hvp_body: list[str] = field(default_factory=list)
+
+
+def tangent_body(graph: Graph, kind: str, helpers: set[str], check_finite: bool = False) -> list[str]:
+    """The body of ``jvp`` (kind "jvp") or ``hvp`` ("hvp") from a graph that ``jvp_graph`` or
+    ``hvp_graph`` made (and the passes optimised): validate as the other functions do,
+    bind the tangent leaves (missing tangents are zeros), compute, return.
+
+    ``tangents`` is a reserved name, so binding ``v`` to it first keeps the argument
+    safe from a model value that happens to be called ``v``.
+    """
+    names = assign_names(graph)
+    _, unpack = validation_lines(graph, names, index_ranges(graph))
+    primals = {k: graph.lookup(k) for k in graph.tangent_inputs}
+    leaves = [names[t] for t in graph.tangent_inputs.values()]
+    helpers.add("tangents")
+    given = "{" + ", ".join(f'"{k}": {names[v]}' for k, v in primals.items()) + "}"
+    lines = ["tangents = v"] if kind == "hvp" else []
+    lines += [unpack]
+    if leaves:
+        lines.append(f"{', '.join(leaves)}{',' if len(leaves) == 1 else ''} = "
+                     f'_tangents("{"tangents" if kind == "jvp" else "v"}", tangents, {given})')
+    outputs = graph.forward_outputs() if kind == "jvp" else {}
+    roots = [*outputs.values(), *graph.tangent_outputs.values()]
+    lines += lower(live_nodes(graph, roots), names, helpers, set(roots), check_finite)
+    if kind == "jvp":
+        outs = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in outputs.items())
+        tans = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in graph.tangent_outputs.items())
+        lines.append(f"return {{{outs}}}, {{{tans}}}")
+    else:
+        hv = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
+                       for p, n in graph.tangent_outputs.items())
+        lines.append(f"return {{{hv}}}")
+    return lines
 
 
 def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Graph | None = None,
-                lower_model=None) -> ModuleParts:
+                jvp: Graph | None = None, hvp: Graph | None = None, lower_model=None) -> ModuleParts:
     """Lower both functions of a differentiated (and possibly optimised) graph.
 
     ``model`` is the graph as the user wrote it: the docstring explains it (``backcomp
@@ -287,8 +332,10 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     if ranges:
         helpers.add("index")
     batch = batch_parts(model if model is not None else graph, lower_model, helpers, check_finite)
+    jvp_body = tangent_body(jvp, "jvp", helpers, check_finite) if jvp is not None else []
+    hvp_body = tangent_body(hvp, "hvp", helpers, check_finite) if hvp is not None else []
     return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
-                       unpack, batch)
+                       unpack, batch, jvp_body, hvp_body)
 
 
 def batch_parts(model: Graph, lower_model, helpers: set[str], check_finite: bool) -> dict:
@@ -319,6 +366,7 @@ def batch_parts(model: Graph, lower_model, helpers: set[str], check_finite: bool
     grads = ", ".join(f'"{p}": {_grad_value(n, names[n], names[g.params[p]])}' for p, n in g.grads.items())
     out["partial_grad_body"] = body + [f"return {_array_value(loss, names[loss])}, {{{grads}}}, {rows}"]
     return out
+
 
 
 def docstring_summary(model: Graph) -> list[str]:
@@ -406,6 +454,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack, **(parts.batch or {}),
+        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body,
     )
     return text
 

@@ -52,6 +52,42 @@ def lower_graph(graph: Graph, opt_level: int = 1, findings: list[Finding] | None
     return optimize(g) if opt_level >= 1 else g
 
 
+#: the extra functions ``emit`` may ask for
+EMITS = ("jvp", "hvp")
+
+
+def parse_emit(emit) -> tuple[str, ...]:
+    """``"jvp,hvp"``, ``("hvp",)`` or None as a sorted tuple of known names."""
+    if emit is None:
+        return ()
+    items = emit.split(",") if isinstance(emit, str) else list(emit)
+    names = {i.strip() for i in items if i.strip()}
+    unknown = sorted(names - set(EMITS))
+    if unknown:
+        raise ValueError(f"unknown function to emit: {', '.join(unknown)} (choose from {', '.join(EMITS)})")
+    return tuple(e for e in EMITS if e in names)
+
+
+def lower_tangents(graph: Graph, emit: tuple[str, ...], opt_level: int = 1) -> tuple[Graph | None, Graph | None]:
+    """The graphs of ``jvp`` and ``hvp`` (None where not asked for), optimised like the others.
+
+    jvp: the forward outputs and their tangents (forward mode on the prepared forward).
+    hvp: forward-over-reverse, the JVP of the backward graph seeded at the wrt params.
+    """
+    from backcomp.jvp import hvp_graph, jvp_graph
+    if not emit:
+        return None, None
+    prepared = prepare_forward(graph) if opt_level >= 1 else graph
+    finish = optimize if opt_level >= 1 else (lambda g: g)
+    jvp = finish(jvp_graph(prepared)) if "jvp" in emit else None
+    hvp = None
+    if "hvp" in emit:
+        if graph.loss_node is None:
+            raise ValueError("hvp needs a model with a loss")
+        hvp = finish(hvp_graph(differentiate(prepared)))
+    return jvp, hvp
+
+
 def stability_report(model) -> list[str]:
     """The numerically risky patterns the optimiser rewrote, and those it could not."""
     graph, _ = _as_graph(model)
@@ -70,30 +106,33 @@ class Compiled:
 
 
 def compile_model(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False,
-                  source: str | None = None) -> Compiled:
+                  source: str | None = None, emit=None) -> Compiled:
     """Lower ``model`` (a Graph or a spec path) once and render its module.
 
     ``source`` labels the module's docstring; a spec path gives its file name
     (not the path: the text stays the same wherever it is compiled from).
     """
     graph, label = _as_graph(model)
+    emit = parse_emit(emit)
     findings: list[Finding] = []
     g = lower_graph(graph, opt_level, findings)
-    parts = build_parts(g, source or label, check_finite=check_finite, model=graph,
+    jvp, hvp = lower_tangents(graph, emit, opt_level)
+    parts = build_parts(g, source or label, check_finite=check_finite, model=graph, jvp=jvp, hvp=hvp,
                         lower_model=lambda partial: lower_graph(partial, opt_level))
     text = render(g, parts, optimizer=optimizer)
     return Compiled(graph, g, text, findings)
 
 
 def compile_source(model, opt_level: int = 1, optimizer: str | None = None,
-                   check_finite: bool = False, source: str | None = None) -> str:
+                   check_finite: bool = False, source: str | None = None, emit=None) -> str:
     """Module source for a Graph or a spec path.
 
     ``optimizer`` ("sgd", "momentum", "adam") adds ``init_state``/``train_step``;
     ``check_finite`` makes the module raise FloatingPointError at the first node
-    that produces a NaN or Inf.
+    that produces a NaN or Inf; ``emit`` ("jvp,hvp", or a tuple of those names) adds
+    ``jvp(params, inputs, tangents)`` and/or ``hvp(params, inputs, v)``.
     """
-    return compile_model(model, opt_level, optimizer, check_finite, source).text
+    return compile_model(model, opt_level, optimizer, check_finite, source, emit).text
 
 
 def atomic_write(path: Path, text: str, force: bool = False) -> None:
@@ -139,9 +178,9 @@ def _file_mode(path: Path) -> int:
 
 
 def write_module(model, path, force: bool = False, opt_level: int = 1, optimizer: str | None = None,
-                 check_finite: bool = False) -> Path:
+                 check_finite: bool = False, emit=None) -> Path:
     """Compile and write the module to ``path`` atomically; returns the path."""
-    text = compile_source(model, opt_level, optimizer=optimizer, check_finite=check_finite)
+    text = compile_source(model, opt_level, optimizer=optimizer, check_finite=check_finite, emit=emit)
     atomic_write(Path(path), text, force=force)
     return Path(path)
 
@@ -179,7 +218,7 @@ def _rules_fingerprint(graph: Graph) -> str | None:
     h = hashlib.sha256()
     for name in sorted({n.op for n in graph.nodes} - {"input", "param"}):
         op = get_op(name)
-        for rule in (op.infer, op.emit, op.vjp, op.scalar):
+        for rule in (op.infer, op.emit, op.vjp, op.jvp, op.scalar):
             module = getattr(rule, "__module__", "") or ""
             if rule is None or module.startswith(("backcomp.", "sympy.")):
                 continue
@@ -203,15 +242,20 @@ def graph_key(graph: Graph, *options) -> str | None:
     for n in graph.nodes:
         attrs = sorted((k, repr(v)) for k, v in n.attrs.items())
         h.update(repr((n.op, n.name, n.shape, n.dtype, [index[i] for i in n.inputs], attrs)).encode())
+    h.update(repr(sorted((index[k], index[y], index[x]) for k, (y, x) in graph.grad_of.items())).encode())
     h.update(repr((sorted(graph.inits.items()), list(graph.outputs), graph.wrt,
                    graph.loss_node and graph.loss_node.name)).encode())
     return h.hexdigest()[:20]
 
 
-def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False) -> ModuleType:
-    """Compile and import; unchanged models come back from the cache at once."""
+def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite: bool = False,
+          emit=None) -> ModuleType:
+    """Compile and import; unchanged models come back from the cache at once.
+
+    ``emit`` ("jvp,hvp" or a tuple) adds the forward-mode ``jvp`` and/or ``hvp``."""
     graph, source = _as_graph(model)
-    key = graph_key(graph, opt_level, optimizer, check_finite, source)
+    emit = parse_emit(emit)
+    key = graph_key(graph, opt_level, optimizer, check_finite, source, *emit)
     if key in _MEMORY:
         return _MEMORY[key]
     if key is None:   # rules we cannot fingerprint: compile afresh, in a private file
@@ -221,7 +265,7 @@ def build(model, opt_level: int = 1, optimizer: str | None = None, check_finite:
         path = cache_dir() / f"{graph.name}_{key}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = compile_model(graph, opt_level, optimizer, check_finite, source).text
+        text = compile_model(graph, opt_level, optimizer, check_finite, source, emit).text
         atomic_write(path, text, force=True)
     module = import_path(path, f"backcomp_generated.{graph.name}_{key}")
     _MEMORY[key] = module

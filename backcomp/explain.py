@@ -201,6 +201,8 @@ class NodeMath:
     shape: tuple
     forward: sp.Expr
     vjps: dict[str, sp.Expr] = field(default_factory=dict)   # input name -> its term
+    #: a grad(y, x) node: (y as an expression, x's name), shown as ∂y/∂x before its value
+    grad: tuple[sp.Expr, str] | None = None
 
 
 def line_names(graph: Graph) -> dict[Node, str]:
@@ -283,6 +285,10 @@ def node_math(graph: Graph, target: Node, differentiable: set[int],
     names = {m: sp.Symbol(m.name, real=True) for m in mapping.values() if m.op in ("input", "param")}
     forward = _tidy(_softmax(_Reader(names)(out)))
     math = NodeMath(target_name, target.shape, forward)
+    if target in graph.grad_of:
+        y, x = graph.grad_of[target]
+        named = {n: sp.Symbol(name, real=True) for n, name in lines.items()}
+        math.grad = (_Reader(named)(y), lines.get(x, x.name or f"v{x.id}"))
     if not wrt or out.dtype != "float" or target.id not in differentiable:
         return math
     seed = local._leaf("input", BAR + target_name, target.shape, "float")
@@ -295,7 +301,9 @@ def node_math(graph: Graph, target: Node, differentiable: set[int],
     scalars = {v for k, v in symbols.items() if k is not None and k.shape == ()}
     reader = _Reader({k: v for k, v in symbols.items() if k is not None}, scalars)
     for p in wrt:
-        math.vjps[p] = _tidy(_softmax(reader(d.grads[p])))
+        term = _tidy(_softmax(reader(d.grads[p])))
+        if term != 0:   # a value read only for its shape (the seed of a grad node)
+            math.vjps[p] = term
     return math
 
 
@@ -394,12 +402,17 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
     for m in selected:
         lhs = MathLatexPrinter._name(m.name) if latex else m.name
         shape = format_shape(m.shape)
+        deriv = ""
+        if m.grad is not None:   # ∂y/∂x, then its value: a derivative read like any other line
+            y, x = m.grad
+            deriv = (rf"\frac{{\partial}}{{\partial {MathLatexPrinter._name(x)}}} {fmt(y)} = " if latex
+                     else f"∂/∂{x} {fmt(y)} = ")
         if latex:
             lines.append("")
-            lines.append(rf"{lhs} = {fmt(m.forward)} \qquad \text{{shape }} {shape}")
+            lines.append(rf"{lhs} = {deriv}{fmt(m.forward)} \qquad \text{{shape }} {shape}")
         else:
             lines.append("")
-            lines.append(f"{lhs} = {fmt(m.forward)}    # shape {shape}")
+            lines.append(f"{lhs} = {deriv}{fmt(m.forward)}    # shape {shape}")
         for v, term in m.vjps.items():
             if wrt is not None and v not in on_path:
                 continue

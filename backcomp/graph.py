@@ -168,6 +168,14 @@ class Graph:
     #: filled by the VJP pass: the cotangent node of each wrt param, and of each node
     grads: dict[str, Node] = field(default_factory=dict)
     cotangents: dict[Node, Node] = field(default_factory=dict)
+    #: filled by the JVP pass (forward mode): the tangent node of each node it reached,
+    #: the tangent leaves it was seeded with (by the name of their value) and the
+    #: tangents a generated ``jvp``/``hvp`` returns (by name)
+    tangents: dict[Node, Node] = field(default_factory=dict)
+    tangent_inputs: dict[str, Node] = field(default_factory=dict)
+    tangent_outputs: dict[str, Node] = field(default_factory=dict)
+    #: grad(y, x) nodes -> (y, x), for ``explain`` to show them as ∂y/∂x
+    grad_of: dict[Node, tuple[Node, Node]] = field(default_factory=dict)
     #: stamped on nodes as they are created (see ``scoped``)
     scope: str | None = None
     #: stamped on backward nodes as they are created
@@ -251,6 +259,10 @@ class Graph:
             raise GraphError(f"model '{self.name}' has neither a loss nor outputs")
         return {self.loss_node.name: self.loss_node}
 
+    def grad(self, y: Node, x: Node) -> Node:
+        """∂y/∂x (``y`` a scalar node) as a differentiable node of this graph."""
+        return _ops().grad(y, x)
+
     def lookup(self, name: str) -> Node | None:
         return self._names.get(name)
 
@@ -302,6 +314,11 @@ class Graph:
         g.grads = {k: mapping[v] for k, v in self.grads.items()}
         # keys may be forward nodes a pass removed: keep them, they still name cotangents
         g.cotangents = {mapping.get(k, k): mapping[v] for k, v in self.cotangents.items()}
+        g.tangents = {mapping.get(k, k): mapping[v] for k, v in self.tangents.items()}
+        g.tangent_inputs = {k: mapping[v] for k, v in self.tangent_inputs.items()}
+        g.tangent_outputs = {k: mapping[v] for k, v in self.tangent_outputs.items()}
+        g.grad_of = {mapping[k]: (mapping[y], mapping[x]) for k, (y, x) in self.grad_of.items()
+                     if k in mapping and y in mapping and x in mapping}
         return g, mapping
 
     def replace_uses(self, replace: dict[Node, Node]) -> None:
@@ -313,6 +330,8 @@ class Graph:
         self.outputs = {k: replace.get(v, v) for k, v in self.outputs.items()}
         self.grads = {k: replace.get(v, v) for k, v in self.grads.items()}
         self.cotangents = {k: replace.get(v, v) for k, v in self.cotangents.items() if k not in replace}
+        self.tangents = {k: replace.get(v, v) for k, v in self.tangents.items() if k not in replace}
+        self.tangent_outputs = {k: replace.get(v, v) for k, v in self.tangent_outputs.items()}
         if self.loss_node is not None:
             self.loss_node = replace.get(self.loss_node, self.loss_node)
 

@@ -69,9 +69,33 @@ def _scatter_add(ids, rows, n):
     return out
 
 
+def _tangents(kind, given, primals):
+    """The tangent of each value in ``primals`` (name -> array) from the dict ``given``:
+    same shape as its value, cast to its dtype; a missing one is zeros."""
+    if not isinstance(given, dict):
+        raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
+    unknown = [k for k in given if k not in primals]
+    if unknown:
+        raise ValueError(f"{kind}: unknown {', '.join(repr(k) for k in unknown)} "
+                         f"(tangents may be given for {', '.join(primals)})")
+    out = []
+    for name, value in primals.items():
+        t = given.get(name)
+        if t is None:
+            out.append(np.zeros_like(value))
+            continue
+        t = np.asarray(t)
+        if t.dtype.kind != "f":
+            raise ValueError(f"{kind} '{name}' must be a floating-point array, got dtype {t.dtype}")
+        if t.shape != value.shape:
+            raise ValueError(f"{kind} '{name}' must have the shape of '{name}', {value.shape}, got shape {t.shape}")
+        out.append(t.astype(value.dtype, copy=False))
+    return out
+
+
 #: helper name (as the printer and code generator report it) -> the functions it needs
 HELPERS = {"erf": (_erf,), "index": (_index_error,), "finite": (_check_finite,),
-           "scatter_add": (_scatter_add,)}
+           "scatter_add": (_scatter_add,), "tangents": (_tangents,)}
 
 
 def helper_source(name: str) -> str:

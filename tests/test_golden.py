@@ -3,7 +3,8 @@
 As SymForce's codegen tests (``compare_or_update``): each case compiles a spec and
 compares the source with ``tests/golden/<case>.py``, so a change to the emitted code
 is a diff that a reviewer reads.  The cases are every ``examples/*.toml`` with the
-default options, plus ``mlp_adam`` (examples/mlp.toml with ``optimizer="adam"``).
+default options, plus ``mlp_adam`` (examples/mlp.toml with ``optimizer="adam"``) and
+``mlp_jvp_hvp`` (the same with ``emit="jvp,hvp"``).
 
 After an intended change to the generated code, refresh the files and commit them
 with the change:
@@ -37,6 +38,7 @@ DIFF_LINES = 60
 CASES: dict[str, tuple[str, dict]] = {
     **{p.stem: (f"examples/{p.name}", {}) for p in sorted((ROOT / "examples").glob("*.toml"))},
     "mlp_adam": ("examples/mlp.toml", {"optimizer": "adam"}),
+    "mlp_jvp_hvp": ("examples/mlp.toml", {"emit": "jvp,hvp"}),
 }
 
 

@@ -457,8 +457,9 @@ def test_internal_op_gradient(name, build_fn, ref, leaves, int_inputs):
     gradcheck(g, domains={**domains, "labels": 4}, reference=reference)
 
 
-def test_max_vjp_forward_and_no_second_order():
-    """max_vjp (the cotangent of max) computes ḡ shared over ties; its own VJP is a clear error."""
+def test_max_vjp_forward_and_second_order():
+    """max_vjp (the cotangent of max) computes ḡ shared over ties; it is differentiable in
+    turn (linear in ḡ, piecewise constant in x), so max has a second derivative."""
     g = backcomp.Graph("maxvjp")
     x = g.input("x", (2, 3))
     m = ops.max(x, axis=1, keepdims=True)
@@ -471,11 +472,11 @@ def test_max_vjp_forward_and_no_second_order():
     np.testing.assert_array_equal(res, [[0.0, 2.0, 2.0], [0.0, 0.0, 5.0]])
 
     g2 = backcomp.Graph("maxvjp2")
-    x2 = g2.input("x", (2, 3))
+    x2 = g2.param("x", (2, 3))
     c2 = g2.param("c", (2, 1))
     g2.loss(ops.sum(ops.apply("max_vjp", x2, ops.max(x2, axis=1, keepdims=True), c2, axes=(1,)) * x2))
-    with pytest.raises(NotImplementedError, match="second derivative through 'max'"):
-        differentiate(g2)
+    gradcheck(g2, domains={"x": "distinct"},
+              reference=lambda P, I: np.sum(np.max(P["x"], axis=1, keepdims=True) * P["c"]))
 
 
 def test_max_ties_share_the_gradient():
@@ -564,7 +565,7 @@ def test_every_registered_op_is_covered():
     covered = {op for case in CASES for op in case.covers}          # the FD gradient table
     covered |= {case.name for case in CASES}
     covered |= {d[0] for d in DIRECT}                                 # internal ops built directly
-    covered |= {"max_vjp"}                 # test_max_vjp_forward_and_no_second_order
+    covered |= {"max_vjp"}                 # test_max_vjp_forward_and_second_order
     covered |= NO_GRADIENT                 # test_stop_gradient_..., and where's conditions above
     covered |= _covered_elsewhere()
     missing = registered - covered

@@ -221,3 +221,57 @@ def test_constants_need_a_graph_in_the_builder():
     loss, grads = module.value_and_grad({"W": np.ones((2, 3))}, {})
     assert loss == 3.0
     np.testing.assert_array_equal(grads["W"], np.full((2, 3), 0.5))
+
+
+# ----- forward mode: the JVP rules of the linear ops here -------------------------------------
+def _take_graph():
+    g = backcomp.Graph("take_jvp")
+    A = g.param("A", (5, 3))
+    ids = g.input("ids", ("B", 2), dtype="int")
+    u = g.input("u", ("B", 2, 3))
+    g.loss(ops.sum(ops.take(ops.sin(A), ids) * u))
+    return g
+
+
+def _take_grad_graph():
+    g = backcomp.Graph("take_grad_jvp")
+    C = g.param("C", (4, 3))
+    ids = g.input("ids", (4,), dtype="int")
+    u = g.input("u", (6, 3))
+    g.loss(ops.sum(g.apply("take_grad", (ops.tanh(C), ids), axis=0, shape=(6, 3)) * u))
+    return g
+
+
+def _triangle_graph(op):
+    def build():
+        g = backcomp.Graph(f"{op}_jvp")
+        W = g.param("W", (4, 4))
+        u = g.input("u", ("B", 4, 4))
+        g.loss(ops.sum(getattr(ops, op)(ops.exp(W), k=-1) * u))
+        return g
+    return build
+
+
+#: graphs of the form sum(op(...) * u) whose op has a JVP rule (test_jvp checks each is reached)
+JVP_GRAPHS = {"take": _take_graph, "take_grad": _take_grad_graph, "tril": _triangle_graph("tril"),
+              "triu": _triangle_graph("triu")}
+
+
+@pytest.mark.parametrize("name", sorted(JVP_GRAPHS))
+def test_jvp_of_gathers_and_triangles(name):
+    from test_jvp import check_jvp
+    check_jvp(JVP_GRAPHS[name](), {})
+
+
+# ----- batch separability (backcomp.dask) of the new ops ------------------------------------
+def test_separability_of_gathers_and_constants():
+    from backcomp.passes.separability import analyse
+    ids = 'ids = { shape = ["B", "T"], dtype = "int64" }'
+    ok = parse_spec(spec('h = "embedding(ids, E) + take(P, arange(T)) + zeros((B, T, 4))"\n'
+                         'loss = "mean(tril(ones((T, T))) @ h) + sum(one_hot(ids, 6) @ E)"', ids,
+                         "E = [6, 4]\nP = [8, 4]"), "m.toml")
+    assert analyse(ok).separable
+    for graph, why in (('h = "take(P, arange(B))"\nloss = "sum(h) + sum(E)"', "numbers the rows of the batch"),
+                       ('h = "P[:B]"\nloss = "sum(h) + sum(E)"', "takes the first B entries")):
+        result = analyse(parse_spec(spec(graph, ids, "E = [6, 4]\nP = [8, 4]"), "m.toml"))
+        assert not result.separable and why in result.refusal, result.refusal

@@ -24,6 +24,7 @@ from backcomp.ops.nn import (  # noqa: F401
 from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
 from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  # noqa: F401
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
+from backcomp.ops.signature import Param, spec_function
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
     broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, min, reshape,
@@ -65,6 +66,17 @@ def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Ca
     build.__name__ = name
     build.__doc__ = f"{name}({', '.join(p.name for p in params)}) = {expr}"
     return build
+
+
+@spec_function(Param("y", "array"), Param("x", "node"))
+def grad(y: Node, x: Node) -> Node:
+    """∂y/∂x for a scalar ``y``: a node of x's shape, itself differentiable.
+
+    Built in place by the VJP pass (``backcomp.vjp.grad``), so ``grad(sum(grad(sum(u), x)), x)``
+    is a second derivative and a loss may contain it.
+    """
+    from backcomp.vjp import grad as build_grad   # vjp.py builds on this package
+    return build_grad(y, x)
 
 
 def apply(op: str, *inputs: Node, **attrs) -> Node:

@@ -14,6 +14,7 @@ from backcomp import notation
 from backcomp.graph import Graph, GraphError, Node, ShapeError, check_shape, format_shape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, X, spec_function
+from backcomp.ops.structural import linear_jvp
 
 
 def dtype_anchor(graph: Graph, op: str) -> Node:
@@ -62,7 +63,8 @@ def _full_explain(node, args, scalars):
 
 
 register_op(OpDef(
-    "full", lambda ins, attrs: (attrs["shape"], "float"), _full_emit, lambda node, ct: [None],
+    "full", lambda ins, attrs: (attrs["shape"], "float"), _full_emit, None,
+    no_derivative="a constant (its input only gives the dtype)",
     explain=_full_explain, doc="an array of one value in the model's float dtype (zeros, ones, full)",
     signature="full(shape, value)"))
 
@@ -96,7 +98,7 @@ def ones(shape, graph: Graph | None = None) -> Node:
 register_op(OpDef(
     "eye", lambda ins, attrs: ((attrs["n"], attrs["n"]), "float"),
     lambda node, args, out: [f"{out} = np.eye({node.attrs['n']}, dtype={args[0]}.dtype)"],
-    lambda node, ct: [None],
+    None, no_derivative="a constant (its input only gives the dtype)",
     explain=lambda node, args, scalars: notation.opaque(
         f"eye{node.attrs['n']}", f"I_{node.attrs['n']}", rf"I_{{{{{node.attrs['n']}}}}}", True)(),
     doc="the n×n identity in the model's float dtype", signature="eye(n)"))
@@ -113,7 +115,7 @@ def eye(n, graph: Graph | None = None) -> Node:
 register_op(OpDef(
     "arange", lambda ins, attrs: ((attrs["n"],), "int"),
     lambda node, args, out: [f"{out} = np.arange({node.attrs['n']})"],
-    None,
+    None, no_derivative="integers: no input, no derivative",
     explain=lambda node, args, scalars: notation.opaque(
         f"arange{node.attrs['n']}", f"arange({node.attrs['n']})",
         rf"\operatorname{{arange}}({node.attrs['n']})", True)(),
@@ -146,7 +148,7 @@ def _triangle(op: str):
 
     register_op(OpDef(
         op, infer, lambda node, args, out: [f"{out} = np.{op}({args[0]}, k={node.attrs['k']})"], vjp,
-        explain=explain,
+        jvp=linear_jvp, explain=explain,
         doc=f"np.{op}: the {'lower' if op == 'tril' else 'upper'} triangle of the last two axes "
             f"(k shifts the diagonal), zeros elsewhere", signature=f"{op}(x, k=0)"))
 

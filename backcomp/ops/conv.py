@@ -31,6 +31,7 @@ from __future__ import annotations
 from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
+from backcomp.ops.structural import linear_jvp, multilinear_jvp
 
 _SWV = "np.lib.stride_tricks.sliding_window_view"
 
@@ -159,7 +160,7 @@ def _conv2d_vjp(node, ct):
 
 
 register_op(OpDef(
-    "conv2d", _conv2d_infer, _conv2d_emit, _conv2d_vjp,
+    "conv2d", _conv2d_infer, _conv2d_emit, _conv2d_vjp, jvp=multilinear_jvp,
     doc="2-D cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C, kh, kw), "
         "zero padding; stride and padding an int or an (h, w) pair",
     signature="conv2d(x, w, stride=1, padding=0)",
@@ -217,7 +218,7 @@ def _grad_input_vjp(node, ct):
 
 
 register_op(OpDef(
-    "conv2d_grad_input", _grad_input_infer, _grad_input_emit, _grad_input_vjp,
+    "conv2d_grad_input", _grad_input_infer, _grad_input_emit, _grad_input_vjp, jvp=multilinear_jvp,
     doc="the VJP of conv2d w.r.t. its input: a transposed convolution (compiler-internal)"))
 
 
@@ -270,7 +271,7 @@ def _grad_weight_vjp(node, ct):
 
 
 register_op(OpDef(
-    "conv2d_grad_weight", _grad_weight_infer, _grad_weight_emit, _grad_weight_vjp,
+    "conv2d_grad_weight", _grad_weight_infer, _grad_weight_emit, _grad_weight_vjp, jvp=multilinear_jvp,
     doc="the VJP of conv2d w.r.t. its weight: input windows contracted with ḡ (compiler-internal)"))
 
 
@@ -358,8 +359,15 @@ def _max_pool_emit(node, args, out):
            [f"np.maximum({out}, {x}{where}, out={out})" for where in views[2:]]
 
 
+def _max_pool_jvp(node, tangents):
+    """ṫ read at the same first maximum of each window that the VJP writes to."""
+    (t,) = tangents
+    idx = _apply("max_pool2d_argmax", (node.inputs[0], node), **_pool_attrs(node))
+    return _apply("max_pool2d_gather", (t, idx), **_pool_attrs(node))
+
+
 register_op(OpDef(
-    "max_pool2d", _pool_infer("max_pool2d"), _max_pool_emit, _max_pool_vjp,
+    "max_pool2d", _pool_infer("max_pool2d"), _max_pool_emit, _max_pool_vjp, jvp=_max_pool_jvp,
     doc="max over size x size windows of NCHW x (no padding; stride defaults to size); "
         "the gradient goes to the first maximum of each window, as PyTorch",
     signature="max_pool2d(x, size, stride=size)"))
@@ -393,6 +401,7 @@ def _argmax_emit(node, args, out):
 
 register_op(OpDef(
     "max_pool2d_argmax", _argmax_infer, _argmax_emit, None,
+    no_derivative="integer window offsets: piecewise constant, nothing to differentiate",
     doc="flat offset (i·kw + j) of the first maximum of each pool window, given the maxima "
         "(compiler-internal)"))
 
@@ -428,7 +437,7 @@ def _scatter_vjp(node, ct):
 
 
 register_op(OpDef(
-    "max_pool2d_scatter", _scatter_infer, _scatter_emit, _scatter_vjp,
+    "max_pool2d_scatter", _scatter_infer, _scatter_emit, _scatter_vjp, jvp=linear_jvp,
     doc="the VJP of max_pool2d: ḡ added at each window's argmax (compiler-internal)"))
 
 
@@ -454,7 +463,7 @@ def _gather_vjp(node, ct):
 
 
 register_op(OpDef(
-    "max_pool2d_gather", _gather_infer, _gather_emit, _gather_vjp,
+    "max_pool2d_gather", _gather_infer, _gather_emit, _gather_vjp, jvp=linear_jvp,
     doc="u read at each pool window's argmax: the VJP of max_pool2d_scatter (compiler-internal)"))
 
 
@@ -465,7 +474,7 @@ def _avg_pool_vjp(node, ct):
 
 
 register_op(OpDef(
-    "avg_pool2d", _pool_infer("avg_pool2d"), _pool_emit("mean"), _avg_pool_vjp,
+    "avg_pool2d", _pool_infer("avg_pool2d"), _pool_emit("mean"), _avg_pool_vjp, jvp=linear_jvp,
     doc="mean over size x size windows of NCHW x (no padding; stride defaults to size)",
     signature="avg_pool2d(x, size, stride=size)"))
 
@@ -484,7 +493,7 @@ register_op(OpDef(
     "avg_pool2d_scatter",
     lambda ins, attrs: (_check_grid("avg_pool2d_scatter", ins[0], attrs), "float"),
     _avg_scatter_emit,
-    lambda node, ct: [_apply("avg_pool2d", (ct,), **_pool_attrs(node))],
+    lambda node, ct: [_apply("avg_pool2d", (ct,), **_pool_attrs(node))], jvp=linear_jvp,
     doc="the VJP of avg_pool2d: ḡ / (kh·kw) added over each window (compiler-internal)"))
 
 

@@ -1,11 +1,14 @@
-"""Elementwise ops: each is a SymPy scalar expression; its VJP is *derived*.
+"""Elementwise ops: each is a SymPy scalar expression; its VJP and JVP are *derived*.
 
 Every elementwise node denotes a scalar expression over its inputs' symbols
 (``%0, %1, ...``).  Named ops (``relu``, ``mul``, ...) build it from their scalar
 definition; the generic ``ew`` op holds an expression directly (the backward and
-the fusion pass make these).  One VJP rule serves them all: ``sympy.diff`` of the
-expression, with the forward expression replaced by the node's own output so that
-derivatives such as σ' = σ(1 − σ) and tanh' = 1 − tanh² reuse the forward value.
+the fusion pass make these).  One VJP rule and one JVP rule serve them all, from the
+same partials: ``sympy.diff`` of the expression, with the forward expression
+replaced by the node's own output so that derivatives such as σ' = σ(1 − σ) and
+tanh' = 1 − tanh² reuse the forward value.  VJP: ḡ_xi = ḡ ⊙ ∂f/∂xi; JVP:
+ṫ = Σ_i ∂f/∂xi ⊙ ṫ_i.  The partials are expressions again, so every elementwise
+op can be differentiated to any order.
 """
 from __future__ import annotations
 
@@ -60,6 +63,12 @@ def dim_from_value(value) -> "int | str | None":
 
 OUT = sp.Symbol("%out", real=True)   # the node's own output, inside its derivative
 CT = sp.Symbol("%ct", real=True)     # the incoming cotangent
+
+
+@lru_cache(maxsize=None)
+def tangent_symbol(i: int) -> sp.Symbol:
+    """The tangent of an elementwise node's i-th input, inside its JVP."""
+    return sp.Symbol(f"%dot{i}", real=True)
 
 
 def _number(value) -> sp.Expr:
@@ -174,28 +183,50 @@ def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
     return d
 
 
+@lru_cache(maxsize=4096)
+def partial(expr: sp.Expr, i: int) -> sp.Expr:
+    """∂expr/∂%i, written over the node's output ``OUT`` where it can be (shared by
+    the VJP and the JVP: the same derivative, applied on either side)."""
+    d = fix_step_convention(sp.diff(expr, arg_symbol(i)))
+    if d != 0 and not expr.is_Atom:
+        d = reuse_output(d, expr)
+    return d
+
+
 def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
     """ḡ_xi = ḡ ⊙ ∂f/∂xi, with f's own value substituted where it reappears."""
     expr = node_expr(node)
     cts: list[Node | None] = []
     for i, x in enumerate(node.inputs):
-        if x.dtype != "float":
-            cts.append(None)
-            continue
-        d = fix_step_convention(sp.diff(expr, arg_symbol(i)))
+        d = partial(expr, i) if x.dtype == "float" else sp.S.Zero
         if d == 0:
             cts.append(None)
             continue
-        if not expr.is_Atom:
-            d = reuse_output(d, expr)
         bindings = {CT: ct, OUT: node, **{arg_symbol(j): n for j, n in enumerate(node.inputs)}}
         cts.append(ew_from_expr(sp.piecewise_fold(CT * d), bindings, label=f"d{node.op}"))
     return cts
 
 
+def elementwise_jvp(node: Node, tangents: Sequence[Node | None]) -> Node | None:
+    """ṫ = Σ_i ∂f/∂xi ⊙ ṫ_i, one elementwise node (the partials of the VJP)."""
+    if node.dtype != "float":
+        return None
+    expr = node_expr(node)
+    bindings: dict[sp.Symbol, Node] = {OUT: node, **{arg_symbol(j): n for j, n in enumerate(node.inputs)}}
+    total = sp.S.Zero
+    for i, (x, t) in enumerate(zip(node.inputs, tangents)):
+        d = partial(expr, i) if t is not None and x.dtype == "float" else sp.S.Zero
+        if d != 0:
+            bindings[tangent_symbol(i)] = t
+            total += d * tangent_symbol(i)
+    if total == 0:
+        return None
+    return ew_from_expr(sp.piecewise_fold(total), bindings, label=f"t{node.op}")
+
+
 # ----- the generic node that fusion and the backward create ---------------------
 register_op(OpDef(
-    "ew", _infer, _emit, elementwise_vjp, elementwise=True, broadcast_ct=True,
+    "ew", _infer, _emit, elementwise_vjp, elementwise=True, broadcast_ct=True, jvp=elementwise_jvp,
     doc="A fused elementwise expression (made by the compiler, not by users).",
 ))
 
@@ -209,7 +240,9 @@ def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
         return broadcast_shapes(*(x.shape for x in inputs), where=f"{name}: "), dtype
 
     register_op(OpDef(name, infer, _emit, elementwise_vjp if differentiable else None,
-                      doc=doc, elementwise=True, broadcast_ct=True, signature=signature, scalar=scalar))
+                      doc=doc, elementwise=True, broadcast_ct=True, signature=signature, scalar=scalar,
+                      jvp=elementwise_jvp if differentiable else None,
+                      no_derivative="" if differentiable else f"a comparison: its {dtype} output has no derivative"))
 
     def build(*args, **attrs):
         if len(args) != nargs:

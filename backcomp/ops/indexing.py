@@ -14,7 +14,7 @@ from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops.constants import dtype_anchor
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, spec_function
-from backcomp.ops.structural import normalize_axes, shape_code
+from backcomp.ops.structural import linear_jvp, normalize_axes, shape_code
 from backcomp.printer import use_helper
 
 
@@ -50,7 +50,7 @@ def _take_explain(node, args, scalars):
 
 
 register_op(OpDef(
-    "take", _take_infer, _take_emit, _take_vjp, explain=_take_explain,
+    "take", _take_infer, _take_emit, _take_vjp, jvp=linear_jvp, explain=_take_explain,
     doc="np.take(a, ids, axis): gather along an axis by integer ids of any shape",
     signature="take(a, ids, axis=0)",
     index_range=lambda node: {1: (-_size(node.inputs[0], node.attrs["axis"]), _size(node.inputs[0], node.attrs["axis"]))}))
@@ -80,7 +80,7 @@ def _take_grad_emit(node, args, out):
 
 register_op(OpDef(
     "take_grad", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _take_grad_emit,
-    lambda node, ct: [take(ct, node.inputs[1], node.attrs["axis"]), None],
+    lambda node, ct: [take(ct, node.inputs[1], node.attrs["axis"]), None], jvp=linear_jvp,
     explain=lambda node, args, scalars: notation.opaque(
         "scatter_add", "scatter_add({0}, {1})", r"\operatorname{{scatter\_add}}\left({0}, {1}\right)", True)(*args),
     doc="zeros of a's shape with ḡ's rows added at the ids: the VJP of take (compiler-internal)"))
@@ -116,8 +116,8 @@ def _one_hot_emit(node, args, out):
 
 
 register_op(OpDef(
-    "one_hot", lambda ins, attrs: (ins[0].shape + (attrs["n"],), "float"), _one_hot_emit,
-    lambda node, ct: [None, None],
+    "one_hot", lambda ins, attrs: (ins[0].shape + (attrs["n"],), "float"), _one_hot_emit, None,
+    no_derivative="a function of integer ids (its float input only gives the dtype)",
     explain=lambda node, args, scalars: notation.opaque(
         f"one_hot{node.attrs['n']}", f"one_hot({{0}}, {node.attrs['n']})",
         rf"\operatorname{{one\_hot}}_{{{node.attrs['n']}}}\left({{0}}\right)", True)(args[0]),

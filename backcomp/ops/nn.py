@@ -16,6 +16,7 @@ from backcomp.ops.elementwise import arg_symbol
 from backcomp import notation
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import REDUCTION, X, Param, spec_function
+from backcomp.ops.structural import linear_jvp
 
 
 # ----- logsumexp ----------------------------------------------------------------------
@@ -109,7 +110,7 @@ register_op(OpDef(
     lambda node, a, out: [f"{out} = np.take_along_axis({a[0]}, {a[1]}[..., None], axis=-1)[..., 0]"],
     lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
     explain=lambda node, args, scalars: notation.opaque("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args),
-    doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
+    jvp=linear_jvp, doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
     index_range=lambda node: {1: (0, node.inputs[0].shape[-1])}))
 
 
@@ -120,7 +121,7 @@ def _put_emit(node, a, out):
 
 register_op(OpDef(
     "put_label", lambda ins, attrs: (attrs["shape"], "float"), _put_emit,
-    lambda node, ct: [take_label(ct, node.inputs[1]), None],
+    lambda node, ct: [take_label(ct, node.inputs[1]), None], jvp=linear_jvp,
     explain=lambda node, args, scalars: notation.opaque(
         "onehot", "onehot({1})", r"\operatorname{{onehot}}\left({1}\right)", True)(*args) * args[0],
     doc="zeros with ḡ written at the labels: the VJP of take_label (compiler-internal)"))

@@ -1,12 +1,15 @@
 """The op registry: everything about an op in one ``OpDef``.
 
 An op is its shape rule (``infer``), its NumPy emission (``emit``), its VJP rule
-(``vjp``), its memory class and its explain notation, declared side by side (the
-builder function beside it declares its spec signature, ``backcomp.ops.signature``).  The VJP rule returns one cotangent *node* per
-input (or None where the input gets no gradient), built from registered ops, so the
-backward pass is made of the same IR as the forward and can be optimised, printed
-and differentiated again.  Registering a name twice is an error: silent overrides
-are how derivative rules go quietly wrong.
+(``vjp``) and its JVP rule (``jvp``), declared side by side with its memory class and explain notation (the
+builder function beside it declares its spec signature, ``backcomp.ops.signature``).  The VJP rule returns
+one cotangent *node* per input (or None where the input gets no gradient); the JVP
+rule returns the output's tangent node from one tangent per input (None: zero).
+Both build registered ops, so the backward and forward-mode graphs are made of the
+same IR as the forward and can be optimised, printed and differentiated again.  An
+op with no derivative at all (comparisons, integer outputs, constants) says why in
+``no_derivative`` instead of leaving its rules out silently.  Registering a name
+twice is an error: silent overrides are how derivative rules go quietly wrong.
 """
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ InferRule = Callable[[Sequence[Node], dict], tuple[Shape, str]]
 EmitRule = Callable[[Node, Sequence[str], str], list[str]]
 #: vjp(node, cotangent) -> one cotangent per input (None: no gradient flows there)
 VjpRule = Callable[[Node, Node], Sequence["Node | None"]]
+#: jvp(node, tangents) -> the output's tangent (None: zero); one tangent per input,
+#: each None (zero) or a node of that input's exact shape
+JvpRule = Callable[[Node, Sequence["Node | None"]], "Node | None"]
 
 
 @dataclass(frozen=True)
 class OpDef:
-    """One op.  ``vjp=None`` means the op has no gradient (labels, comparisons)."""
+    """One op.  ``vjp=None`` (and ``jvp=None``) means the op has no derivative, and
+    ``no_derivative`` says why (labels, comparisons, constants)."""
 
     name: str
     infer: InferRule
@@ -59,6 +66,10 @@ class OpDef:
     def __post_init__(self):
         if self.memory not in ("fresh", "view"):
             raise RegistryError(f"op '{self.name}': memory must be 'fresh' or 'view', not {self.memory!r}")
+    #: forward mode: the tangent of the output from the tangents of the inputs
+    jvp: JvpRule | None = None
+    #: why an op has neither rule (its output is boolean, integer or a constant)
+    no_derivative: str = ""
 
 
 _REGISTRY: dict[str, OpDef] = {}

@@ -61,5 +61,7 @@ CUSTOM_FUNCTIONS = (sigmoid, softplus)
 
 
 def fix_step_convention(expr: sp.Expr) -> sp.Expr:
-    """Heaviside(x) -> Heaviside(x, 0): relu'(0) = 0, as PyTorch and JAX."""
+    """Heaviside(x) -> Heaviside(x, 0): relu'(0) = 0, as PyTorch and JAX; and the
+    derivative of a step, DiracDelta, is 0 (relu'' = 0 wherever it exists, as JAX)."""
+    expr = expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
     return expr.replace(lambda e: isinstance(e, sp.Heaviside), lambda e: sp.Heaviside(e.args[0], 0))

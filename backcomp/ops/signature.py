@@ -12,6 +12,7 @@ Argument kinds (how ``backcomp.spec`` reads each argument):
   cond      a comparison such as ``x > 0``
   arrays    a tuple of arrays
   subscripts an einsum string
+  node      the name of an input, param or node (``grad(y, x)``'s x)
   number    a number (constants allowed)
   bool      True or False
   int       an integer (``minimum`` applies)
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 #: kinds passed positionally (operands); the others are options passed by keyword
-OPERAND_KINDS = ("array", "value", "label", "cond", "arrays", "subscripts")
+OPERAND_KINDS = ("array", "value", "label", "cond", "arrays", "subscripts", "node")
 KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape", "dim")
 
 

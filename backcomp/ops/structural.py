@@ -1,8 +1,11 @@
-"""Structural ops: tensor-level shape rules, NumPy emission and VJP rules.
+"""Structural ops: tensor-level shape rules, NumPy emission, VJP and JVP rules.
 
-Each VJP builds IR nodes from other registered ops.  Cotangents may come back with
+Each rule builds IR nodes from other registered ops.  Cotangents may come back with
 a broadcast shape; the VJP pass sums them down to the input's shape (``sum_to``),
-so rules here never unbroadcast by hand.
+so rules here never unbroadcast by hand.  Tangents always have their value's exact
+shape.  Most of these ops are linear, so their JVP is the op itself applied to the
+tangent (``linear_jvp``); the bilinear ones (matmul, einsum) follow the product
+rule (``multilinear_jvp``).
 """
 from __future__ import annotations
 
@@ -70,6 +73,28 @@ def _apply(op: str, inputs: Sequence[Node], **attrs) -> Node:
     return inputs[0].graph.apply(op, inputs, **attrs)
 
 
+# ----- JVP rules shared by many ops -------------------------------------------------
+def linear_jvp(node: Node, tangents) -> Node | None:
+    """A linear op's tangent is the op applied to its input's tangent; further inputs
+    (labels, window indices) are read as they are."""
+    t = tangents[0]
+    if t is None:
+        return None
+    return node.graph.apply(node.op, (t,) + tuple(node.inputs[1:]), **node.attrs)
+
+
+def multilinear_jvp(node: Node, tangents) -> Node | None:
+    """Product rule for an op linear in each input: Σ_i op(x_1, .., ṫ_i, .., x_n)."""
+    terms = [node.graph.apply(node.op, node.inputs[:i] + (t,) + node.inputs[i + 1:], **node.attrs)
+             for i, t in enumerate(tangents) if t is not None]
+    if not terms:
+        return None
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 # ----- matmul ---------------------------------------------------------------------
 def _matmul_infer(inputs, attrs):
     a, b = inputs
@@ -113,10 +138,15 @@ def _matmul_vjp(node: Node, ct: Node):
 
 
 def _matmul_explain(node, args, scalars):
+    a, b = node.inputs   # ones (a grad node's seed) times a contraction over one element
+    if args[0] == 1 and a.ndim >= 2 and a.shape[-1] == 1:   # is broadcasting, not a product
+        return args[1]
+    if args[1] == 1 and b.ndim >= 2 and b.shape[-2] == 1:
+        return args[0]
     return notation.opaque("matmul", "{0} · {1}", r"{0} \cdot {1}")(*args)
 
 
-register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp, explain=_matmul_explain,
+register_op(OpDef("matmul", _matmul_infer, _one("{0} @ {1}"), _matmul_vjp, jvp=multilinear_jvp, explain=_matmul_explain,
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -197,7 +227,7 @@ def _einsum_explain(node, args, scalars):
                            True)(*args)
 
 
-register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, explain=_einsum_explain,
+register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, jvp=multilinear_jvp, explain=_einsum_explain,
                   doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
                   signature='einsum("ij,jk->ik", a, b)'))
 
@@ -276,10 +306,31 @@ def _max_vjp_emit(node, args, out):
             f"{out} = {out} * ({g} / np.sum({out}, axis={axes}, keepdims=True, dtype={g}.dtype))"]
 
 
-def _no_second_order(name):
-    def vjp(node, ct):
-        raise NotImplementedError(f"the second derivative through '{name}' is not implemented")
-    return vjp
+def _max_weights(x: Node, out_kd: Node, axes) -> Node:
+    """1/(number of ties) at the maxima of x, 0 elsewhere: ∂max/∂x (piecewise constant)."""
+    return _apply("max_vjp", (x, out_kd, _apply("ones_like", (out_kd,))), axes=axes)
+
+
+def _max_jvp(node, tangents):
+    """ṫ = Σ over the reduced axes of ṫ at the maxima, ties sharing equally (as the VJP)."""
+    (t,) = tangents
+    x, axes = node.inputs[0], node.attrs["axes"]
+    out_kd = node if node.attrs["keepdims"] else reshape(node, keepdims_shape(x.shape, axes))
+    return _apply("sum", (_max_weights(x, out_kd, axes) * t,), axes=axes, keepdims=node.attrs["keepdims"])
+
+
+def _max_vjp_vjp(node, ct):
+    """max_vjp(x, m, ḡ) is linear in ḡ with weights that are piecewise constant in x and
+    m (zero derivative wherever it exists, as relu''): ḡ̄ = Σ_axes weights ⊙ ct."""
+    x, m, _ = node.inputs
+    axes = node.attrs["axes"]
+    return [None, None, _apply("sum", (_max_weights(x, m, axes) * ct,), axes=axes, keepdims=True)]
+
+
+def _max_vjp_jvp(node, tangents):
+    """Linear in ḡ (the weights are piecewise constant): max_vjp(x, m, ṫ_ḡ)."""
+    t = tangents[2]
+    return None if t is None else _apply("max_vjp", (node.inputs[0], node.inputs[1], t), **node.attrs)
 
 
 def _reduce_explain(name: str, latex: str):
@@ -288,13 +339,14 @@ def _reduce_explain(name: str, latex: str):
     return explain
 
 
-register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, explain=_reduce_explain("Σ", r"\sum"),
+register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, jvp=linear_jvp, explain=_reduce_explain("Σ", r"\sum"),
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
-register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp,
+register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp, jvp=linear_jvp,
                   explain=_reduce_explain("mean", r"\operatorname{mean}"), broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
-register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, explain=_reduce_explain("max", r"\max"),
+register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, jvp=_max_jvp, explain=_reduce_explain("max", r"\max"),
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
-register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _no_second_order("max"),
+register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _max_vjp_vjp,
+                  jvp=_max_vjp_jvp,
                   doc="the cotangent of max: ḡ spread over the maximal elements (compiler-internal)"))
 
 
@@ -367,7 +419,7 @@ def _same(node, args, scalars):
     return args[0]
 
 
-register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, memory="view",
+register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, jvp=linear_jvp, memory="view",
                   inline=_transpose_inline, explain=_transpose_explain,
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
@@ -423,7 +475,7 @@ def resolve_reshape(shape: Shape, target) -> Shape:
 
 
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
-                  lambda node, ct: [reshape(ct, node.inputs[0].shape)], memory="view", explain=_same,
+                  lambda node, ct: [reshape(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
@@ -445,7 +497,7 @@ def _broadcast_infer(inputs, attrs):
 
 
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
-                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)], memory="view", explain=_same,
+                  lambda node, ct: [sum_to(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -471,7 +523,7 @@ def _sum_to_emit(node, args, out):
 
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
-                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)],
+                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp,
                   explain=lambda node, args, scalars: notation.reduction(
                       node, args, scalars, "Σ", r"\sum", sum_to_axes(node.inputs[0].shape, node.shape)[0]),
                   doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
@@ -608,7 +660,7 @@ def _getitem_emit(node, args, out):
 
 
 register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
-                  _getitem_vjp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
+                  _getitem_vjp, jvp=linear_jvp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -618,7 +670,7 @@ def _scatter_emit(node, args, out):
 
 
 register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
-                  lambda node, ct: [getitem(ct, node.attrs["index"])],
+                  lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp,
                   doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
 
 
@@ -651,9 +703,18 @@ def _concat_vjp(node, ct):
     return cts
 
 
+def _concat_jvp(node, tangents):
+    """Linear: the tangents joined, zeros standing for inputs without one."""
+    if all(t is None for t in tangents):
+        return None
+    parts = [t if t is not None else _apply("zeros_like", (x,)) for x, t in zip(node.inputs, tangents)]
+    return _apply("concatenate", parts, **node.attrs)
+
+
 register_op(OpDef("concatenate", _concat_infer,
                   lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
-                  _concat_vjp, doc="join arrays along an existing axis", signature="concatenate((a, b), axis=0)"))
+                  _concat_vjp, jvp=_concat_jvp, doc="join arrays along an existing axis",
+                  signature="concatenate((a, b), axis=0)"))
 
 
 @spec_function(Param("arrays", "arrays"), Param("axis", "int", False, 0))
@@ -672,18 +733,21 @@ def _another_name(node, readers):
 
 register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
                   memory="view", inline=_another_name,
+                  no_derivative="zero by definition: no gradient or tangent flows through it",
                   explain=lambda node, args, scalars: notation.opaque(
                       "stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0]),
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
-                  lambda node, ct: [ct], memory="view", inline=_another_name, explain=_same,
+                  lambda node, ct: [ct], jvp=linear_jvp, memory="view", inline=_another_name, explain=_same,
                   doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
+                  no_derivative="a constant: its value does not depend on x's",
                   explain=lambda node, args, scalars: sp.Integer(1),
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
+                  no_derivative="a constant: its value does not depend on x's",
                   explain=lambda node, args, scalars: sp.Integer(0),
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 

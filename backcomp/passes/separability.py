@@ -257,6 +257,24 @@ def _structural(node: Node, kinds: list[Kind]) -> Kind:
     raise _Mixed(node, f"applies '{op}', which backcomp does not know to keep rows of the batch apart")
 
 
+def _gather(node: Node, kinds: list[Kind]) -> Kind:
+    """take(table, ids): per-row ids into a table of params keep rows apart; one_hot of
+    per-row ids too; tril/triu keep them apart when the batch is not a matrix axis."""
+    k = kinds[0]
+    if node.op == "one_hot":
+        return k if k.tag == ROW_TAG else FREE
+    if node.op in ("tril", "triu"):
+        if k.tag != ROW_TAG:
+            return k
+        if k.axis < node.ndim - 2:
+            return k
+        raise _Mixed(node, f"takes a triangle across the batch axis ({node.op})")
+    ids = kinds[1]
+    if k.tag == "free" and ids.tag != LIN_TAG:
+        return FREE if ids.tag == "free" else row(node.attrs["axis"] + ids.axis)
+    raise _Mixed(node, "gathers across rows of the batch")
+
+
 def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     for k in kinds:
         if k.tag == MIXED_TAG:
@@ -269,7 +287,15 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     if node.op == "param":
         return FREE
     opdef = get_op(node.op)
-    if opdef.elementwise:
+    if node.op in ("arange", "eye") and dim in node.shape:
+        raise _Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
+    if node.op == "getitem" and any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
+        raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
+    if not node.inputs:
+        kind = FREE
+    elif node.op in ("take", "one_hot", "tril", "triu"):
+        kind = _gather(node, kinds)
+    elif opdef.elementwise:
         kind = _elementwise(node, kinds, dim)
     elif node.op in ("sum", "mean", "max"):
         kind = _reduction(node, kinds[0])

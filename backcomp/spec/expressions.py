@@ -419,6 +419,10 @@ class Walker:
             return node.value
         if kind in ("array", "label"):
             return self.array(node, what, allow_int=kind == "label")
+        if kind == "node":   # grad's x: a value by name, not an expression
+            if not isinstance(node, ast.Name) or not isinstance(self.names.get(node.id), Node):
+                raise self.err(node, f"{what} must be the name of an input, param or node")
+            return self.array(node, what)
         if kind == "value":
             v = self.value(node)
             self.no_int(v, node)

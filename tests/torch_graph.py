@@ -1,0 +1,139 @@
+"""A backcomp graph evaluated by PyTorch, op by op: an independent reference.
+
+Only the forward *meaning* of each op is written here (elementwise expressions are
+walked into torch calls, structural ops call their torch counterparts); derivatives
+of any order then come from ``torch.func`` and never from backcomp's rules, so
+comparing backcomp's ``jvp``/``hvp``/``grad`` nodes with these checks the rules.
+"""
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from sympy.codegen.cfunctions import expm1, log1p
+
+from backcomp.graph import Graph, Node
+from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.registry import get_op
+from backcomp.ops.scalar import sigmoid, softplus
+
+_UNARY = {sp.exp: torch.exp, sp.log: torch.log, sp.tanh: torch.tanh, sp.sin: torch.sin, sp.cos: torch.cos,
+          sp.erf: torch.erf, sp.Abs: torch.abs, sigmoid: torch.sigmoid, log1p: torch.log1p, expm1: torch.expm1,
+          softplus: lambda x: torch.logaddexp(torch.zeros_like(x), x)}
+_RELATIONS = {sp.StrictGreaterThan: torch.gt, sp.StrictLessThan: torch.lt, sp.GreaterThan: torch.ge,
+              sp.LessThan: torch.le, sp.Equality: torch.eq}
+
+
+def scalar(expr: sp.Expr, env: dict):
+    """A SymPy expression over the node's arg symbols as torch operations."""
+    if expr in env:
+        return env[expr]
+    if expr.is_Number:
+        return float(expr)
+    args = [scalar(a, env) for a in expr.args] if not isinstance(expr, sp.Piecewise) else None
+    if isinstance(expr, sp.Add):
+        out = args[0]
+        for a in args[1:]:
+            out = out + a
+        return out
+    if isinstance(expr, sp.Mul):
+        out = args[0]
+        for a in args[1:]:
+            out = out * a
+        return out
+    if isinstance(expr, sp.Pow):
+        return args[0] ** args[1]
+    if isinstance(expr, sp.Max):
+        return torch.maximum(*torch.broadcast_tensors(*[torch.as_tensor(a, dtype=torch.float64) for a in args]))
+    if isinstance(expr, sp.Min):
+        return torch.minimum(*torch.broadcast_tensors(*[torch.as_tensor(a, dtype=torch.float64) for a in args]))
+    if isinstance(expr, sp.Heaviside):
+        return (args[0] > 0).to(torch.float64)
+    if isinstance(expr, sp.Piecewise):
+        out = scalar(expr.args[-1].expr, env)
+        for piece in reversed(expr.args[:-1]):
+            out = torch.where(scalar(piece.cond, env), scalar(piece.expr, env), out)
+        return out
+    for cls, fn in _RELATIONS.items():
+        if isinstance(expr, cls):
+            return fn(torch.as_tensor(args[0]), torch.as_tensor(args[1]))
+    fn = _UNARY.get(type(expr)) or _UNARY.get(expr.func)
+    if fn is None:
+        raise NotImplementedError(f"no torch reference for {expr.func}")
+    return fn(torch.as_tensor(args[0]))
+
+
+def evaluate(graph: Graph, params: dict, inputs: dict, nodes: list[Node]) -> list:
+    """The values of ``nodes`` given torch tensors for the graph's params and inputs."""
+    dims = {d: inputs[src].shape[axis] for d, (src, axis) in graph.dims.items()}
+    val: dict[Node, object] = {}
+    for n in graph.nodes:
+        if n.op == "param":
+            val[n] = params[n.name]
+        elif n.op == "input":
+            val[n] = inputs.get(n.name)
+        else:
+            val[n] = _op(n, [val[x] for x in n.inputs], dims)
+    return [val[n] for n in nodes]
+
+
+def _shape(shape, dims):
+    return tuple(dims[d] if isinstance(d, str) else d for d in shape)
+
+
+def _op(n: Node, a: list, dims: dict):
+    op, at = n.op, n.attrs
+    if get_op(op).elementwise:
+        out = scalar(node_expr(n), {arg_symbol(i): x for i, x in enumerate(a)})
+        return torch.as_tensor(out, dtype=torch.float64).expand(_shape(n.shape, dims)) \
+            if n.dtype == "float" else out
+    if op == "matmul":
+        return a[0] @ a[1]
+    if op == "einsum":
+        return torch.einsum(at["subscripts"], *a)
+    if op in ("sum", "mean", "max"):
+        if not at["axes"]:
+            return a[0]
+        fn = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax}[op]
+        return fn(a[0], dim=at["axes"], keepdim=at["keepdims"])
+    if op == "transpose":
+        return a[0].permute(*at["axes"])
+    if op == "reshape":
+        return a[0].reshape(_shape(at["shape"], dims))
+    if op == "broadcast_to":
+        return a[0].expand(_shape(at["shape"], dims))
+    if op == "getitem":
+        return a[0][at["index"]]
+    if op == "concatenate":
+        return torch.cat(a, dim=at["axis"])
+    if op == "stop_gradient":
+        return a[0].detach()
+    if op == "identity":
+        return a[0]
+    if op == "take_label":
+        return torch.gather(a[0], -1, a[1][..., None])[..., 0]
+    if op == "conv2d":
+        return F.conv2d(a[0], a[1], stride=at["stride"], padding=at["padding"])
+    if op == "max_pool2d":
+        return F.max_pool2d(a[0], at["size"], at["stride"])
+    if op == "avg_pool2d":
+        return F.avg_pool2d(a[0], at["size"], at["stride"])
+    if op == "ones_like":
+        return torch.ones_like(a[0], dtype=torch.float64)
+    if op == "zeros_like":
+        return torch.zeros_like(a[0], dtype=torch.float64)
+    raise NotImplementedError(f"no torch reference for op '{op}'")
+
+
+def tensors(arrays: dict) -> dict:
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def loss_fn(graph: Graph, inputs: dict, wrt: tuple[str, ...], params: dict):
+    """f(wrt params as a dict) -> the loss, the other params and the inputs held fixed."""
+    fixed = {k: v for k, v in params.items() if k not in wrt}
+
+    def f(p):
+        return evaluate(graph, {**fixed, **p}, inputs, [graph.loss_node])[0]
+    return f
