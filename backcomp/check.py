@@ -83,12 +83,21 @@ def random_inputs(module, batch=3, seed=0, dtype=np.float64):
     return out
 
 
+def fixed_draws(module, seed=0):
+    """Keyword arguments for each call: a model with random ops (dropout, normal) gets a
+    generator in the same state every time, so its loss is a function of the params."""
+    import inspect
+    if "rng" not in inspect.signature(module.value_and_grad).parameters:
+        return {}
+    return {"rng": np.random.default_rng(seed)}
+
+
 def loss_of(module, inputs):
     """params -> the module's loss at ``inputs``, from ``forward`` when it returns the
     loss (so forward and value_and_grad are checked against each other too)."""
     if module.LOSS in module.OUTPUTS:
-        return lambda params: module.forward(params, inputs)[module.LOSS]
-    return lambda params: module.value_and_grad(params, inputs)[0]
+        return lambda params: module.forward(params, inputs, **fixed_draws(module))[module.LOSS]
+    return lambda params: module.value_and_grad(params, inputs, **fixed_draws(module))[0]
 
 
 def compare_gradients(loss, params, grads, max_elements=200, directions=2, seed=0):
@@ -165,7 +174,7 @@ def compare_gradients(loss, params, grads, max_elements=200, directions=2, seed=
 
 # ----- backcomp-only ---------------------------------------------------------------------
 #: the checker's functions, in the order the emitted test includes their source
-STANDALONE = (constant_inits, check_point, random_inputs, loss_of, compare_gradients)
+STANDALONE = (constant_inits, check_point, random_inputs, fixed_draws, loss_of, compare_gradients)
 
 
 def standalone_source() -> str:
@@ -200,7 +209,7 @@ def check_gradients(module, params, inputs, max_elements: int = 200, directions:
     always applies).
     """
     params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-    _, grads = module.value_and_grad(params, inputs)
+    _, grads = module.value_and_grad(params, inputs, **fixed_draws(module))
     rows = compare_gradients(loss_of(module, inputs), params, {k: grads[k] for k in module.WRT},
                              max_elements, directions, seed)
     return [ParamCheck(r["name"], tuple(params[r["name"]].shape) if r["name"] in params else None, r["probes"],

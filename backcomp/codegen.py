@@ -25,6 +25,8 @@ from backcomp.runtime import helper_source
 RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "seed", "state",
             "forward", "value_and_grad", "init_params", "init_state", "train_step",
             "jvp", "hvp", "tangents", "_tangents",
+            # random ops and modes: the arguments and the helpers the emissions read
+            "train", "_seed", "_random_seed", "_dropout_mask", "buffers", "outputs",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
             "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
@@ -140,7 +142,18 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
     with collect_helpers() as used:   # what the printer calls, in any statement it prints
         lines = _lower(nodes, dict(names), returned, check_finite)
     helpers |= used
+    draws = {get_op(n.op).random for n in nodes if n.op not in ("input", "param")} - {None}
+    if draws:   # one seed per call, drawn only when some random op draws in this mode
+        needed = '"always"' if "always" in draws else "train"
+        lines.insert(0, f"_seed = _random_seed(rng, {needed})")
     return lines
+
+
+def mode_args(graph: Graph) -> tuple[str, str]:
+    """The extra parameters of the module's functions, and the arguments train_step passes:
+    ``rng=``/``train=`` when the model has random or train-mode-dependent ops, else none."""
+    modal = any(get_op(n.op).random or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param"))
+    return (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
 
 
 def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
@@ -455,6 +468,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack, **(parts.batch or {}),
         jvp_body=parts.jvp_body, hvp_body=parts.hvp_body,
+        call_args=mode_args(graph)[0], pass_args=mode_args(graph)[1],
     )
     return text
 

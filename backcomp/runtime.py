@@ -93,9 +93,29 @@ def _tangents(kind, given, primals):
     return out
 
 
+def _random_seed(rng, needed):
+    """The seed of this call's random streams: one draw from the caller's generator."""
+    if not needed:
+        return None
+    if rng is None:
+        raise ValueError("this model draws random numbers (dropout in train mode, normal, uniform): "
+                         "pass rng=np.random.default_rng(seed)" + ("" if needed == "always" else ", or train=False"))
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return int(rng.integers(2 ** 63))
+
+
+def _dropout_mask(seed, stream, x, p):
+    """1/(1 - p) where a uniform draw is >= p, else 0, in x's dtype (inverted dropout)."""
+    u = np.random.default_rng([seed, stream]).random(x.shape, dtype=x.dtype)
+    if p >= 1:
+        return np.zeros_like(x)
+    return np.where(u >= p, x.dtype.type(1 / (1 - p)), x.dtype.type(0))
+
+
 #: helper name (as the printer and code generator report it) -> the functions it needs
 HELPERS = {"erf": (_erf,), "index": (_index_error,), "finite": (_check_finite,),
-           "scatter_add": (_scatter_add,), "tangents": (_tangents,)}
+           "scatter_add": (_scatter_add,), "tangents": (_tangents,), "random": (_random_seed, _dropout_mask)}
 
 
 def helper_source(name: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import backcomp
-from backcomp.check import check_gradients
+from backcomp.check import check_gradients, fixed_draws
 
 
 # ----- options and collection ---------------------------------------------------------
@@ -152,10 +152,10 @@ class Copying:
         return getattr(self.module, name)
 
     def forward(self, params, inputs):
-        return self.module.forward(_copies(params), _copies(inputs))
+        return self.module.forward(_copies(params), _copies(inputs), **fixed_draws(self.module))
 
     def value_and_grad(self, params, inputs):
-        return self.module.value_and_grad(_copies(params), _copies(inputs))
+        return self.module.value_and_grad(_copies(params), _copies(inputs), **fixed_draws(self.module))
 
 
 def _copies(arrays: dict) -> dict:

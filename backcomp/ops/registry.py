@@ -66,6 +66,11 @@ class OpDef:
     def __post_init__(self):
         if self.memory not in ("fresh", "view"):
             raise RegistryError(f"op '{self.name}': memory must be 'fresh' or 'view', not {self.memory!r}")
+    #: draws from the module's ``rng=``: "train" (only in train mode, as dropout) or
+    #: "always" (normal, uniform); the emission reads ``_seed`` and ``train``
+    random: str | None = None
+    #: computes differently with ``train=False`` (batch norm); the emission reads ``train``
+    modal: bool = False
     #: forward mode: the tangent of the output from the tangents of the inputs
     jvp: JvpRule | None = None
     #: why an op has neither rule (its output is boolean, integer or a constant)

@@ -291,6 +291,8 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
         raise _Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
     if node.op == "getitem" and any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
         raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
+    if opdef.random:
+        raise _Mixed(node, f"draws random numbers ({node.op}): chunks would not draw what the whole batch draws")
     if not node.inputs:
         kind = FREE
     elif node.op in ("take", "one_hot", "tril", "triu"):

@@ -1,0 +1,141 @@
+"""Random ops and train mode (issue 10): dropout, normal, uniform drawing from ``rng=``.
+
+The contract: the same generator state gives the same bytes; ``forward`` and
+``value_and_grad`` given generators in the same state draw the same masks; dropout
+zeroes a fraction p and keeps the mean in expectation (tested statistically);
+``train=False`` is the exact identity; without ``rng`` a model that must draw raises
+``ValueError``; the gradient of dropout is ḡ ⊙ mask, the same mask as the forward.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import backcomp
+from backcomp.spec import SpecError, parse_spec
+
+from conftest import gradcheck
+
+MODEL = '''[model]
+name = "drop"
+loss = "loss"
+outputs = ["h", "z", "loss"]
+[inputs]
+x = ["B", 6]
+[params]
+W = [6, 5]
+[graph]
+h = "dropout(tanh(x @ W), p=0.3)"
+z = "normal((B, 5)) * 0.5 + uniform((B, 5), low=-1, high=1)"
+loss = "mean(h * h + z * h)"
+'''
+
+
+@pytest.fixture(scope="module")
+def module():
+    return backcomp.build(parse_spec(MODEL, "drop.toml"))
+
+
+def _data(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return {"W": rng.normal(size=(6, 5)).astype(dtype)}, {"x": rng.normal(size=(40, 6)).astype(dtype)}
+
+
+def test_the_same_seed_gives_the_same_bytes(module):
+    params, inputs = _data()
+    a = module.forward(params, inputs, rng=np.random.default_rng(7))
+    b = module.forward(params, inputs, rng=np.random.default_rng(7))
+    c = module.forward(params, inputs, rng=np.random.default_rng(8))
+    for k in a:
+        assert a[k].tobytes() == b[k].tobytes()
+    assert a["h"].tobytes() != c["h"].tobytes()
+    gen = np.random.default_rng(7)
+    first, second = module.forward(params, inputs, rng=gen), module.forward(params, inputs, rng=gen)
+    assert first["h"].tobytes() != second["h"].tobytes()   # the generator advances: fresh masks per call
+
+
+def test_forward_and_value_and_grad_draw_the_same_masks(module):
+    params, inputs = _data()
+    out = module.forward(params, inputs, rng=np.random.default_rng(3))
+    loss, grads = module.value_and_grad(params, inputs, rng=np.random.default_rng(3))
+    assert loss == out["loss"]
+    # d/dW mean(h² + z h) with h = m ⊙ tanh(xW): ḡ_W = xᵀ((2h + z) ⊙ m ⊙ (1 − tanh²) / n)
+    t = np.tanh(inputs["x"] @ params["W"])
+    mask = np.divide(out["h"], t, out=np.zeros_like(t), where=t != 0)
+    expected = inputs["x"].T @ ((2 * out["h"] + out["z"]) * mask * (1 - t ** 2) / out["h"].size)
+    np.testing.assert_allclose(grads["W"], expected, rtol=1e-10, atol=1e-14)
+
+
+def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
+    g = parse_spec('[model]\nname = "d"\nloss = "loss"\noutputs = ["h", "loss"]\n[inputs]\nx = ["B", 1000]\n'
+                   '[params]\nb = [1000]\n[graph]\nh = "dropout(x + b, p=0.25)"\nloss = "sum(h)"\n', "d.toml")
+    m = backcomp.build(g)
+    x, b = np.ones((200, 1000)), np.zeros(1000)
+    h = m.forward({"b": b}, {"x": x}, rng=np.random.default_rng(0))["h"]
+    n = h.size
+    zeros = np.mean(h == 0)
+    assert abs(zeros - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)          # 5 sigma of a binomial fraction
+    assert set(np.unique(h)) == {0.0, 1 / 0.75}
+    assert abs(h.mean() - 1.0) < 5 * np.sqrt(0.25 / 0.75 / n)         # inverted dropout keeps the mean
+    eval_out = m.forward({"b": b}, {"x": x * 3.7}, train=False)
+    assert eval_out["h"].tobytes() == (x * 3.7).tobytes()             # train=False: exact identity, no rng
+
+
+def test_rng_is_required_where_the_model_draws(module):
+    params, inputs = _data()
+    with pytest.raises(ValueError, match="pass rng=np.random.default_rng"):
+        module.forward(params, inputs)
+    with pytest.raises(ValueError, match="pass rng"):
+        module.forward(params, inputs, train=False)                   # normal and uniform draw in eval too
+    with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
+        module.value_and_grad(params, inputs, rng=3)
+    dropout_only = backcomp.build(parse_spec(MODEL.replace('normal((B, 5)) * 0.5 + uniform((B, 5), low=-1, high=1)',
+                                                           'x @ W'), "drop.toml"))
+    with pytest.raises(ValueError, match="or train=False"):
+        dropout_only.value_and_grad(params, inputs)
+    loss, _ = dropout_only.value_and_grad(params, inputs, train=False)
+    h = np.tanh(inputs["x"] @ params["W"])
+    np.testing.assert_allclose(loss, np.mean(h * h + (inputs["x"] @ params["W"]) * h), rtol=1e-12)
+
+
+def test_draws_keep_the_dtype_and_their_distribution(module):
+    for dtype in (np.float32, np.float64):
+        params, inputs = _data(dtype)
+        out = module.forward(params, inputs, rng=np.random.default_rng(1))
+        assert all(v.dtype == dtype for v in out.values())
+    g = parse_spec('[model]\nname = "n"\nloss = "loss"\noutputs = ["a", "u", "loss"]\n[inputs]\nx = ["B", 3]\n'
+                   '[params]\nb = [3]\n[graph]\na = "normal((B, 500), mean=2.0, std=3.0)"\n'
+                   'u = "uniform((B, 500), low=-2, high=5)"\nloss = "sum(x * b)"\n', "n.toml")
+    out = backcomp.build(g).forward({"b": np.zeros(3)}, {"x": np.zeros((400, 3))}, rng=np.random.default_rng(2))
+    a, u = out["a"], out["u"]
+    assert a.shape == u.shape == (400, 500)
+    assert abs(a.mean() - 2.0) < 5 * 3.0 / np.sqrt(a.size) and abs(a.std() - 3.0) < 0.05
+    assert u.min() >= -2 and u.max() < 5 and abs(u.mean() - 1.5) < 5 * 7 / np.sqrt(12 * u.size)
+
+
+def test_gradients_with_fixed_draws_match_finite_differences():
+    gradcheck(parse_spec(MODEL, "drop.toml"), batch=5)
+
+
+def test_train_step_passes_rng():
+    m = backcomp.build(parse_spec(MODEL, "drop.toml"), optimizer="sgd")
+    params, inputs = _data()
+    before = params["W"].copy()
+    loss = m.train_step(params, inputs, m.init_state(params), lr=0.1, rng=np.random.default_rng(0))
+    _, grads = m.value_and_grad({"W": before}, inputs, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(params["W"], before - 0.1 * grads["W"], rtol=1e-12)
+    assert np.isfinite(loss)
+    with pytest.raises(ValueError, match="pass rng"):
+        m.train_step(params, inputs, m.init_state(params))
+
+
+def test_bad_arguments_are_located():
+    with pytest.raises(SpecError, match=r"d.toml:\d+:\d+: error: dropout: p must be a probability in \[0, 1\]"):
+        parse_spec(MODEL.replace("p=0.3", "p=1.5"), "d.toml")
+    with pytest.raises(SpecError, match=r"uniform: low \(2.0\) must be less than high"):
+        parse_spec(MODEL.replace("low=-1, high=1", "low=2, high=1"), "d.toml")
+
+
+def test_random_models_are_not_batch_separable(module):
+    assert module.BATCH_SEPARABLE is False
+    assert "draws random numbers" in module.BATCH_REFUSAL
