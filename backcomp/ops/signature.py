@@ -19,6 +19,7 @@ Argument kinds (how ``backcomp.spec`` reads each argument):
   axes      an integer or a tuple of integers
   ints      a tuple of integers
   shape     a tuple of integers (dims)
+  widths    np.pad's widths: an integer, a (before, after) pair, or one pair per axis
 Array-like kinds are passed positionally in declaration order, the rest by keyword.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Callable
 
 #: kinds passed positionally (operands); the others are options passed by keyword
 OPERAND_KINDS = ("array", "value", "label", "cond", "arrays", "subscripts")
-KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape")
+KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape", "widths")
 
 
 @dataclass(frozen=True)

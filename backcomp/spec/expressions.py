@@ -326,6 +326,21 @@ class Walker:
                          for i, e in enumerate(node.elts))
         return self.int(node, what, expected, minimum)
 
+    def widths(self, node: ast.AST, what: str):
+        """np.pad's widths: an integer, a (before, after) pair, or a tuple of pairs (one per axis)."""
+        expected = "an integer, a (before, after) pair, or one such pair per axis"
+
+        def pair(n):
+            if not isinstance(n, (ast.Tuple, ast.List)) or len(n.elts) != 2:
+                raise self.err(n, f"{what} must be {expected}, got '{ast.unparse(n)}'")
+            return tuple(self.int(e, f"a width in {what}", "an integer", 0) for e in n.elts)
+
+        if not isinstance(node, (ast.Tuple, ast.List)):
+            return self.int(node, what, expected, 0)
+        if any(isinstance(e, (ast.Tuple, ast.List)) for e in node.elts):
+            return tuple(pair(e) for e in node.elts)
+        return pair(node)
+
     # -- calls ------------------------------------------------------------------------
     def call(self, node: ast.Call):
         if not isinstance(node.func, ast.Name):
@@ -419,6 +434,8 @@ class Walker:
             if kind == "pair":
                 return self.pair(node, what, p.minimum)
             return self.int(node, what, minimum=p.minimum)
+        if kind == "widths":
+            return self.widths(node, what)
         if kind in ("axes", "ints", "shape"):
             if isinstance(node, ast.Constant) and node.value is None:
                 if kind == "shape":
