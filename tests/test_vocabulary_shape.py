@@ -156,6 +156,18 @@ def test_l2_normalize_of_a_zero_row_matches_torch():
         assert_matches_torch(CASES[[c.name for c in CASES].index("l2_normalize")], w)
 
 
+def test_l2_normalize_with_a_tiny_eps_in_float32_divides_by_eps():
+    """eps = 1e-30 is a float32 number but eps² is not: a zero row must still give 0, as F.normalize."""
+    g = backcomp.Graph("tiny_eps")
+    x = g.input("x", (2, 3))
+    g.output("y", ops.l2_normalize(x, eps=1e-30))
+    X = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]], dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = backcomp.build(g).forward({}, {"x": X})["y"]
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, F.normalize(torch.tensor(X), dim=-1, eps=1e-30).numpy())
+
+
 def test_pad_crops_the_gradient_and_stack_splits_it():
     """The cotangent of pad is ḡ on the unpadded block; of stack, ḡ's slice for each operand."""
     g = backcomp.Graph("crop")

@@ -224,15 +224,16 @@ def layer_norm(x: Node, gamma: Node, beta: Node, eps: float = 1e-5) -> Node:
 def l2_normalize(x: Node, axis: int = -1, eps: float = 1e-12) -> Node:
     """x / max(‖x‖₂, eps) along ``axis``, as F.normalize(p=2).
 
-    The divisor is √Σx² where Σx² ≥ eps², else eps: the gradient flows through the norm
-    where it is at least eps (torch's clamp_min) and a zero slice gives 0, not nan.
+    The divisor is the norm where it is at least eps, else eps: the gradient flows through
+    the norm there (torch's clamp_min) and a zero slice gives 0, not nan.  The norm itself
+    is compared, not Σx² with eps², which underflows in float32 for a small eps.
     """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
         raise GraphError(f"l2_normalize: eps must be a positive number, got {eps!r}")
     (axis,) = _stat_args("l2_normalize", x, axis, True)
     s = sp.Symbol("%sumsq", real=True)
     floor = sp.Float(float(eps), 17)
-    divisor = ew.ew_from_expr(sp.Piecewise((sp.sqrt(s), s >= floor ** 2), (floor, True)),
+    divisor = ew.ew_from_expr(sp.Piecewise((sp.sqrt(s), sp.sqrt(s) >= floor), (floor, True)),
                               {s: st.sum(x * x, axis=axis, keepdims=True)}, label="norm")
     return x / divisor
 

@@ -66,7 +66,13 @@ def _argmax_emit(node, args, out):
     return [f"{out} = np.argmax({args[0]}, axis={axis}{', keepdims=True' if node.attrs['keepdims'] else ''})"]
 
 
-register_op(OpDef("argmax", _argmax_infer, _argmax_emit, None, explain=_call_explain("argmax", "axes"),
+def _argmax_explain(node, args, scalars):
+    if len(node.attrs["axes"]) == 1:
+        return _call_explain("argmax", "axes")(node, args, scalars)
+    return notation.opaque("argmax", "argmax({0})", r"\operatorname{{argmax}}\left({0}\right)", True)(*args)
+
+
+register_op(OpDef("argmax", _argmax_infer, _argmax_emit, None, explain=_argmax_explain,
                   doc="index of the largest value along axis (None: into the flattened array), the first of ties, "
                       "as np.argmax; an integer array with no gradient",
                   signature="argmax(x, axis=None, keepdims=False)"))
