@@ -2,8 +2,8 @@
 
 Elementwise ops live in ``elementwise`` (SymPy-defined, derivatives derived),
 structural ops in ``structural`` (tensor-level VJP rules), the shape ops and scans
-of release 2 in ``shape``, neural-network ops and losses in ``nn``.  To add an op of your own, see ``register_op`` / ``OpDef`` and
-the README section "Your own ops".
+of release 2 in ``shape``, neural-network ops and losses in ``nn``.  To add an op of
+your own, see ``register_op`` / ``OpDef`` and the README section "Your own ops".
 """
 from __future__ import annotations
 
