@@ -226,8 +226,13 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
                 if isinstance(d, str) and d not in bound:
                     lines.append(f"{d} = {v}.shape[{i}]")
                     bound[d] = name
-    for name, (low, high) in ranges.items():
+    for name, (low, high, *allowed) in ranges.items():
         v = names[graph.inputs[name]]
+        if allowed:   # one more value is accepted (an ignore_index): look again without it
+            lines += [f"if {v}.size and ({v}.min() < {low} or {v}.max() >= {high}) and "
+                      f"np.any(({v} != {allowed[0]}) & (({v} < {low}) | ({v} >= {high}))):",
+                      f'    _index_error("input", "{name}", np.where({v} == {allowed[0]}, {low}, {v}), {low}, {high})']
+            continue
         lines += [f"if {v}.size and ({v}.min() < {low} or {v}.max() >= {high}):",
                   f'    _index_error("input", "{name}", {v}, {low}, {high})']
     results = checked + list(bound)
@@ -241,7 +246,9 @@ def index_ranges(graph: Graph) -> dict[str, tuple]:
     """Integer inputs that ops use as indices -> the [low, high) their values must lie in.
 
     An input indexing several axes must fit the narrowest (``min(5, C)`` when some
-    sizes are dim names: those are variables once ``_validate`` has bound them).
+    sizes are dim names: those are variables once ``_validate`` has bound them).  A rule
+    may give a third bound, one value allowed outside the range (cross_entropy's
+    ignore_index); it is kept, as ``(low, high, allowed)``, when every use allows it.
     """
     ranges: dict[str, list[tuple]] = {}
     for node in graph.nodes:
@@ -252,6 +259,7 @@ def index_ranges(graph: Graph) -> dict[str, tuple]:
                 ranges[leaf.name].append(bounds)
     out = {}
     for name, bounds in ranges.items():
+        allowed = {b[2] if len(b) > 2 else None for b in bounds}
         lows = sorted({b[0] for b in bounds}, key=str)
         highs = sorted({b[1] for b in bounds}, key=str)
         low = max(lows) if all(isinstance(v, int) for v in lows) else f"max({', '.join(map(str, lows))})"
@@ -259,6 +267,8 @@ def index_ranges(graph: Graph) -> dict[str, tuple]:
         names = [v for v in highs if not isinstance(v, int)]
         parts = ([str(min(ints))] if ints else []) + names
         out[name] = (low, min(ints) if not names else parts[0] if len(parts) == 1 else f"min({', '.join(parts)})")
+        if len(allowed) == 1 and None not in allowed:
+            out[name] += tuple(allowed)
     return out
 
 
@@ -458,7 +468,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         params_literal=_dict_literal({k: v.shape for k, v in graph.params.items()}),
         inputs_literal=_dict_literal({k: v.shape for k, v in graph.inputs.items()}),
         kinds_literal=_dict_literal({k: v.dtype for k, v in graph.inputs.items()}),
-        ranges_literal=_dict_literal(parts.ranges),
+        ranges_literal=_dict_literal({k: v[:2] for k, v in parts.ranges.items()}),
         outputs_literal=repr(tuple(graph.forward_outputs())),
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),

@@ -546,6 +546,8 @@ COVERED_ELSEWHERE = {
     "test_vocabulary.py": {"clip", "expm1", "square", "log_sigmoid", "silu"},
     "test_vocabulary_index.py": {"take", "take_grad", "one_hot", "full", "eye", "arange", "tril", "triu"},
     "test_random.py": {"dropout", "normal", "uniform"},   # the ops dropout_mask and random
+    "test_vocabulary_shape.py": {"argmax", "cumsum", "stack", "expand_dims", "squeeze", "flip", "pad",
+                                 "unignore_label"},
     "test_conv.py": {"conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "max_pool2d_argmax",
                      "max_pool2d_scatter", "max_pool2d_gather", "avg_pool2d", "avg_pool2d_scatter"},
 }
@@ -835,4 +837,5 @@ def test_an_op_is_one_declaration_spec_memory_and_explain(tmp_path):
 
 def test_memory_classes_are_declared_on_the_ops():
     views = {name for name, op in registered_ops().items() if op.memory == "view"}
-    assert views == {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient"}
+    assert views == {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient",
+                     "expand_dims", "squeeze", "flip"}

@@ -275,3 +275,21 @@ def test_separability_of_gathers_and_constants():
                        ('h = "P[:B]"\nloss = "sum(h) + sum(E)"', "takes the first B entries")):
         result = analyse(parse_spec(spec(graph, ids, "E = [6, 4]\nP = [8, 4]"), "m.toml"))
         assert not result.separable and why in result.refusal, result.refusal
+
+
+def test_integer_masks_from_comparisons():
+    """Integers may be compared (a padding mask from ids, a causal mask from positions)."""
+    g = parse_spec(spec('pos = "arange(T)"\nkeep = "where(ids > 0, 1.0, 0.0)"\n'
+                        's = "where(pos[:, None] >= pos[None, :], x @ transpose(x, (0, 2, 1)), -1e9)"\n'
+                        'loss = "sum(softmax(s, axis=-1) * W[:T, :T]) + sum(keep * mean(x, axis=-1))"',
+                        'x = ["B", "T", 3]\nids = { shape = ["B", "T"], dtype = "int64" }', "W = [4, 4]"), "m.toml")
+    module = backcomp.build(g)
+    rng = np.random.default_rng(9)
+    x, ids, W = rng.normal(size=(2, 4, 3)), rng.integers(0, 3, (2, 4)), rng.normal(size=(4, 4))
+    loss, _ = module.value_and_grad({"W": W}, {"x": x, "ids": ids})
+    s = np.where(np.tril(np.ones((4, 4))) > 0, x @ x.transpose(0, 2, 1), -1e9)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    expected = np.sum(e / e.sum(-1, keepdims=True) * W) + np.sum((ids > 0) * x.mean(-1))
+    np.testing.assert_allclose(loss, expected, rtol=RTOL)
+    with pytest.raises(SpecError, match="integer input 'ids' has no gradient and cannot be used in arithmetic"):
+        parse_spec(spec('loss = "sum(ids * W)"', 'ids = { shape = ["B", 4], dtype = "int64" }', "W = [4]"), "m.toml")

@@ -1,9 +1,9 @@
 """The ops users build models from, and the registry behind them.
 
 Elementwise ops live in ``elementwise`` (SymPy-defined, derivatives derived),
-structural ops in ``structural`` (tensor-level VJP rules), neural-network ops and
-losses in ``nn``.  To add an op of your own, see ``register_op`` / ``OpDef`` and
-the README section "Your own ops".
+structural ops in ``structural`` (tensor-level VJP rules), the shape ops and scans
+of release 2 in ``shape``, neural-network ops and losses in ``nn``.  To add an op of
+your own, see ``register_op`` / ``OpDef`` and the README section "Your own ops".
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from backcomp.ops.elementwise import (  # noqa: F401  (re-exported)
     softplus, sqrt, square, sub, tanh, where, ew_from_expr, arg_symbol, node_expr,
 )
 from backcomp.ops.nn import (  # noqa: F401
-    log_softmax, logsumexp, mse, norm, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
-    std, take_label, var,
+    cross_entropy, l2_normalize, layer_norm, log_softmax, logsumexp, mse, norm, sigmoid_binary_cross_entropy,
+    softmax, softmax_cross_entropy, std, take_label, var,
 )
+from backcomp.ops.shape import argmax, cumsum, expand_dims, flip, pad, squeeze, stack  # noqa: F401
 from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
 from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  # noqa: F401
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401

@@ -131,6 +131,24 @@ def take_label(x: Node, labels: Node) -> Node:
     return x.graph.apply("take_label", (x, labels))
 
 
+def _unignore_emit(node, a, out):
+    return [f"{out} = np.where({a[0]} == {node.attrs['ignore']}, 0, {a[0]})"]
+
+
+register_op(OpDef(
+    "unignore_label", lambda ins, attrs: (ins[0].shape, "int"), _unignore_emit, None,
+    no_derivative="integer labels",
+    explain=lambda node, args, scalars: args[0],   # the rows it changes are selected away: read as the labels
+    doc="labels with ignore_index replaced by 0, so that they can index (compiler-internal: cross_entropy)",
+    index_range=lambda node: {0: (0, node.attrs["classes"], node.attrs["ignore"])}))
+
+
+def _unignore_label(labels: Node, ignore: int, classes) -> Node:
+    """The labels to gather with: ``ignore`` becomes class 0 (those rows are masked out of the
+    loss), and the module checks the others lie in [0, classes) (``index_range``)."""
+    return labels.graph.apply("unignore_label", (labels,), ignore=ignore, classes=classes)
+
+
 # ----- losses -----------------------------------------------------------------------
 @spec_function(Param("logits", "array"), Param("y", "label"))
 def softmax_cross_entropy(logits: Node, y: Node) -> Node:
@@ -145,6 +163,81 @@ def softmax_cross_entropy(logits: Node, y: Node) -> Node:
         raise ShapeError(f"softmax_cross_entropy: targets {format_shape(y.shape)} do not match logits {format_shape(logits.shape)}")
     # Literally −Σ y·log_softmax: exact for soft labels whatever their row sums.
     return st.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
+
+
+@spec_function(Param("logits", "array"), Param("labels", "label"), Param("ignore_index", "int", False, -100),
+               Param("label_smoothing", "number", False, 0.0))
+def cross_entropy(logits: Node, labels: Node, ignore_index: int = -100, label_smoothing: float = 0.0) -> Node:
+    """PyTorch's F.cross_entropy (mean over the rows whose label is not ``ignore_index``), class axis last.
+
+    Per row, logsumexp(z) − (1 − ε)·z[label] − ε·mean(z): the smoothed target puts ε/C on
+    every class, and −Σ_c log_softmax(z)_c / C = logsumexp(z) − mean(z).  Ignored rows are
+    selected away (``where``, not multiplied by 0), so they add nothing to the value or the
+    gradient; with every row ignored the mean is 0/0 = nan and the gradient 0, as PyTorch.
+    """
+    if labels.dtype != "int":
+        raise ShapeError("cross_entropy: labels must be integers (an input with dtype int64, or argmax)")
+    if logits.dtype != "float" or logits.ndim == 0:
+        raise ShapeError(f"cross_entropy: logits must be a float array with a class axis last, "
+                         f"got shape {format_shape(logits.shape)}")
+    if logits.shape[:-1] != labels.shape:
+        raise ShapeError(f"cross_entropy: labels of shape {format_shape(labels.shape)} do not match logits of shape "
+                         f"{format_shape(logits.shape)} (expected {format_shape(logits.shape[:-1])})")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise GraphError(f"cross_entropy: ignore_index must be an integer, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing <= 1.0:
+        raise GraphError(f"cross_entropy: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    picked = take_label(logits, _unignore_label(labels, ignore_index, logits.shape[-1]))
+    eps = float(label_smoothing)
+    row = logsumexp(logits, axis=-1) - (1 - eps) * picked if eps else logsumexp(logits, axis=-1) - picked
+    if eps:
+        row = row - eps * st.mean(logits, axis=-1)
+    ignored = ew.equal(labels, ignore_index)
+    kept = st.sum(ew.where(ignored, 0, row))
+    count = st.sum(ew.where(ignored, 0, row.graph.apply("ones_like", (row,))))   # in the logits' dtype
+    return kept / count
+
+
+# ----- normalisation ------------------------------------------------------------------
+@spec_function(X, Param("gamma", "array"), Param("beta", "array"), Param("eps", "number", False, 1e-5))
+def layer_norm(x: Node, gamma: Node, beta: Node, eps: float = 1e-5) -> Node:
+    """(x − mean) / √(var + eps) · gamma + beta over the last axis (biased var), as F.layer_norm.
+
+    Composed of mean, elementwise ops and a sum, so the backward (including the terms
+    through the mean and the variance) is derived, and differentiable again.
+    """
+    if x.ndim == 0:
+        raise ShapeError("layer_norm: x must have at least one axis")
+    d = x.shape[-1]
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if not isinstance(p, Node) or p.shape != (d,):
+            shown = format_shape(p.shape) if isinstance(p, Node) else repr(p)
+            raise ShapeError(f"layer_norm: {name} must have shape ({d},) to match the last axis of x "
+                             f"{format_shape(x.shape)}, got {shown}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise GraphError(f"layer_norm: eps must be a non-negative number, got {eps!r}")
+    centred = x - st.mean(x, axis=-1, keepdims=True)
+    variance = st.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / ew.sqrt(variance + float(eps)) * gamma + beta
+
+
+@spec_function(X, Param("axis", "int", False, -1), Param("eps", "number", False, 1e-12))
+def l2_normalize(x: Node, axis: int = -1, eps: float = 1e-12) -> Node:
+    """x / max(‖x‖₂, eps) along ``axis``, as F.normalize(p=2).
+
+    The divisor is the norm where it is at least eps, else eps: the gradient flows through
+    the norm there (torch's clamp_min) and a zero slice gives 0, not nan.  The norm itself
+    is compared, not Σx² with eps², which underflows in float32 for a small eps.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        raise GraphError(f"l2_normalize: eps must be a positive number, got {eps!r}")
+    (axis,) = _stat_args("l2_normalize", x, axis, True)
+    s = sp.Symbol("%sumsq", real=True)
+    floor = sp.Float(float(eps), 17)
+    divisor = ew.ew_from_expr(sp.Piecewise((sp.sqrt(s), sp.sqrt(s) >= floor), (floor, True)),
+                              {s: st.sum(x * x, axis=axis, keepdims=True)}, label="norm")
+    return x / divisor
 
 
 @spec_function(Param("z", "array"), Param("y", "value"))
@@ -162,4 +255,4 @@ def mse(a: Node, b) -> Node:
 
 
 __all__ = ["var", "std", "norm", "logsumexp", "softmax", "log_softmax", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
-           "mse", "take_label", "arg_symbol"]
+           "mse", "take_label", "arg_symbol", "cross_entropy", "layer_norm", "l2_normalize"]

@@ -50,7 +50,8 @@ class OpDef:
     #: elementwise ops only: scalar(*arg_symbols, **attrs) -> SymPy expression
     scalar: Callable[..., Any] | None = None
     #: integer operands that index: index_range(node) -> {input position: (low, high)},
-    #: bounds as ints or dim names; model inputs used so are range-checked on entry
+    #: bounds as ints or dim names; model inputs used so are range-checked on entry;
+    #: (low, high, allowed) also accepts the one value ``allowed`` (an ignore_index)
     index_range: Callable[[Node], dict[int, tuple[Any, Any]]] | None = None
     #: the result's memory: "fresh" (a new array the memory plan may overwrite) or
     #: "view" (may share the first input's buffer: kept alive while the view is)

@@ -21,6 +21,7 @@ Argument kinds (how ``backcomp.spec`` reads each argument):
   ints      a tuple of integers
   shape     a tuple of integers and symbolic dim names
   dim       an integer or a symbolic dim name (``arange(T)``)
+  widths    np.pad's widths: an integer, a (before, after) pair, or one pair per axis
 Array-like kinds are passed positionally in declaration order, the rest by keyword.
 A builder with a ``graph`` parameter (array constants: ``zeros((B, 4))`` has no
 operand to find its graph from) gets the spec's graph as ``graph=``.
@@ -33,7 +34,7 @@ from typing import Any, Callable
 
 #: kinds passed positionally (operands); the others are options passed by keyword
 OPERAND_KINDS = ("array", "value", "label", "cond", "arrays", "subscripts", "node")
-KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape", "dim")
+KINDS = OPERAND_KINDS + ("number", "bool", "int", "pair", "axes", "ints", "shape", "dim", "widths")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import sympy as sp
 
-from backcomp.graph import GraphError, Node, Shape, ShapeError, broadcast_shapes, dim_factors, format_shape, product_dim
+from backcomp.graph import (GraphError, Node, Shape, ShapeError, broadcast_shapes, check_shape, dim_factors,
+                            format_shape, product_dim)
 from backcomp.ops.elementwise import CT, arg_symbol, dim_value, ew_from_expr
 from backcomp.ops.registry import OpDef, register_op
 from backcomp import notation
@@ -501,8 +502,10 @@ register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
+@spec_function(X, Param("shape", "shape"))
 def broadcast_to(x: Node, shape) -> Node:
-    shape = tuple(shape)
+    """np.broadcast_to: ``shape`` holds positive ints and dim names (``broadcast_to(b, (B, 4))``)."""
+    shape = check_shape(shape, "broadcast_to")
     return x if x.shape == shape else _apply("broadcast_to", (x,), shape=shape)
 
 

@@ -205,8 +205,9 @@ class Walker:
 
     def no_int(self, v, node):
         if isinstance(v, Node) and v.dtype == "int":
-            raise self.err(node, f"integer input '{v.name}' has no gradient and cannot be used in arithmetic; "
-                                 "integer inputs can only be the labels of softmax_cross_entropy")
+            what = f"integer input '{v.name}'" if v.op == "input" else "an integer value"
+            raise self.err(node, f"{what} has no gradient and cannot be used in arithmetic; integers may be labels "
+                                 "(cross_entropy), ids (take, embedding, one_hot), compared (masks) or indexed")
 
     def name(self, node: ast.Name):
         if node.id in self.constants:
@@ -298,7 +299,7 @@ class Walker:
         return self.apply(node, ops.transpose, v)
 
     def subscript(self, node: ast.Subscript):
-        x = self.array(node.value, "a subscripted value")
+        x = self.array(node.value, "a subscripted value", allow_int=True)
         items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         index = tuple(self.index_item(i) for i in items)
         return self.apply(node, ops.getitem, x, index)
@@ -348,6 +349,21 @@ class Walker:
             return tuple(self.int(e, f"the {'hw'[i]} value of {what}", "an integer", minimum)
                          for i, e in enumerate(node.elts))
         return self.int(node, what, expected, minimum)
+
+    def widths(self, node: ast.AST, what: str):
+        """np.pad's widths: an integer, a (before, after) pair, or a tuple of pairs (one per axis)."""
+        expected = "an integer, a (before, after) pair, or one such pair per axis"
+
+        def pair(n):
+            if not isinstance(n, (ast.Tuple, ast.List)) or len(n.elts) != 2:
+                raise self.err(n, f"{what} must be {expected}, got '{ast.unparse(n)}'")
+            return tuple(self.int(e, f"a width in {what}", "an integer", 0) for e in n.elts)
+
+        if not isinstance(node, (ast.Tuple, ast.List)):
+            return self.int(node, what, expected, 0)
+        if any(isinstance(e, (ast.Tuple, ast.List)) for e in node.elts):
+            return tuple(pair(e) for e in node.elts)
+        return pair(node)
 
     # -- calls ------------------------------------------------------------------------
     def call(self, node: ast.Call):
@@ -448,6 +464,8 @@ class Walker:
             if kind == "pair":
                 return self.pair(node, what, p.minimum)
             return self.int(node, what, minimum=p.minimum)
+        if kind == "widths":
+            return self.widths(node, what)
         if kind in ("axes", "ints", "shape"):
             if isinstance(node, ast.Constant) and node.value is None:
                 if kind == "shape":
@@ -468,9 +486,7 @@ class Walker:
         method = _CMPOPS.get(type(node.ops[0]))
         if method is None:
             raise self.err(node, "only <, <=, > and >= comparisons are allowed")
-        a, b = self.value(node.left), self.value(node.comparators[0])
-        self.no_int(a, node.left)
-        self.no_int(b, node.comparators[0])
+        a, b = self.value(node.left), self.value(node.comparators[0])   # integers too: masks
         if not isinstance(a, Node):
             if not isinstance(b, Node):
                 raise self.err(node, "a comparison needs an array on at least one side")

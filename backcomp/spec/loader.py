@@ -288,8 +288,8 @@ class _Loader:
             for o in outputs:
                 if o not in known:
                     raise self.fail(where, f"output '{o}' is not a node{suggest(o, known)}")
-                if known[o].dtype != "float":
-                    raise self.fail(where, f"output '{o}' is not a float array")
+                if known[o].dtype not in ("float", "int"):   # int: argmax's ids, an integer input
+                    raise self.fail(where, f"output '{o}' is not an array of numbers")
                 graph.output(o, known[o])
         wrt = model.get("wrt")
         if wrt is not None:
