@@ -85,11 +85,17 @@ def random_inputs(module, batch=3, seed=0, dtype=np.float64):
 
 def fixed_draws(module, seed=0):
     """Keyword arguments for each call: a model with random ops (dropout, normal) gets a
-    generator in the same state every time, so its loss is a function of the params."""
+    generator in the same state every time, so its loss is a function of the params; a
+    model with buffers (batch norm) gets fresh ones, which train mode updates but does
+    not read."""
     import inspect
-    if "rng" not in inspect.signature(module.value_and_grad).parameters:
-        return {}
-    return {"rng": np.random.default_rng(seed)}
+    accepted = inspect.signature(module.value_and_grad).parameters
+    out = {}
+    if "rng" in accepted:
+        out["rng"] = np.random.default_rng(seed)
+    if "buffers" in accepted:
+        out["buffers"] = module.init_buffers(np.float64)
+    return out
 
 
 def loss_of(module, inputs):

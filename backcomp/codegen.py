@@ -26,7 +26,7 @@ RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "
             "forward", "value_and_grad", "init_params", "init_state", "train_step",
             "jvp", "hvp", "tangents", "_tangents",
             # random ops and modes: the arguments and the helpers the emissions read
-            "train", "_seed", "_random_seed", "_dropout_mask", "buffers", "outputs",
+            "train", "_seed", "_random_seed", "_dropout_mask", "buffers", "outputs", "BUFFERS", "init_buffers",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
             "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
@@ -153,7 +153,10 @@ def mode_args(graph: Graph) -> tuple[str, str]:
     """The extra parameters of the module's functions, and the arguments train_step passes:
     ``rng=``/``train=`` when the model has random or train-mode-dependent ops, else none."""
     modal = any(get_op(n.op).random or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param"))
-    return (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
+    call, passed = (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
+    if graph.buffers:
+        call, passed = call + ", buffers=None", passed + ", buffers=buffers"
+    return call, passed
 
 
 def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
@@ -203,9 +206,16 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
              '    _check_keys("params", params, PARAMS)',
              "if type(inputs) is not dict or inputs.keys() != INPUTS.keys():",
              '    _check_keys("inputs", inputs, INPUTS)']
+    if graph.buffers:
+        lines += ["if buffers is None:",
+                  '    raise ValueError("this model has buffers (" + ", ".join(BUFFERS) + "): pass buffers=init_buffers() '
+                  'or the ones saved with the params")',
+                  "if type(buffers) is not dict or buffers.keys() != BUFFERS.keys():",
+                  '    _check_keys("buffers", buffers, BUFFERS)']
     bound: dict[str, str] = {}
     checked: list[str] = []
-    for kind, table, leaves in (("input", "INPUTS", graph.inputs), ("param", "PARAMS", graph.params)):
+    for kind, table, leaves in (("input", "INPUTS", graph.inputs), ("param", "PARAMS", graph.params),
+                                ("buffer", "BUFFERS", graph.buffers)):
         for name, node in leaves.items():
             v = names[node]
             checked.append(v)
@@ -222,6 +232,10 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
             lines += [f'{v} = {kind}s["{name}"]',
                       f"if {' or '.join(conds)}:",
                       f'    {v} = _check_array("{kind}", "{name}", {v}, {table}["{name}"], {known}, {integer})']
+            if kind == "buffer":   # updated in place: a converted copy would lose the update
+                lines += [f'    if {v} is not buffers["{name}"]:',
+                          f'        raise ValueError("buffer \'{name}\' must be a float numpy array of its own '
+                          f'dtype and shape (it is updated in place)")']
             for i, d in enumerate(node.shape):
                 if isinstance(d, str) and d not in bound:
                     lines.append(f"{d} = {v}.shape[{i}]")
@@ -237,8 +251,8 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
                   f'    _index_error("input", "{name}", {v}, {low}, {high})']
     results = checked + list(bound)
     lines.append(f"return {', '.join(results)}{',' if len(results) == 1 else ''}" if results else "return None")
-    unpack = (f"{', '.join(results)}{',' if len(results) == 1 else ''} = " if results else "") + \
-        "_validate(params, inputs)"
+    call = "_validate(params, inputs, buffers)" if graph.buffers else "_validate(params, inputs)"
+    unpack = (f"{', '.join(results)}{',' if len(results) == 1 else ''} = " if results else "") + call
     return lines, unpack
 
 
@@ -335,7 +349,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     names = assign_names(graph)
     helpers: set[str] = set()
     outputs = graph.forward_outputs()
-    fwd_nodes = live_nodes(graph, outputs.values())
+    fwd_nodes = live_nodes(graph, [*outputs.values(), *graph.effects])
     forward_body = lower(fwd_nodes, names, helpers, set(outputs.values()), check_finite)
     ret = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in outputs.items())
     forward_body.append(f"return {{{ret}}}")
@@ -343,7 +357,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     grad_body: list[str] = []
     if graph.loss_node is not None:
         roots = [graph.loss_node, *graph.grads.values()]
-        grad_body = lower(live_nodes(graph, roots), names, helpers, set(roots), check_finite)
+        grad_body = lower(live_nodes(graph, roots + graph.effects), names, helpers, set(roots), check_finite)
         grads = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
                           for p, n in graph.grads.items())
         grad_body.append(f"return {_array_value(graph.loss_node, names[graph.loss_node])}, {{{grads}}}")
@@ -467,6 +481,8 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         loss_name=loss_name,
         params_literal=_dict_literal({k: v.shape for k, v in graph.params.items()}),
         inputs_literal=_dict_literal({k: v.shape for k, v in graph.inputs.items()}),
+        buffers_literal=_dict_literal({k: v.shape for k, v in graph.buffers.items()}) if graph.buffers else "",
+        buffer_init_lines=[f'"{k}": np.{graph.inits[k]}({v.shape!r}, dtype=dtype)' for k, v in graph.buffers.items()],
         kinds_literal=_dict_literal({k: v.dtype for k, v in graph.inputs.items()}),
         ranges_literal=_dict_literal({k: v[:2] for k, v in parts.ranges.items()}),
         outputs_literal=repr(tuple(graph.forward_outputs())),

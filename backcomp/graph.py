@@ -182,6 +182,11 @@ class Graph:
     origin: tuple | None = None
     #: which symbolic dims are bound from which input axis, in declaration order
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: non-trained state (batch norm's running statistics): leaves like inputs, passed
+    #: as ``buffers=`` and updated in place by the ``effects`` (computed in every
+    #: function even though nothing reads them)
+    buffers: dict[str, Node] = field(default_factory=dict)
+    effects: list[Node] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -199,6 +204,19 @@ class Graph:
         for axis, dim in enumerate(shape):
             if isinstance(dim, str):
                 self.dims.setdefault(dim, (name, axis))
+        return node
+
+    def buffer(self, name: str, shape: Iterable[Dim], init: str = "zeros") -> Node:
+        """Non-trained state of fixed shape (running statistics), initialised by ``init``
+        ("zeros" or "ones") in ``init_buffers``; never differentiated."""
+        shape = check_shape(shape, f"buffer '{name}'")
+        if any(isinstance(d, str) for d in shape):
+            raise ShapeError(f"buffer '{name}': shape {format_shape(shape)} must be fixed (no symbolic dims)")
+        if init not in ("zeros", "ones"):
+            raise GraphError(f"buffer '{name}': init must be 'zeros' or 'ones', not {init!r}")
+        node = self._leaf("input", name, shape, "float")
+        self.buffers[name] = node
+        self.inits[name] = init
         return node
 
     def param(self, name: str, shape: Iterable[Dim], init: str | None = None) -> Node:
@@ -309,6 +327,8 @@ class Graph:
                 g._names[n.name] = m
         g.inputs = {k: mapping[v] for k, v in self.inputs.items()}
         g.params = {k: mapping[v] for k, v in self.params.items()}
+        g.buffers = {k: mapping[v] for k, v in self.buffers.items()}
+        g.effects = [mapping[v] for v in self.effects if v in mapping]
         g.outputs = {k: mapping[v] for k, v in self.outputs.items()}
         g.loss_node = mapping.get(self.loss_node) if self.loss_node is not None else None
         g.grads = {k: mapping[v] for k, v in self.grads.items()}
@@ -328,6 +348,7 @@ class Graph:
         for node in self.nodes:
             node.inputs = tuple(replace.get(x, x) for x in node.inputs)
         self.outputs = {k: replace.get(v, v) for k, v in self.outputs.items()}
+        self.effects = [replace.get(v, v) for v in self.effects]
         self.grads = {k: replace.get(v, v) for k, v in self.grads.items()}
         self.cotangents = {k: replace.get(v, v) for k, v in self.cotangents.items() if k not in replace}
         self.tangents = {k: replace.get(v, v) for k, v in self.tangents.items() if k not in replace}

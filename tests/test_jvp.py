@@ -164,7 +164,8 @@ def test_every_jvp_rule_is_exercised():
     graphs += [conv_graph(*c)[0] for c in CONV_CASES]
     from test_vocabulary_index import JVP_GRAPHS
     from test_vocabulary_shape import JVP_GRAPHS as SHAPE_JVP_GRAPHS
-    graphs += [build() for build in [*JVP_GRAPHS.values(), *SHAPE_JVP_GRAPHS.values()]]
+    from test_batchnorm import JVP_GRAPHS as BN_JVP_GRAPHS
+    graphs += [build() for build in [*JVP_GRAPHS.values(), *SHAPE_JVP_GRAPHS.values(), *BN_JVP_GRAPHS.values()]]
     for g in graphs:
         tangents = with_tangents(g)
         seen |= {n.op for n in tangents if n.op not in ("input", "param")}

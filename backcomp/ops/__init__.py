@@ -26,6 +26,7 @@ from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
 from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  # noqa: F401
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
 from backcomp.ops.random import dropout, normal, uniform  # noqa: F401
+from backcomp.ops.batchnorm import batch_norm  # noqa: F401
 from backcomp.ops.signature import Param, spec_function
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401

@@ -9,7 +9,7 @@ def roots(graph: Graph) -> list[Node]:
     out = list(graph.forward_outputs().values()) if (graph.outputs or graph.loss_node) else []
     if graph.loss_node is not None:
         out.append(graph.loss_node)
-    return out + list(graph.grads.values()) + list(graph.tangent_outputs.values())
+    return out + list(graph.grads.values()) + list(graph.tangent_outputs.values()) + list(graph.effects)
 
 
 def eliminate_dead_code(graph: Graph) -> Graph:

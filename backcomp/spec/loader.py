@@ -57,6 +57,7 @@ class _Loader:
         self.constants = self.load_constants(data.get("constants", {}))
         self.load_inputs(graph, data.get("inputs", {}))
         self.load_params(graph, data.get("params", {}))
+        self.load_buffers(graph, data.get("buffers", {}))
         self.functions = self.load_functions(data.get("functions", {}))
         self.load_graph(graph, data.get("graph", {}))
         self.finish(graph, model)
@@ -175,6 +176,20 @@ class _Loader:
                 where = self.loc.value("params", name, "init" if init is not None else None)
                 raise self.fail(where, str(e)) from None
 
+    def load_buffers(self, graph: Graph, table: dict) -> None:
+        """Non-trained state: fixed shapes, init "zeros" (default) or "ones"."""
+        for name, value in table.items():
+            self.claim(name, "buffers")
+            entry = self.table_entry("buffers", name, value, ("shape", "init"))
+            sub = "shape" if isinstance(value, dict) else None
+            shape = self.shape("buffers", name, entry["shape"], sub)
+            init = entry.get("init", "zeros")
+            try:
+                graph.buffer(name, shape, init)
+            except (GraphError, ShapeError) as e:
+                where = self.loc.value("buffers", name, "init" if "init" in entry else sub)
+                raise self.fail(where, str(e)) from None
+
     def load_functions(self, table: dict) -> dict[str, Callable]:
         bodies: dict[str, tuple[tuple[sp.Symbol, ...], sp.Expr]] = {}
         active: list[str] = []
@@ -246,7 +261,7 @@ class _Loader:
             trees[name] = (parse_expression(text, where), where)
         deps = {name: [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in table]
                 for name, (tree, _) in trees.items()}
-        names: dict[str, Node] = dict(graph.inputs) | dict(graph.params)
+        names: dict[str, Node] = dict(graph.inputs) | dict(graph.params) | dict(graph.buffers)
         for name in _topological(deps, lambda cycle: self.fail(
                 self.loc.value("graph", cycle[0]), f"cycle in [graph]: {' -> '.join(cycle)}")):
             tree, where = trees[name]
