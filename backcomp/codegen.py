@@ -27,6 +27,7 @@ RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "
             "jvp", "hvp", "tangents", "_tangents",
             # random ops and modes: the arguments and the helpers the emissions read
             "train", "_seed", "_random_seed", "_dropout_mask", "buffers", "outputs", "BUFFERS", "init_buffers",
+            "wanted", "result", "_wanted_outputs",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
             "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
@@ -193,7 +194,8 @@ def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check
     return lines
 
 
-def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tuple]) -> tuple[list[str], str]:
+def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tuple],
+                     only: tuple[str, ...] | None = None) -> tuple[list[str], str]:
     """The body of ``_validate`` and the line that unpacks its result.
 
     Straight-line checks specialised to the model, so that the common case (the
@@ -206,6 +208,8 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
              '    _check_keys("params", params, PARAMS)',
              "if type(inputs) is not dict or inputs.keys() != INPUTS.keys():",
              '    _check_keys("inputs", inputs, INPUTS)']
+    if only is not None:   # forward(outputs=...): the inputs those outputs need, and no unknown ones
+        lines[2:] = [f"_check_keys(\"inputs\", inputs, INPUTS, needed={only!r})"]
     if graph.buffers:
         lines += ["if buffers is None:",
                   '    raise ValueError("this model has buffers (" + ", ".join(BUFFERS) + "): pass buffers=init_buffers() '
@@ -214,7 +218,8 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
                   '    _check_keys("buffers", buffers, BUFFERS)']
     bound: dict[str, str] = {}
     checked: list[str] = []
-    for kind, table, leaves in (("input", "INPUTS", graph.inputs), ("param", "PARAMS", graph.params),
+    chosen = graph.inputs if only is None else {k: v for k, v in graph.inputs.items() if k in only}
+    for kind, table, leaves in (("input", "INPUTS", chosen), ("param", "PARAMS", graph.params),
                                 ("buffer", "BUFFERS", graph.buffers)):
         for name, node in leaves.items():
             v = names[node]
@@ -241,6 +246,8 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
                     lines.append(f"{d} = {v}.shape[{i}]")
                     bound[d] = name
     for name, (low, high, *allowed) in ranges.items():
+        if name not in chosen:
+            continue
         v = names[graph.inputs[name]]
         if allowed:   # one more value is accepted (an ignore_index): look again without it
             lines += [f"if {v}.size and ({v}.min() < {low} or {v}.max() >= {high}) and "
@@ -302,6 +309,8 @@ class ModuleParts:
     batch: dict | None = None
     jvp_body: list[str] = field(default_factory=list)   # empty: the function is not emitted
     hvp_body: list[str] = field(default_factory=list)
+    #: forward(outputs=...) of outputs needing fewer inputs: [{"name", "outputs", "body"}]
+    subsets: list[dict] = field(default_factory=list)
 
 
 def tangent_body(graph: Graph, kind: str, helpers: set[str], check_finite: bool = False) -> list[str]:
@@ -352,7 +361,9 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     fwd_nodes = live_nodes(graph, [*outputs.values(), *graph.effects])
     forward_body = lower(fwd_nodes, names, helpers, set(outputs.values()), check_finite)
     ret = ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in outputs.items())
-    forward_body.append(f"return {{{ret}}}")
+    forward_body += [f"result = {{{ret}}}",
+                     "return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}"]
+    subsets = output_subsets(graph, helpers, check_finite)
 
     grad_body: list[str] = []
     if graph.loss_node is not None:
@@ -372,7 +383,39 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     jvp_body = tangent_body(jvp, "jvp", helpers, check_finite) if jvp is not None else []
     hvp_body = tangent_body(hvp, "hvp", helpers, check_finite) if hvp is not None else []
     return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
-                       unpack, batch, jvp_body, hvp_body)
+                       unpack, batch, jvp_body, hvp_body, subsets)
+
+
+def needed_inputs(graph: Graph, node: Node) -> tuple[str, ...]:
+    """The inputs a value depends on, and those binding the dims its computation reads."""
+    from backcomp.graph import ancestors
+    from backcomp.graph import dim_factors
+    up = ancestors([node])
+    names = {n.name for n in up if n.op == "input" and n.name in graph.inputs}
+    for n in up:
+        for d in n.shape:
+            names |= {graph.dims[f][0] for f in dim_factors(d)[1] if f in graph.dims}
+    return tuple(k for k in graph.inputs if k in names)
+
+
+def output_subsets(graph: Graph, helpers: set[str], check_finite: bool) -> list[dict]:
+    """forward(outputs=...) of outputs that need fewer inputs than the model has (logits
+    without the labels): one function per set of needed inputs, which validates and
+    computes only what those outputs need; smallest sets first."""
+    outputs = graph.forward_outputs()
+    needs = {k: needed_inputs(graph, v) for k, v in outputs.items()}
+    sets = sorted({s for s in needs.values() if len(s) < len(graph.inputs)}, key=lambda s: (len(s), s))
+    out = []
+    for i, only in enumerate(sets, 1):
+        members = {k: v for k, v in outputs.items() if set(needs[k]) <= set(only)}
+        effects = [e for e in graph.effects if set(needed_inputs(graph, e)) <= set(only)]
+        names = assign_names(graph)
+        check, _ = validation_lines(graph, names, index_ranges(graph), only)
+        body = check[:-1] + lower(live_nodes(graph, [*members.values(), *effects]), names, helpers,
+                                  set(members.values()), check_finite)
+        body.append("return {" + ", ".join(f'"{k}": {_array_value(v, names[v])}' for k, v in members.items()) + "}")
+        out.append({"name": f"_forward_{i}", "outputs": tuple(members), "body": body})
+    return out
 
 
 def batch_parts(model: Graph, lower_model, helpers: set[str], check_finite: bool) -> dict:
@@ -494,9 +537,11 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack, **(parts.batch or {}),
         jvp_body=parts.jvp_body, hvp_body=parts.hvp_body,
-        call_args=mode_args(graph)[0], pass_args=mode_args(graph)[1],
+        call_args=mode_args(graph)[0], pass_args=mode_args(graph)[1], subsets=parts.subsets,
+        has_loss=graph.loss_node is not None,
+        forward_pass="".join(f", {a}={a}" for a in ("rng", "train", "buffers") if f" {a}=" in mode_args(graph)[0]),
     )
-    return text
+    return text.rstrip("\n") + "\n"   # optional blocks at the end leave blank lines
 
 
 def _dict_literal(d: dict) -> str:

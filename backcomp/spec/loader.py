@@ -176,6 +176,18 @@ class _Loader:
                 where = self.loc.value("params", name, "init" if init is not None else None)
                 raise self.fail(where, str(e)) from None
 
+    def set_loss(self, graph: Graph, loss, known: dict) -> None:
+        where = self.loc.value("model", "loss")
+        if not isinstance(loss, str):
+            raise self.fail(where, f"[model] loss must be a node name, not {toml_type(loss)}")
+        if loss not in known:
+            raise self.fail(where, f"loss '{loss}' is not a node{suggest(loss, known)}")
+        try:
+            graph.loss(known[loss], loss)
+        except GraphError as e:
+            node_where = self.loc.value("graph", loss) if loss in self.data.get("graph", {}) else where
+            raise self.fail(node_where, str(e)) from None
+
     def load_buffers(self, graph: Graph, table: dict) -> None:
         """Non-trained state: fixed shapes, init "zeros" (default) or "ones"."""
         for name, value in table.items():
@@ -279,22 +291,14 @@ class _Loader:
     def finish(self, graph: Graph, model: dict) -> None:
         known = dict(graph.inputs) | dict(graph.params) | {n: graph.lookup(n) for n in self.data.get("graph", {})}
         loss = model.get("loss")
-        if loss is None:
-            if graph.lookup("loss") is not None and "loss" in self.data.get("graph", {}):
-                loss = "loss"
-            else:
-                raise self.fail(self.loc.section("model") if "model" in self.data else (1, 1),
-                                "no loss: set loss = \"<node>\" in [model]")
-        where = self.loc.value("model", "loss")
-        if not isinstance(loss, str):
-            raise self.fail(where, f"[model] loss must be a node name, not {toml_type(loss)}")
-        if loss not in known:
-            raise self.fail(where, f"loss '{loss}' is not a node{suggest(loss, known)}")
-        try:
-            graph.loss(known[loss], loss)
-        except GraphError as e:
-            node_where = self.loc.value("graph", loss) if loss in self.data.get("graph", {}) else where
-            raise self.fail(node_where, str(e)) from None
+        if loss is None and graph.lookup("loss") is not None and "loss" in self.data.get("graph", {}):
+            loss = "loss"
+        if loss is None and model.get("outputs") is None:
+            raise self.fail(self.loc.section("model") if "model" in self.data else (1, 1),
+                            "no loss and no outputs: set loss = \"<node>\" (or, for an inference module, "
+                            "outputs = [...]) in [model]")
+        if loss is not None:
+            self.set_loss(graph, loss, known)
         outputs = model.get("outputs")
         if outputs is not None:
             where = self.loc.value("model", "outputs")
@@ -307,6 +311,8 @@ class _Loader:
                     raise self.fail(where, f"output '{o}' is not an array of numbers")
                 graph.output(o, known[o])
         wrt = model.get("wrt")
+        if wrt is not None and graph.loss_node is None:
+            raise self.fail(self.loc.value("model", "wrt"), "[model] wrt needs a loss to differentiate")
         if wrt is not None:
             where = self.loc.value("model", "wrt")
             if not isinstance(wrt, list) or not all(isinstance(p, str) for p in wrt):
@@ -320,7 +326,7 @@ class _Loader:
             if len(set(wrt)) != len(wrt):
                 raise self.fail(where, "[model] wrt names a param twice")
             graph.wrt = tuple(wrt)
-        if not graph.params:
+        if not graph.params and graph.loss_node is not None:
             raise self.fail(self.loc.section("params") if "params" in self.data else (1, 1),
                             "the model has no [params] to differentiate")
 
