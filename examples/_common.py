@@ -84,14 +84,15 @@ class Log:
             print(f"step {step:5d}  loss {float(loss):.4f}{acc}  ({time.perf_counter() - self.start:.1f} s)",
                   flush=True)
 
-    def finish(self, out: Path) -> None:
-        """Save the plot to ``out`` and print the RESULT line."""
+    def finish(self, out: Path, **extra) -> None:
+        """Save the plot to ``out`` and print the RESULT line (with ``extra`` fields)."""
         seconds = time.perf_counter() - self.start
         self.plot(out)
         (_, first, _), (_, last, acc) = self.evals[0], self.evals[-1]
         fields = {"initial_loss": f"{first:.6g}", "final_loss": f"{last:.6g}"}
         if acc is not None:
             fields["accuracy"] = f"{acc:.4f}"
+        fields.update({k: f"{v:.4g}" for k, v in extra.items()})
         fields["seconds"] = f"{seconds:.1f}"
         print(f"saved {out}")
         print("RESULT " + " ".join(f"{k}={v}" for k, v in fields.items()), flush=True)

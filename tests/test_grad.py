@@ -8,12 +8,14 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import backcomp
 from backcomp import ops
-from backcomp.spec import SpecError, parse_spec
+from backcomp.spec import SpecError, load_spec, parse_spec
 
 from conftest import draw, gradcheck
 from test_jvp import CONV_CASES, VOCABULARY, conv_graph
@@ -245,3 +247,48 @@ def test_explain_shows_grad_nodes_as_derivatives():
     assert r"du = \frac{\partial}{\partial x} \sum\left(u\right) = " in latex, latex
     # and the module's docstring is that text
     assert "d2u = ∂/∂x Σ(du) = " in backcomp.compile_source(g)
+
+
+# ----- the example specs of issue 12 ------------------------------------------------------------
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name, domains", [("pinn.toml", {"x": "unit"}), ("gradient_penalty.toml", {})])
+def test_example_specs_with_grad_nodes_check(name, domains):
+    gradcheck(load_spec(EXAMPLES / name), batch=4, domains=domains)
+
+
+def test_pinn_and_gradient_penalty_match_torch():
+    """Loss and gradients of both specs against the same models written in torch with
+    torch.autograd.grad(create_graph=True): nothing of backcomp's rules on the torch side."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+
+    m = backcomp.build(EXAMPLES / "pinn.toml")
+    P = {k: rng.standard_normal(s) * 0.5 for k, s in m.PARAMS.items()}
+    X = rng.uniform(0, 1, (9, 1))
+    loss, grads = m.value_and_grad(P, {"x": X})
+    T = {k: torch.tensor(v, requires_grad=True) for k, v in P.items()}
+    x = torch.tensor(X, requires_grad=True)
+    h2 = torch.tanh(torch.tanh(x @ T["W1"] + T["b1"]) @ T["W2"] + T["b2"])
+    u = x * (1 - x) * (h2 @ T["W3"])
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+    tloss = ((d2u + np.pi ** 2 * torch.sin(np.pi * x)) ** 2).mean()
+    for k, g in zip(T, torch.autograd.grad(tloss, list(T.values()))):
+        np.testing.assert_allclose(grads[k], g.numpy(), rtol=1e-10, atol=1e-10, err_msg=f"pinn {k}")
+    np.testing.assert_allclose(loss, tloss.item(), rtol=1e-12)
+
+    m = backcomp.build(EXAMPLES / "gradient_penalty.toml")
+    P = {k: rng.standard_normal(s) * 0.5 for k, s in m.PARAMS.items()}
+    I = {"x": rng.standard_normal((6, 2)), "sign": np.array([-0.5, -0.5, 0.5, 0.5, 0, 0]),
+         "gp": np.array([0, 0, 0, 0, 5.0, 5.0])}
+    loss, grads = m.value_and_grad(P, I)
+    T = {k: torch.tensor(v, requires_grad=True) for k, v in P.items()}
+    x = torch.tensor(I["x"], requires_grad=True)
+    d = (torch.tanh(torch.tanh(x @ T["W1"] + T["b1"]) @ T["W2"] + T["b2"]) @ T["W3"]).reshape(-1)
+    (dx,) = torch.autograd.grad(d.sum(), x, create_graph=True)
+    tloss = (torch.tensor(I["sign"]) * d).sum() + (torch.tensor(I["gp"]) * (dx.norm(dim=1) - 1) ** 2).sum()
+    for k, g in zip(T, torch.autograd.grad(tloss, list(T.values()))):
+        np.testing.assert_allclose(grads[k], g.numpy(), rtol=1e-10, atol=1e-12, err_msg=f"gradient penalty {k}")
+    np.testing.assert_allclose(loss, tloss.item(), rtol=1e-12)

@@ -123,12 +123,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -162,8 +163,24 @@ def _validate(params, inputs):
     return x, target, Wq, Wk, Wv, Wo, B
 
 
-def forward(params, inputs):
-    """The model's outputs out, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs out, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"out"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
     q = x @ Wq
     k = x @ Wk
@@ -186,7 +203,50 @@ def forward(params, inputs):
     loss_pow = (out - target)**2
     loss = loss_pow.mean()
     del loss_pow
-    return {"out": out, "loss": np.asarray(loss)}
+    result = {"out": out, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of out: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 3 or x.shape[1] != 5 or x.shape[2] != 8:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    Wq = params["Wq"]
+    if type(Wq) is not np.ndarray or Wq.dtype.kind != "f" or Wq.shape != (8, 8):
+        Wq = _check_array("param", "Wq", Wq, PARAMS["Wq"], {"B": (B, "x")}, False)
+    Wk = params["Wk"]
+    if type(Wk) is not np.ndarray or Wk.dtype.kind != "f" or Wk.shape != (8, 8):
+        Wk = _check_array("param", "Wk", Wk, PARAMS["Wk"], {"B": (B, "x")}, False)
+    Wv = params["Wv"]
+    if type(Wv) is not np.ndarray or Wv.dtype.kind != "f" or Wv.shape != (8, 8):
+        Wv = _check_array("param", "Wv", Wv, PARAMS["Wv"], {"B": (B, "x")}, False)
+    Wo = params["Wo"]
+    if type(Wo) is not np.ndarray or Wo.dtype.kind != "f" or Wo.shape != (8, 8):
+        Wo = _check_array("param", "Wo", Wo, PARAMS["Wo"], {"B": (B, "x")}, False)
+    q = x @ Wq
+    k = x @ Wk
+    v = x @ Wv
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    del q, k
+    scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max, attn_exp, attn_sum
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    del v, attn
+    out_matmul = ctx @ Wo
+    del ctx
+    out = np.add(out_matmul, x, out=out_matmul)
+    del out_matmul
+    return {"out": out}
 
 
 def value_and_grad(params, inputs):

@@ -102,12 +102,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -135,8 +136,24 @@ def _validate(params, inputs):
     return x, y, w, b, B
 
 
-def forward(params, inputs):
-    """The model's outputs z, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs z, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"z"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, y, w, b, B = _validate(params, inputs)
     z_matmul = x @ w
     z = np.add(z_matmul, b, out=z_matmul)
@@ -149,7 +166,29 @@ def forward(params, inputs):
     del loss_pow
     loss = loss_mean + 0.0005*loss_sum
     del loss_mean, loss_sum
-    return {"z": z, "loss": np.asarray(loss)}
+    result = {"z": z, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of z: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != 30:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    w = params["w"]
+    if type(w) is not np.ndarray or w.dtype.kind != "f" or w.shape != (30,):
+        w = _check_array("param", "w", w, PARAMS["w"], {"B": (B, "x")}, False)
+    b = params["b"]
+    if type(b) is not np.ndarray or b.dtype.kind != "f" or b.shape != ():
+        b = _check_array("param", "b", b, PARAMS["b"], {"B": (B, "x")}, False)
+    z_matmul = x @ w
+    z = np.add(z_matmul, b, out=z_matmul)
+    del z_matmul
+    return {"z": z}
 
 
 def value_and_grad(params, inputs):

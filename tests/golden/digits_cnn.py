@@ -119,12 +119,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -167,8 +168,24 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
-def forward(params, inputs):
-    """The model's outputs logits, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs logits, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"logits"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, K, c, W, b, B = _validate(params, inputs)
     __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
     __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
@@ -214,7 +231,57 @@ def forward(params, inputs):
     del loss_pow
     loss = loss_mean + 5e-05*loss_sum_2
     del loss_mean, loss_sum_2
-    return {"logits": logits, "loss": np.asarray(loss)}
+    result = {"logits": logits, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of logits: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != 8 or x.shape[3] != 8:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    K = params["K"]
+    if type(K) is not np.ndarray or K.dtype.kind != "f" or K.shape != (32, 1, 3, 3):
+        K = _check_array("param", "K", K, PARAMS["K"], {"B": (B, "x")}, False)
+    c = params["c"]
+    if type(c) is not np.ndarray or c.dtype.kind != "f" or c.shape != (32, 1, 1):
+        c = _check_array("param", "c", c, PARAMS["c"], {"B": (B, "x")}, False)
+    W = params["W"]
+    if type(W) is not np.ndarray or W.dtype.kind != "f" or W.shape != (512, 10):
+        W = _check_array("param", "W", W, PARAMS["W"], {"B": (B, "x")}, False)
+    b = params["b"]
+    if type(b) is not np.ndarray or b.dtype.kind != "f" or b.shape != (10,):
+        b = _check_array("param", "b", b, PARAMS["b"], {"B": (B, "x")}, False)
+    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del __a_conv2d_cols
+    np.add(a_conv2d, c, out=a_conv2d)
+    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    del a_conv2d
+    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
+    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
+    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
+    del a
+    f = p.reshape((B, 512))
+    del p
+    logits_matmul = f @ W
+    del f
+    logits = np.add(logits_matmul, b, out=logits_matmul)
+    del logits_matmul
+    return {"logits": logits}
 
 
 def value_and_grad(params, inputs):

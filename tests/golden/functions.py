@@ -108,12 +108,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -147,8 +148,24 @@ def _validate(params, inputs):
     return x, t, W1, b1, W2, b2, B
 
 
-def forward(params, inputs):
-    """The model's outputs y, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs y, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"y"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
     h_arg = h_matmul + b1
@@ -163,7 +180,42 @@ def forward(params, inputs):
     loss_pow = (y - t)**2
     loss = loss_pow.mean()
     del loss_pow
-    return {"y": y, "loss": np.asarray(loss)}
+    result = {"y": y, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of y: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != 4:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    W1 = params["W1"]
+    if type(W1) is not np.ndarray or W1.dtype.kind != "f" or W1.shape != (4, 8):
+        W1 = _check_array("param", "W1", W1, PARAMS["W1"], {"B": (B, "x")}, False)
+    b1 = params["b1"]
+    if type(b1) is not np.ndarray or b1.dtype.kind != "f" or b1.shape != (8,):
+        b1 = _check_array("param", "b1", b1, PARAMS["b1"], {"B": (B, "x")}, False)
+    W2 = params["W2"]
+    if type(W2) is not np.ndarray or W2.dtype.kind != "f" or W2.shape != (8, 2):
+        W2 = _check_array("param", "W2", W2, PARAMS["W2"], {"B": (B, "x")}, False)
+    b2 = params["b2"]
+    if type(b2) is not np.ndarray or b2.dtype.kind != "f" or b2.shape != (2,):
+        b2 = _check_array("param", "b2", b2, PARAMS["b2"], {"B": (B, "x")}, False)
+    h_matmul = x @ W1
+    h_arg = h_matmul + b1
+    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
+    h = h_arg*h_sigmoid
+    del h_matmul, h_arg, h_sigmoid
+    y_matmul = h @ W2
+    del h
+    y_t0 = y_matmul + b2
+    y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)
+    del y_matmul
+    return {"y": y}
 
 
 def value_and_grad(params, inputs):

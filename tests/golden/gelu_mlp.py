@@ -119,12 +119,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -201,8 +202,24 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
-def forward(params, inputs):
-    """The model's outputs logits, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs logits, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"logits"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
@@ -233,7 +250,53 @@ def forward(params, inputs):
     del loss_reshape, loss_take_label
     loss = loss_sub.mean()
     del loss_sub
-    return {"logits": logits, "loss": np.asarray(loss)}
+    result = {"logits": logits, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of logits: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != 16:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    W1 = params["W1"]
+    if type(W1) is not np.ndarray or W1.dtype.kind != "f" or W1.shape != (16, 32):
+        W1 = _check_array("param", "W1", W1, PARAMS["W1"], {"B": (B, "x")}, False)
+    b1 = params["b1"]
+    if type(b1) is not np.ndarray or b1.dtype.kind != "f" or b1.shape != (32,):
+        b1 = _check_array("param", "b1", b1, PARAMS["b1"], {"B": (B, "x")}, False)
+    W2 = params["W2"]
+    if type(W2) is not np.ndarray or W2.dtype.kind != "f" or W2.shape != (32, 32):
+        W2 = _check_array("param", "W2", W2, PARAMS["W2"], {"B": (B, "x")}, False)
+    b2 = params["b2"]
+    if type(b2) is not np.ndarray or b2.dtype.kind != "f" or b2.shape != (32,):
+        b2 = _check_array("param", "b2", b2, PARAMS["b2"], {"B": (B, "x")}, False)
+    W3 = params["W3"]
+    if type(W3) is not np.ndarray or W3.dtype.kind != "f" or W3.shape != (32, 4):
+        W3 = _check_array("param", "W3", W3, PARAMS["W3"], {"B": (B, "x")}, False)
+    b3 = params["b3"]
+    if type(b3) is not np.ndarray or b3.dtype.kind != "f" or b3.shape != (4,):
+        b3 = _check_array("param", "b3", b3, PARAMS["b3"], {"B": (B, "x")}, False)
+    h1_matmul = x @ W1
+    h1_arg = h1_matmul + b1
+    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    del h1_matmul, h1_arg, h1_erf
+    h2_matmul = h1 @ W2
+    del h1
+    h2_arg = h2_matmul + b2
+    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    del h2_matmul, h2_arg, h2_erf
+    logits_matmul = h2 @ W3
+    del h2
+    logits = np.add(logits_matmul, b3, out=logits_matmul)
+    del logits_matmul
+    return {"logits": logits}
 
 
 def value_and_grad(params, inputs):

@@ -117,12 +117,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -150,8 +151,24 @@ def _validate(params, inputs):
     return x, t, gamma, beta, B
 
 
-def forward(params, inputs):
-    """The model's outputs y, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs y, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"y"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, t, gamma, beta, B = _validate(params, inputs)
     mu_mul = x*gamma
     mu = mu_mul.mean(axis=1, keepdims=True)
@@ -166,7 +183,36 @@ def forward(params, inputs):
     loss_pow = (y - t)**2
     loss = loss_pow.mean()
     del loss_pow
-    return {"y": y, "loss": np.asarray(loss)}
+    result = {"y": y, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of y: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != 10:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    gamma = params["gamma"]
+    if type(gamma) is not np.ndarray or gamma.dtype.kind != "f" or gamma.shape != (10,):
+        gamma = _check_array("param", "gamma", gamma, PARAMS["gamma"], {"B": (B, "x")}, False)
+    beta = params["beta"]
+    if type(beta) is not np.ndarray or beta.dtype.kind != "f" or beta.shape != (10,):
+        beta = _check_array("param", "beta", beta, PARAMS["beta"], {"B": (B, "x")}, False)
+    mu_mul = x*gamma
+    mu = mu_mul.mean(axis=1, keepdims=True)
+    xc = np.subtract(mu_mul, mu, out=mu_mul)
+    del mu_mul, mu
+    v_pow = xc**2
+    v = v_pow.mean(axis=1, keepdims=True)
+    del v_pow
+    np.multiply(xc, (gamma/np.sqrt(v + 1e-05)), out=xc)
+    y = np.add(xc, beta, out=xc)
+    del xc, v
+    return {"y": y}
 
 
 def value_and_grad(params, inputs):

@@ -107,12 +107,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -139,8 +140,24 @@ def _validate(params, inputs):
     return x, t, w, b
 
 
-def forward(params, inputs):
-    """The model's outputs y, L_reg as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs y, L_reg as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"y"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, t, w, b = _validate(params, inputs)
     z_matmul = w @ x
     y = np.exp(-np.logaddexp(0, -(z_matmul + b)))
@@ -150,7 +167,28 @@ def forward(params, inputs):
     del R_pow
     L_reg = 0.005*R_sum + (0.5)*(y - t)**2
     del R_sum
-    return {"y": np.asarray(y), "L_reg": np.asarray(L_reg)}
+    result = {"y": np.asarray(y), "L_reg": np.asarray(L_reg)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of y: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.shape != (3,):
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    w = params["w"]
+    if type(w) is not np.ndarray or w.dtype.kind != "f" or w.shape != (3,):
+        w = _check_array("param", "w", w, PARAMS["w"], {}, False)
+    b = params["b"]
+    if type(b) is not np.ndarray or b.dtype.kind != "f" or b.shape != ():
+        b = _check_array("param", "b", b, PARAMS["b"], {}, False)
+    z_matmul = w @ x
+    y = np.exp(-np.logaddexp(0, -(z_matmul + b)))
+    del z_matmul
+    return {"y": np.asarray(y)}
 
 
 def value_and_grad(params, inputs):

@@ -131,12 +131,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -191,8 +192,24 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
-def forward(params, inputs):
-    """The model's outputs logits, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs logits, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"logits"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, W_in, b_in, W_a, b_a, W_b, b_b, W_out, b_out, B = _validate(params, inputs)
     h_matmul = x @ W_in
     np.add(h_matmul, b_in, out=h_matmul)
@@ -225,7 +242,61 @@ def forward(params, inputs):
     del loss_reshape, loss_take_label
     loss = loss_sub.mean()
     del loss_sub
-    return {"logits": logits, "loss": np.asarray(loss)}
+    result = {"logits": logits, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of logits: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('x',))
+    x = inputs["x"]
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != 6:
+        x = _check_array("input", "x", x, INPUTS["x"], {}, False)
+    B = x.shape[0]
+    W_in = params["W_in"]
+    if type(W_in) is not np.ndarray or W_in.dtype.kind != "f" or W_in.shape != (6, 12):
+        W_in = _check_array("param", "W_in", W_in, PARAMS["W_in"], {"B": (B, "x")}, False)
+    b_in = params["b_in"]
+    if type(b_in) is not np.ndarray or b_in.dtype.kind != "f" or b_in.shape != (12,):
+        b_in = _check_array("param", "b_in", b_in, PARAMS["b_in"], {"B": (B, "x")}, False)
+    W_a = params["W_a"]
+    if type(W_a) is not np.ndarray or W_a.dtype.kind != "f" or W_a.shape != (12, 12):
+        W_a = _check_array("param", "W_a", W_a, PARAMS["W_a"], {"B": (B, "x")}, False)
+    b_a = params["b_a"]
+    if type(b_a) is not np.ndarray or b_a.dtype.kind != "f" or b_a.shape != (12,):
+        b_a = _check_array("param", "b_a", b_a, PARAMS["b_a"], {"B": (B, "x")}, False)
+    W_b = params["W_b"]
+    if type(W_b) is not np.ndarray or W_b.dtype.kind != "f" or W_b.shape != (12, 12):
+        W_b = _check_array("param", "W_b", W_b, PARAMS["W_b"], {"B": (B, "x")}, False)
+    b_b = params["b_b"]
+    if type(b_b) is not np.ndarray or b_b.dtype.kind != "f" or b_b.shape != (12,):
+        b_b = _check_array("param", "b_b", b_b, PARAMS["b_b"], {"B": (B, "x")}, False)
+    W_out = params["W_out"]
+    if type(W_out) is not np.ndarray or W_out.dtype.kind != "f" or W_out.shape != (12, 3):
+        W_out = _check_array("param", "W_out", W_out, PARAMS["W_out"], {"B": (B, "x")}, False)
+    b_out = params["b_out"]
+    if type(b_out) is not np.ndarray or b_out.dtype.kind != "f" or b_out.shape != (3,):
+        b_out = _check_array("param", "b_out", b_out, PARAMS["b_out"], {"B": (B, "x")}, False)
+    h_matmul = x @ W_in
+    np.add(h_matmul, b_in, out=h_matmul)
+    h = np.tanh(h_matmul, out=h_matmul)
+    del h_matmul
+    r_matmul = h @ W_a
+    np.add(r_matmul, b_a, out=r_matmul)
+    r_relu = np.maximum(r_matmul, 0, out=r_matmul)
+    del r_matmul
+    r_matmul_2 = r_relu @ W_b
+    del r_relu
+    np.add(h, r_matmul_2, out=h)
+    h2 = np.add(h, b_b, out=h)
+    del h, r_matmul_2
+    logits_matmul = h2 @ W_out
+    del h2
+    logits = np.add(logits_matmul, b_out, out=logits_matmul)
+    del logits_matmul
+    return {"logits": logits}
 
 
 def value_and_grad(params, inputs):

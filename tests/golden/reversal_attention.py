@@ -144,12 +144,13 @@ def _check_array(kind, name, value, expected, dims, integer):
     return value
 
 
-def _check_keys(kind, given, expected):
+def _check_keys(kind, given, expected, needed=None):
+    """Missing and unknown keys (``needed``: the keys that must be there, else all)."""
     if not isinstance(given, dict):
         raise ValueError(f"{kind} must be a dict of arrays, got {type(given).__name__}")
-    if given.keys() != expected.keys():
-        missing = [k for k in expected if k not in given]
-        unknown = [k for k in given if k not in expected]
+    missing = [k for k in (expected if needed is None else needed) if k not in given]
+    unknown = [k for k in given if k not in expected]
+    if missing or unknown:
         parts = (["missing " + ", ".join(f"'{k}'" for k in missing)] if missing else []) + \
                 (["unknown " + ", ".join(f"'{k}'" for k in unknown)] if unknown else [])
         raise ValueError(f"{kind}: {'; '.join(parts)} (expected {', '.join(expected)})")
@@ -201,8 +202,24 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
-def forward(params, inputs):
-    """The model's outputs attn, logits, loss as a dict of arrays."""
+def _wanted_outputs(outputs):
+    """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
+    names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    unknown = [k for k in names if k not in OUTPUTS]
+    if unknown or not names:
+        raise ValueError(f"outputs: unknown {', '.join(map(repr, unknown)) or 'none given'} "
+                         f"(the model's outputs: {', '.join(OUTPUTS)})")
+    return set(names)
+
+
+def forward(params, inputs, outputs=None):
+    """The model's outputs attn, logits, loss as a dict of arrays; ``outputs=(names)``
+    returns only those, computed from only the inputs they need."""
+    if outputs is not None:
+        wanted = _wanted_outputs(outputs)
+        if wanted <= {"attn", "logits"}:
+            result = _forward_1(params, inputs)
+            return {k: result[k] for k in OUTPUTS if k in wanted}
     tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
     h_matmul = tokens @ E
     h = np.add(h_matmul, P, out=h_matmul)
@@ -240,7 +257,63 @@ def forward(params, inputs):
     del loss_reshape, loss_take_label
     loss = loss_sub.mean()
     del loss_sub
-    return {"attn": attn, "logits": logits, "loss": np.asarray(loss)}
+    result = {"attn": attn, "logits": logits, "loss": np.asarray(loss)}
+    return result if outputs is None else {k: result[k] for k in OUTPUTS if k in wanted}
+
+
+def _forward_1(params, inputs):
+    """forward(outputs=...) of attn, logits: checks and computes only what they need."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    _check_keys("inputs", inputs, INPUTS, needed=('tokens',))
+    tokens = inputs["tokens"]
+    if type(tokens) is not np.ndarray or tokens.dtype.kind != "f" or tokens.ndim != 3 or tokens.shape[1] != 8 or tokens.shape[2] != 10:
+        tokens = _check_array("input", "tokens", tokens, INPUTS["tokens"], {}, False)
+    B = tokens.shape[0]
+    E = params["E"]
+    if type(E) is not np.ndarray or E.dtype.kind != "f" or E.shape != (10, 32):
+        E = _check_array("param", "E", E, PARAMS["E"], {"B": (B, "tokens")}, False)
+    P = params["P"]
+    if type(P) is not np.ndarray or P.dtype.kind != "f" or P.shape != (8, 32):
+        P = _check_array("param", "P", P, PARAMS["P"], {"B": (B, "tokens")}, False)
+    Wq = params["Wq"]
+    if type(Wq) is not np.ndarray or Wq.dtype.kind != "f" or Wq.shape != (32, 32):
+        Wq = _check_array("param", "Wq", Wq, PARAMS["Wq"], {"B": (B, "tokens")}, False)
+    Wk = params["Wk"]
+    if type(Wk) is not np.ndarray or Wk.dtype.kind != "f" or Wk.shape != (32, 32):
+        Wk = _check_array("param", "Wk", Wk, PARAMS["Wk"], {"B": (B, "tokens")}, False)
+    Wv = params["Wv"]
+    if type(Wv) is not np.ndarray or Wv.dtype.kind != "f" or Wv.shape != (32, 32):
+        Wv = _check_array("param", "Wv", Wv, PARAMS["Wv"], {"B": (B, "tokens")}, False)
+    Wo = params["Wo"]
+    if type(Wo) is not np.ndarray or Wo.dtype.kind != "f" or Wo.shape != (32, 10):
+        Wo = _check_array("param", "Wo", Wo, PARAMS["Wo"], {"B": (B, "tokens")}, False)
+    bo = params["bo"]
+    if type(bo) is not np.ndarray or bo.dtype.kind != "f" or bo.shape != (10,):
+        bo = _check_array("param", "bo", bo, PARAMS["bo"], {"B": (B, "tokens")}, False)
+    h_matmul = tokens @ E
+    h = np.add(h_matmul, P, out=h_matmul)
+    del h_matmul
+    q = h @ Wq
+    k = h @ Wk
+    v = h @ Wv
+    del h
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    del q, k
+    scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max, attn_exp, attn_sum
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    del v
+    logits_matmul = ctx @ Wo
+    del ctx
+    logits = np.add(logits_matmul, bo, out=logits_matmul)
+    del logits_matmul
+    return {"attn": attn, "logits": logits}
 
 
 def value_and_grad(params, inputs):
