@@ -46,6 +46,11 @@ def lower_graph(graph: Graph, opt_level: int = 1, findings: list[Finding] | None
     ``findings`` collects the stability rewrites and risks that ``prepare_forward``
     sees on the way: the user's own nodes, before fusion with the backward hides them.
     """
+    return _lower(graph, opt_level, findings)
+
+
+def _lower(graph: Graph, opt_level: int, findings: list[Finding] | None = None) -> Graph:
+    """The pipeline itself; also lowers a separable model's per-chunk loss (codegen.batch_parts)."""
     if opt_level >= 1:
         graph = prepare_forward(graph, findings)
     g = differentiate(graph) if graph.loss_node is not None else graph.clone()[0]
@@ -118,7 +123,7 @@ def compile_model(model, opt_level: int = 1, optimizer: str | None = None, check
     g = lower_graph(graph, opt_level, findings)
     jvp, hvp = lower_tangents(graph, emit, opt_level)
     parts = build_parts(g, source or label, check_finite=check_finite, model=graph, jvp=jvp, hvp=hvp,
-                        lower_model=lambda partial: lower_graph(partial, opt_level))
+                        lower_model=lambda partial: _lower(partial, opt_level))
     text = render(g, parts, optimizer=optimizer)
     return Compiled(graph, g, text, findings)
 

@@ -210,7 +210,7 @@ def test_models_that_mix_rows_are_refused_naming_the_node(case):
     with pytest.raises(ValueError, match=f"model '{case}' is not batch-separable: " + message):
         check_separable(graph)
     module = backcomp.build(graph)
-    assert not module.BATCH_SEPARABLE and not hasattr(module, "value_and_grad_partial")
+    assert not module.BATCH_SEPARABLE and not hasattr(module, "partial_value_and_grad")
     data = chunked(module, draw_inputs(module, 10), 5)
     with pytest.raises(ValueError, match=message):
         bd.value_and_grad(module, float64_params(module), data)

@@ -163,6 +163,124 @@ def _validate(params, inputs):
     return x, target, Wq, Wk, Wv, Wo, B
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
+    q = x @ Wq
+    k = x @ Wk
+    v = x @ Wv
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    out_matmul = ctx @ Wo
+    loss_pow = (-target + out_matmul + x)**2
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.025)*loss_sum/total_rows
+    del loss_sum
+    # backward of loss_pow = (-target + out_matmul + x)**2 w.r.t. out_matmul
+    np.multiply(out_matmul, 2, out=out_matmul)
+    np.subtract(out_matmul, 2*target, out=out_matmul)
+    np.add(out_matmul, 2*x, out=out_matmul)
+    np.multiply(out_matmul, 0.025, out=out_matmul)
+    loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
+    del out_matmul
+    # backward of out_matmul = ctx @ Wo w.r.t. ctx
+    ctx_bar = loss_bar_dew @ Wo.T
+    # backward of out_matmul = ctx @ Wo
+    out_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
+    del ctx
+    out_bar_matmul = out_bar_transpose_2 @ loss_bar_dew
+    del loss_bar_dew, out_bar_transpose_2
+    # backward of out_matmul = ctx @ Wo w.r.t. Wo
+    Wo_bar = out_bar_matmul.sum(axis=0)
+    del out_bar_matmul
+    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
+    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
+    del v
+    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
+    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
+    del ctx_bar
+    # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
+    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
+    del attn
+    attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
+    del attn_bar_dew
+    # backward of scores = 0.35355339059327373*scores_einsum w.r.t. scores_einsum
+    scores_bar_dmul_t0 = 1/attn_sum
+    scores_bar_dmul_t1 = 0.35355339059327373*attn_exp
+    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
+    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
+    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
+    del k
+    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
+    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
+    del q, scores_bar_dmul
+    # backward of v = x @ Wv
+    v_bar_transpose = np.swapaxes(x, -1, -2)
+    v_bar_matmul = v_bar_transpose @ v_bar
+    del v_bar
+    # backward of v = x @ Wv w.r.t. Wv
+    Wv_bar = v_bar_matmul.sum(axis=0)
+    del v_bar_matmul
+    # backward of k = x @ Wk
+    k_bar_matmul = v_bar_transpose @ k_bar
+    del k_bar
+    # backward of k = x @ Wk w.r.t. Wk
+    Wk_bar = k_bar_matmul.sum(axis=0)
+    del k_bar_matmul
+    # backward of q = x @ Wq
+    q_bar_matmul = v_bar_transpose @ q_bar
+    del q_bar, v_bar_transpose
+    # backward of q = x @ Wq w.r.t. Wq
+    Wq_bar = q_bar_matmul.sum(axis=0)
+    del q_bar_matmul
+    return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
+    q = x @ Wq
+    k = x @ Wk
+    v = x @ Wv
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    del q, k
+    scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max, attn_exp, attn_sum
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    del v, attn
+    out_matmul = ctx @ Wo
+    del ctx
+    np.add(out_matmul, x, out=out_matmul)
+    np.subtract(out_matmul, target, out=out_matmul)
+    loss_pow = np.square(out_matmul, out=out_matmul)
+    del out_matmul
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.025)*loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -328,121 +446,3 @@ def value_and_grad(params, inputs):
     Wq_bar = q_bar_matmul.sum(axis=0)
     del q_bar_matmul
     return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = x @ Wq
-    k = x @ Wk
-    v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
-    scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
-    del scores_einsum
-    attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
-    attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max
-    ctx = np.einsum("bts,bsd->btd", attn, v)
-    out_matmul = ctx @ Wo
-    loss_pow = (-target + out_matmul + x)**2
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.025)*loss_sum/total_rows
-    del loss_sum
-    # backward of loss_pow = (-target + out_matmul + x)**2 w.r.t. out_matmul
-    np.multiply(out_matmul, 2, out=out_matmul)
-    np.subtract(out_matmul, 2*target, out=out_matmul)
-    np.add(out_matmul, 2*x, out=out_matmul)
-    np.multiply(out_matmul, 0.025, out=out_matmul)
-    loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
-    del out_matmul
-    # backward of out_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = loss_bar_dew @ Wo.T
-    # backward of out_matmul = ctx @ Wo
-    out_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
-    del ctx
-    out_bar_matmul = out_bar_transpose_2 @ loss_bar_dew
-    del loss_bar_dew, out_bar_transpose_2
-    # backward of out_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = out_bar_matmul.sum(axis=0)
-    del out_bar_matmul
-    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
-    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
-    del v
-    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
-    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
-    del ctx_bar
-    # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
-    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
-    del attn
-    attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
-    del attn_bar_dew
-    # backward of scores = 0.35355339059327373*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.35355339059327373*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
-    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
-    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
-    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
-    del k
-    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
-    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
-    del q, scores_bar_dmul
-    # backward of v = x @ Wv
-    v_bar_transpose = np.swapaxes(x, -1, -2)
-    v_bar_matmul = v_bar_transpose @ v_bar
-    del v_bar
-    # backward of v = x @ Wv w.r.t. Wv
-    Wv_bar = v_bar_matmul.sum(axis=0)
-    del v_bar_matmul
-    # backward of k = x @ Wk
-    k_bar_matmul = v_bar_transpose @ k_bar
-    del k_bar
-    # backward of k = x @ Wk w.r.t. Wk
-    Wk_bar = k_bar_matmul.sum(axis=0)
-    del k_bar_matmul
-    # backward of q = x @ Wq
-    q_bar_matmul = v_bar_transpose @ q_bar
-    del q_bar, v_bar_transpose
-    # backward of q = x @ Wq w.r.t. Wq
-    Wq_bar = q_bar_matmul.sum(axis=0)
-    del q_bar_matmul
-    return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = x @ Wq
-    k = x @ Wk
-    v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
-    del q, k
-    scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
-    del scores_einsum
-    attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
-    attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
-    ctx = np.einsum("bts,bsd->btd", attn, v)
-    del v, attn
-    out_matmul = ctx @ Wo
-    del ctx
-    np.add(out_matmul, x, out=out_matmul)
-    np.subtract(out_matmul, target, out=out_matmul)
-    loss_pow = np.square(out_matmul, out=out_matmul)
-    del out_matmul
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.025)*loss_sum/total_rows
-    del loss_sum
-    return np.asarray(loss), B

@@ -136,6 +136,63 @@ def _validate(params, inputs):
     return x, y, w, b, B
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, y, w, b, B = _validate(params, inputs)
+    z_matmul = x @ w
+    z = np.add(z_matmul, b, out=z_matmul)
+    del z_matmul
+    loss_sub = -z*y + np.logaddexp(0, z)
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss_pow = w**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    # backward of loss_sub = -z*y + logaddexp(0, z) w.r.t. z
+    np.negative(z, out=z)
+    np.logaddexp(0, z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    np.subtract(z, y, out=z)
+    z_bar = np.divide(z, total_rows, out=z)
+    del z
+    # backward of z = z_matmul + b w.r.t. b
+    b_bar = z_bar.sum(axis=0)
+    # backward of z_matmul = x @ w w.r.t. w
+    z_bar_matmul = z_bar @ x
+    del z_bar
+    # backward of param w
+    w_bar = np.add(z_bar_matmul, 0.001*w*param_terms, out=z_bar_matmul)
+    del z_bar_matmul
+    return np.asarray(loss), {"w": w_bar.astype(w.dtype, copy=False), "b": np.array(b_bar, dtype=b.dtype)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, y, w, b, B = _validate(params, inputs)
+    z_matmul = x @ w
+    z = np.add(z_matmul, b, out=z_matmul)
+    del z_matmul
+    loss_sub = -z*y + np.logaddexp(0, z)
+    del z
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss_pow = w**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -222,60 +279,3 @@ def value_and_grad(params, inputs):
     w_bar = np.add(z_bar_matmul, 0.001*w, out=z_bar_matmul)
     del z_bar_matmul
     return np.asarray(loss), {"w": w_bar.astype(w.dtype, copy=False), "b": np.array(b_bar, dtype=b.dtype)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, y, w, b, B = _validate(params, inputs)
-    z_matmul = x @ w
-    z = np.add(z_matmul, b, out=z_matmul)
-    del z_matmul
-    loss_sub = -z*y + np.logaddexp(0, z)
-    loss_sum = loss_sub.sum()
-    del loss_sub
-    loss_pow = w**2
-    loss_sum_2 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
-    del loss_sum, loss_sum_2
-    # backward of loss_sub = -z*y + logaddexp(0, z) w.r.t. z
-    np.negative(z, out=z)
-    np.logaddexp(0, z, out=z)
-    np.negative(z, out=z)
-    np.exp(z, out=z)
-    np.subtract(z, y, out=z)
-    z_bar = np.divide(z, total_rows, out=z)
-    del z
-    # backward of z = z_matmul + b w.r.t. b
-    b_bar = z_bar.sum(axis=0)
-    # backward of z_matmul = x @ w w.r.t. w
-    z_bar_matmul = z_bar @ x
-    del z_bar
-    # backward of param w
-    w_bar = np.add(z_bar_matmul, 0.001*w*param_terms, out=z_bar_matmul)
-    del z_bar_matmul
-    return np.asarray(loss), {"w": w_bar.astype(w.dtype, copy=False), "b": np.array(b_bar, dtype=b.dtype)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, y, w, b, B = _validate(params, inputs)
-    z_matmul = x @ w
-    z = np.add(z_matmul, b, out=z_matmul)
-    del z_matmul
-    loss_sub = -z*y + np.logaddexp(0, z)
-    del z
-    loss_sum = loss_sub.sum()
-    del loss_sub
-    loss_pow = w**2
-    loss_sum_2 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
-    del loss_sum, loss_sum_2
-    return np.asarray(loss), B

@@ -168,6 +168,180 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, labels, K, c, W, b, B = _validate(params, inputs)
+    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del __a_conv2d_cols
+    np.add(a_conv2d, c, out=a_conv2d)
+    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    del a_conv2d
+    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
+    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
+    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
+    f = p.reshape((B, 512))
+    logits_matmul = f @ W
+    logits = np.add(logits_matmul, b, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    loss_add = loss_max + np.log(loss_sum)
+    del loss_max
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss_pow = W**2
+    loss_sum_3 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
+    del loss_sum_2, loss_sum_3
+    # backward of loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
+    loss_bar = np.ones_like(loss)
+    # backward of loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms w.r.t. loss_sum_2
+    loss_bar_dew = loss_bar/total_rows
+    del loss_bar
+    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
+    loss_bar_reshape = loss_bar_dew.reshape((1,))
+    del loss_bar_dew
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_reshape
+    # backward of loss_take_label = take_label(logits, labels)
+    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
+    del loss_bar_dsub
+    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
+    loss_bar_put_label = np.zeros((B, 10), dtype=loss_bar_broadcast_to.dtype)
+    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
+    del loss_bar_broadcast_to
+    # backward of loss_reshape = reshape(loss_add, shape=('B',))
+    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
+    del loss_bar_reshape
+    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
+    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
+    del loss_bar_broadcast_to_2
+    # backward of logits = logits_matmul + b
+    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
+    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
+    # backward of logits = logits_matmul + b w.r.t. b
+    b_bar = logits_bar.sum(axis=0)
+    # backward of logits_matmul = f @ W w.r.t. f
+    f_bar = logits_bar @ W.T
+    # backward of logits_matmul = f @ W w.r.t. W
+    logits_bar_matmul = f.T @ logits_bar
+    del f, logits_bar
+    # backward of f = reshape(p, shape=('B', 512)) w.r.t. p
+    p_bar = f_bar.reshape((B, 32, 4, 4))
+    del f_bar
+    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 1:8:2] == p, np.int8(3), np.int8(0))
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 0:7:2] == p, np.int8(2), p_bar_max_pool2d_argmax)
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 1:8:2] == p, np.int8(1), p_bar_max_pool2d_argmax)
+    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 0:7:2] == p, np.int8(0), p_bar_max_pool2d_argmax)
+    del p
+    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
+    a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
+    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar, out=a_bar[:, :, 0:7:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar, out=a_bar[:, :, 0:7:2, 1:8:2])
+    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar, out=a_bar[:, :, 1:8:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar, out=a_bar[:, :, 1:8:2, 1:8:2])
+    del p_bar, p_bar_max_pool2d_argmax
+    # backward of a = maximum(a_conv2d + c, 0) w.r.t. a_conv2d
+    a_bar_dew = np.multiply(a_bar, (a > 0), out=a_bar)
+    del a, a_bar
+    # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
+    c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
+    # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
+    __K_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __K_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __K_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __K_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __K_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __K_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __K_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __K_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __K_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __K_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
+    del __K_bar_cols
+    del a_bar_dew
+    # backward of param W
+    W_bar = np.add(logits_bar_matmul, 0.0001*W*param_terms, out=logits_bar_matmul)
+    del logits_bar_matmul
+    return np.asarray(loss), {"K": K_bar.astype(K.dtype, copy=False), "c": c_bar.astype(c.dtype, copy=False), "W": W_bar.astype(W.dtype, copy=False), "b": b_bar.astype(b.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, labels, K, c, W, b, B = _validate(params, inputs)
+    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del __a_conv2d_cols
+    np.add(a_conv2d, c, out=a_conv2d)
+    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    del a_conv2d
+    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
+    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
+    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
+    del a
+    f = p.reshape((B, 512))
+    del p
+    logits_matmul = f @ W
+    del f
+    logits = np.add(logits_matmul, b, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    del loss_exp
+    np.log(loss_sum, out=loss_sum)
+    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
+    del loss_max, loss_sum
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss_pow = W**2
+    loss_sum_3 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
+    del loss_sum_2, loss_sum_3
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -399,177 +573,3 @@ def value_and_grad(params, inputs):
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
     del logits_bar_matmul
     return np.asarray(loss), {"K": K_bar.astype(K.dtype, copy=False), "c": c_bar.astype(c.dtype, copy=False), "W": W_bar.astype(W.dtype, copy=False), "b": b_bar.astype(b.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
-    del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
-    f = p.reshape((B, 512))
-    logits_matmul = f @ W
-    logits = np.add(logits_matmul, b, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    loss_add = loss_max + np.log(loss_sum)
-    del loss_max
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss_pow = W**2
-    loss_sum_3 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
-    del loss_sum_2, loss_sum_3
-    # backward of loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
-    loss_bar = np.ones_like(loss)
-    # backward of loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms w.r.t. loss_sum_2
-    loss_bar_dew = loss_bar/total_rows
-    del loss_bar
-    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
-    loss_bar_reshape = loss_bar_dew.reshape((1,))
-    del loss_bar_dew
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape
-    # backward of loss_take_label = take_label(logits, labels)
-    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
-    del loss_bar_dsub
-    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
-    loss_bar_put_label = np.zeros((B, 10), dtype=loss_bar_broadcast_to.dtype)
-    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
-    del loss_bar_broadcast_to
-    # backward of loss_reshape = reshape(loss_add, shape=('B',))
-    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
-    del loss_bar_reshape
-    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
-    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
-    del loss_bar_broadcast_to_2
-    # backward of logits = logits_matmul + b
-    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
-    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
-    # backward of logits = logits_matmul + b w.r.t. b
-    b_bar = logits_bar.sum(axis=0)
-    # backward of logits_matmul = f @ W w.r.t. f
-    f_bar = logits_bar @ W.T
-    # backward of logits_matmul = f @ W w.r.t. W
-    logits_bar_matmul = f.T @ logits_bar
-    del f, logits_bar
-    # backward of f = reshape(p, shape=('B', 512)) w.r.t. p
-    p_bar = f_bar.reshape((B, 32, 4, 4))
-    del f_bar
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 1:8:2] == p, np.int8(3), np.int8(0))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 0:7:2] == p, np.int8(2), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 1:8:2] == p, np.int8(1), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 0:7:2] == p, np.int8(0), p_bar_max_pool2d_argmax)
-    del p
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
-    a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
-    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar, out=a_bar[:, :, 0:7:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar, out=a_bar[:, :, 0:7:2, 1:8:2])
-    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar, out=a_bar[:, :, 1:8:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar, out=a_bar[:, :, 1:8:2, 1:8:2])
-    del p_bar, p_bar_max_pool2d_argmax
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. a_conv2d
-    a_bar_dew = np.multiply(a_bar, (a > 0), out=a_bar)
-    del a, a_bar
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
-    c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
-    # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    __K_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __K_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __K_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __K_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __K_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __K_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __K_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __K_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __K_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __K_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del __K_bar_cols
-    del a_bar_dew
-    # backward of param W
-    W_bar = np.add(logits_bar_matmul, 0.0001*W*param_terms, out=logits_bar_matmul)
-    del logits_bar_matmul
-    return np.asarray(loss), {"K": K_bar.astype(K.dtype, copy=False), "c": c_bar.astype(c.dtype, copy=False), "W": W_bar.astype(W.dtype, copy=False), "b": b_bar.astype(b.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
-    del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
-    del a
-    f = p.reshape((B, 512))
-    del p
-    logits_matmul = f @ W
-    del f
-    logits = np.add(logits_matmul, b, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    del loss_exp
-    np.log(loss_sum, out=loss_sum)
-    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
-    del loss_max, loss_sum
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss_pow = W**2
-    loss_sum_3 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum_2/total_rows + 5e-05*loss_sum_3*param_terms
-    del loss_sum_2, loss_sum_3
-    return np.asarray(loss), B

@@ -164,6 +164,130 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, labels, W1, b1, W2, b2, B = _validate(params, inputs)
+    h_matmul = x @ W1
+    np.add(h_matmul, b1, out=h_matmul)
+    h = np.maximum(h_matmul, 0, out=h_matmul)
+    del h_matmul
+    logits_matmul = h @ W2
+    logits = np.add(logits_matmul, b2, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    loss_add = loss_max + np.log(loss_sum)
+    del loss_max
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss_pow = W1**2
+    loss_sum_3 = loss_pow.sum()
+    del loss_pow
+    loss_pow_2 = W2**2
+    loss_sum_4 = loss_pow_2.sum()
+    del loss_pow_2
+    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
+    del loss_sum_2, loss_sum_3, loss_sum_4
+    # backward of loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
+    loss_bar = np.ones_like(loss)
+    # backward of loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4) w.r.t. loss_sum_2
+    loss_bar_dew = loss_bar/total_rows
+    del loss_bar
+    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
+    loss_bar_reshape = loss_bar_dew.reshape((1,))
+    del loss_bar_dew
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_reshape
+    # backward of loss_take_label = take_label(logits, labels)
+    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
+    del loss_bar_dsub
+    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
+    loss_bar_put_label = np.zeros((B, 10), dtype=loss_bar_broadcast_to.dtype)
+    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
+    del loss_bar_broadcast_to
+    # backward of loss_reshape = reshape(loss_add, shape=('B',))
+    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
+    del loss_bar_reshape
+    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
+    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
+    del loss_bar_broadcast_to_2
+    # backward of logits = logits_matmul + b2
+    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
+    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
+    # backward of logits = logits_matmul + b2 w.r.t. b2
+    b2_bar = logits_bar.sum(axis=0)
+    # backward of logits_matmul = h @ W2 w.r.t. h
+    h_bar = logits_bar @ W2.T
+    # backward of logits_matmul = h @ W2 w.r.t. W2
+    logits_bar_matmul = h.T @ logits_bar
+    del logits_bar
+    # backward of h = maximum(h_matmul + b1, 0) w.r.t. h_matmul
+    h_bar_dew = np.multiply(h_bar, (h > 0), out=h_bar)
+    del h, h_bar
+    # backward of h = maximum(h_matmul + b1, 0) w.r.t. b1
+    b1_bar = h_bar_dew.sum(axis=0)
+    # backward of h_matmul = x @ W1 w.r.t. W1
+    h_bar_matmul = x.T @ h_bar_dew
+    del h_bar_dew
+    # backward of param W2
+    W2_bar = np.add(logits_bar_matmul, 0.0001*W2*param_terms, out=logits_bar_matmul)
+    del logits_bar_matmul
+    # backward of param W1
+    W1_bar = np.add(h_bar_matmul, 0.0001*W1*param_terms, out=h_bar_matmul)
+    del h_bar_matmul
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, labels, W1, b1, W2, b2, B = _validate(params, inputs)
+    h_matmul = x @ W1
+    np.add(h_matmul, b1, out=h_matmul)
+    h = np.maximum(h_matmul, 0, out=h_matmul)
+    del h_matmul
+    logits_matmul = h @ W2
+    del h
+    logits = np.add(logits_matmul, b2, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    del loss_exp
+    np.log(loss_sum, out=loss_sum)
+    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
+    del loss_max, loss_sum
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss_pow = W1**2
+    loss_sum_3 = loss_pow.sum()
+    del loss_pow
+    loss_pow_2 = W2**2
+    loss_sum_4 = loss_pow_2.sum()
+    del loss_pow_2
+    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
+    del loss_sum_2, loss_sum_3, loss_sum_4
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -328,127 +452,3 @@ def value_and_grad(params, inputs):
     W1_bar = np.add(h_bar_matmul, 0.0001*W1, out=h_bar_matmul)
     del h_bar_matmul
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, labels, W1, b1, W2, b2, B = _validate(params, inputs)
-    h_matmul = x @ W1
-    np.add(h_matmul, b1, out=h_matmul)
-    h = np.maximum(h_matmul, 0, out=h_matmul)
-    del h_matmul
-    logits_matmul = h @ W2
-    logits = np.add(logits_matmul, b2, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    loss_add = loss_max + np.log(loss_sum)
-    del loss_max
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss_pow = W1**2
-    loss_sum_3 = loss_pow.sum()
-    del loss_pow
-    loss_pow_2 = W2**2
-    loss_sum_4 = loss_pow_2.sum()
-    del loss_pow_2
-    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
-    del loss_sum_2, loss_sum_3, loss_sum_4
-    # backward of loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
-    loss_bar = np.ones_like(loss)
-    # backward of loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4) w.r.t. loss_sum_2
-    loss_bar_dew = loss_bar/total_rows
-    del loss_bar
-    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
-    loss_bar_reshape = loss_bar_dew.reshape((1,))
-    del loss_bar_dew
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape
-    # backward of loss_take_label = take_label(logits, labels)
-    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
-    del loss_bar_dsub
-    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
-    loss_bar_put_label = np.zeros((B, 10), dtype=loss_bar_broadcast_to.dtype)
-    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
-    del loss_bar_broadcast_to
-    # backward of loss_reshape = reshape(loss_add, shape=('B',))
-    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
-    del loss_bar_reshape
-    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
-    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
-    del loss_bar_broadcast_to_2
-    # backward of logits = logits_matmul + b2
-    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
-    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
-    # backward of logits = logits_matmul + b2 w.r.t. b2
-    b2_bar = logits_bar.sum(axis=0)
-    # backward of logits_matmul = h @ W2 w.r.t. h
-    h_bar = logits_bar @ W2.T
-    # backward of logits_matmul = h @ W2 w.r.t. W2
-    logits_bar_matmul = h.T @ logits_bar
-    del logits_bar
-    # backward of h = maximum(h_matmul + b1, 0) w.r.t. h_matmul
-    h_bar_dew = np.multiply(h_bar, (h > 0), out=h_bar)
-    del h, h_bar
-    # backward of h = maximum(h_matmul + b1, 0) w.r.t. b1
-    b1_bar = h_bar_dew.sum(axis=0)
-    # backward of h_matmul = x @ W1 w.r.t. W1
-    h_bar_matmul = x.T @ h_bar_dew
-    del h_bar_dew
-    # backward of param W2
-    W2_bar = np.add(logits_bar_matmul, 0.0001*W2*param_terms, out=logits_bar_matmul)
-    del logits_bar_matmul
-    # backward of param W1
-    W1_bar = np.add(h_bar_matmul, 0.0001*W1*param_terms, out=h_bar_matmul)
-    del h_bar_matmul
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, labels, W1, b1, W2, b2, B = _validate(params, inputs)
-    h_matmul = x @ W1
-    np.add(h_matmul, b1, out=h_matmul)
-    h = np.maximum(h_matmul, 0, out=h_matmul)
-    del h_matmul
-    logits_matmul = h @ W2
-    del h
-    logits = np.add(logits_matmul, b2, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    del loss_exp
-    np.log(loss_sum, out=loss_sum)
-    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
-    del loss_max, loss_sum
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss_pow = W1**2
-    loss_sum_3 = loss_pow.sum()
-    del loss_pow
-    loss_pow_2 = W2**2
-    loss_sum_4 = loss_pow_2.sum()
-    del loss_pow_2
-    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
-    del loss_sum_2, loss_sum_3, loss_sum_4
-    return np.asarray(loss), B

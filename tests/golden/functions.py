@@ -148,6 +148,74 @@ def _validate(params, inputs):
     return x, t, W1, b1, W2, b2, B
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
+    h_matmul = x @ W1
+    h_arg = h_matmul + b1
+    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
+    h = h_arg*h_sigmoid
+    del h_matmul
+    y_matmul = h @ W2
+    loss_pow_t0 = y_matmul + b2
+    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.5)*loss_sum/total_rows
+    del loss_sum
+    # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. y_matmul
+    loss_bar_dew_t0 = y_matmul + b2
+    loss_bar_dew_t1 = loss_bar_dew_t0**2
+    loss_bar_dew_t2 = np.sqrt(loss_bar_dew_t1 + 0.001)
+    loss_bar_dew_t3 = loss_bar_dew_t2 + 1
+    loss_bar_dew_t4 = 1/loss_bar_dew_t3
+    loss_bar_dew = (0.5)*(-t + 2.0*loss_bar_dew_t0*loss_bar_dew_t4)*(-4.0*loss_bar_dew_t1/(loss_bar_dew_t2*loss_bar_dew_t3**2) + 4.0*loss_bar_dew_t4)/total_rows
+    del y_matmul
+    # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
+    b2_bar = loss_bar_dew.sum(axis=0)
+    # backward of y_matmul = h @ W2 w.r.t. h
+    h_bar = loss_bar_dew @ W2.T
+    # backward of y_matmul = h @ W2 w.r.t. W2
+    W2_bar = h.T @ loss_bar_dew
+    del h, loss_bar_dew
+    # backward of h_arg = h_matmul + b1
+    h_bar_add_t0 = h_bar*h_sigmoid
+    h_bar_add = h_arg*h_bar_add_t0*(1 - h_sigmoid) + h_bar_add_t0
+    del h_arg, h_sigmoid, h_bar
+    # backward of h_arg = h_matmul + b1 w.r.t. b1
+    b1_bar = h_bar_add.sum(axis=0)
+    # backward of h_matmul = x @ W1 w.r.t. W1
+    W1_bar = x.T @ h_bar_add
+    del h_bar_add
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
+    h_matmul = x @ W1
+    h_arg = h_matmul + b1
+    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
+    h = h_arg*h_sigmoid
+    del h_matmul, h_arg, h_sigmoid
+    y_matmul = h @ W2
+    del h
+    loss_pow_t0 = y_matmul + b2
+    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
+    del y_matmul
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.5)*loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -255,71 +323,3 @@ def value_and_grad(params, inputs):
     W1_bar = x.T @ h_bar_add
     del h_bar_add
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
-    h_matmul = x @ W1
-    h_arg = h_matmul + b1
-    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
-    h = h_arg*h_sigmoid
-    del h_matmul
-    y_matmul = h @ W2
-    loss_pow_t0 = y_matmul + b2
-    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.5)*loss_sum/total_rows
-    del loss_sum
-    # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. y_matmul
-    loss_bar_dew_t0 = y_matmul + b2
-    loss_bar_dew_t1 = loss_bar_dew_t0**2
-    loss_bar_dew_t2 = np.sqrt(loss_bar_dew_t1 + 0.001)
-    loss_bar_dew_t3 = loss_bar_dew_t2 + 1
-    loss_bar_dew_t4 = 1/loss_bar_dew_t3
-    loss_bar_dew = (0.5)*(-t + 2.0*loss_bar_dew_t0*loss_bar_dew_t4)*(-4.0*loss_bar_dew_t1/(loss_bar_dew_t2*loss_bar_dew_t3**2) + 4.0*loss_bar_dew_t4)/total_rows
-    del y_matmul
-    # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
-    b2_bar = loss_bar_dew.sum(axis=0)
-    # backward of y_matmul = h @ W2 w.r.t. h
-    h_bar = loss_bar_dew @ W2.T
-    # backward of y_matmul = h @ W2 w.r.t. W2
-    W2_bar = h.T @ loss_bar_dew
-    del h, loss_bar_dew
-    # backward of h_arg = h_matmul + b1
-    h_bar_add_t0 = h_bar*h_sigmoid
-    h_bar_add = h_arg*h_bar_add_t0*(1 - h_sigmoid) + h_bar_add_t0
-    del h_arg, h_sigmoid, h_bar
-    # backward of h_arg = h_matmul + b1 w.r.t. b1
-    b1_bar = h_bar_add.sum(axis=0)
-    # backward of h_matmul = x @ W1 w.r.t. W1
-    W1_bar = x.T @ h_bar_add
-    del h_bar_add
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
-    h_matmul = x @ W1
-    h_arg = h_matmul + b1
-    h_sigmoid = np.exp(-np.logaddexp(0, -h_arg))
-    h = h_arg*h_sigmoid
-    del h_matmul, h_arg, h_sigmoid
-    y_matmul = h @ W2
-    del h
-    loss_pow_t0 = y_matmul + b2
-    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
-    del y_matmul
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.5)*loss_sum/total_rows
-    del loss_sum
-    return np.asarray(loss), B

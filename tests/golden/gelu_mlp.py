@@ -202,6 +202,135 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
+    h1_matmul = x @ W1
+    h1_arg = h1_matmul + b1
+    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    del h1_matmul
+    h2_matmul = h1 @ W2
+    h2_arg = h2_matmul + b2
+    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    del h2_matmul
+    logits_matmul = h2 @ W3
+    logits = np.add(logits_matmul, b3, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    loss_add = loss_max + np.log(loss_sum)
+    del loss_max
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum_2/total_rows
+    del loss_sum_2
+    # backward of loss = loss_sum_2/total_rows
+    loss_bar = np.ones_like(loss)
+    # backward of loss = loss_sum_2/total_rows w.r.t. loss_sum_2
+    loss_bar_dew = loss_bar/total_rows
+    del loss_bar
+    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
+    loss_bar_reshape = loss_bar_dew.reshape((1,))
+    del loss_bar_dew
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_reshape
+    # backward of loss_take_label = take_label(logits, labels)
+    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
+    del loss_bar_dsub
+    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
+    loss_bar_put_label = np.zeros((B, 4), dtype=loss_bar_broadcast_to.dtype)
+    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
+    del loss_bar_broadcast_to
+    # backward of loss_reshape = reshape(loss_add, shape=('B',))
+    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
+    del loss_bar_reshape
+    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
+    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
+    del loss_bar_broadcast_to_2
+    # backward of logits = logits_matmul + b3
+    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
+    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
+    # backward of logits = logits_matmul + b3 w.r.t. b3
+    b3_bar = logits_bar.sum(axis=0)
+    # backward of logits_matmul = h2 @ W3 w.r.t. h2
+    h2_bar = logits_bar @ W3.T
+    # backward of logits_matmul = h2 @ W3 w.r.t. W3
+    W3_bar = h2.T @ logits_bar
+    del h2, logits_bar
+    # backward of h2_arg = h2_matmul + b2
+    h2_bar_add = (0.5)*1.4142135623730951*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2)/1.772453850905516 + h2_bar*((0.5)*h2_erf + 0.5)
+    del h2_arg, h2_erf, h2_bar
+    # backward of h2_arg = h2_matmul + b2 w.r.t. b2
+    b2_bar = h2_bar_add.sum(axis=0)
+    # backward of h2_matmul = h1 @ W2 w.r.t. h1
+    h1_bar = h2_bar_add @ W2.T
+    # backward of h2_matmul = h1 @ W2 w.r.t. W2
+    W2_bar = h1.T @ h2_bar_add
+    del h1, h2_bar_add
+    # backward of h1_arg = h1_matmul + b1
+    h1_bar_add = (0.5)*1.4142135623730951*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2)/1.772453850905516 + h1_bar*((0.5)*h1_erf + 0.5)
+    del h1_arg, h1_erf, h1_bar
+    # backward of h1_arg = h1_matmul + b1 w.r.t. b1
+    b1_bar = h1_bar_add.sum(axis=0)
+    # backward of h1_matmul = x @ W1 w.r.t. W1
+    W1_bar = x.T @ h1_bar_add
+    del h1_bar_add
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False), "b3": b3_bar.astype(b3.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
+    h1_matmul = x @ W1
+    h1_arg = h1_matmul + b1
+    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    del h1_matmul, h1_arg, h1_erf
+    h2_matmul = h1 @ W2
+    del h1
+    h2_arg = h2_matmul + b2
+    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    del h2_matmul, h2_arg, h2_erf
+    logits_matmul = h2 @ W3
+    del h2
+    logits = np.add(logits_matmul, b3, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    del loss_exp
+    np.log(loss_sum, out=loss_sum)
+    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
+    del loss_max, loss_sum
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum_2/total_rows
+    del loss_sum_2
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -379,132 +508,3 @@ def value_and_grad(params, inputs):
     W1_bar = x.T @ h1_bar_add
     del h1_bar_add
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False), "b3": b3_bar.astype(b3.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
-    h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul
-    h2_matmul = h1 @ W2
-    h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul
-    logits_matmul = h2 @ W3
-    logits = np.add(logits_matmul, b3, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    loss_add = loss_max + np.log(loss_sum)
-    del loss_max
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum_2/total_rows
-    del loss_sum_2
-    # backward of loss = loss_sum_2/total_rows
-    loss_bar = np.ones_like(loss)
-    # backward of loss = loss_sum_2/total_rows w.r.t. loss_sum_2
-    loss_bar_dew = loss_bar/total_rows
-    del loss_bar
-    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
-    loss_bar_reshape = loss_bar_dew.reshape((1,))
-    del loss_bar_dew
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape
-    # backward of loss_take_label = take_label(logits, labels)
-    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
-    del loss_bar_dsub
-    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
-    loss_bar_put_label = np.zeros((B, 4), dtype=loss_bar_broadcast_to.dtype)
-    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
-    del loss_bar_broadcast_to
-    # backward of loss_reshape = reshape(loss_add, shape=('B',))
-    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
-    del loss_bar_reshape
-    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
-    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
-    del loss_bar_broadcast_to_2
-    # backward of logits = logits_matmul + b3
-    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
-    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
-    # backward of logits = logits_matmul + b3 w.r.t. b3
-    b3_bar = logits_bar.sum(axis=0)
-    # backward of logits_matmul = h2 @ W3 w.r.t. h2
-    h2_bar = logits_bar @ W3.T
-    # backward of logits_matmul = h2 @ W3 w.r.t. W3
-    W3_bar = h2.T @ logits_bar
-    del h2, logits_bar
-    # backward of h2_arg = h2_matmul + b2
-    h2_bar_add = (0.5)*1.4142135623730951*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2)/1.772453850905516 + h2_bar*((0.5)*h2_erf + 0.5)
-    del h2_arg, h2_erf, h2_bar
-    # backward of h2_arg = h2_matmul + b2 w.r.t. b2
-    b2_bar = h2_bar_add.sum(axis=0)
-    # backward of h2_matmul = h1 @ W2 w.r.t. h1
-    h1_bar = h2_bar_add @ W2.T
-    # backward of h2_matmul = h1 @ W2 w.r.t. W2
-    W2_bar = h1.T @ h2_bar_add
-    del h1, h2_bar_add
-    # backward of h1_arg = h1_matmul + b1
-    h1_bar_add = (0.5)*1.4142135623730951*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2)/1.772453850905516 + h1_bar*((0.5)*h1_erf + 0.5)
-    del h1_arg, h1_erf, h1_bar
-    # backward of h1_arg = h1_matmul + b1 w.r.t. b1
-    b1_bar = h1_bar_add.sum(axis=0)
-    # backward of h1_matmul = x @ W1 w.r.t. W1
-    W1_bar = x.T @ h1_bar_add
-    del h1_bar_add
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False), "b3": b3_bar.astype(b3.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
-    h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul, h1_arg, h1_erf
-    h2_matmul = h1 @ W2
-    del h1
-    h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul, h2_arg, h2_erf
-    logits_matmul = h2 @ W3
-    del h2
-    logits = np.add(logits_matmul, b3, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    del loss_exp
-    np.log(loss_sum, out=loss_sum)
-    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
-    del loss_max, loss_sum
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum_2/total_rows
-    del loss_sum_2
-    return np.asarray(loss), B

@@ -183,6 +183,176 @@ def _validate(params, inputs):
     return x, sign, gp, W1, b1, W2, b2, W3, N
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim N divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, sign, gp, W1, b1, W2, b2, W3, N = _validate(params, inputs)
+    h1_matmul = x @ W1
+    np.add(h1_matmul, b1, out=h1_matmul)
+    h1 = np.tanh(h1_matmul, out=h1_matmul)
+    del h1_matmul
+    h2_matmul = h1 @ W2
+    np.add(h2_matmul, b2, out=h2_matmul)
+    h2 = np.tanh(h2_matmul, out=h2_matmul)
+    del h2_matmul
+    d_matmul = h2 @ W3
+    d = d_matmul.reshape((N,))
+    del d_matmul
+    dx_sum = d.sum()
+    dx_bar_ones_like = np.ones_like(dx_sum)
+    del dx_sum
+    dx_bar_reshape = dx_bar_ones_like.reshape((1,))
+    del dx_bar_ones_like
+    d_bar_broadcast_to = np.broadcast_to(dx_bar_reshape, (N,))
+    del dx_bar_reshape
+    d_bar_reshape = d_bar_broadcast_to.reshape((N, 1))
+    del d_bar_broadcast_to
+    d_bar_transpose = W3.T
+    d_bar_matmul = d_bar_reshape @ d_bar_transpose
+    h2_bar_dtanh = d_bar_matmul*(1 - h2**2)
+    h2_bar_transpose = W2.T
+    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
+    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_transpose = W1.T
+    dx = h1_bar_dtanh @ h1_bar_transpose
+    gnorm_mul = dx**2
+    gnorm_sum = gnorm_mul.sum(axis=1)
+    del gnorm_mul
+    loss_mul = sign*d
+    del d
+    loss_sum = loss_mul.sum()
+    del loss_mul
+    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
+    loss_sum_2 = loss_mul_2.sum()
+    del loss_mul_2
+    loss = loss_sum + loss_sum_2
+    del loss_sum, loss_sum_2
+    # backward of loss_mul_2 = gp*(where((gnorm_sum > 0), sqrt(gnorm_sum), 0) - 1)**2 w.r.t. gnorm_sum
+    loss_bar_dew_t0 = np.sqrt(gnorm_sum)
+    loss_bar_dew = np.where((gnorm_sum > 0), gp*(loss_bar_dew_t0 - 1)/loss_bar_dew_t0, 0)
+    del gnorm_sum
+    # backward of loss_mul = sign*d w.r.t. d
+    d_bar = sign
+    # backward of gnorm_sum = sum(gnorm_mul, axes=(1,), keepdims=False) w.r.t. gnorm_mul
+    gnorm_bar_reshape = loss_bar_dew.reshape((N, 1))
+    del loss_bar_dew
+    # backward of gnorm_mul = dx**2 w.r.t. dx
+    np.multiply(dx, 2, out=dx)
+    dx_bar = np.multiply(dx, gnorm_bar_reshape, out=dx)
+    del dx, gnorm_bar_reshape
+    # backward of dx = h1_bar_dtanh @ h1_bar_transpose w.r.t. h1_bar_dtanh
+    dx_bar_matmul = dx_bar @ h1_bar_transpose.T
+    del h1_bar_transpose
+    # backward of dx = h1_bar_dtanh @ h1_bar_transpose w.r.t. h1_bar_transpose
+    dx_bar_matmul_2 = h1_bar_dtanh.T @ dx_bar
+    del h1_bar_dtanh, dx_bar
+    # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
+    h1_bar_bar_dew = dx_bar_matmul*(1 - h1**2)
+    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
+    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
+    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
+    h2_bar_bar_matmul_2 = h2_bar_dtanh.T @ h1_bar_bar_dew
+    del h2_bar_dtanh, h1_bar_bar_dew
+    # backward of h2_bar_dtanh = d_bar_matmul*(1 - h2**2) w.r.t. d_bar_matmul
+    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    # backward of d_bar_matmul = d_bar_reshape @ d_bar_transpose w.r.t. d_bar_transpose
+    d_bar_bar_matmul = d_bar_reshape.T @ h2_bar_bar_dew
+    del d_bar_reshape, h2_bar_bar_dew
+    # backward of d = reshape(d_matmul, shape=('N',)) w.r.t. d_matmul
+    d_bar_reshape_2 = d_bar.reshape((N, 1))
+    del d_bar
+    # backward of d_matmul = h2 @ W3 w.r.t. h2
+    d_bar_matmul_2 = d_bar_reshape_2 @ d_bar_transpose
+    del d_bar_transpose
+    # backward of d_matmul = h2 @ W3 w.r.t. W3
+    d_bar_matmul_3 = h2.T @ d_bar_reshape_2
+    del d_bar_reshape_2
+    # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
+    h2_bar_dew = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2)
+    del h2, d_bar_matmul, h2_bar_bar_matmul, d_bar_matmul_2
+    # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
+    b2_bar = h2_bar_dew.sum(axis=0)
+    # backward of h2_matmul = h1 @ W2 w.r.t. h1
+    h2_bar_matmul_2 = h2_bar_dew @ h2_bar_transpose
+    del h2_bar_transpose
+    # backward of h2_matmul = h1 @ W2 w.r.t. W2
+    h2_bar_matmul_3 = h1.T @ h2_bar_dew
+    del h2_bar_dew
+    # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
+    h1_bar_dew = (1 - h1**2)*(-2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    del h1, h2_bar_matmul, dx_bar_matmul, h2_bar_matmul_2
+    # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
+    b1_bar = h1_bar_dew.sum(axis=0)
+    # backward of h1_matmul = x @ W1 w.r.t. W1
+    h1_bar_matmul = x.T @ h1_bar_dew
+    del h1_bar_dew
+    # backward of param W3
+    W3_bar = np.add(d_bar_matmul_3, d_bar_bar_matmul.T, out=d_bar_matmul_3)
+    del d_bar_bar_matmul, d_bar_matmul_3
+    # backward of param W2
+    W2_bar = np.add(h2_bar_matmul_3, h2_bar_bar_matmul_2.T, out=h2_bar_matmul_3)
+    del h2_bar_bar_matmul_2, h2_bar_matmul_3
+    # backward of param W1
+    W1_bar = np.add(h1_bar_matmul, dx_bar_matmul_2.T, out=h1_bar_matmul)
+    del dx_bar_matmul_2, h1_bar_matmul
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}, N
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, sign, gp, W1, b1, W2, b2, W3, N = _validate(params, inputs)
+    h1_matmul = x @ W1
+    np.add(h1_matmul, b1, out=h1_matmul)
+    h1 = np.tanh(h1_matmul, out=h1_matmul)
+    del h1_matmul
+    h2_matmul = h1 @ W2
+    np.add(h2_matmul, b2, out=h2_matmul)
+    h2 = np.tanh(h2_matmul, out=h2_matmul)
+    del h2_matmul
+    d_matmul = h2 @ W3
+    d = d_matmul.reshape((N,))
+    del d_matmul
+    dx_sum = d.sum()
+    dx_bar_ones_like = np.ones_like(dx_sum)
+    del dx_sum
+    dx_bar_reshape = dx_bar_ones_like.reshape((1,))
+    del dx_bar_ones_like
+    d_bar_broadcast_to = np.broadcast_to(dx_bar_reshape, (N,))
+    del dx_bar_reshape
+    d_bar_reshape = d_bar_broadcast_to.reshape((N, 1))
+    del d_bar_broadcast_to
+    d_bar_matmul = d_bar_reshape @ W3.T
+    del d_bar_reshape
+    h2_bar_dtanh = np.multiply(d_bar_matmul, 1 - h2**2, out=d_bar_matmul)
+    del h2, d_bar_matmul
+    h2_bar_matmul = h2_bar_dtanh @ W2.T
+    del h2_bar_dtanh
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, 1 - h1**2, out=h2_bar_matmul)
+    del h1, h2_bar_matmul
+    dx = h1_bar_dtanh @ W1.T
+    del h1_bar_dtanh
+    gnorm_mul = np.square(dx, out=dx)
+    del dx
+    gnorm_sum = gnorm_mul.sum(axis=1)
+    del gnorm_mul
+    loss_mul = sign*d
+    del d
+    loss_sum = loss_mul.sum()
+    del loss_mul
+    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
+    del gnorm_sum
+    loss_sum_2 = loss_mul_2.sum()
+    del loss_mul_2
+    loss = loss_sum + loss_sum_2
+    del loss_sum, loss_sum_2
+    return np.asarray(loss), N
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -455,173 +625,3 @@ def value_and_grad(params, inputs):
     W1_bar = np.add(h1_bar_matmul, dx_bar_matmul_2.T, out=h1_bar_matmul)
     del dx_bar_matmul_2, h1_bar_matmul
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim N divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, sign, gp, W1, b1, W2, b2, W3, N = _validate(params, inputs)
-    h1_matmul = x @ W1
-    np.add(h1_matmul, b1, out=h1_matmul)
-    h1 = np.tanh(h1_matmul, out=h1_matmul)
-    del h1_matmul
-    h2_matmul = h1 @ W2
-    np.add(h2_matmul, b2, out=h2_matmul)
-    h2 = np.tanh(h2_matmul, out=h2_matmul)
-    del h2_matmul
-    d_matmul = h2 @ W3
-    d = d_matmul.reshape((N,))
-    del d_matmul
-    dx_sum = d.sum()
-    dx_bar_ones_like = np.ones_like(dx_sum)
-    del dx_sum
-    dx_bar_reshape = dx_bar_ones_like.reshape((1,))
-    del dx_bar_ones_like
-    d_bar_broadcast_to = np.broadcast_to(dx_bar_reshape, (N,))
-    del dx_bar_reshape
-    d_bar_reshape = d_bar_broadcast_to.reshape((N, 1))
-    del d_bar_broadcast_to
-    d_bar_transpose = W3.T
-    d_bar_matmul = d_bar_reshape @ d_bar_transpose
-    h2_bar_dtanh = d_bar_matmul*(1 - h2**2)
-    h2_bar_transpose = W2.T
-    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
-    h1_bar_transpose = W1.T
-    dx = h1_bar_dtanh @ h1_bar_transpose
-    gnorm_mul = dx**2
-    gnorm_sum = gnorm_mul.sum(axis=1)
-    del gnorm_mul
-    loss_mul = sign*d
-    del d
-    loss_sum = loss_mul.sum()
-    del loss_mul
-    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
-    loss_sum_2 = loss_mul_2.sum()
-    del loss_mul_2
-    loss = loss_sum + loss_sum_2
-    del loss_sum, loss_sum_2
-    # backward of loss_mul_2 = gp*(where((gnorm_sum > 0), sqrt(gnorm_sum), 0) - 1)**2 w.r.t. gnorm_sum
-    loss_bar_dew_t0 = np.sqrt(gnorm_sum)
-    loss_bar_dew = np.where((gnorm_sum > 0), gp*(loss_bar_dew_t0 - 1)/loss_bar_dew_t0, 0)
-    del gnorm_sum
-    # backward of loss_mul = sign*d w.r.t. d
-    d_bar = sign
-    # backward of gnorm_sum = sum(gnorm_mul, axes=(1,), keepdims=False) w.r.t. gnorm_mul
-    gnorm_bar_reshape = loss_bar_dew.reshape((N, 1))
-    del loss_bar_dew
-    # backward of gnorm_mul = dx**2 w.r.t. dx
-    np.multiply(dx, 2, out=dx)
-    dx_bar = np.multiply(dx, gnorm_bar_reshape, out=dx)
-    del dx, gnorm_bar_reshape
-    # backward of dx = h1_bar_dtanh @ h1_bar_transpose w.r.t. h1_bar_dtanh
-    dx_bar_matmul = dx_bar @ h1_bar_transpose.T
-    del h1_bar_transpose
-    # backward of dx = h1_bar_dtanh @ h1_bar_transpose w.r.t. h1_bar_transpose
-    dx_bar_matmul_2 = h1_bar_dtanh.T @ dx_bar
-    del h1_bar_dtanh, dx_bar
-    # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew = dx_bar_matmul*(1 - h1**2)
-    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
-    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
-    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
-    h2_bar_bar_matmul_2 = h2_bar_dtanh.T @ h1_bar_bar_dew
-    del h2_bar_dtanh, h1_bar_bar_dew
-    # backward of h2_bar_dtanh = d_bar_matmul*(1 - h2**2) w.r.t. d_bar_matmul
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
-    # backward of d_bar_matmul = d_bar_reshape @ d_bar_transpose w.r.t. d_bar_transpose
-    d_bar_bar_matmul = d_bar_reshape.T @ h2_bar_bar_dew
-    del d_bar_reshape, h2_bar_bar_dew
-    # backward of d = reshape(d_matmul, shape=('N',)) w.r.t. d_matmul
-    d_bar_reshape_2 = d_bar.reshape((N, 1))
-    del d_bar
-    # backward of d_matmul = h2 @ W3 w.r.t. h2
-    d_bar_matmul_2 = d_bar_reshape_2 @ d_bar_transpose
-    del d_bar_transpose
-    # backward of d_matmul = h2 @ W3 w.r.t. W3
-    d_bar_matmul_3 = h2.T @ d_bar_reshape_2
-    del d_bar_reshape_2
-    # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2)
-    del h2, d_bar_matmul, h2_bar_bar_matmul, d_bar_matmul_2
-    # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
-    b2_bar = h2_bar_dew.sum(axis=0)
-    # backward of h2_matmul = h1 @ W2 w.r.t. h1
-    h2_bar_matmul_2 = h2_bar_dew @ h2_bar_transpose
-    del h2_bar_transpose
-    # backward of h2_matmul = h1 @ W2 w.r.t. W2
-    h2_bar_matmul_3 = h1.T @ h2_bar_dew
-    del h2_bar_dew
-    # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew = (1 - h1**2)*(-2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
-    del h1, h2_bar_matmul, dx_bar_matmul, h2_bar_matmul_2
-    # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
-    b1_bar = h1_bar_dew.sum(axis=0)
-    # backward of h1_matmul = x @ W1 w.r.t. W1
-    h1_bar_matmul = x.T @ h1_bar_dew
-    del h1_bar_dew
-    # backward of param W3
-    W3_bar = np.add(d_bar_matmul_3, d_bar_bar_matmul.T, out=d_bar_matmul_3)
-    del d_bar_bar_matmul, d_bar_matmul_3
-    # backward of param W2
-    W2_bar = np.add(h2_bar_matmul_3, h2_bar_bar_matmul_2.T, out=h2_bar_matmul_3)
-    del h2_bar_bar_matmul_2, h2_bar_matmul_3
-    # backward of param W1
-    W1_bar = np.add(h1_bar_matmul, dx_bar_matmul_2.T, out=h1_bar_matmul)
-    del dx_bar_matmul_2, h1_bar_matmul
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}, N
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, sign, gp, W1, b1, W2, b2, W3, N = _validate(params, inputs)
-    h1_matmul = x @ W1
-    np.add(h1_matmul, b1, out=h1_matmul)
-    h1 = np.tanh(h1_matmul, out=h1_matmul)
-    del h1_matmul
-    h2_matmul = h1 @ W2
-    np.add(h2_matmul, b2, out=h2_matmul)
-    h2 = np.tanh(h2_matmul, out=h2_matmul)
-    del h2_matmul
-    d_matmul = h2 @ W3
-    d = d_matmul.reshape((N,))
-    del d_matmul
-    dx_sum = d.sum()
-    dx_bar_ones_like = np.ones_like(dx_sum)
-    del dx_sum
-    dx_bar_reshape = dx_bar_ones_like.reshape((1,))
-    del dx_bar_ones_like
-    d_bar_broadcast_to = np.broadcast_to(dx_bar_reshape, (N,))
-    del dx_bar_reshape
-    d_bar_reshape = d_bar_broadcast_to.reshape((N, 1))
-    del d_bar_broadcast_to
-    d_bar_matmul = d_bar_reshape @ W3.T
-    del d_bar_reshape
-    h2_bar_dtanh = np.multiply(d_bar_matmul, 1 - h2**2, out=d_bar_matmul)
-    del h2, d_bar_matmul
-    h2_bar_matmul = h2_bar_dtanh @ W2.T
-    del h2_bar_dtanh
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, 1 - h1**2, out=h2_bar_matmul)
-    del h1, h2_bar_matmul
-    dx = h1_bar_dtanh @ W1.T
-    del h1_bar_dtanh
-    gnorm_mul = np.square(dx, out=dx)
-    del dx
-    gnorm_sum = gnorm_mul.sum(axis=1)
-    del gnorm_mul
-    loss_mul = sign*d
-    del d
-    loss_sum = loss_mul.sum()
-    del loss_mul
-    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
-    del gnorm_sum
-    loss_sum_2 = loss_mul_2.sum()
-    del loss_mul_2
-    loss = loss_sum + loss_sum_2
-    del loss_sum, loss_sum_2
-    return np.asarray(loss), N

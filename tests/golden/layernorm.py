@@ -151,6 +151,84 @@ def _validate(params, inputs):
     return x, t, gamma, beta, B
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, t, gamma, beta, B = _validate(params, inputs)
+    mu_mul = x*gamma
+    mu = mu_mul.mean(axis=1, keepdims=True)
+    xc = np.subtract(mu_mul, mu, out=mu_mul)
+    del mu_mul, mu
+    v_pow = xc**2
+    v = v_pow.mean(axis=1, keepdims=True)
+    del v_pow
+    loss_pow = (-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))**2
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.1)*loss_sum/total_rows
+    del loss_sum
+    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2
+    loss_bar_dew = (0.1)*(-2*t + 2*beta + 2*xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
+    loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
+    loss_bar_dew_2 = (0.2)*xc*(-t + beta + xc*(gamma*loss_bar_dew_2_t0))*(loss_bar_dew_2_t0/total_rows)
+    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. beta
+    beta_bar = loss_bar_dew.sum(axis=0)
+    del loss_bar_dew
+    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. gamma
+    loss_bar_sum_to = loss_bar_dew_2.sum(axis=0)
+    del loss_bar_dew_2
+    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. v
+    loss_bar_dew_3 = gamma*xc*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))
+    loss_bar_sum_to_2 = loss_bar_dew_3.sum(axis=1, keepdims=True)
+    del loss_bar_dew_3
+    # backward of xc = mu_mul - mu
+    xc_bar_t0 = 1/total_rows
+    xc_bar_t1 = v + 1e-05
+    xc_bar_t2 = gamma/np.sqrt(xc_bar_t1)
+    xc_bar = -0.02*xc*(loss_bar_sum_to_2*xc_bar_t0/xc_bar_t1**1.5) + (0.2)*(-t + beta + xc*(xc_bar_t2))*(xc_bar_t0*xc_bar_t2)
+    del xc, v, loss_bar_sum_to_2
+    # backward of xc = mu_mul - mu w.r.t. mu
+    xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
+    # backward of mu_mul = x*gamma
+    np.subtract(xc_bar, (0.1)*xc_bar_sum_to, out=xc_bar)
+    mu_bar_dmul = np.multiply(xc_bar, x, out=xc_bar)
+    del xc_bar, xc_bar_sum_to
+    # backward of mu_mul = x*gamma w.r.t. gamma
+    mu_bar_sum_to = mu_bar_dmul.sum(axis=0)
+    del mu_bar_dmul
+    # backward of param gamma
+    gamma_bar = np.add(loss_bar_sum_to, mu_bar_sum_to, out=loss_bar_sum_to)
+    del loss_bar_sum_to, mu_bar_sum_to
+    return np.asarray(loss), {"gamma": gamma_bar.astype(gamma.dtype, copy=False), "beta": beta_bar.astype(beta.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, t, gamma, beta, B = _validate(params, inputs)
+    mu_mul = x*gamma
+    mu = mu_mul.mean(axis=1, keepdims=True)
+    xc = np.subtract(mu_mul, mu, out=mu_mul)
+    del mu_mul, mu
+    v_pow = xc**2
+    v = v_pow.mean(axis=1, keepdims=True)
+    del v_pow
+    np.multiply(xc, (gamma/np.sqrt(v + 1e-05)), out=xc)
+    np.add(xc, beta, out=xc)
+    np.subtract(xc, t, out=xc)
+    loss_pow = np.square(xc, out=xc)
+    del xc, v
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.1)*loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -263,81 +341,3 @@ def value_and_grad(params, inputs):
     gamma_bar = np.add(y_bar_sum_to, mu_bar_sum_to, out=y_bar_sum_to)
     del y_bar_sum_to, mu_bar_sum_to
     return np.asarray(loss), {"gamma": gamma_bar.astype(gamma.dtype, copy=False), "beta": beta_bar.astype(beta.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, t, gamma, beta, B = _validate(params, inputs)
-    mu_mul = x*gamma
-    mu = mu_mul.mean(axis=1, keepdims=True)
-    xc = np.subtract(mu_mul, mu, out=mu_mul)
-    del mu_mul, mu
-    v_pow = xc**2
-    v = v_pow.mean(axis=1, keepdims=True)
-    del v_pow
-    loss_pow = (-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))**2
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.1)*loss_sum/total_rows
-    del loss_sum
-    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2
-    loss_bar_dew = (0.1)*(-2*t + 2*beta + 2*xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
-    loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
-    loss_bar_dew_2 = (0.2)*xc*(-t + beta + xc*(gamma*loss_bar_dew_2_t0))*(loss_bar_dew_2_t0/total_rows)
-    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. beta
-    beta_bar = loss_bar_dew.sum(axis=0)
-    del loss_bar_dew
-    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. gamma
-    loss_bar_sum_to = loss_bar_dew_2.sum(axis=0)
-    del loss_bar_dew_2
-    # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. v
-    loss_bar_dew_3 = gamma*xc*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))
-    loss_bar_sum_to_2 = loss_bar_dew_3.sum(axis=1, keepdims=True)
-    del loss_bar_dew_3
-    # backward of xc = mu_mul - mu
-    xc_bar_t0 = 1/total_rows
-    xc_bar_t1 = v + 1e-05
-    xc_bar_t2 = gamma/np.sqrt(xc_bar_t1)
-    xc_bar = -0.02*xc*(loss_bar_sum_to_2*xc_bar_t0/xc_bar_t1**1.5) + (0.2)*(-t + beta + xc*(xc_bar_t2))*(xc_bar_t0*xc_bar_t2)
-    del xc, v, loss_bar_sum_to_2
-    # backward of xc = mu_mul - mu w.r.t. mu
-    xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
-    # backward of mu_mul = x*gamma
-    np.subtract(xc_bar, (0.1)*xc_bar_sum_to, out=xc_bar)
-    mu_bar_dmul = np.multiply(xc_bar, x, out=xc_bar)
-    del xc_bar, xc_bar_sum_to
-    # backward of mu_mul = x*gamma w.r.t. gamma
-    mu_bar_sum_to = mu_bar_dmul.sum(axis=0)
-    del mu_bar_dmul
-    # backward of param gamma
-    gamma_bar = np.add(loss_bar_sum_to, mu_bar_sum_to, out=loss_bar_sum_to)
-    del loss_bar_sum_to, mu_bar_sum_to
-    return np.asarray(loss), {"gamma": gamma_bar.astype(gamma.dtype, copy=False), "beta": beta_bar.astype(beta.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, t, gamma, beta, B = _validate(params, inputs)
-    mu_mul = x*gamma
-    mu = mu_mul.mean(axis=1, keepdims=True)
-    xc = np.subtract(mu_mul, mu, out=mu_mul)
-    del mu_mul, mu
-    v_pow = xc**2
-    v = v_pow.mean(axis=1, keepdims=True)
-    del v_pow
-    np.multiply(xc, (gamma/np.sqrt(v + 1e-05)), out=xc)
-    np.add(xc, beta, out=xc)
-    np.subtract(xc, t, out=xc)
-    loss_pow = np.square(xc, out=xc)
-    del xc, v
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = (0.1)*loss_sum/total_rows
-    del loss_sum
-    return np.asarray(loss), B

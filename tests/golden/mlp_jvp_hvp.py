@@ -180,6 +180,90 @@ def _tangents(kind, given, primals):
     return out
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, y, W1, b1, W2, b2, B = _validate(params, inputs)
+    z1_matmul = x @ W1
+    np.add(z1_matmul, b1, out=z1_matmul)
+    h1 = np.maximum(z1_matmul, 0, out=z1_matmul)
+    del z1_matmul
+    logits_matmul = h1 @ W2
+    logits = np.add(logits_matmul, b2, out=logits_matmul)
+    del logits_matmul
+    probs_max = logits.max(axis=1, keepdims=True)
+    probs_exp = np.exp(logits - probs_max)
+    probs_sum = probs_exp.sum(axis=1, keepdims=True)
+    np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
+    loss_neg = np.multiply(logits, y, out=logits)
+    del logits, probs_max
+    loss_sum = loss_neg.sum()
+    del loss_neg
+    loss_pow = W1**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    # backward of loss_neg = -y*(logits - probs_max - log(probs_sum)) w.r.t. loss.ew
+    loss_bar_sum_to = y.sum(axis=1, keepdims=True)
+    # backward of logits = logits_matmul + b2
+    np.multiply(probs_exp, (loss_bar_sum_to/(probs_sum*total_rows)), out=probs_exp)
+    logits_bar = np.subtract(probs_exp, y/total_rows, out=probs_exp)
+    del probs_exp, probs_sum, loss_bar_sum_to
+    # backward of logits = logits_matmul + b2 w.r.t. b2
+    b2_bar = logits_bar.sum(axis=0)
+    # backward of logits_matmul = h1 @ W2 w.r.t. h1
+    h1_bar = logits_bar @ W2.T
+    # backward of logits_matmul = h1 @ W2 w.r.t. W2
+    W2_bar = h1.T @ logits_bar
+    del logits_bar
+    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. z1_matmul
+    h1_bar_dew = np.multiply(h1_bar, (h1 > 0), out=h1_bar)
+    del h1, h1_bar
+    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. b1
+    b1_bar = h1_bar_dew.sum(axis=0)
+    # backward of z1_matmul = x @ W1 w.r.t. W1
+    z1_bar_matmul = x.T @ h1_bar_dew
+    del h1_bar_dew
+    # backward of param W1
+    W1_bar = np.add(z1_bar_matmul, 0.001*W1*param_terms, out=z1_bar_matmul)
+    del z1_bar_matmul
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, y, W1, b1, W2, b2, B = _validate(params, inputs)
+    z1_matmul = x @ W1
+    np.add(z1_matmul, b1, out=z1_matmul)
+    h1 = np.maximum(z1_matmul, 0, out=z1_matmul)
+    del z1_matmul
+    logits_matmul = h1 @ W2
+    del h1
+    logits = np.add(logits_matmul, b2, out=logits_matmul)
+    del logits_matmul
+    probs_max = logits.max(axis=1, keepdims=True)
+    probs_exp = np.exp(logits - probs_max)
+    probs_sum = probs_exp.sum(axis=1, keepdims=True)
+    del probs_exp
+    np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
+    loss_neg = np.multiply(logits, y, out=logits)
+    del logits, probs_max, probs_sum
+    loss_sum = loss_neg.sum()
+    del loss_neg
+    loss_pow = W1**2
+    loss_sum_2 = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
+    del loss_sum, loss_sum_2
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -319,90 +403,6 @@ def value_and_grad(params, inputs):
     W1_bar = np.add(z1_bar_matmul, 0.001*W1, out=z1_bar_matmul)
     del z1_bar_matmul
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, y, W1, b1, W2, b2, B = _validate(params, inputs)
-    z1_matmul = x @ W1
-    np.add(z1_matmul, b1, out=z1_matmul)
-    h1 = np.maximum(z1_matmul, 0, out=z1_matmul)
-    del z1_matmul
-    logits_matmul = h1 @ W2
-    logits = np.add(logits_matmul, b2, out=logits_matmul)
-    del logits_matmul
-    probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
-    probs_sum = probs_exp.sum(axis=1, keepdims=True)
-    np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
-    loss_neg = np.multiply(logits, y, out=logits)
-    del logits, probs_max
-    loss_sum = loss_neg.sum()
-    del loss_neg
-    loss_pow = W1**2
-    loss_sum_2 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
-    del loss_sum, loss_sum_2
-    # backward of loss_neg = -y*(logits - probs_max - log(probs_sum)) w.r.t. loss.ew
-    loss_bar_sum_to = y.sum(axis=1, keepdims=True)
-    # backward of logits = logits_matmul + b2
-    np.multiply(probs_exp, (loss_bar_sum_to/(probs_sum*total_rows)), out=probs_exp)
-    logits_bar = np.subtract(probs_exp, y/total_rows, out=probs_exp)
-    del probs_exp, probs_sum, loss_bar_sum_to
-    # backward of logits = logits_matmul + b2 w.r.t. b2
-    b2_bar = logits_bar.sum(axis=0)
-    # backward of logits_matmul = h1 @ W2 w.r.t. h1
-    h1_bar = logits_bar @ W2.T
-    # backward of logits_matmul = h1 @ W2 w.r.t. W2
-    W2_bar = h1.T @ logits_bar
-    del logits_bar
-    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. z1_matmul
-    h1_bar_dew = np.multiply(h1_bar, (h1 > 0), out=h1_bar)
-    del h1, h1_bar
-    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. b1
-    b1_bar = h1_bar_dew.sum(axis=0)
-    # backward of z1_matmul = x @ W1 w.r.t. W1
-    z1_bar_matmul = x.T @ h1_bar_dew
-    del h1_bar_dew
-    # backward of param W1
-    W1_bar = np.add(z1_bar_matmul, 0.001*W1*param_terms, out=z1_bar_matmul)
-    del z1_bar_matmul
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, y, W1, b1, W2, b2, B = _validate(params, inputs)
-    z1_matmul = x @ W1
-    np.add(z1_matmul, b1, out=z1_matmul)
-    h1 = np.maximum(z1_matmul, 0, out=z1_matmul)
-    del z1_matmul
-    logits_matmul = h1 @ W2
-    del h1
-    logits = np.add(logits_matmul, b2, out=logits_matmul)
-    del logits_matmul
-    probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
-    probs_sum = probs_exp.sum(axis=1, keepdims=True)
-    del probs_exp
-    np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
-    loss_neg = np.multiply(logits, y, out=logits)
-    del logits, probs_max, probs_sum
-    loss_sum = loss_neg.sum()
-    del loss_neg
-    loss_pow = W1**2
-    loss_sum_2 = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows + 0.0005*loss_sum_2*param_terms
-    del loss_sum, loss_sum_2
-    return np.asarray(loss), B
 
 
 def jvp(params, inputs, tangents):

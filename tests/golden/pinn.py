@@ -165,6 +165,263 @@ def _validate(params, inputs):
     return x, W1, b1, W2, b2, W3, N
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim N divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, W1, b1, W2, b2, W3, N = _validate(params, inputs)
+    h1_matmul = x @ W1
+    np.add(h1_matmul, b1, out=h1_matmul)
+    h1 = np.tanh(h1_matmul, out=h1_matmul)
+    del h1_matmul
+    h2_matmul = h1 @ W2
+    np.add(h2_matmul, b2, out=h2_matmul)
+    h2 = np.tanh(h2_matmul, out=h2_matmul)
+    del h2_matmul
+    u_sub = 1 - x
+    u_matmul = h2 @ W3
+    u_bar_dmul = u_matmul
+    del u_matmul
+    u_bar_dmul_2 = x*u_sub
+    u_bar_transpose = W3.T
+    u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
+    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_transpose = W2.T
+    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
+    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_transpose = W1.T
+    h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
+    del h1_bar_dtanh
+    np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
+    du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
+    del h1_bar_matmul
+    d2u_sum = du.sum()
+    del du
+    d2u_bar_ones_like = np.ones_like(d2u_sum)
+    del d2u_sum
+    d2u_bar_reshape = d2u_bar_ones_like.reshape((1, 1))
+    del d2u_bar_ones_like
+    h1_bar_bar_broadcast_to = np.broadcast_to(d2u_bar_reshape, (N, 1))
+    del d2u_bar_reshape
+    h1_bar_bar_transpose = h1_bar_transpose.T
+    h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
+    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h2_bar_bar_transpose = h2_bar_transpose.T
+    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
+    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    u_bar_bar_transpose = u_bar_transpose.T
+    u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose
+    u_bar_bar_dew = u_bar_bar_matmul
+    del u_bar_bar_matmul
+    u_bar_bar_dew_2 = -x + u_sub
+    u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
+    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
+    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
+    del h1_bar_transpose
+    loss_sin = np.sin(3.141592653589793*x)
+    loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows
+    del loss_sum
+    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. h1_bar_matmul_2
+    loss_bar_dew_t0 = 2*u_bar_bar_dew
+    loss_bar_dew = (2*h1_bar_matmul_2 - 4*u_bar_dmul + u_sub*loss_bar_dew_t0 - x*loss_bar_dew_t0 + 19.739208802178716*loss_sin)/total_rows
+    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_dmul
+    loss_bar_dew_2 = (-4*h1_bar_matmul_2 + 8*u_bar_dmul - 4*u_bar_bar_dew*u_sub + 4*u_bar_bar_dew*x - 39.47841760435743*loss_sin)/total_rows
+    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_bar_dew
+    np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
+    np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
+    np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
+    np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
+    np.divide(h1_bar_matmul_2, total_rows, out=h1_bar_matmul_2)
+    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, 2*u_sub - 2*x, out=h1_bar_matmul_2)
+    del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
+    # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_dtanh_2
+    h1_bar_bar_matmul_2 = loss_bar_dew @ h1_bar_bar_transpose
+    del h1_bar_bar_transpose
+    # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_transpose
+    h1_bar_bar_matmul_3 = h1_bar_dtanh_2.T @ loss_bar_dew
+    del h1_bar_dtanh_2, loss_bar_dew
+    # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul_2
+    h1_bar_bar_dew_2 = h1_bar_bar_matmul_2*(1 - h1**2)
+    # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
+    h1_bar_bar_dew_3 = -2*h1_bar_bar_matmul_2*h1*h1_bar_bar_matmul*(1 - h1**2)
+    # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
+    h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
+    # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
+    h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
+    del h2_bar_dtanh_2, h1_bar_bar_dew_2
+    # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
+    h2_bar_bar_dew_2 = h2_bar_bar_matmul_2*(1 - h2**2)
+    # backward of u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose w.r.t. u_bar_transpose
+    u_bar_bar_matmul_2 = u_bar_bar_dew_2.T @ h2_bar_bar_dew_2
+    del u_bar_bar_dew_2, h2_bar_bar_dew_2
+    # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
+    u_bar_bar_bar_matmul = loss_bar_dew_3 @ u_bar_bar_transpose.T
+    del u_bar_bar_transpose
+    # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. u_bar_bar_transpose
+    u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ loss_bar_dew_3
+    del h2_bar_bar_dew, loss_bar_dew_3
+    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
+    h2_bar_bar_bar_add_t0 = 1 - h2**2
+    h2_bar_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*u_bar_matmul*h2_bar_bar_bar_add_t0 + u_bar_bar_bar_matmul*h2_bar_bar_bar_add_t0
+    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
+    h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
+    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
+    h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
+    del h1_bar_bar_dew, h2_bar_bar_bar_add
+    # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
+    h1_bar_bar_bar_add_t0 = 1 - h1**2
+    h1_bar_bar_bar_add = -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul*h1_bar_bar_bar_add_t0 + h2_bar_bar_bar_matmul*h1_bar_bar_bar_add_t0
+    # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
+    h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
+    del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
+    # backward of h1_bar_transpose = transpose(W1, axes=(1, 0))
+    h1_bar_bar_add = np.add(h1_bar_bar_matmul_3, h1_bar_bar_bar_matmul.T, out=h1_bar_bar_matmul_3)
+    del h1_bar_bar_matmul_3, h1_bar_bar_bar_matmul
+    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
+    h2_bar_bar_matmul_4 = h1_bar_bar_dew_3 @ h2_bar_bar_transpose
+    del h2_bar_bar_transpose
+    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
+    h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
+    del h2_bar_dtanh, h1_bar_bar_dew_3
+    # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
+    np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
+    h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
+    del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
+    # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
+    u_bar_bar_add_t0 = 1 - h2**2
+    u_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul*u_bar_bar_add_t0 + h2_bar_bar_matmul_4*u_bar_bar_add_t0
+    # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
+    u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
+    del u_bar_dmul_2, u_bar_bar_add
+    # backward of u_bar_transpose = transpose(W3, axes=(1, 0))
+    np.add(u_bar_bar_matmul_3, u_bar_bar_matmul_2, out=u_bar_bar_matmul_3)
+    u_bar_bar_add_2 = np.add(u_bar_bar_matmul_3, u_bar_bar_bar_matmul_2.T, out=u_bar_bar_matmul_3)
+    del u_bar_bar_matmul_2, u_bar_bar_bar_matmul_2, u_bar_bar_matmul_3
+    # backward of u_matmul = h2 @ W3 w.r.t. h2
+    u_bar_matmul_3 = loss_bar_dew_2 @ u_bar_transpose
+    del u_bar_transpose
+    # backward of u_matmul = h2 @ W3 w.r.t. W3
+    u_bar_matmul_4 = h2.T @ loss_bar_dew_2
+    del loss_bar_dew_2
+    # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
+    h2_bar_dew_t0 = 1 - h2**2
+    h2_bar_dew_t1 = 2*h2
+    h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
+    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 + h2_bar_bar_matmul_2*(-2*h2_bar_dew_t0*h2_bar_dew_t2 - h2_bar_dew_t1*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2)) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
+    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
+    # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
+    b2_bar = h2_bar_dew.sum(axis=0)
+    # backward of h2_matmul = h1 @ W2 w.r.t. h1
+    h2_bar_matmul_3 = h2_bar_dew @ h2_bar_transpose
+    del h2_bar_transpose
+    # backward of h2_matmul = h1 @ W2 w.r.t. W2
+    h2_bar_matmul_4 = h1.T @ h2_bar_dew
+    del h2_bar_dew
+    # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
+    h1_bar_dew_t0 = 1 - h1**2
+    h1_bar_dew_t1 = 2*h1
+    h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
+    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 + h1_bar_bar_matmul_2*(-2*h1_bar_dew_t0*h1_bar_dew_t2 - h1_bar_dew_t1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2)) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
+    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
+    # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
+    b1_bar = h1_bar_dew.sum(axis=0)
+    # backward of h1_matmul = x @ W1 w.r.t. W1
+    h1_bar_matmul_3 = x.T @ h1_bar_dew
+    del h1_bar_dew
+    # backward of param W3
+    W3_bar = np.add(u_bar_matmul_4, u_bar_bar_add_2.T, out=u_bar_matmul_4)
+    del u_bar_bar_add_2, u_bar_matmul_4
+    # backward of param W2
+    W2_bar = np.add(h2_bar_matmul_4, h2_bar_bar_add.T, out=h2_bar_matmul_4)
+    del h2_bar_bar_add, h2_bar_matmul_4
+    # backward of param W1
+    W1_bar = np.add(h1_bar_matmul_3, h1_bar_bar_add.T, out=h1_bar_matmul_3)
+    del h1_bar_bar_add, h1_bar_matmul_3
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}, N
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, W1, b1, W2, b2, W3, N = _validate(params, inputs)
+    h1_matmul = x @ W1
+    np.add(h1_matmul, b1, out=h1_matmul)
+    h1 = np.tanh(h1_matmul, out=h1_matmul)
+    del h1_matmul
+    h2_matmul = h1 @ W2
+    np.add(h2_matmul, b2, out=h2_matmul)
+    h2 = np.tanh(h2_matmul, out=h2_matmul)
+    del h2_matmul
+    u_sub = 1 - x
+    u_matmul = h2 @ W3
+    u_bar_dmul = u_matmul
+    del u_matmul
+    u_bar_dmul_2 = x*u_sub
+    u_bar_transpose = W3.T
+    u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
+    del u_bar_dmul_2
+    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_transpose = W2.T
+    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
+    del h2_bar_dtanh
+    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_transpose = W1.T
+    h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
+    del h1_bar_dtanh
+    np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
+    du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
+    del h1_bar_matmul
+    d2u_sum = du.sum()
+    del du
+    d2u_bar_ones_like = np.ones_like(d2u_sum)
+    del d2u_sum
+    d2u_bar_reshape = d2u_bar_ones_like.reshape((1, 1))
+    del d2u_bar_ones_like
+    h1_bar_bar_broadcast_to = np.broadcast_to(d2u_bar_reshape, (N, 1))
+    del d2u_bar_reshape
+    h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_transpose.T
+    del h1_bar_bar_broadcast_to
+    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
+    del h1_bar_bar_dew
+    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_transpose.T
+    del h2_bar_bar_dew
+    u_bar_bar_dew = u_bar_bar_matmul
+    del u_bar_bar_matmul
+    u_bar_bar_dew_2 = -x + u_sub
+    u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
+    del u_bar_transpose, u_bar_bar_dew_2
+    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2
+    h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
+    del h2_bar_transpose, h2_bar_dtanh_2
+    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2
+    h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
+    del h1_bar_transpose, h1_bar_dtanh_2
+    loss_sin = np.sin(3.141592653589793*x)
+    np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
+    np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
+    np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
+    np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
+    loss_pow = np.square(h1_bar_matmul_2, out=h1_bar_matmul_2)
+    del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), N
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -483,260 +740,3 @@ def value_and_grad(params, inputs):
     W1_bar = np.add(h1_bar_matmul_3, h1_bar_bar_add.T, out=h1_bar_matmul_3)
     del h1_bar_bar_add, h1_bar_matmul_3
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim N divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, W1, b1, W2, b2, W3, N = _validate(params, inputs)
-    h1_matmul = x @ W1
-    np.add(h1_matmul, b1, out=h1_matmul)
-    h1 = np.tanh(h1_matmul, out=h1_matmul)
-    del h1_matmul
-    h2_matmul = h1 @ W2
-    np.add(h2_matmul, b2, out=h2_matmul)
-    h2 = np.tanh(h2_matmul, out=h2_matmul)
-    del h2_matmul
-    u_sub = 1 - x
-    u_matmul = h2 @ W3
-    u_bar_dmul = u_matmul
-    del u_matmul
-    u_bar_dmul_2 = x*u_sub
-    u_bar_transpose = W3.T
-    u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
-    h2_bar_transpose = W2.T
-    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
-    h1_bar_transpose = W1.T
-    h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
-    del h1_bar_dtanh
-    np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
-    du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
-    del h1_bar_matmul
-    d2u_sum = du.sum()
-    del du
-    d2u_bar_ones_like = np.ones_like(d2u_sum)
-    del d2u_sum
-    d2u_bar_reshape = d2u_bar_ones_like.reshape((1, 1))
-    del d2u_bar_ones_like
-    h1_bar_bar_broadcast_to = np.broadcast_to(d2u_bar_reshape, (N, 1))
-    del d2u_bar_reshape
-    h1_bar_bar_transpose = h1_bar_transpose.T
-    h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
-    h2_bar_bar_transpose = h2_bar_transpose.T
-    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
-    u_bar_bar_transpose = u_bar_transpose.T
-    u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose
-    u_bar_bar_dew = u_bar_bar_matmul
-    del u_bar_bar_matmul
-    u_bar_bar_dew_2 = -x + u_sub
-    u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
-    h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
-    h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
-    del h1_bar_transpose
-    loss_sin = np.sin(3.141592653589793*x)
-    loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows
-    del loss_sum
-    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. h1_bar_matmul_2
-    loss_bar_dew_t0 = 2*u_bar_bar_dew
-    loss_bar_dew = (2*h1_bar_matmul_2 - 4*u_bar_dmul + u_sub*loss_bar_dew_t0 - x*loss_bar_dew_t0 + 19.739208802178716*loss_sin)/total_rows
-    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_dmul
-    loss_bar_dew_2 = (-4*h1_bar_matmul_2 + 8*u_bar_dmul - 4*u_bar_bar_dew*u_sub + 4*u_bar_bar_dew*x - 39.47841760435743*loss_sin)/total_rows
-    # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_bar_dew
-    np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
-    np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
-    np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
-    np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
-    np.divide(h1_bar_matmul_2, total_rows, out=h1_bar_matmul_2)
-    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, 2*u_sub - 2*x, out=h1_bar_matmul_2)
-    del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
-    # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_dtanh_2
-    h1_bar_bar_matmul_2 = loss_bar_dew @ h1_bar_bar_transpose
-    del h1_bar_bar_transpose
-    # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_transpose
-    h1_bar_bar_matmul_3 = h1_bar_dtanh_2.T @ loss_bar_dew
-    del h1_bar_dtanh_2, loss_bar_dew
-    # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul_2
-    h1_bar_bar_dew_2 = h1_bar_bar_matmul_2*(1 - h1**2)
-    # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew_3 = -2*h1_bar_bar_matmul_2*h1*h1_bar_bar_matmul*(1 - h1**2)
-    # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
-    h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
-    # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
-    h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
-    del h2_bar_dtanh_2, h1_bar_bar_dew_2
-    # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
-    h2_bar_bar_dew_2 = h2_bar_bar_matmul_2*(1 - h2**2)
-    # backward of u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose w.r.t. u_bar_transpose
-    u_bar_bar_matmul_2 = u_bar_bar_dew_2.T @ h2_bar_bar_dew_2
-    del u_bar_bar_dew_2, h2_bar_bar_dew_2
-    # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
-    u_bar_bar_bar_matmul = loss_bar_dew_3 @ u_bar_bar_transpose.T
-    del u_bar_bar_transpose
-    # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. u_bar_bar_transpose
-    u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ loss_bar_dew_3
-    del h2_bar_bar_dew, loss_bar_dew_3
-    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_bar_add_t0 = 1 - h2**2
-    h2_bar_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*u_bar_matmul*h2_bar_bar_bar_add_t0 + u_bar_bar_bar_matmul*h2_bar_bar_bar_add_t0
-    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
-    h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
-    # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
-    h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
-    del h1_bar_bar_dew, h2_bar_bar_bar_add
-    # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add_t0 = 1 - h1**2
-    h1_bar_bar_bar_add = -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul*h1_bar_bar_bar_add_t0 + h2_bar_bar_bar_matmul*h1_bar_bar_bar_add_t0
-    # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
-    h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
-    del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
-    # backward of h1_bar_transpose = transpose(W1, axes=(1, 0))
-    h1_bar_bar_add = np.add(h1_bar_bar_matmul_3, h1_bar_bar_bar_matmul.T, out=h1_bar_bar_matmul_3)
-    del h1_bar_bar_matmul_3, h1_bar_bar_bar_matmul
-    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
-    h2_bar_bar_matmul_4 = h1_bar_bar_dew_3 @ h2_bar_bar_transpose
-    del h2_bar_bar_transpose
-    # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
-    h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
-    del h2_bar_dtanh, h1_bar_bar_dew_3
-    # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
-    np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
-    h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
-    del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
-    # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add_t0 = 1 - h2**2
-    u_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul*u_bar_bar_add_t0 + h2_bar_bar_matmul_4*u_bar_bar_add_t0
-    # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
-    u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
-    del u_bar_dmul_2, u_bar_bar_add
-    # backward of u_bar_transpose = transpose(W3, axes=(1, 0))
-    np.add(u_bar_bar_matmul_3, u_bar_bar_matmul_2, out=u_bar_bar_matmul_3)
-    u_bar_bar_add_2 = np.add(u_bar_bar_matmul_3, u_bar_bar_bar_matmul_2.T, out=u_bar_bar_matmul_3)
-    del u_bar_bar_matmul_2, u_bar_bar_bar_matmul_2, u_bar_bar_matmul_3
-    # backward of u_matmul = h2 @ W3 w.r.t. h2
-    u_bar_matmul_3 = loss_bar_dew_2 @ u_bar_transpose
-    del u_bar_transpose
-    # backward of u_matmul = h2 @ W3 w.r.t. W3
-    u_bar_matmul_4 = h2.T @ loss_bar_dew_2
-    del loss_bar_dew_2
-    # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew_t0 = 1 - h2**2
-    h2_bar_dew_t1 = 2*h2
-    h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 + h2_bar_bar_matmul_2*(-2*h2_bar_dew_t0*h2_bar_dew_t2 - h2_bar_dew_t1*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2)) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
-    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
-    # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
-    b2_bar = h2_bar_dew.sum(axis=0)
-    # backward of h2_matmul = h1 @ W2 w.r.t. h1
-    h2_bar_matmul_3 = h2_bar_dew @ h2_bar_transpose
-    del h2_bar_transpose
-    # backward of h2_matmul = h1 @ W2 w.r.t. W2
-    h2_bar_matmul_4 = h1.T @ h2_bar_dew
-    del h2_bar_dew
-    # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew_t0 = 1 - h1**2
-    h1_bar_dew_t1 = 2*h1
-    h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 + h1_bar_bar_matmul_2*(-2*h1_bar_dew_t0*h1_bar_dew_t2 - h1_bar_dew_t1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2)) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
-    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
-    # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
-    b1_bar = h1_bar_dew.sum(axis=0)
-    # backward of h1_matmul = x @ W1 w.r.t. W1
-    h1_bar_matmul_3 = x.T @ h1_bar_dew
-    del h1_bar_dew
-    # backward of param W3
-    W3_bar = np.add(u_bar_matmul_4, u_bar_bar_add_2.T, out=u_bar_matmul_4)
-    del u_bar_bar_add_2, u_bar_matmul_4
-    # backward of param W2
-    W2_bar = np.add(h2_bar_matmul_4, h2_bar_bar_add.T, out=h2_bar_matmul_4)
-    del h2_bar_bar_add, h2_bar_matmul_4
-    # backward of param W1
-    W1_bar = np.add(h1_bar_matmul_3, h1_bar_bar_add.T, out=h1_bar_matmul_3)
-    del h1_bar_bar_add, h1_bar_matmul_3
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False), "W3": W3_bar.astype(W3.dtype, copy=False)}, N
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, W1, b1, W2, b2, W3, N = _validate(params, inputs)
-    h1_matmul = x @ W1
-    np.add(h1_matmul, b1, out=h1_matmul)
-    h1 = np.tanh(h1_matmul, out=h1_matmul)
-    del h1_matmul
-    h2_matmul = h1 @ W2
-    np.add(h2_matmul, b2, out=h2_matmul)
-    h2 = np.tanh(h2_matmul, out=h2_matmul)
-    del h2_matmul
-    u_sub = 1 - x
-    u_matmul = h2 @ W3
-    u_bar_dmul = u_matmul
-    del u_matmul
-    u_bar_dmul_2 = x*u_sub
-    u_bar_transpose = W3.T
-    u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    del u_bar_dmul_2
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
-    h2_bar_transpose = W2.T
-    h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
-    del h2_bar_dtanh
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
-    h1_bar_transpose = W1.T
-    h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
-    del h1_bar_dtanh
-    np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
-    du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
-    del h1_bar_matmul
-    d2u_sum = du.sum()
-    del du
-    d2u_bar_ones_like = np.ones_like(d2u_sum)
-    del d2u_sum
-    d2u_bar_reshape = d2u_bar_ones_like.reshape((1, 1))
-    del d2u_bar_ones_like
-    h1_bar_bar_broadcast_to = np.broadcast_to(d2u_bar_reshape, (N, 1))
-    del d2u_bar_reshape
-    h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_transpose.T
-    del h1_bar_bar_broadcast_to
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
-    h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
-    del h1_bar_bar_dew
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
-    u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_transpose.T
-    del h2_bar_bar_dew
-    u_bar_bar_dew = u_bar_bar_matmul
-    del u_bar_bar_matmul
-    u_bar_bar_dew_2 = -x + u_sub
-    u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
-    del u_bar_transpose, u_bar_bar_dew_2
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
-    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2
-    h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
-    del h2_bar_transpose, h2_bar_dtanh_2
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
-    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2
-    h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
-    del h1_bar_transpose, h1_bar_dtanh_2
-    loss_sin = np.sin(3.141592653589793*x)
-    np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
-    np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
-    np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
-    np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
-    loss_pow = np.square(h1_bar_matmul_2, out=h1_bar_matmul_2)
-    del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
-    loss_sum = loss_pow.sum()
-    del loss_pow
-    loss = loss_sum/total_rows
-    del loss_sum
-    return np.asarray(loss), N

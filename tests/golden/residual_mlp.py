@@ -192,6 +192,147 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, labels, W_in, b_in, W_a, b_a, W_b, b_b, W_out, b_out, B = _validate(params, inputs)
+    h_matmul = x @ W_in
+    np.add(h_matmul, b_in, out=h_matmul)
+    h = np.tanh(h_matmul, out=h_matmul)
+    del h_matmul
+    r_matmul = h @ W_a
+    np.add(r_matmul, b_a, out=r_matmul)
+    r_relu = np.maximum(r_matmul, 0, out=r_matmul)
+    del r_matmul
+    r_matmul_2 = r_relu @ W_b
+    np.add(r_matmul_2, h, out=r_matmul_2)
+    h2 = np.add(r_matmul_2, b_b, out=r_matmul_2)
+    del r_matmul_2
+    logits_matmul = h2 @ W_out
+    logits = np.add(logits_matmul, b_out, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    loss_add = loss_max + np.log(loss_sum)
+    del loss_max
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum_2/total_rows
+    del loss_sum_2
+    # backward of loss = loss_sum_2/total_rows
+    loss_bar = np.ones_like(loss)
+    # backward of loss = loss_sum_2/total_rows w.r.t. loss_sum_2
+    loss_bar_dew = loss_bar/total_rows
+    del loss_bar
+    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
+    loss_bar_reshape = loss_bar_dew.reshape((1,))
+    del loss_bar_dew
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_reshape
+    # backward of loss_take_label = take_label(logits, labels)
+    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
+    del loss_bar_dsub
+    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
+    loss_bar_put_label = np.zeros((B, 3), dtype=loss_bar_broadcast_to.dtype)
+    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
+    del loss_bar_broadcast_to
+    # backward of loss_reshape = reshape(loss_add, shape=('B',))
+    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
+    del loss_bar_reshape
+    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
+    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
+    del loss_bar_broadcast_to_2
+    # backward of logits = logits_matmul + b_out
+    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
+    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
+    # backward of logits = logits_matmul + b_out w.r.t. b_out
+    b_out_bar = logits_bar.sum(axis=0)
+    # backward of logits_matmul = h2 @ W_out w.r.t. h2
+    h2_bar = logits_bar @ W_out.T
+    # backward of logits_matmul = h2 @ W_out w.r.t. W_out
+    W_out_bar = h2.T @ logits_bar
+    del h2, logits_bar
+    # backward of h2 = h + r_matmul_2 + b_b w.r.t. b_b
+    b_b_bar = h2_bar.sum(axis=0)
+    # backward of r_matmul_2 = r_relu @ W_b w.r.t. r_relu
+    r_bar_matmul = h2_bar @ W_b.T
+    # backward of r_matmul_2 = r_relu @ W_b w.r.t. W_b
+    W_b_bar = r_relu.T @ h2_bar
+    # backward of r_relu = maximum(r_matmul + b_a, 0) w.r.t. r_matmul
+    r_bar_dew = np.multiply(r_bar_matmul, (r_relu > 0), out=r_bar_matmul)
+    del r_relu, r_bar_matmul
+    # backward of r_relu = maximum(r_matmul + b_a, 0) w.r.t. b_a
+    b_a_bar = r_bar_dew.sum(axis=0)
+    # backward of r_matmul = h @ W_a w.r.t. h
+    r_bar_matmul_2 = r_bar_dew @ W_a.T
+    # backward of r_matmul = h @ W_a w.r.t. W_a
+    W_a_bar = h.T @ r_bar_dew
+    del r_bar_dew
+    # backward of h = tanh(h_matmul + b_in) w.r.t. h_matmul
+    np.square(h, out=h)
+    np.subtract(1, h, out=h)
+    h_bar_dew = np.multiply(h, h2_bar + r_bar_matmul_2, out=h)
+    del h, h2_bar, r_bar_matmul_2
+    # backward of h = tanh(h_matmul + b_in) w.r.t. b_in
+    b_in_bar = h_bar_dew.sum(axis=0)
+    # backward of h_matmul = x @ W_in w.r.t. W_in
+    W_in_bar = x.T @ h_bar_dew
+    del h_bar_dew
+    return np.asarray(loss), {"W_in": W_in_bar.astype(W_in.dtype, copy=False), "b_in": b_in_bar.astype(b_in.dtype, copy=False), "W_a": W_a_bar.astype(W_a.dtype, copy=False), "b_a": b_a_bar.astype(b_a.dtype, copy=False), "W_b": W_b_bar.astype(W_b.dtype, copy=False), "b_b": b_b_bar.astype(b_b.dtype, copy=False), "W_out": W_out_bar.astype(W_out.dtype, copy=False), "b_out": b_out_bar.astype(b_out.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, labels, W_in, b_in, W_a, b_a, W_b, b_b, W_out, b_out, B = _validate(params, inputs)
+    h_matmul = x @ W_in
+    np.add(h_matmul, b_in, out=h_matmul)
+    h = np.tanh(h_matmul, out=h_matmul)
+    del h_matmul
+    r_matmul = h @ W_a
+    np.add(r_matmul, b_a, out=r_matmul)
+    r_relu = np.maximum(r_matmul, 0, out=r_matmul)
+    del r_matmul
+    r_matmul_2 = r_relu @ W_b
+    del r_relu
+    np.add(h, r_matmul_2, out=h)
+    h2 = np.add(h, b_b, out=h)
+    del h, r_matmul_2
+    logits_matmul = h2 @ W_out
+    del h2
+    logits = np.add(logits_matmul, b_out, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=1, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=1, keepdims=True)
+    del loss_exp
+    np.log(loss_sum, out=loss_sum)
+    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
+    del loss_max, loss_sum
+    loss_reshape = loss_add.reshape((B,))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum_2/total_rows
+    del loss_sum_2
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -389,144 +530,3 @@ def value_and_grad(params, inputs):
     W_in_bar = x.T @ h_bar_dew
     del h_bar_dew
     return np.asarray(loss), {"W_in": W_in_bar.astype(W_in.dtype, copy=False), "b_in": b_in_bar.astype(b_in.dtype, copy=False), "W_a": W_a_bar.astype(W_a.dtype, copy=False), "b_a": b_a_bar.astype(b_a.dtype, copy=False), "W_b": W_b_bar.astype(W_b.dtype, copy=False), "b_b": b_b_bar.astype(b_b.dtype, copy=False), "W_out": W_out_bar.astype(W_out.dtype, copy=False), "b_out": b_out_bar.astype(b_out.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, labels, W_in, b_in, W_a, b_a, W_b, b_b, W_out, b_out, B = _validate(params, inputs)
-    h_matmul = x @ W_in
-    np.add(h_matmul, b_in, out=h_matmul)
-    h = np.tanh(h_matmul, out=h_matmul)
-    del h_matmul
-    r_matmul = h @ W_a
-    np.add(r_matmul, b_a, out=r_matmul)
-    r_relu = np.maximum(r_matmul, 0, out=r_matmul)
-    del r_matmul
-    r_matmul_2 = r_relu @ W_b
-    np.add(r_matmul_2, h, out=r_matmul_2)
-    h2 = np.add(r_matmul_2, b_b, out=r_matmul_2)
-    del r_matmul_2
-    logits_matmul = h2 @ W_out
-    logits = np.add(logits_matmul, b_out, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    loss_add = loss_max + np.log(loss_sum)
-    del loss_max
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum_2/total_rows
-    del loss_sum_2
-    # backward of loss = loss_sum_2/total_rows
-    loss_bar = np.ones_like(loss)
-    # backward of loss = loss_sum_2/total_rows w.r.t. loss_sum_2
-    loss_bar_dew = loss_bar/total_rows
-    del loss_bar
-    # backward of loss_sum_2 = sum(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
-    loss_bar_reshape = loss_bar_dew.reshape((1,))
-    del loss_bar_dew
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape
-    # backward of loss_take_label = take_label(logits, labels)
-    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
-    del loss_bar_dsub
-    # backward of loss_take_label = take_label(logits, labels) w.r.t. logits
-    loss_bar_put_label = np.zeros((B, 3), dtype=loss_bar_broadcast_to.dtype)
-    np.put_along_axis(loss_bar_put_label, labels[..., None], loss_bar_broadcast_to[..., None], axis=-1)
-    del loss_bar_broadcast_to
-    # backward of loss_reshape = reshape(loss_add, shape=('B',))
-    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B,))
-    del loss_bar_reshape
-    # backward of loss_reshape = reshape(loss_add, shape=('B',)) w.r.t. loss_add
-    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 1))
-    del loss_bar_broadcast_to_2
-    # backward of logits = logits_matmul + b_out
-    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
-    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
-    # backward of logits = logits_matmul + b_out w.r.t. b_out
-    b_out_bar = logits_bar.sum(axis=0)
-    # backward of logits_matmul = h2 @ W_out w.r.t. h2
-    h2_bar = logits_bar @ W_out.T
-    # backward of logits_matmul = h2 @ W_out w.r.t. W_out
-    W_out_bar = h2.T @ logits_bar
-    del h2, logits_bar
-    # backward of h2 = h + r_matmul_2 + b_b w.r.t. b_b
-    b_b_bar = h2_bar.sum(axis=0)
-    # backward of r_matmul_2 = r_relu @ W_b w.r.t. r_relu
-    r_bar_matmul = h2_bar @ W_b.T
-    # backward of r_matmul_2 = r_relu @ W_b w.r.t. W_b
-    W_b_bar = r_relu.T @ h2_bar
-    # backward of r_relu = maximum(r_matmul + b_a, 0) w.r.t. r_matmul
-    r_bar_dew = np.multiply(r_bar_matmul, (r_relu > 0), out=r_bar_matmul)
-    del r_relu, r_bar_matmul
-    # backward of r_relu = maximum(r_matmul + b_a, 0) w.r.t. b_a
-    b_a_bar = r_bar_dew.sum(axis=0)
-    # backward of r_matmul = h @ W_a w.r.t. h
-    r_bar_matmul_2 = r_bar_dew @ W_a.T
-    # backward of r_matmul = h @ W_a w.r.t. W_a
-    W_a_bar = h.T @ r_bar_dew
-    del r_bar_dew
-    # backward of h = tanh(h_matmul + b_in) w.r.t. h_matmul
-    np.square(h, out=h)
-    np.subtract(1, h, out=h)
-    h_bar_dew = np.multiply(h, h2_bar + r_bar_matmul_2, out=h)
-    del h, h2_bar, r_bar_matmul_2
-    # backward of h = tanh(h_matmul + b_in) w.r.t. b_in
-    b_in_bar = h_bar_dew.sum(axis=0)
-    # backward of h_matmul = x @ W_in w.r.t. W_in
-    W_in_bar = x.T @ h_bar_dew
-    del h_bar_dew
-    return np.asarray(loss), {"W_in": W_in_bar.astype(W_in.dtype, copy=False), "b_in": b_in_bar.astype(b_in.dtype, copy=False), "W_a": W_a_bar.astype(W_a.dtype, copy=False), "b_a": b_a_bar.astype(b_a.dtype, copy=False), "W_b": W_b_bar.astype(W_b.dtype, copy=False), "b_b": b_b_bar.astype(b_b.dtype, copy=False), "W_out": W_out_bar.astype(W_out.dtype, copy=False), "b_out": b_out_bar.astype(b_out.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, labels, W_in, b_in, W_a, b_a, W_b, b_b, W_out, b_out, B = _validate(params, inputs)
-    h_matmul = x @ W_in
-    np.add(h_matmul, b_in, out=h_matmul)
-    h = np.tanh(h_matmul, out=h_matmul)
-    del h_matmul
-    r_matmul = h @ W_a
-    np.add(r_matmul, b_a, out=r_matmul)
-    r_relu = np.maximum(r_matmul, 0, out=r_matmul)
-    del r_matmul
-    r_matmul_2 = r_relu @ W_b
-    del r_relu
-    np.add(h, r_matmul_2, out=h)
-    h2 = np.add(h, b_b, out=h)
-    del h, r_matmul_2
-    logits_matmul = h2 @ W_out
-    del h2
-    logits = np.add(logits_matmul, b_out, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=1, keepdims=True)
-    del loss_exp
-    np.log(loss_sum, out=loss_sum)
-    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
-    del loss_max, loss_sum
-    loss_reshape = loss_add.reshape((B,))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum_2/total_rows
-    del loss_sum_2
-    return np.asarray(loss), B

@@ -202,6 +202,195 @@ def _index_error(kind, name, value, low, high):
                      f"outside the allowed range [{low}, {high})")
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
+    h_matmul = tokens @ E
+    h = np.add(h_matmul, P, out=h_matmul)
+    del h_matmul
+    q = h @ Wq
+    k = h @ Wk
+    v = h @ Wv
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    logits_matmul = ctx @ Wo
+    logits = np.add(logits_matmul, bo, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=2, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=2, keepdims=True)
+    loss_add = loss_max + np.log(loss_sum)
+    del loss_max
+    loss_reshape = loss_add.reshape((B, 8))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = (0.125)*loss_sum_2/total_rows
+    del loss_sum_2
+    # backward of loss = (0.125)*loss_sum_2/total_rows
+    loss_bar = np.ones_like(loss)
+    # backward of loss = (0.125)*loss_sum_2/total_rows w.r.t. loss_sum_2
+    loss_bar_dew = (0.125)*loss_bar/total_rows
+    del loss_bar
+    # backward of loss_sum_2 = sum(loss_sub, axes=(0, 1), keepdims=False) w.r.t. loss_sub
+    loss_bar_reshape = loss_bar_dew.reshape((1, 1))
+    del loss_bar_dew
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_reshape
+    # backward of loss_take_label = take_label(logits, target)
+    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B, 8))
+    del loss_bar_dsub
+    # backward of loss_take_label = take_label(logits, target) w.r.t. logits
+    loss_bar_put_label = np.zeros((B, 8, 10), dtype=loss_bar_broadcast_to.dtype)
+    np.put_along_axis(loss_bar_put_label, target[..., None], loss_bar_broadcast_to[..., None], axis=-1)
+    del loss_bar_broadcast_to
+    # backward of loss_reshape = reshape(loss_add, shape=('B', 8))
+    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B, 8))
+    del loss_bar_reshape
+    # backward of loss_reshape = reshape(loss_add, shape=('B', 8)) w.r.t. loss_add
+    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 8, 1))
+    del loss_bar_broadcast_to_2
+    # backward of logits = logits_matmul + bo
+    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
+    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
+    # backward of logits = logits_matmul + bo w.r.t. bo
+    bo_bar = logits_bar.sum(axis=(0, 1))
+    # backward of logits_matmul = ctx @ Wo w.r.t. ctx
+    ctx_bar = logits_bar @ Wo.T
+    # backward of logits_matmul = ctx @ Wo
+    logits_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
+    del ctx
+    logits_bar_matmul = logits_bar_transpose_2 @ logits_bar
+    del logits_bar, logits_bar_transpose_2
+    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
+    Wo_bar = logits_bar_matmul.sum(axis=0)
+    del logits_bar_matmul
+    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
+    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
+    del v
+    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
+    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
+    del ctx_bar
+    # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
+    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
+    del attn
+    attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
+    del attn_bar_dew
+    # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
+    scores_bar_dmul_t0 = 1/attn_sum
+    scores_bar_dmul_t1 = 0.17677669529663687*attn_exp
+    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
+    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
+    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
+    del k
+    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
+    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
+    del q, scores_bar_dmul
+    # backward of v = h @ Wv w.r.t. h
+    v_bar_matmul = v_bar @ Wv.T
+    # backward of v = h @ Wv
+    v_bar_transpose_2 = np.swapaxes(h, -1, -2)
+    del h
+    v_bar_matmul_2 = v_bar_transpose_2 @ v_bar
+    del v_bar
+    # backward of v = h @ Wv w.r.t. Wv
+    Wv_bar = v_bar_matmul_2.sum(axis=0)
+    del v_bar_matmul_2
+    # backward of k = h @ Wk w.r.t. h
+    k_bar_matmul = k_bar @ Wk.T
+    # backward of k = h @ Wk
+    k_bar_matmul_2 = v_bar_transpose_2 @ k_bar
+    del k_bar
+    # backward of k = h @ Wk w.r.t. Wk
+    Wk_bar = k_bar_matmul_2.sum(axis=0)
+    del k_bar_matmul_2
+    # backward of q = h @ Wq w.r.t. h
+    q_bar_matmul = q_bar @ Wq.T
+    # backward of q = h @ Wq
+    q_bar_matmul_2 = v_bar_transpose_2 @ q_bar
+    del q_bar, v_bar_transpose_2
+    # backward of q = h @ Wq w.r.t. Wq
+    Wq_bar = q_bar_matmul_2.sum(axis=0)
+    del q_bar_matmul_2
+    # backward of h = h_matmul + P
+    np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
+    h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
+    del v_bar_matmul, k_bar_matmul, q_bar_matmul
+    # backward of h = h_matmul + P w.r.t. P
+    P_bar = h_bar.sum(axis=0)
+    # backward of h_matmul = tokens @ E
+    h_bar_transpose = np.swapaxes(tokens, -1, -2)
+    h_bar_matmul = h_bar_transpose @ h_bar
+    del h_bar, h_bar_transpose
+    # backward of h_matmul = tokens @ E w.r.t. E
+    E_bar = h_bar_matmul.sum(axis=0)
+    del h_bar_matmul
+    return np.asarray(loss), {"E": E_bar.astype(E.dtype, copy=False), "P": P_bar.astype(P.dtype, copy=False), "Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False), "bo": bo_bar.astype(bo.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
+    h_matmul = tokens @ E
+    h = np.add(h_matmul, P, out=h_matmul)
+    del h_matmul
+    q = h @ Wq
+    k = h @ Wk
+    v = h @ Wv
+    del h
+    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    del q, k
+    scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
+    del scores_einsum
+    attn_max = scores.max(axis=2, keepdims=True)
+    attn_exp = np.exp(scores - attn_max)
+    attn_sum = attn_exp.sum(axis=2, keepdims=True)
+    attn = attn_exp/attn_sum
+    del scores, attn_max, attn_exp, attn_sum
+    ctx = np.einsum("bts,bsd->btd", attn, v)
+    del v, attn
+    logits_matmul = ctx @ Wo
+    del ctx
+    logits = np.add(logits_matmul, bo, out=logits_matmul)
+    del logits_matmul
+    loss_max = logits.max(axis=2, keepdims=True)
+    loss_exp = np.exp(logits - loss_max)
+    loss_sum = loss_exp.sum(axis=2, keepdims=True)
+    del loss_exp
+    np.log(loss_sum, out=loss_sum)
+    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
+    del loss_max, loss_sum
+    loss_reshape = loss_add.reshape((B, 8))
+    del loss_add
+    loss_take_label = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    del logits
+    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
+    del loss_reshape, loss_take_label
+    loss_sum_2 = loss_sub.sum()
+    del loss_sub
+    loss = (0.125)*loss_sum_2/total_rows
+    del loss_sum_2
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -449,192 +638,3 @@ def value_and_grad(params, inputs):
     E_bar = h_bar_matmul.sum(axis=0)
     del h_bar_matmul
     return np.asarray(loss), {"E": E_bar.astype(E.dtype, copy=False), "P": P_bar.astype(P.dtype, copy=False), "Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False), "bo": bo_bar.astype(bo.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = tokens @ E
-    h = np.add(h_matmul, P, out=h_matmul)
-    del h_matmul
-    q = h @ Wq
-    k = h @ Wk
-    v = h @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
-    scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
-    del scores_einsum
-    attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
-    attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max
-    ctx = np.einsum("bts,bsd->btd", attn, v)
-    logits_matmul = ctx @ Wo
-    logits = np.add(logits_matmul, bo, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=2, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=2, keepdims=True)
-    loss_add = loss_max + np.log(loss_sum)
-    del loss_max
-    loss_reshape = loss_add.reshape((B, 8))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = (0.125)*loss_sum_2/total_rows
-    del loss_sum_2
-    # backward of loss = (0.125)*loss_sum_2/total_rows
-    loss_bar = np.ones_like(loss)
-    # backward of loss = (0.125)*loss_sum_2/total_rows w.r.t. loss_sum_2
-    loss_bar_dew = (0.125)*loss_bar/total_rows
-    del loss_bar
-    # backward of loss_sum_2 = sum(loss_sub, axes=(0, 1), keepdims=False) w.r.t. loss_sub
-    loss_bar_reshape = loss_bar_dew.reshape((1, 1))
-    del loss_bar_dew
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape
-    # backward of loss_take_label = take_label(logits, target)
-    loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B, 8))
-    del loss_bar_dsub
-    # backward of loss_take_label = take_label(logits, target) w.r.t. logits
-    loss_bar_put_label = np.zeros((B, 8, 10), dtype=loss_bar_broadcast_to.dtype)
-    np.put_along_axis(loss_bar_put_label, target[..., None], loss_bar_broadcast_to[..., None], axis=-1)
-    del loss_bar_broadcast_to
-    # backward of loss_reshape = reshape(loss_add, shape=('B', 8))
-    loss_bar_broadcast_to_2 = np.broadcast_to(loss_bar_reshape, (B, 8))
-    del loss_bar_reshape
-    # backward of loss_reshape = reshape(loss_add, shape=('B', 8)) w.r.t. loss_add
-    loss_bar_reshape_2 = loss_bar_broadcast_to_2.reshape((B, 8, 1))
-    del loss_bar_broadcast_to_2
-    # backward of logits = logits_matmul + bo
-    logits_bar = np.add(loss_bar_put_label, loss_exp*(loss_bar_reshape_2/loss_sum), out=loss_bar_put_label)
-    del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
-    # backward of logits = logits_matmul + bo w.r.t. bo
-    bo_bar = logits_bar.sum(axis=(0, 1))
-    # backward of logits_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = logits_bar @ Wo.T
-    # backward of logits_matmul = ctx @ Wo
-    logits_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
-    del ctx
-    logits_bar_matmul = logits_bar_transpose_2 @ logits_bar
-    del logits_bar, logits_bar_transpose_2
-    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = logits_bar_matmul.sum(axis=0)
-    del logits_bar_matmul
-    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
-    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
-    del v
-    # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
-    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
-    del ctx_bar
-    # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
-    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
-    del attn
-    attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
-    del attn_bar_dew
-    # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.17677669529663687*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
-    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
-    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
-    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
-    del k
-    # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
-    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
-    del q, scores_bar_dmul
-    # backward of v = h @ Wv w.r.t. h
-    v_bar_matmul = v_bar @ Wv.T
-    # backward of v = h @ Wv
-    v_bar_transpose_2 = np.swapaxes(h, -1, -2)
-    del h
-    v_bar_matmul_2 = v_bar_transpose_2 @ v_bar
-    del v_bar
-    # backward of v = h @ Wv w.r.t. Wv
-    Wv_bar = v_bar_matmul_2.sum(axis=0)
-    del v_bar_matmul_2
-    # backward of k = h @ Wk w.r.t. h
-    k_bar_matmul = k_bar @ Wk.T
-    # backward of k = h @ Wk
-    k_bar_matmul_2 = v_bar_transpose_2 @ k_bar
-    del k_bar
-    # backward of k = h @ Wk w.r.t. Wk
-    Wk_bar = k_bar_matmul_2.sum(axis=0)
-    del k_bar_matmul_2
-    # backward of q = h @ Wq w.r.t. h
-    q_bar_matmul = q_bar @ Wq.T
-    # backward of q = h @ Wq
-    q_bar_matmul_2 = v_bar_transpose_2 @ q_bar
-    del q_bar, v_bar_transpose_2
-    # backward of q = h @ Wq w.r.t. Wq
-    Wq_bar = q_bar_matmul_2.sum(axis=0)
-    del q_bar_matmul_2
-    # backward of h = h_matmul + P
-    np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
-    h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
-    del v_bar_matmul, k_bar_matmul, q_bar_matmul
-    # backward of h = h_matmul + P w.r.t. P
-    P_bar = h_bar.sum(axis=0)
-    # backward of h_matmul = tokens @ E
-    h_bar_transpose = np.swapaxes(tokens, -1, -2)
-    h_bar_matmul = h_bar_transpose @ h_bar
-    del h_bar, h_bar_transpose
-    # backward of h_matmul = tokens @ E w.r.t. E
-    E_bar = h_bar_matmul.sum(axis=0)
-    del h_bar_matmul
-    return np.asarray(loss), {"E": E_bar.astype(E.dtype, copy=False), "P": P_bar.astype(P.dtype, copy=False), "Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False), "bo": bo_bar.astype(bo.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = tokens @ E
-    h = np.add(h_matmul, P, out=h_matmul)
-    del h_matmul
-    q = h @ Wq
-    k = h @ Wk
-    v = h @ Wv
-    del h
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
-    del q, k
-    scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
-    del scores_einsum
-    attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
-    attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
-    ctx = np.einsum("bts,bsd->btd", attn, v)
-    del v, attn
-    logits_matmul = ctx @ Wo
-    del ctx
-    logits = np.add(logits_matmul, bo, out=logits_matmul)
-    del logits_matmul
-    loss_max = logits.max(axis=2, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
-    loss_sum = loss_exp.sum(axis=2, keepdims=True)
-    del loss_exp
-    np.log(loss_sum, out=loss_sum)
-    loss_add = np.add(loss_sum, loss_max, out=loss_sum)
-    del loss_max, loss_sum
-    loss_reshape = loss_add.reshape((B, 8))
-    del loss_add
-    loss_take_label = np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-    del logits
-    loss_sub = np.subtract(loss_reshape, loss_take_label, out=loss_take_label)
-    del loss_reshape, loss_take_label
-    loss_sum_2 = loss_sub.sum()
-    del loss_sub
-    loss = (0.125)*loss_sum_2/total_rows
-    del loss_sum_2
-    return np.asarray(loss), B

@@ -153,6 +153,80 @@ def _validate(params, inputs):
     return x, t, W1, b1, W2, b2, B
 
 
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
+    z1_matmul = x @ W1
+    np.add(z1_matmul, b1, out=z1_matmul)
+    np.negative(z1_matmul, out=z1_matmul)
+    np.logaddexp(0, z1_matmul, out=z1_matmul)
+    np.negative(z1_matmul, out=z1_matmul)
+    h1 = np.exp(z1_matmul, out=z1_matmul)
+    del z1_matmul
+    z2_matmul = h1 @ W2
+    z2 = np.add(z2_matmul, b2, out=z2_matmul)
+    del z2_matmul
+    loss_sub = -z2*t + np.logaddexp(0, z2)
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum/total_rows
+    del loss_sum
+    # backward of loss_sub = -z2*t + logaddexp(0, z2) w.r.t. z2
+    np.negative(z2, out=z2)
+    np.logaddexp(0, z2, out=z2)
+    np.negative(z2, out=z2)
+    np.exp(z2, out=z2)
+    np.subtract(z2, t, out=z2)
+    z2_bar = np.divide(z2, total_rows, out=z2)
+    del z2
+    # backward of z2 = z2_matmul + b2 w.r.t. b2
+    b2_bar = z2_bar.sum(axis=0)
+    # backward of z2_matmul = h1 @ W2 w.r.t. h1
+    h1_bar = z2_bar @ W2.T
+    # backward of z2_matmul = h1 @ W2 w.r.t. W2
+    W2_bar = h1.T @ z2_bar
+    del z2_bar
+    # backward of h1 = exp(-logaddexp(0, -(z1_matmul + b1))) w.r.t. z1_matmul
+    np.multiply(h1_bar, h1, out=h1_bar)
+    h1_bar_dew = np.multiply(h1_bar, 1 - h1, out=h1_bar)
+    del h1, h1_bar
+    # backward of h1 = exp(-logaddexp(0, -(z1_matmul + b1))) w.r.t. b1
+    b1_bar = h1_bar_dew.sum(axis=0)
+    # backward of z1_matmul = x @ W1 w.r.t. W1
+    W1_bar = x.T @ h1_bar_dew
+    del h1_bar_dew
+    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
+    z1_matmul = x @ W1
+    np.add(z1_matmul, b1, out=z1_matmul)
+    np.negative(z1_matmul, out=z1_matmul)
+    np.logaddexp(0, z1_matmul, out=z1_matmul)
+    np.negative(z1_matmul, out=z1_matmul)
+    h1 = np.exp(z1_matmul, out=z1_matmul)
+    del z1_matmul
+    z2_matmul = h1 @ W2
+    del h1
+    z2 = np.add(z2_matmul, b2, out=z2_matmul)
+    del z2_matmul
+    loss_sub = -z2*t + np.logaddexp(0, z2)
+    del z2
+    loss_sum = loss_sub.sum()
+    del loss_sub
+    loss = loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), B
+
+
 def _wanted_outputs(outputs):
     """forward's ``outputs=``: a name or names of OUTPUTS, as a set."""
     names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
@@ -273,77 +347,3 @@ def value_and_grad(params, inputs):
     W1_bar = x.T @ h1_bar_dew
     del h1_bar_dew
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}
-
-
-def value_and_grad_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
-
-    Means over the batch dim B divide by total_rows, the rows of the whole data
-    set, and terms of params alone count only when param_terms is true, so summing
-    over chunks that partition the rows, with param_terms true in one of them, gives
-    value_and_grad of the whole.
-    """
-    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
-    z1_matmul = x @ W1
-    np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
-    del z1_matmul
-    z2_matmul = h1 @ W2
-    z2 = np.add(z2_matmul, b2, out=z2_matmul)
-    del z2_matmul
-    loss_sub = -z2*t + np.logaddexp(0, z2)
-    loss_sum = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum/total_rows
-    del loss_sum
-    # backward of loss_sub = -z2*t + logaddexp(0, z2) w.r.t. z2
-    np.negative(z2, out=z2)
-    np.logaddexp(0, z2, out=z2)
-    np.negative(z2, out=z2)
-    np.exp(z2, out=z2)
-    np.subtract(z2, t, out=z2)
-    z2_bar = np.divide(z2, total_rows, out=z2)
-    del z2
-    # backward of z2 = z2_matmul + b2 w.r.t. b2
-    b2_bar = z2_bar.sum(axis=0)
-    # backward of z2_matmul = h1 @ W2 w.r.t. h1
-    h1_bar = z2_bar @ W2.T
-    # backward of z2_matmul = h1 @ W2 w.r.t. W2
-    W2_bar = h1.T @ z2_bar
-    del z2_bar
-    # backward of h1 = exp(-logaddexp(0, -(z1_matmul + b1))) w.r.t. z1_matmul
-    np.multiply(h1_bar, h1, out=h1_bar)
-    h1_bar_dew = np.multiply(h1_bar, 1 - h1, out=h1_bar)
-    del h1, h1_bar
-    # backward of h1 = exp(-logaddexp(0, -(z1_matmul + b1))) w.r.t. b1
-    b1_bar = h1_bar_dew.sum(axis=0)
-    # backward of z1_matmul = x @ W1 w.r.t. W1
-    W1_bar = x.T @ h1_bar_dew
-    del h1_bar_dew
-    return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}, B
-
-
-def loss_partial(params, inputs, total_rows, param_terms=True):
-    """One chunk's share of the loss, and its rows: (loss, rows); see value_and_grad_partial."""
-    x, t, W1, b1, W2, b2, B = _validate(params, inputs)
-    z1_matmul = x @ W1
-    np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
-    del z1_matmul
-    z2_matmul = h1 @ W2
-    del h1
-    z2 = np.add(z2_matmul, b2, out=z2_matmul)
-    del z2_matmul
-    loss_sub = -z2*t + np.logaddexp(0, z2)
-    del z2
-    loss_sum = loss_sub.sum()
-    del loss_sub
-    loss = loss_sum/total_rows
-    del loss_sum
-    return np.asarray(loss), B
