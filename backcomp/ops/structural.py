@@ -221,6 +221,10 @@ def _as_matmul(node, args, out) -> list[str] | None:
     """
     (sa, sb), res = parse_einsum(node.attrs["subscripts"], 2)
     a, b = node.inputs
+    first_b = [c for c in res if c in sb and c not in sa][:1]
+    first_a = [c for c in res if c in sa and c not in sb][:1]
+    if first_a and first_b and res.index(first_b[0]) < res.index(first_a[0]):
+        sa, sb, a, b, args = sb, sa, b, a, args[::-1]   # (Bᵀ Aᵀ) instead of (A B)ᵀ: no transposed result
     dim = {c: d for s, x in ((sa, a), (sb, b)) for c, d in zip(s, x.shape)}
     if any(c not in sb and c not in res for c in sa) or any(c not in sa and c not in res for c in sb):
         return None

@@ -9,13 +9,13 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     q = x · Wq    # shape (B, 5, 8)
-        ḡ_Wq = Σ_B(xᵀ · ḡ_q)
+        ḡ_Wq = xᵀ · ḡ_q
 
     k = x · Wk    # shape (B, 5, 8)
-        ḡ_Wk = Σ_B(xᵀ · ḡ_k)
+        ḡ_Wk = xᵀ · ḡ_k
 
     v = x · Wv    # shape (B, 5, 8)
-        ḡ_Wv = Σ_B(xᵀ · ḡ_v)
+        ḡ_Wv = xᵀ · ḡ_v
 
     scores = 0.353553·einsum("btd,bsd->bts", q, k)    # shape (B, 5, 5)
         ḡ_q = einsum("bts,bsd->btd", 0.353553·ḡ_scores, k)
@@ -30,7 +30,7 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     out = x + ctx · Wo    # shape (B, 5, 8)
         ḡ_ctx = ḡ_out · Woᵀ
-        ḡ_Wo = Σ_B(ctxᵀ · ḡ_out)
+        ḡ_Wo = ctxᵀ · ḡ_out
 
     loss = mean((out - target)^2)    # shape ()
         ḡ_out = ḡ_loss ⊙ (out - target)/(20·B)
@@ -175,7 +175,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     q = x @ Wq
     k = x @ Wk
     v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
@@ -183,7 +183,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     del scores, attn_max
-    ctx = np.einsum("bts,bsd->btd", attn, v)
+    ctx = attn @ v
     out_matmul = ctx @ Wo
     loss_pow = (-target + out_matmul + x)**2
     loss_sum = loss_pow.sum()
@@ -197,21 +197,22 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.multiply(out_matmul, 0.025, out=out_matmul)
     loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
     del out_matmul
+    # backward of out_matmul = ctx @ Wo
+    out_bar_reshape = ctx.reshape((5*B, 8))
+    del ctx
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = loss_bar_dew @ Wo.T
     # backward of out_matmul = ctx @ Wo
-    out_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
-    del ctx
-    out_bar_matmul = out_bar_transpose_2 @ loss_bar_dew
-    del loss_bar_dew, out_bar_transpose_2
+    out_bar_reshape_2 = loss_bar_dew.reshape((5*B, 8))
+    del loss_bar_dew
     # backward of out_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = out_bar_matmul.sum(axis=0)
-    del out_bar_matmul
+    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
+    del out_bar_reshape, out_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
-    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
+    attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
-    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
+    v_bar = attn.transpose(0, 2, 1) @ ctx_bar
     del ctx_bar
     # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
     attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
@@ -224,30 +225,32 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
-    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
+    q_bar = scores_bar_dmul @ k
     del k
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
-    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
+    k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
     # backward of v = x @ Wv
-    v_bar_transpose = np.swapaxes(x, -1, -2)
-    v_bar_matmul = v_bar_transpose @ v_bar
+    v_bar_reshape = x.reshape((5*B, 8))
+    v_bar_transpose = v_bar_reshape.T
+    del v_bar_reshape
+    v_bar_reshape_2 = v_bar.reshape((5*B, 8))
     del v_bar
     # backward of v = x @ Wv w.r.t. Wv
-    Wv_bar = v_bar_matmul.sum(axis=0)
-    del v_bar_matmul
+    Wv_bar = v_bar_transpose @ v_bar_reshape_2
+    del v_bar_reshape_2
     # backward of k = x @ Wk
-    k_bar_matmul = v_bar_transpose @ k_bar
+    k_bar_reshape = k_bar.reshape((5*B, 8))
     del k_bar
     # backward of k = x @ Wk w.r.t. Wk
-    Wk_bar = k_bar_matmul.sum(axis=0)
-    del k_bar_matmul
+    Wk_bar = v_bar_transpose @ k_bar_reshape
+    del k_bar_reshape
     # backward of q = x @ Wq
-    q_bar_matmul = v_bar_transpose @ q_bar
-    del q_bar, v_bar_transpose
+    q_bar_reshape = q_bar.reshape((5*B, 8))
+    del q_bar
     # backward of q = x @ Wq w.r.t. Wq
-    Wq_bar = q_bar_matmul.sum(axis=0)
-    del q_bar_matmul
+    Wq_bar = v_bar_transpose @ q_bar_reshape
+    del v_bar_transpose, q_bar_reshape
     return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}, B
 
 
@@ -257,7 +260,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     q = x @ Wq
     k = x @ Wk
     v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
@@ -266,7 +269,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     del scores, attn_max, attn_exp, attn_sum
-    ctx = np.einsum("bts,bsd->btd", attn, v)
+    ctx = attn @ v
     del v, attn
     out_matmul = ctx @ Wo
     del ctx
@@ -303,7 +306,7 @@ def forward(params, inputs, outputs=None):
     q = x @ Wq
     k = x @ Wk
     v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
@@ -312,7 +315,7 @@ def forward(params, inputs, outputs=None):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     del scores, attn_max, attn_exp, attn_sum
-    ctx = np.einsum("bts,bsd->btd", attn, v)
+    ctx = attn @ v
     del v, attn
     out_matmul = ctx @ Wo
     del ctx
@@ -349,7 +352,7 @@ def _forward_1(params, inputs):
     q = x @ Wq
     k = x @ Wk
     v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
@@ -358,7 +361,7 @@ def _forward_1(params, inputs):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     del scores, attn_max, attn_exp, attn_sum
-    ctx = np.einsum("bts,bsd->btd", attn, v)
+    ctx = attn @ v
     del v, attn
     out_matmul = ctx @ Wo
     del ctx
@@ -373,7 +376,7 @@ def value_and_grad(params, inputs):
     q = x @ Wq
     k = x @ Wk
     v = x @ Wv
-    scores_einsum = np.einsum("btd,bsd->bts", q, k)
+    scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
@@ -381,7 +384,7 @@ def value_and_grad(params, inputs):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     del scores, attn_max
-    ctx = np.einsum("bts,bsd->btd", attn, v)
+    ctx = attn @ v
     out_matmul = ctx @ Wo
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
@@ -394,21 +397,22 @@ def value_and_grad(params, inputs):
     np.multiply(out, 0.025, out=out)
     out_bar = np.divide(out, B, out=out)
     del out
+    # backward of out_matmul = ctx @ Wo
+    out_bar_reshape = ctx.reshape((5*B, 8))
+    del ctx
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = out_bar @ Wo.T
     # backward of out_matmul = ctx @ Wo
-    out_bar_transpose_2 = np.swapaxes(ctx, -1, -2)
-    del ctx
-    out_bar_matmul = out_bar_transpose_2 @ out_bar
-    del out_bar, out_bar_transpose_2
+    out_bar_reshape_2 = out_bar.reshape((5*B, 8))
+    del out_bar
     # backward of out_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = out_bar_matmul.sum(axis=0)
-    del out_bar_matmul
+    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
+    del out_bar_reshape, out_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
-    attn_bar = np.einsum("btd,bsd->bts", ctx_bar, v)
+    attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. v
-    v_bar = np.einsum("btd,bts->bsd", ctx_bar, attn)
+    v_bar = attn.transpose(0, 2, 1) @ ctx_bar
     del ctx_bar
     # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
     attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
@@ -421,28 +425,30 @@ def value_and_grad(params, inputs):
     scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
-    q_bar = np.einsum("bts,bsd->btd", scores_bar_dmul, k)
+    q_bar = scores_bar_dmul @ k
     del k
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
-    k_bar = np.einsum("bts,btd->bsd", scores_bar_dmul, q)
+    k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
     # backward of v = x @ Wv
-    v_bar_transpose = np.swapaxes(x, -1, -2)
-    v_bar_matmul = v_bar_transpose @ v_bar
+    v_bar_reshape = x.reshape((5*B, 8))
+    v_bar_transpose = v_bar_reshape.T
+    del v_bar_reshape
+    v_bar_reshape_2 = v_bar.reshape((5*B, 8))
     del v_bar
     # backward of v = x @ Wv w.r.t. Wv
-    Wv_bar = v_bar_matmul.sum(axis=0)
-    del v_bar_matmul
+    Wv_bar = v_bar_transpose @ v_bar_reshape_2
+    del v_bar_reshape_2
     # backward of k = x @ Wk
-    k_bar_matmul = v_bar_transpose @ k_bar
+    k_bar_reshape = k_bar.reshape((5*B, 8))
     del k_bar
     # backward of k = x @ Wk w.r.t. Wk
-    Wk_bar = k_bar_matmul.sum(axis=0)
-    del k_bar_matmul
+    Wk_bar = v_bar_transpose @ k_bar_reshape
+    del k_bar_reshape
     # backward of q = x @ Wq
-    q_bar_matmul = v_bar_transpose @ q_bar
-    del q_bar, v_bar_transpose
+    q_bar_reshape = q_bar.reshape((5*B, 8))
+    del q_bar
     # backward of q = x @ Wq w.r.t. Wq
-    Wq_bar = q_bar_matmul.sum(axis=0)
-    del q_bar_matmul
+    Wq_bar = v_bar_transpose @ q_bar_reshape
+    del v_bar_transpose, q_bar_reshape
     return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}
