@@ -21,7 +21,8 @@ from backcomp.ops.nn import (  # noqa: F401
     log_softmax, logsumexp, mse, norm, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy,
     std, take_label, var,
 )
-from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
+from backcomp.ops.conv import conv1d, conv2d, conv_transpose2d  # noqa: F401
+from backcomp.ops.pool import avg_pool1d, avg_pool2d, max_pool1d, max_pool2d  # noqa: F401
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
     broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, min, reshape,
