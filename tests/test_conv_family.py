@@ -57,6 +57,7 @@ CASES = {
     "conv2d-reach=padded": ({"x": (1, 2, 5, 5), "w": (2, 2, 3, 3)}, *_conv2d(dilation=3, padding=1)),
     "conv2d-groups2": ({"x": (2, 4, 7, 6), "w": (6, 2, 3, 3)}, *_conv2d(groups=2, padding=1)),
     "conv2d-groups2-k36": ({"x": (2, 8, 6, 6), "w": (4, 4, 3, 3)}, *_conv2d(groups=2, stride=2, padding=1)),
+    "conv2d-groups2-o1-k36": ({"x": (2, 8, 6, 6), "w": (2, 4, 3, 3)}, *_conv2d(groups=2, padding=1)),
     "conv2d-depthwise": ({"x": (2, 3, 6, 6), "w": (3, 1, 3, 3)}, *_conv2d(groups=3, padding=1)),
     "conv2d-depthwise-x2": ({"x": (2, 3, 7, 7), "w": (6, 1, 3, 3)}, *_conv2d(groups=3, stride=2)),
     "conv2d-depthwise-dil": ({"x": (2, 4, 9, 9), "w": (4, 1, 3, 3)}, *_conv2d(groups=4, dilation=2, padding=2)),
@@ -174,7 +175,8 @@ def double_backward(graph: Graph, name: str) -> Graph:
     return g
 
 
-SECOND_ORDER = ["conv2d-dil-pairs", "conv2d-groups2", "conv2d-groups2-k36", "conv2d-depthwise-x2", "conv2d-all",
+SECOND_ORDER = ["conv2d-dil-pairs", "conv2d-groups2", "conv2d-groups2-k36", "conv2d-groups2-o1-k36",
+                "conv2d-depthwise", "conv2d-depthwise-x2", "conv2d-all",
                 "conv1d-s2-p1-d2", "conv1d-depthwise", "convt-s2-p1-op1", "convt-groups-dil", "convt-pairs",
                 "max_pool2d-k3-s2-p1", "max_pool2d-k2-s1-p1", "avg_pool2d-pairs", "avg_pool2d-k2-s2-p1",
                 "max_pool1d-k3-s2-p1", "avg_pool1d-k4-s3-p2"]
@@ -307,9 +309,11 @@ def test_generated_code_has_no_loops_and_one_gemm_per_direction():
     g.loss(ops.sum(ops.avg_pool2d(t, 2, padding=1) ** 2))
     src = backcomp.compile_source(g)
     assert not re.search(r"^\s+(for|while)\s", src.split("def forward")[1], re.M)
-    # the grouped conv, the transposed conv, its input gradient (a conv2d), and w̄, v̄
-    assert src.split("def value_and_grad")[1].count(" @ ") == 5
-    assert "reshape(4, 1, 9) @ " in src                                     # groups: one batched GEMM
+    # one contraction per direction: the depthwise conv and its w̄ (einsums over the groups:
+    # GEMVs), the transposed conv, its input gradient (a conv2d) and v̄ (GEMMs)
+    body = src.split("def value_and_grad")[1]
+    assert (body.count(" @ "), body.count("np.einsum(")) == (3, 2)
+    assert 'np.einsum("gk,ngkp->ngp", w.reshape(4, 9), ' in body
     assert "_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 2:9, 2:9]" in src         # a dilated window offset
     assert "-np.inf" not in src                                             # k=3, p=1: a full offset exists
 

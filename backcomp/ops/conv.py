@@ -214,6 +214,9 @@ def _conv2d_emit(node, args, out):
     if groups == 1:
         lines += [f"{out} = ({w}.reshape({o}, {k}) @ {cols}.reshape(-1, {k}, {ho * wo}))"
                   f".reshape(-1, {o}, {ho}, {wo})"]
+    elif o == groups:       # one output channel per group (depthwise): GEMVs, as one einsum
+        lines += [f"{out} = np.einsum(\"gk,ngkp->ngp\", {w}.reshape({o}, {k}), {cols}.reshape(-1, {o}, {k}, {ho * wo}))"
+                  f".reshape(-1, {o}, {ho}, {wo})"]
     else:
         lines += [f"{out} = ({w}.reshape({groups}, {o // groups}, {k}) @ {cols}.reshape(-1, {groups}, {k}, {ho * wo}))"
                   f".reshape(-1, {o}, {ho}, {wo})"]
@@ -265,7 +268,7 @@ def _grad_input_infer(inputs, attrs):
 
 def _col2im_emit(node, args, out):
     """col2im: columns wᵀḡ of shape (N, C, kh, kw, Ho, Wo), one GEMM (batched over the
-    groups) with no transposed copies; then each window offset (a, b) adds its columns
+    groups; an outer product when each group has one channel of ḡ) with no transposed copies; then each window offset (a, b) adds its columns
     at rows a·dh, a·dh + sh, ... of the padded input, all in NCHW order, and the
     padding is cropped.  Rows the forward dropped ((H + 2p − reach) % s of them) are
     never written: they stay zero.  The result (N, C, H, W) is the node's shape, so
@@ -276,6 +279,8 @@ def _col2im_emit(node, args, out):
     k, cols = cg * kh * kw, scratch(out, "cols")
     if groups == 1:
         gemm = f"{w}.reshape({o}, {k}).T @ {ct}.reshape(-1, {o}, {ho * wo})"
+    elif o == groups:       # one channel of ḡ per group (depthwise): an outer product
+        gemm = f"{w}.reshape({o}, {k}, 1) * {ct}.reshape(-1, {o}, 1, {ho * wo})"
     else:
         gemm = (f"{w}.reshape({groups}, {o // groups}, {k}).transpose(0, 2, 1) @ "
                 f"{ct}.reshape(-1, {groups}, {o // groups}, {ho * wo})")
@@ -329,22 +334,30 @@ def _grad_weight_emit(node, args, out):
     width).  Few columns per group (C/G·kh·kw < 32: a first layer, a depthwise conv):
     one GEMM per image (and group) into a small (N, [G,] O/G, C/G·kh·kw) partial, summed.
     Otherwise one GEMM (batched over the groups), columns (C/G·kh·kw, N·Ho·Wo) times ḡ
-    as (N·Ho·Wo, O/G) (a small transposed copy of ḡ)."""
+    as (N·Ho·Wo, O/G) (a small transposed copy of ḡ).  One output channel per group
+    (depthwise) makes those GEMVs: one einsum instead, about twice as fast."""
     x, ct = args
     (kh, kw), c, o, groups = node.attrs["kernel"], node.inputs[0].shape[1], node.shape[0], _geometry(node.attrs)[3]
     cg, og, (ho, wo) = c // groups, o // groups, node.inputs[1].shape[2:]
     k, cols = cg * kh * kw, scratch(out, "cols")
     lines = _im2col(node, x, cols, (kh, kw), (ho, wo), channels_first=k >= 32)
-    if k < 32 and groups == 1:
+    if groups == 1 and k < 32:
         lines += [f"{out} = ({ct}.reshape(-1, {o}, {ho * wo}) @ {cols}.reshape(-1, {k}, {ho * wo}).transpose(0, 2, 1))"
                   f".sum(axis=0).reshape({o}, {c}, {kh}, {kw})"]
+    elif groups == 1:
+        lines += [f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
+                  f".T.reshape({o}, {c}, {kh}, {kw})"]
+    elif og == 1:           # groups > 1, one output channel each (depthwise): GEMVs, as one einsum
+        lines += [f"{out} = np.einsum(\"ngp,ngkp->gk\", {ct}.reshape(-1, {o}, {ho * wo}), "
+                  f"{cols}.reshape(-1, {o}, {k}, {ho * wo}))"
+                  if k < 32 else
+                  f"{out} = np.einsum(\"gkq,gq->gk\", {cols}.reshape({o}, {k}, -1), "
+                  f"{ct}.transpose(1, 0, 2, 3).reshape({o}, -1))"]
+        lines[-1] += f".reshape({o}, {cg}, {kh}, {kw})"
     elif k < 32:
         lines += [f"{out} = ({ct}.reshape(-1, {groups}, {og}, {ho * wo}) @ "
                   f"{cols}.reshape(-1, {groups}, {k}, {ho * wo}).transpose(0, 1, 3, 2))"
                   f".sum(axis=0).reshape({o}, {cg}, {kh}, {kw})"]
-    elif groups == 1:
-        lines += [f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
-                  f".T.reshape({o}, {c}, {kh}, {kw})"]
     else:
         lines += [f"{out} = ({cols}.reshape({groups}, {k}, -1) @ "
                   f"{ct}.transpose(1, 0, 2, 3).reshape({groups}, {og}, -1).transpose(0, 2, 1))"

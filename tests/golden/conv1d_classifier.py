@@ -198,7 +198,7 @@ def forward(params, inputs):
     __d_conv2d_cols[:, :, 0, 0, 0:1, 2:32] = d_reshape[:, :, 0:1, 0:30]
     __d_conv2d_cols[:, :, 0, 1, 0:1, 0:32] = d_reshape[:, :, 0:1, 0:32]
     __d_conv2d_cols[:, :, 0, 2, 0:1, 0:30] = d_reshape[:, :, 0:1, 2:32]
-    d_conv2d = (d_reshape_2.reshape(8, 1, 3) @ __d_conv2d_cols.reshape(-1, 8, 3, 32)).reshape(-1, 8, 1, 32)
+    d_conv2d = np.einsum("gk,ngkp->ngp", d_reshape_2.reshape(8, 3), __d_conv2d_cols.reshape(-1, 8, 3, 32)).reshape(-1, 8, 1, 32)
     del __d_conv2d_cols
     del d_reshape, d_reshape_2
     d = d_conv2d.reshape((B, 8, 32))
@@ -273,7 +273,7 @@ def value_and_grad(params, inputs):
     __d_conv2d_cols[:, :, 0, 0, 0:1, 2:32] = d_reshape[:, :, 0:1, 0:30]
     __d_conv2d_cols[:, :, 0, 1, 0:1, 0:32] = d_reshape[:, :, 0:1, 0:32]
     __d_conv2d_cols[:, :, 0, 2, 0:1, 0:30] = d_reshape[:, :, 0:1, 2:32]
-    d_conv2d = (d_reshape_2.reshape(8, 1, 3) @ __d_conv2d_cols.reshape(-1, 8, 3, 32)).reshape(-1, 8, 1, 32)
+    d_conv2d = np.einsum("gk,ngkp->ngp", d_reshape_2.reshape(8, 3), __d_conv2d_cols.reshape(-1, 8, 3, 32)).reshape(-1, 8, 1, 32)
     del __d_conv2d_cols
     d = d_conv2d.reshape((B, 8, 32))
     del d_conv2d
@@ -419,7 +419,7 @@ def value_and_grad(params, inputs):
     d_bar_reshape = d_bar.reshape((B, 8, 1, 32))
     del d_bar
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape
-    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 1, 3).transpose(0, 2, 1) @ d_bar_reshape.reshape(-1, 8, 1, 32)).reshape(-1, 8, 1, 3, 1, 32)
+    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * d_bar_reshape.reshape(-1, 8, 1, 32)).reshape(-1, 8, 1, 3, 1, 32)
     d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 1, 36), dtype=__d_bar_conv2d_grad_input_cols.dtype)
     d_bar_conv2d_grad_input[:, :, 0:1, 0:32] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
     d_bar_conv2d_grad_input[:, :, 0:1, 2:34] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
@@ -432,7 +432,7 @@ def value_and_grad(params, inputs):
     __d_bar_conv2d_grad_weight_cols[:, :, 0, 0, 0:1, 2:32] = d_reshape[:, :, 0:1, 0:30]
     __d_bar_conv2d_grad_weight_cols[:, :, 0, 1, 0:1, 0:32] = d_reshape[:, :, 0:1, 0:32]
     __d_bar_conv2d_grad_weight_cols[:, :, 0, 2, 0:1, 0:30] = d_reshape[:, :, 0:1, 2:32]
-    d_bar_conv2d_grad_weight = (d_bar_reshape.reshape(-1, 8, 1, 32) @ __d_bar_conv2d_grad_weight_cols.reshape(-1, 8, 3, 32).transpose(0, 1, 3, 2)).sum(axis=0).reshape(8, 1, 1, 3)
+    d_bar_conv2d_grad_weight = np.einsum("ngp,ngkp->gk", d_bar_reshape.reshape(-1, 8, 32), __d_bar_conv2d_grad_weight_cols.reshape(-1, 8, 3, 32)).reshape(8, 1, 1, 3)
     del __d_bar_conv2d_grad_weight_cols
     del d_reshape, d_bar_reshape
     # backward of d_reshape_2 = reshape(D, shape=(8, 1, 1, 3)) w.r.t. D
