@@ -175,9 +175,9 @@ def fit(a, shape: tuple) -> np.ndarray:
     return np.broadcast_to(a, shape)
 
 
-#: examples whose explanations the evaluator above can compute (digits_cnn: conv2d and
-#: max_pool2d internals, which explain prints as opaque calls)
-NOT_EVALUATED = {"digits_cnn"}
+#: examples whose explanations the evaluator above can compute (the CNNs: conv2d, pool and
+#: conv_transpose2d internals, which explain prints as opaque calls)
+NOT_EVALUATED = {"digits_cnn", "conv1d_classifier", "conv_autoencoder"}
 EVALUATED = sorted(p.stem for p in (ROOT / "examples").glob("*.toml") if p.stem not in NOT_EVALUATED)
 
 
