@@ -38,7 +38,6 @@ from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
 from backcomp.ops.structural import reshape
 
-_SWV = "np.lib.stride_tricks.sliding_window_view"
 _LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)"}
 
 
