@@ -24,7 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 TRAINING = ["train_xor.py", "train_breast_cancer.py", "train_digits_mlp.py", "train_digits_cnn.py",
             "train_residual.py", "train_attention.py", "train_pinn.py", "train_newton_cg.py",
-            "train_gradient_penalty.py"]
+            "train_gradient_penalty.py", "train_conv_autoencoder.py"]
 # What the full-length runs must reach; the README quotes the measured numbers.
 MIN_ACCURACY = {"train_xor.py": 1.0, "train_breast_cancer.py": 0.95, "train_digits_mlp.py": 0.97,
                 "train_digits_cnn.py": 0.97, "train_residual.py": 0.95, "train_attention.py": 0.95,
@@ -79,6 +79,8 @@ def test_full_run(script, tmp_path):
         assert r["accuracy"] >= MIN_ACCURACY[script], r
     if script in TARGETS:
         assert TARGETS[script](r), r
+    else:   # the autoencoder has no accuracy: its test reconstruction error falls tenfold (measured 13.7x)
+        assert r["final_loss"] < 0.1 * r["initial_loss"], r
     assert plot.read_bytes()[:8] == PNG
 
 

@@ -165,7 +165,9 @@ def test_every_jvp_rule_is_exercised():
     from test_vocabulary_index import JVP_GRAPHS
     from test_vocabulary_shape import JVP_GRAPHS as SHAPE_JVP_GRAPHS
     from test_batchnorm import JVP_GRAPHS as BN_JVP_GRAPHS
-    graphs += [build() for build in [*JVP_GRAPHS.values(), *SHAPE_JVP_GRAPHS.values(), *BN_JVP_GRAPHS.values()]]
+    from test_conv_family import JVP_GRAPHS as CONV_JVP_GRAPHS
+    graphs += [build() for build in [*JVP_GRAPHS.values(), *SHAPE_JVP_GRAPHS.values(), *BN_JVP_GRAPHS.values(),
+                                     *CONV_JVP_GRAPHS.values()]]
     for g in graphs:
         tangents = with_tangents(g)
         seen |= {n.op for n in tangents if n.op not in ("input", "param")}

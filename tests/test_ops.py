@@ -551,6 +551,7 @@ COVERED_ELSEWHERE = {
                                  "unignore_label"},
     "test_conv.py": {"conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "max_pool2d_argmax",
                      "max_pool2d_scatter", "max_pool2d_gather", "avg_pool2d", "avg_pool2d_scatter"},
+    "test_conv_family.py": {"conv_transpose2d"},
 }
 
 

@@ -22,7 +22,8 @@ from backcomp.ops.nn import (  # noqa: F401
     softmax, softmax_cross_entropy, std, take_label, var,
 )
 from backcomp.ops.shape import argmax, cumsum, expand_dims, flip, pad, squeeze, stack  # noqa: F401
-from backcomp.ops.conv import avg_pool2d, conv2d, max_pool2d  # noqa: F401
+from backcomp.ops.conv import conv1d, conv2d, conv_transpose2d  # noqa: F401
+from backcomp.ops.pool import avg_pool1d, avg_pool2d, max_pool1d, max_pool2d  # noqa: F401
 from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  # noqa: F401
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
 from backcomp.ops.random import dropout, normal, uniform  # noqa: F401

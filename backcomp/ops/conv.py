@@ -1,25 +1,30 @@
-"""Convolution and pooling ops (NCHW), with tensor-level VJP rules.
+"""Convolution ops (NCHW, and NCL by lowering to a unit height), with tensor-level VJP rules.
 
 The convolutions copy the windows once into contiguous columns (im2col: one strided
 copy per window offset, straight from the unpadded input, the padding being the
 zeros of the buffer), laid out so that each direction is one GEMM with no transposed
-copy of a large operand, and so that each copy moves whole image rows; pools reduce
-strided views of the input window offset by window offset.  No Python loop over
-pixels in generated code: scatters back to the input loop over the kh·kw window
-offsets, unrolled into one statement each.
+copy of a large operand, and so that each copy moves whole image rows.  No Python
+loop over pixels in generated code: scatters back to the input loop over the kh·kw
+window offsets, unrolled into one statement each.  Pools are in ``pool.py``.
 
 ``conv2d`` is a cross-correlation exactly like ``torch.nn.functional.conv2d``
-(x: N,C,H,W; w: O,C,kh,kw; zero padding).  Its VJPs are two more linear ops,
+(x: N,C,H,W; w: O,C/groups,kh,kw; zero padding; dilation; groups).  Dilation only
+moves where window offset (a, b) reads (rows a·d, a·d + s, ...); groups split the
+channels into G independent convolutions, one *batched* GEMM over the G groups
+(depthwise: groups = C).  Its VJPs are two more linear ops,
 
     x̄ = conv2d_grad_input(ḡ, w)    col2im: wᵀḡ per window offset, added at the
                                      offset's strided positions, cropped to the input
     w̄ = conv2d_grad_weight(x, ḡ)   the padded input's windows contracted with ḡ
 
 and since all three are bilinear, each one's VJP is built from the other two: the
-whole family can be differentiated again.  Pools (no padding, stride defaults to
-the window size): the max pool's cotangent goes to the first maximum of each window
-(as PyTorch), found once by a ``max_pool2d_argmax`` node shared by the backward;
-the average pool spreads ḡ evenly.  Overlapping windows (stride < size) add up.
+whole family can be differentiated again.  ``conv_transpose2d`` is conv2d's input
+gradient with w read as (I, O/groups, kh, kw): it shares conv2d_grad_input's emission,
+and its VJPs are conv2d and conv2d_grad_weight.  ``conv1d`` reshapes NCL to NC1L views
+and calls conv2d with unit-height windows.
+
+Options at PyTorch's defaults (dilation 1, groups 1) are not stored on the node, so
+a plain convolution reads, explains and compiles exactly as before they existed.
 
 Emitted code reads the batch size from the arrays (``x.shape[0]``), so a symbolic N
 needs no binding, and it computes in the dtype it is given.  An emission that needs a
@@ -31,9 +36,9 @@ from __future__ import annotations
 from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
-from backcomp.ops.structural import linear_jvp, multilinear_jvp
+from backcomp.ops.structural import multilinear_jvp, reshape
 
-_SWV = "np.lib.stride_tricks.sliding_window_view"
+_LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)"}
 
 
 # ----- argument checking ------------------------------------------------------------
@@ -48,39 +53,96 @@ def _pair(value, what: str, op: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _check_nchw(x: Node, op: str, what: str = "input") -> None:
+def _int(value, what: str, op: str, minimum: int) -> int:
+    """An int >= ``minimum`` (the options of the 1-D ops and ``groups``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ShapeError(f"{op}: {what} must be an integer, got {value!r}")
+    if value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ShapeError(f"{op}: {what} must be {kind}, got {value!r}")
+    return value
+
+
+def check_layout(x: Node, op: str, what: str = "input", spatial: int = 2) -> None:
+    """A float array of rank 2 + ``spatial`` whose dims are fixed but for the batch."""
     if x.dtype != "float":
         raise ShapeError(f"{op}: {what} must be a float array, not {x.dtype}")
-    if x.ndim != 4:
-        raise ShapeError(f"{op}: {what} must be 4-D (N, C, H, W), got shape {format_shape(x.shape)}")
+    if x.ndim != 2 + spatial:
+        raise ShapeError(f"{op}: {what} must be {2 + spatial}-D {_LAYOUT[spatial]}, got shape {format_shape(x.shape)}")
     if any(isinstance(d, str) for d in x.shape[1:]):
         raise ShapeError(f"{op}: channels and spatial dims of the {what} must be fixed, "
                          f"got shape {format_shape(x.shape)} (only the batch dim may be symbolic)")
 
 
-def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
+def _check_weight(w: Node, op: str, spatial: int = 2) -> None:
+    if w.dtype != "float":
+        raise ShapeError(f"{op}: weight must be a float array, not {w.dtype}")
+    if w.ndim != 2 + spatial or any(isinstance(d, str) for d in w.shape):
+        layout = "(O, C/groups, k)" if spatial == 1 else "(O, C/groups, kh, kw)"
+        raise ShapeError(f"{op}: weight must be a fixed {2 + spatial}-D array {layout}, "
+                         f"got shape {format_shape(w.shape)}")
 
 
-def _conv_out(op: str, x_shape, w_shape, stride, padding):
-    """(N, O, Ho, Wo) of conv2d(x, w), or a ShapeError naming both shapes."""
-    n, c, h, wd = x_shape
-    o, ci, kh, kw = w_shape
-    if c != ci:
-        raise ShapeError(f"{op}: input {format_shape(x_shape)} has {c} channels but weight "
-                         f"{format_shape(w_shape)} expects {ci} (weights are O, C, kh, kw)")
-    (sh, sw), (ph, pw) = stride, padding
-    if kh > h + 2 * ph or kw > wd + 2 * pw:
-        raise ShapeError(f"{op}: kernel {kh}x{kw} of weight {format_shape(w_shape)} is larger than the "
-                         f"padded input {h + 2 * ph}x{wd + 2 * pw} (input {format_shape(x_shape)}, padding {ph, pw})")
-    return n, o, _out_size(h, kh, sh, ph), _out_size(wd, kw, sw, pw)
+def out_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    """PyTorch's output length: (size + 2·pad − dilation·(kernel − 1) − 1) // stride + 1."""
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _windows(x: str, kernel, stride) -> str:
-    """N, C, Ho, Wo, kh, kw strided windows of ``x`` (a read-only view)."""
-    (kh, kw), (sh, sw) = kernel, stride
-    step = "" if (sh, sw) == (1, 1) else f"[:, :, ::{sh}, ::{sw}]"
-    return f"{_SWV}({x}, ({kh}, {kw}), axis=(2, 3)){step}"
+def _sizes(values) -> str:
+    return "x".join(str(v) for v in values)
+
+
+def conv_grid(op: str, x_shape, w_shape, stride, padding, dilation=None, groups: int = 1,
+              weight_layout: str = "O, C/groups, kh, kw") -> tuple:
+    """The output's spatial dims of a convolution of ``x_shape`` (N, C, *spatial) with
+    ``w_shape`` (O, C/groups, *kernel), or a ShapeError naming both shapes; stride,
+    padding and dilation hold one value per spatial dim."""
+    c, (o, cg), kernel, spatial = x_shape[1], w_shape[:2], w_shape[2:], x_shape[2:]
+    dilation = dilation or (1,) * len(spatial)
+    xs, ws = format_shape(x_shape), format_shape(w_shape)
+    if c % groups:
+        raise ShapeError(f"{op}: groups={groups} does not divide the {c} input channels of {xs}")
+    if o % groups:
+        raise ShapeError(f"{op}: groups={groups} does not divide the {o} output channels of weight {ws}")
+    if c // groups != cg:
+        split = f" in {groups} groups of {c // groups}" if groups > 1 else ""
+        raise ShapeError(f"{op}: input {xs} has {c} channels{split} but weight {ws} expects {cg}"
+                         f"{' per group' if groups > 1 else ''} (weights are {weight_layout})")
+    reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    padded = tuple(n + 2 * p for n, p in zip(spatial, padding))
+    if any(r > n for r, n in zip(reach, padded)):
+        dilated = f" (dilated to {_sizes(reach)})" if reach != tuple(kernel) else ""
+        raise ShapeError(f"{op}: kernel {_sizes(kernel)}{dilated} of weight {ws} is larger than the padded input "
+                         f"{_sizes(padded)} (input {xs}, padding {tuple(padding)})")
+    return tuple(out_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, kernel, stride, padding, dilation))
+
+
+def conv_attrs(stride, padding, dilation=(1, 1), groups: int = 1) -> dict:
+    """The attrs of a conv-family node: dilation and groups only where they differ from
+    PyTorch's defaults (so every builder makes the same attrs for the same conv)."""
+    attrs = {"stride": tuple(stride), "padding": tuple(padding)}
+    if tuple(dilation) != (1, 1):
+        attrs["dilation"] = tuple(dilation)
+    if groups != 1:
+        attrs["groups"] = groups
+    return attrs
+
+
+def _geometry(attrs) -> tuple:
+    """(stride, padding, dilation, groups) of a conv-family node."""
+    return attrs["stride"], attrs["padding"], attrs.get("dilation", (1, 1)), attrs.get("groups", 1)
+
+
+def _conv_of(node: Node) -> dict:
+    """The conv attrs of a conv-family node, to build its VJPs with (output_padding and
+    the in_hw / kernel of the backward ops dropped)."""
+    return conv_attrs(*_geometry(node.attrs))
+
+
+def _conv_out(op: str, x_shape, w_shape, attrs) -> tuple:
+    """(N, O, Ho, Wo) of conv2d(x, w) with a node's attrs."""
+    stride, padding, dilation, groups = _geometry(attrs)
+    return (x_shape[0], w_shape[0]) + conv_grid(op, x_shape, w_shape, stride, padding, dilation, groups)
 
 
 def _covered(size: int, kernel_offset: int, stride: int, pad: int, count: int) -> tuple[int, int]:
@@ -89,122 +151,143 @@ def _covered(size: int, kernel_offset: int, stride: int, pad: int, count: int) -
     return lo, max(lo, min(count, (size - 1 + pad - kernel_offset) // stride + 1))
 
 
-def _im2col(node: Node, x: str, cols: str, grid, channels_first: bool) -> list[str]:
+def _strided(start: int, count: int, step: int) -> str:
+    """Slice code for ``count`` positions from ``start`` in steps of ``step``."""
+    return f"{start}:{start + (count - 1) * step + 1}" + (f":{step}" if step != 1 else "")
+
+
+def _im2col(node: Node, x: str, cols: str, kernel, grid, channels_first: bool) -> list[str]:
     """Statements filling contiguous columns of the windows of ``x`` straight from the
     unpadded input, one strided copy per window offset (no padded copy of x; the zeros
     of the padding are the buffer's, filled only when there is padding).  Layout
     (N, C, kh, kw, Ho, Wo), or (C, kh, kw, N, Ho, Wo) with ``channels_first``: Wo is
-    innermost either way, so each copy moves whole rows."""
-    (c, h, w), (kh, kw) = node.inputs[0].shape[1:], node.attrs.get("kernel") or node.inputs[1].shape[2:]
-    (sh, sw), (ph, pw), (ho, wo) = node.attrs["stride"], node.attrs["padding"], grid
+    innermost either way, so each copy moves whole rows.  Offset (a, b) of a dilated
+    window reads rows a·dh, a·dh + sh, ... of the padded input."""
+    (c, h, w), (kh, kw) = node.inputs[0].shape[1:], kernel
+    (sh, sw), (ph, pw), (dh, dw), _ = _geometry(node.attrs)
+    ho, wo = grid
     shape = f"({c}, {kh}, {kw}, {x}.shape[0], {ho}, {wo})" if channels_first else \
             f"({x}.shape[0], {c}, {kh}, {kw}, {ho}, {wo})"
     fill = "zeros" if (ph, pw) != (0, 0) else "empty"
     lines = [f"{cols} = np.{fill}({shape}, dtype={x}.dtype)"]
     for a in range(kh):
-        (r0, r1) = _covered(h, a, sh, ph, ho)
+        (r0, r1) = _covered(h, a * dh, sh, ph, ho)
         for b in range(kw):
-            (c0, c1) = _covered(w, b, sw, pw, wo)
+            (c0, c1) = _covered(w, b * dw, sw, pw, wo)
             if r1 == r0 or c1 == c0:
                 continue
-            src = (f"{x}[:, :, {_strided(r0 * sh + a - ph, r1 - r0, sh)}, "
-                   f"{_strided(c0 * sw + b - pw, c1 - c0, sw)}]")
+            src = (f"{x}[:, :, {_strided(r0 * sh + a * dh - ph, r1 - r0, sh)}, "
+                   f"{_strided(c0 * sw + b * dw - pw, c1 - c0, sw)}]")
             dst = f"[:, {a}, {b}, :, {r0}:{r1}, {c0}:{c1}]" if channels_first else \
                   f"[:, :, {a}, {b}, {r0}:{r1}, {c0}:{c1}]"
             lines.append(f"{cols}{dst} = {src}" + (".transpose(1, 0, 2, 3)" if channels_first else ""))
     return lines
 
 
-def _scratch(out: str, what: str) -> str:
+def scratch(out: str, what: str) -> str:
     """A second local for an emission: node names never start with two underscores."""
     return f"__{out}_{what}"
 
 
-def _strided(start: int, count: int, step: int) -> str:
-    """Slice code for ``count`` positions from ``start`` in steps of ``step``."""
-    return f"{start}:{start + (count - 1) * step + 1}" + (f":{step}" if step != 1 else "")
-
-
-def _apply(op: str, inputs, **attrs) -> Node:
+def apply(op: str, inputs, **attrs) -> Node:
     return inputs[0].graph.apply(op, tuple(inputs), **attrs)
 
 
 # ----- conv2d -------------------------------------------------------------------------
 def _conv2d_infer(inputs, attrs):
     x, w = inputs
-    _check_nchw(x, "conv2d")
-    _check_nchw(w, "conv2d", "weight")
-    if isinstance(w.shape[0], str):
-        raise ShapeError(f"conv2d: weight shape {format_shape(w.shape)} must be fixed")
-    return _conv_out("conv2d", x.shape, w.shape, attrs["stride"], attrs["padding"]), "float"
+    check_layout(x, "conv2d")
+    _check_weight(w, "conv2d")
+    return _conv_out("conv2d", x.shape, w.shape, attrs), "float"
 
 
 def _conv2d_emit(node, args, out):
-    """im2col then one GEMM per image: the padded input's windows copied once into
-    contiguous columns (N, C·kh·kw, Ho·Wo), and (O, C·kh·kw) @ columns gives
-    (N, O, Ho·Wo), already NCHW: no transposed copy of the output."""
+    """im2col then one GEMM: the padded input's windows copied once into contiguous
+    columns (N, C·kh·kw, Ho·Wo), and (O, C·kh·kw) @ columns gives (N, O, Ho·Wo), already
+    NCHW: no transposed copy of the output.  With G groups the columns are
+    (N, G, C/G·kh·kw, Ho·Wo) and the weight (G, O/G, C/G·kh·kw): one batched GEMM."""
     x, w = args
-    (o, c, kh, kw), (ho, wo) = node.inputs[1].shape, node.shape[2:]
-    cols = _scratch(out, "cols")
-    lines = _im2col(node, x, cols, (ho, wo), channels_first=False)
-    lines += [f"{out} = ({w}.reshape({o}, {c * kh * kw}) @ {cols}.reshape(-1, {c * kh * kw}, {ho * wo}))"
-              f".reshape(-1, {o}, {ho}, {wo})"]
+    (o, cg, kh, kw), (ho, wo), groups = node.inputs[1].shape, node.shape[2:], _geometry(node.attrs)[3]
+    k, cols = cg * kh * kw, scratch(out, "cols")
+    lines = _im2col(node, x, cols, (kh, kw), (ho, wo), channels_first=False)
+    if groups == 1:
+        lines += [f"{out} = ({w}.reshape({o}, {k}) @ {cols}.reshape(-1, {k}, {ho * wo}))"
+                  f".reshape(-1, {o}, {ho}, {wo})"]
+    elif o == groups:       # one output channel per group (depthwise): GEMVs, as one einsum
+        lines += [f"{out} = np.einsum(\"gk,ngkp->ngp\", {w}.reshape({o}, {k}), {cols}.reshape(-1, {o}, {k}, {ho * wo}))"
+                  f".reshape(-1, {o}, {ho}, {wo})"]
+    else:
+        lines += [f"{out} = ({w}.reshape({groups}, {o // groups}, {k}) @ {cols}.reshape(-1, {groups}, {k}, {ho * wo}))"
+                  f".reshape(-1, {o}, {ho}, {wo})"]
     return lines + [f"del {cols}"]
 
 
 def _conv2d_vjp(node, ct):
     """x̄ = conv2d_grad_input(ḡ, w), w̄ = conv2d_grad_weight(x, ḡ)."""
     x, w = node.inputs
-    return [conv2d_grad_input(ct, w, x.shape[2:], node.attrs["stride"], node.attrs["padding"]),
-            conv2d_grad_weight(x, ct, w.shape[2:], node.attrs["stride"], node.attrs["padding"])]
+    return [apply("conv2d_grad_input", (ct, w), in_hw=x.shape[2:], **_conv_of(node)),
+            apply("conv2d_grad_weight", (x, ct), kernel=w.shape[2:], **_conv_of(node))]
 
 
 register_op(OpDef(
     "conv2d", _conv2d_infer, _conv2d_emit, _conv2d_vjp, jvp=multilinear_jvp,
-    doc="2-D cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C, kh, kw), "
-        "zero padding; stride and padding an int or an (h, w) pair",
-    signature="conv2d(x, w, stride=1, padding=0)",
-    attrs_doc={"stride": "(sh, sw) step between windows", "padding": "(ph, pw) zeros added on each side"}))
+    doc="2-D cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C/groups, kh, kw), "
+        "zero padding; stride, padding and dilation an int or an (h, w) pair; groups divides C and O "
+        "(depthwise: groups = C)",
+    signature="conv2d(x, w, stride=1, padding=0, dilation=1, groups=1)",
+    attrs_doc={"stride": "(sh, sw) step between windows", "padding": "(ph, pw) zeros added on each side",
+               "dilation": "(dh, dw) step between kernel taps (absent: 1)",
+               "groups": "channel groups convolved separately (absent: 1)"}))
 
 
 @spec_function(X, Param("w", "array"), Param("stride", "pair", False, 1, minimum=1),
-               Param("padding", "pair", False, 0, minimum=0))
-def conv2d(x: Node, w: Node, stride=1, padding=0) -> Node:
+               Param("padding", "pair", False, 0, minimum=0), Param("dilation", "pair", False, 1, minimum=1),
+               Param("groups", "int", False, 1, minimum=1))
+def conv2d(x: Node, w: Node, stride=1, padding=0, dilation=1, groups=1) -> Node:
     """Cross-correlation of NCHW ``x`` with OIHW ``w``, exactly as PyTorch's conv2d."""
-    return _apply("conv2d", (x, w), stride=_pair(stride, "stride", "conv2d", 1),
-                  padding=_pair(padding, "padding", "conv2d", 0))
+    return apply("conv2d", (x, w), **conv_attrs(
+        _pair(stride, "stride", "conv2d", 1), _pair(padding, "padding", "conv2d", 0),
+        _pair(dilation, "dilation", "conv2d", 1), _int(groups, "groups", "conv2d", 1)))
 
 
 # ----- the VJPs of conv2d --------------------------------------------------------------
 def _grad_input_infer(inputs, attrs):
     ct, w = inputs
-    _check_nchw(w, "conv2d_grad_input", "weight")
+    _check_weight(w, "conv2d_grad_input")
     if ct.ndim != 4:
         raise ShapeError(f"conv2d_grad_input: cotangent {format_shape(ct.shape)} must be 4-D (N, O, Ho, Wo)")
-    (h, wd), o, c = attrs["in_hw"], w.shape[0], w.shape[1]
-    x_shape = (ct.shape[0], c, h, wd)
-    expected = _conv_out("conv2d_grad_input", x_shape, w.shape, attrs["stride"], attrs["padding"])
+    (h, wd), groups = attrs["in_hw"], _geometry(attrs)[3]
+    x_shape = (ct.shape[0], w.shape[1] * groups, h, wd)
+    expected = _conv_out("conv2d_grad_input", x_shape, w.shape, attrs)
     if ct.shape != expected:
         raise ShapeError(f"conv2d_grad_input: cotangent {format_shape(ct.shape)} does not match the conv2d "
                          f"output {format_shape(expected)} of input {format_shape(x_shape)} and weight {format_shape(w.shape)}")
     return x_shape, "float"
 
 
-def _grad_input_emit(node, args, out):
-    """col2im: columns wᵀḡ of shape (N, C, kh, kw, Ho, Wo), one GEMM per image (no
-    transposed copies); then each window offset (a, b) adds its columns at rows a,
-    a+s, ... of the padded input, all in NCHW order.  Rows the forward dropped
-    ((H + 2p − kh) % s of them) are never written: they stay zero."""
+def _col2im_emit(node, args, out):
+    """col2im: columns wᵀḡ of shape (N, C, kh, kw, Ho, Wo), one GEMM (batched over the
+    groups; an outer product when each group has one channel of ḡ) with no transposed copies; then each window offset (a, b) adds its columns
+    at rows a·dh, a·dh + sh, ... of the padded input, all in NCHW order, and the
+    padding is cropped.  Rows the forward dropped ((H + 2p − reach) % s of them) are
+    never written: they stay zero.  The result (N, C, H, W) is the node's shape, so
+    conv_transpose2d (whose output padding is such rows) shares this emission."""
     ct, w = args
-    (o, c, kh, kw), (sh, sw), (ph, pw) = node.inputs[1].shape, node.attrs["stride"], node.attrs["padding"]
-    (h, wd), (ho, wo) = node.attrs["in_hw"], node.inputs[0].shape[2:]
-    cols = _scratch(out, "cols")
-    lines = [f"{cols} = ({w}.reshape({o}, {c * kh * kw}).T @ {ct}.reshape(-1, {o}, {ho * wo}))"
-             f".reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
+    (o, cg, kh, kw), ((sh, sw), (ph, pw), (dh, dw), groups) = node.inputs[1].shape, _geometry(node.attrs)
+    (c, h, wd), (ho, wo) = node.shape[1:], node.inputs[0].shape[2:]
+    k, cols = cg * kh * kw, scratch(out, "cols")
+    if groups == 1:
+        gemm = f"{w}.reshape({o}, {k}).T @ {ct}.reshape(-1, {o}, {ho * wo})"
+    elif o == groups:       # one channel of ḡ per group (depthwise): an outer product
+        gemm = f"{w}.reshape({o}, {k}, 1) * {ct}.reshape(-1, {o}, 1, {ho * wo})"
+    else:
+        gemm = (f"{w}.reshape({groups}, {o // groups}, {k}).transpose(0, 2, 1) @ "
+                f"{ct}.reshape(-1, {groups}, {o // groups}, {ho * wo})")
+    lines = [f"{cols} = ({gemm}).reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
              f"{out} = np.zeros(({cols}.shape[0], {c}, {h + 2 * ph}, {wd + 2 * pw}), dtype={cols}.dtype)"]
     for a in range(kh):
         for b in range(kw):
-            lines.append(f"{out}[:, :, {_strided(a, ho, sh)}, {_strided(b, wo, sw)}] += {cols}[:, :, {a}, {b}]")
+            lines.append(f"{out}[:, :, {_strided(a * dh, ho, sh)}, {_strided(b * dw, wo, sw)}] += {cols}[:, :, {a}, {b}]")
     crop = [] if (ph, pw) == (0, 0) else [f"{out} = {out}[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]"]
     return lines + [f"del {cols}"] + crop
 
@@ -212,29 +295,31 @@ def _grad_input_emit(node, args, out):
 def _grad_input_vjp(node, ct):
     """Linear in ḡ and in w: ⟨grad_input(ḡ, w), u⟩ = ⟨ḡ, conv2d(u, w)⟩."""
     g, w = node.inputs
-    stride, padding = node.attrs["stride"], node.attrs["padding"]
-    return [_apply("conv2d", (ct, w), stride=stride, padding=padding),
-            conv2d_grad_weight(ct, g, w.shape[2:], stride, padding)]
+    return [apply("conv2d", (ct, w), **_conv_of(node)),
+            apply("conv2d_grad_weight", (ct, g), kernel=w.shape[2:], **_conv_of(node))]
 
 
 register_op(OpDef(
-    "conv2d_grad_input", _grad_input_infer, _grad_input_emit, _grad_input_vjp, jvp=multilinear_jvp,
+    "conv2d_grad_input", _grad_input_infer, _col2im_emit, _grad_input_vjp, jvp=multilinear_jvp,
     doc="the VJP of conv2d w.r.t. its input: a transposed convolution (compiler-internal)"))
 
 
-def conv2d_grad_input(ct: Node, w: Node, in_hw, stride, padding) -> Node:
-    return _apply("conv2d_grad_input", (ct, w), in_hw=tuple(in_hw), stride=stride, padding=padding)
+def conv2d_grad_input(ct: Node, w: Node, in_hw, stride, padding, dilation=(1, 1), groups: int = 1) -> Node:
+    return apply("conv2d_grad_input", (ct, w), in_hw=tuple(in_hw), **conv_attrs(stride, padding, dilation, groups))
 
 
 def _grad_weight_infer(inputs, attrs):
     x, ct = inputs
-    _check_nchw(x, "conv2d_grad_weight")
-    kh, kw = attrs["kernel"]
+    check_layout(x, "conv2d_grad_weight")
+    (kh, kw), groups = attrs["kernel"], _geometry(attrs)[3]
     o = ct.shape[1] if ct.ndim == 4 else None
     if not isinstance(o, int):
         raise ShapeError(f"conv2d_grad_weight: cotangent {format_shape(ct.shape)} must be 4-D with fixed channels")
-    w_shape = (o, x.shape[1], kh, kw)
-    expected = _conv_out("conv2d_grad_weight", x.shape, w_shape, attrs["stride"], attrs["padding"])
+    if x.shape[1] % groups:
+        raise ShapeError(f"conv2d_grad_weight: groups={groups} does not divide the {x.shape[1]} input channels "
+                         f"of {format_shape(x.shape)}")
+    w_shape = (o, x.shape[1] // groups, kh, kw)
+    expected = _conv_out("conv2d_grad_weight", x.shape, w_shape, attrs)
     if ct.shape != expected:
         raise ShapeError(f"conv2d_grad_weight: cotangent {format_shape(ct.shape)} does not match the conv2d "
                          f"output {format_shape(expected)} of input {format_shape(x.shape)} and weight {format_shape(w_shape)}")
@@ -245,29 +330,45 @@ def _grad_weight_emit(node, args, out):
     """The padded input's windows copied once into contiguous columns (Wo innermost, so
     NumPy copies whole rows), then the contraction with ḡ over N·Ho·Wo as GEMMs whose
     long axis is the inner one (OpenBLAS is many times slower with it as the output's
-    width).  Few columns (C·kh·kw < 32, a first layer): one GEMM per image into a small
-    (N, O, C·kh·kw) partial, summed.  Otherwise one GEMM, columns (C·kh·kw, N·Ho·Wo)
-    times ḡ as (N·Ho·Wo, O) (a small transposed copy of ḡ)."""
+    width).  Few columns per group (C/G·kh·kw < 32: a first layer, a depthwise conv):
+    one GEMM per image (and group) into a small (N, [G,] O/G, C/G·kh·kw) partial, summed.
+    Otherwise one GEMM (batched over the groups), columns (C/G·kh·kw, N·Ho·Wo) times ḡ
+    as (N·Ho·Wo, O/G) (a small transposed copy of ḡ).  One output channel per group
+    (depthwise) makes those GEMVs: one einsum instead, about twice as fast."""
     x, ct = args
-    (kh, kw), c, o = node.attrs["kernel"], node.inputs[0].shape[1], node.shape[0]
-    k, (ho, wo) = c * kh * kw, node.inputs[1].shape[2:]
-    cols = _scratch(out, "cols")
-    lines = _im2col(node, x, cols, (ho, wo), channels_first=k >= 32)
-    if k < 32:
+    (kh, kw), c, o, groups = node.attrs["kernel"], node.inputs[0].shape[1], node.shape[0], _geometry(node.attrs)[3]
+    cg, og, (ho, wo) = c // groups, o // groups, node.inputs[1].shape[2:]
+    k, cols = cg * kh * kw, scratch(out, "cols")
+    lines = _im2col(node, x, cols, (kh, kw), (ho, wo), channels_first=k >= 32)
+    if groups == 1 and k < 32:
         lines += [f"{out} = ({ct}.reshape(-1, {o}, {ho * wo}) @ {cols}.reshape(-1, {k}, {ho * wo}).transpose(0, 2, 1))"
                   f".sum(axis=0).reshape({o}, {c}, {kh}, {kw})"]
-    else:
+    elif groups == 1:
         lines += [f"{out} = ({cols}.reshape({k}, -1) @ {ct}.transpose(1, 0, 2, 3).reshape({o}, -1).T)"
                   f".T.reshape({o}, {c}, {kh}, {kw})"]
+    elif og == 1:           # groups > 1, one output channel each (depthwise): GEMVs, as one einsum
+        lines += [f"{out} = np.einsum(\"ngp,ngkp->gk\", {ct}.reshape(-1, {o}, {ho * wo}), "
+                  f"{cols}.reshape(-1, {o}, {k}, {ho * wo}))"
+                  if k < 32 else
+                  f"{out} = np.einsum(\"gkq,gq->gk\", {cols}.reshape({o}, {k}, -1), "
+                  f"{ct}.transpose(1, 0, 2, 3).reshape({o}, -1))"]
+        lines[-1] += f".reshape({o}, {cg}, {kh}, {kw})"
+    elif k < 32:
+        lines += [f"{out} = ({ct}.reshape(-1, {groups}, {og}, {ho * wo}) @ "
+                  f"{cols}.reshape(-1, {groups}, {k}, {ho * wo}).transpose(0, 1, 3, 2))"
+                  f".sum(axis=0).reshape({o}, {cg}, {kh}, {kw})"]
+    else:
+        lines += [f"{out} = ({cols}.reshape({groups}, {k}, -1) @ "
+                  f"{ct}.transpose(1, 0, 2, 3).reshape({groups}, {og}, -1).transpose(0, 2, 1))"
+                  f".transpose(0, 2, 1).reshape({o}, {cg}, {kh}, {kw})"]
     return lines + [f"del {cols}"]
 
 
 def _grad_weight_vjp(node, ct):
     """Linear in x and in ḡ: ⟨grad_weight(x, ḡ), u⟩ = ⟨ḡ, conv2d(x, u)⟩."""
     x, g = node.inputs
-    stride, padding = node.attrs["stride"], node.attrs["padding"]
-    return [conv2d_grad_input(g, ct, x.shape[2:], stride, padding),
-            _apply("conv2d", (x, ct), stride=stride, padding=padding)]
+    return [apply("conv2d_grad_input", (g, ct), in_hw=x.shape[2:], **_conv_of(node)),
+            apply("conv2d", (x, ct), **_conv_of(node))]
 
 
 register_op(OpDef(
@@ -275,240 +376,87 @@ register_op(OpDef(
     doc="the VJP of conv2d w.r.t. its weight: input windows contracted with ḡ (compiler-internal)"))
 
 
-def conv2d_grad_weight(x: Node, ct: Node, kernel, stride, padding) -> Node:
-    return _apply("conv2d_grad_weight", (x, ct), kernel=tuple(kernel), stride=stride, padding=padding)
+def conv2d_grad_weight(x: Node, ct: Node, kernel, stride, padding, dilation=(1, 1), groups: int = 1) -> Node:
+    return apply("conv2d_grad_weight", (x, ct), kernel=tuple(kernel), **conv_attrs(stride, padding, dilation, groups))
 
 
-# ----- pooling ------------------------------------------------------------------------
-def _pool_out(op: str, x: Node, size, stride):
-    _check_nchw(x, op)
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw) = size, stride
-    if kh > h or kw > w:
-        raise ShapeError(f"{op}: window {kh}x{kw} is larger than the input {h}x{w} "
-                         f"(shape {format_shape(x.shape)}; pools do not pad)")
-    return n, c, _out_size(h, kh, sh, 0), _out_size(w, kw, sw, 0)
+# ----- conv_transpose2d ------------------------------------------------------------------
+def _transpose_infer(inputs, attrs):
+    """y (N, O, Ho, Wo) with Ho = (H − 1)·s − 2p + d·(kh − 1) + output_padding + 1: the
+    size whose conv2d with the same options is H.  output_padding < stride keeps that
+    conv's output exactly H (PyTorch also allows output_padding < dilation; not here)."""
+    x, w = inputs
+    check_layout(x, "conv_transpose2d")
+    _check_weight(w, "conv_transpose2d")
+    (stride, padding, dilation, groups), extra = _geometry(attrs), attrs.get("output_padding", (0, 0))
+    xs, ws = format_shape(x.shape), format_shape(w.shape)
+    if any(e >= s for e, s in zip(extra, stride)):
+        raise ShapeError(f"conv_transpose2d: output_padding {extra} must be smaller than the stride {stride} "
+                         f"in each dim")
+    if x.shape[1] != w.shape[0]:
+        raise ShapeError(f"conv_transpose2d: input {xs} has {x.shape[1]} channels but weight {ws} expects "
+                         f"{w.shape[0]} (weights are I, O/groups, kh, kw)")
+    if x.shape[1] % groups:
+        raise ShapeError(f"conv_transpose2d: groups={groups} does not divide the {x.shape[1]} input channels of {xs}")
+    size = tuple((n - 1) * s - 2 * p + d * (k - 1) + e + 1
+                 for n, s, p, d, k, e in zip(x.shape[2:], stride, padding, dilation, w.shape[2:], extra))
+    if any(n < 1 for n in size):
+        raise ShapeError(f"conv_transpose2d: output size {_sizes(size)} is not positive (input {xs}, weight {ws}, "
+                         f"stride {stride}, padding {padding}): padding removes more than the transposed "
+                         f"convolution makes")
+    return (x.shape[0], w.shape[1] * groups) + size, "float"
 
 
-def _pool_infer(op: str):
-    def infer(inputs, attrs):
-        return _pool_out(op, inputs[0], attrs["size"], attrs["stride"]), "float"
-    return infer
-
-
-def _pool_emit(reduce: str):
-    """Windows as (kh·kw, N, C, Ho, Wo), then one reduction over the leading axis."""
-    def emit(node, args, out):
-        kh, kw = node.attrs["size"]
-        return [f"{out} = {_windows(args[0], node.attrs['size'], node.attrs['stride'])}.transpose(4, 5, 0, 1, 2, 3)",
-                f"{out} = {out}.reshape(({kh * kw},) + {out}.shape[2:]).{reduce}(axis=0)"]
-    return emit
-
-
-def _offsets(node: Node, grid):
-    """(k, slice code) per window offset: where offset k of every window lands in the input."""
-    (kh, kw), (sh, sw) = node.attrs["size"], node.attrs["stride"]
-    ho, wo = grid
-    for i in range(kh):
-        for j in range(kw):
-            yield i * kw + j, f"[:, :, {_strided(i, ho, sh)}, {_strided(j, wo, sw)}]"
-
-
-def _overlap(node: Node) -> bool:
-    (kh, kw), (sh, sw) = node.attrs["size"], node.attrs["stride"]
-    return sh < kh or sw < kw
-
-
-def _pool_attrs(node: Node) -> dict:
-    return {"size": node.attrs["size"], "stride": node.attrs["stride"]}
-
-
-def _check_grid(op: str, ct: Node, attrs) -> tuple:
-    """The input shape a pool backward writes; ḡ must have the pool's output shape."""
-    n = ct.shape[0] if ct.ndim == 4 else None
-    in_shape = (n,) + tuple(attrs["in_shape"])
-    expected = (n,) + _out_size_pool(attrs)
-    if ct.ndim != 4 or ct.shape[1:] != expected[1:]:
-        raise ShapeError(f"{op}: cotangent {format_shape(ct.shape)} does not match the pool output "
-                         f"(N, {', '.join(str(d) for d in expected[1:])})")
-    return in_shape
-
-
-def _out_size_pool(attrs) -> tuple:
-    c, h, w = attrs["in_shape"]
-    (kh, kw), (sh, sw) = attrs["size"], attrs["stride"]
-    return c, _out_size(h, kh, sh, 0), _out_size(w, kw, sw, 0)
-
-
-# max pool: forward, the argmax of each window, scatter (the VJP) and gather (its VJP)
-def _max_pool_vjp(node, ct):
-    """x̄ = ḡ written at the first maximum of each window, summed where windows overlap."""
-    x = node.inputs[0]
-    idx = _apply("max_pool2d_argmax", (x, node), **_pool_attrs(node))
-    return [_apply("max_pool2d_scatter", (ct, idx), in_shape=x.shape[1:], **_pool_attrs(node))]
-
-
-def _max_pool_emit(node, args, out):
-    """np.maximum over the kh·kw strided views of x, one window offset at a time: each
-    pass streams over whole rows, with no copy of the windows (NaN propagates as in
-    ``max``)."""
-    (x,), views = args, [where for _, where in _offsets(node, node.shape[2:])]
-    if len(views) == 1:
-        return [f"{out} = {x}{views[0]}.copy()"]
-    return [f"{out} = np.maximum({x}{views[0]}, {x}{views[1]})"] + \
-           [f"np.maximum({out}, {x}{where}, out={out})" for where in views[2:]]
-
-
-def _max_pool_jvp(node, tangents):
-    """ṫ read at the same first maximum of each window that the VJP writes to."""
-    (t,) = tangents
-    idx = _apply("max_pool2d_argmax", (node.inputs[0], node), **_pool_attrs(node))
-    return _apply("max_pool2d_gather", (t, idx), **_pool_attrs(node))
+def _transpose_vjp(node, ct):
+    """y = conv2d_grad_input(x, w) at y's size, so x̄ = conv2d(ḡ, w) and
+    w̄ = conv2d_grad_weight(ḡ, x) (the output padding rows reach no input)."""
+    x, w = node.inputs
+    return [apply("conv2d", (ct, w), **_conv_of(node)),
+            apply("conv2d_grad_weight", (ct, x), kernel=w.shape[2:], **_conv_of(node))]
 
 
 register_op(OpDef(
-    "max_pool2d", _pool_infer("max_pool2d"), _max_pool_emit, _max_pool_vjp, jvp=_max_pool_jvp,
-    doc="max over size x size windows of NCHW x (no padding; stride defaults to size); "
-        "the gradient goes to the first maximum of each window, as PyTorch",
-    signature="max_pool2d(x, size, stride=size)"))
+    "conv_transpose2d", _transpose_infer, _col2im_emit, _transpose_vjp, jvp=multilinear_jvp,
+    doc="transposed convolution as torch.nn.functional.conv_transpose2d: x (N, I, H, W), w (I, O/groups, kh, kw); "
+        "stride, padding, output_padding (< stride) and dilation an int or an (h, w) pair; groups divides I and O",
+    signature="conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, groups=1, dilation=1)",
+    attrs_doc={"output_padding": "(oh, ow) rows and columns added at the bottom and right (absent: 0)"}))
 
 
-def _argmax_infer(inputs, attrs):
-    x, m = inputs
-    shape = _pool_out("max_pool2d_argmax", x, attrs["size"], attrs["stride"])
-    if m.shape != shape:
-        raise ShapeError(f"max_pool2d_argmax: window maxima {format_shape(m.shape)} do not match "
-                         f"the pool output {format_shape(shape)}")
-    return shape, "int"
+@spec_function(X, Param("w", "array"), Param("stride", "pair", False, 1, minimum=1),
+               Param("padding", "pair", False, 0, minimum=0), Param("output_padding", "pair", False, 0, minimum=0),
+               Param("groups", "int", False, 1, minimum=1), Param("dilation", "pair", False, 1, minimum=1))
+def conv_transpose2d(x: Node, w: Node, stride=1, padding=0, output_padding=0, groups=1, dilation=1) -> Node:
+    """The adjoint of conv2d, as PyTorch's conv_transpose2d (same argument order)."""
+    op = "conv_transpose2d"
+    attrs = conv_attrs(_pair(stride, "stride", op, 1), _pair(padding, "padding", op, 0),
+                       _pair(dilation, "dilation", op, 1), _int(groups, "groups", op, 1))
+    extra = _pair(output_padding, "output_padding", op, 0)
+    if extra != (0, 0):
+        attrs["output_padding"] = extra
+    return apply(op, (x, w), **attrs)
 
 
-def _index_dtype(node: Node) -> str:
-    """The smallest integer type that holds every window offset."""
-    kh, kw = node.attrs["size"]
-    return "np.int8" if kh * kw <= 128 else "np.int32"
+# ----- conv1d: conv2d on a unit height ---------------------------------------------------
+@spec_function(X, Param("w", "array"), Param("stride", "int", False, 1, minimum=1),
+               Param("padding", "int", False, 0, minimum=0), Param("dilation", "int", False, 1, minimum=1),
+               Param("groups", "int", False, 1, minimum=1))
+def conv1d(x: Node, w: Node, stride=1, padding=0, dilation=1, groups=1) -> Node:
+    """1-D cross-correlation as torch.nn.functional.conv1d: x (N, C, L), w (O, C/groups, k).
+
+    Checked in 1-D terms, then computed as conv2d of (N, C, 1, L) and (O, C/groups, 1, k)
+    reshape views with windows (1, k): the same im2col and GEMMs, and the same VJPs.
+    """
+    op = "conv1d"
+    s, p, d, g = (_int(stride, "stride", op, 1), _int(padding, "padding", op, 0),
+                  _int(dilation, "dilation", op, 1), _int(groups, "groups", op, 1))
+    check_layout(x, op, spatial=1)
+    _check_weight(w, op, spatial=1)
+    (n, c, length), (o, cg, k) = x.shape, w.shape
+    (lo,) = conv_grid(op, x.shape, w.shape, (s,), (p,), (d,), g, weight_layout="O, C/groups, k")
+    y = conv2d(reshape(x, (n, c, 1, length)), reshape(w, (o, cg, 1, k)),
+               stride=(1, s), padding=(0, p), dilation=(1, d), groups=g)
+    return reshape(y, (n, o, lo))
 
 
-def _argmax_emit(node, args, out):
-    """The first offset where a window equals its max (the forward's output): offsets are
-    tried from last to first, so the first one that matches is written last.  Offsets
-    are read as strided views of x and kept in the smallest integer type."""
-    x, m = args
-    (k, last), *rest = reversed(list(_offsets(node, node.shape[2:])))
-    it = _index_dtype(node)
-    lines = [f"{out} = np.where({x}{last} == {m}, {it}({k}), {it}(0))"]
-    return lines + [f"{out} = np.where({x}{where} == {m}, {it}({j}), {out})" for j, where in rest]
-
-
-register_op(OpDef(
-    "max_pool2d_argmax", _argmax_infer, _argmax_emit, None,
-    no_derivative="integer window offsets: piecewise constant, nothing to differentiate",
-    doc="flat offset (i·kw + j) of the first maximum of each pool window, given the maxima "
-        "(compiler-internal)"))
-
-
-def _scatter_infer(inputs, attrs):
-    ct, idx = inputs
-    in_shape = _check_grid("max_pool2d_scatter", ct, attrs)
-    if idx.shape != ct.shape or idx.dtype != "int":
-        raise ShapeError(f"max_pool2d_scatter: window indices {format_shape(idx.shape)} do not match "
-                         f"the cotangent {format_shape(ct.shape)}")
-    return in_shape, "float"
-
-
-def _scatter_emit(node, args, out):
-    """Offset by offset: (idx == k)·ḡ at offset k's strided positions, written in place
-    (``out=``) where windows do not overlap and added where they do.  Windows that tile
-    the input (stride = size, sizes divisible) write every element once: no zero fill."""
-    ct, idx = args
-    c, h, w = node.attrs["in_shape"]
-    (kh, kw), (ho, wo) = node.attrs["size"], node.inputs[0].shape[2:]
-    tiles = node.attrs["stride"] == node.attrs["size"] and (ho * kh, wo * kw) == (h, w)
-    lines = [f"{out} = np.{'empty' if tiles else 'zeros'}(({ct}.shape[0], {c}, {h}, {w}), dtype={ct}.dtype)"]
-    for k, where in _offsets(node, (ho, wo)):
-        lines.append(f"{out}{where} += ({idx} == {k}) * {ct}" if _overlap(node) else
-                     f"np.multiply({idx} == {k}, {ct}, out={out}{where})")
-    return lines
-
-
-def _scatter_vjp(node, ct):
-    """Linear in ḡ: its adjoint gathers u at the same argmax positions."""
-    g, idx = node.inputs
-    return [_apply("max_pool2d_gather", (ct, idx), **_pool_attrs(node)), None]
-
-
-register_op(OpDef(
-    "max_pool2d_scatter", _scatter_infer, _scatter_emit, _scatter_vjp, jvp=linear_jvp,
-    doc="the VJP of max_pool2d: ḡ added at each window's argmax (compiler-internal)"))
-
-
-def _gather_infer(inputs, attrs):
-    u, idx = inputs
-    out = _pool_out("max_pool2d_gather", u, attrs["size"], attrs["stride"])
-    if idx.shape != out or idx.dtype != "int":
-        raise ShapeError(f"max_pool2d_gather: window indices {format_shape(idx.shape)} do not match "
-                         f"the pool output {format_shape(out)}")
-    return out, "float"
-
-
-def _gather_emit(node, args, out):
-    u, idx = args
-    (kh, kw) = node.attrs["size"]
-    return [f"{out} = {_windows(u, node.attrs['size'], node.attrs['stride'])}.transpose(4, 5, 0, 1, 2, 3)",
-            f"{out} = np.take_along_axis({out}.reshape(({kh * kw},) + {out}.shape[2:]), {idx}[None], axis=0)[0]"]
-
-
-def _gather_vjp(node, ct):
-    u, idx = node.inputs
-    return [_apply("max_pool2d_scatter", (ct, idx), in_shape=u.shape[1:], **_pool_attrs(node)), None]
-
-
-register_op(OpDef(
-    "max_pool2d_gather", _gather_infer, _gather_emit, _gather_vjp, jvp=linear_jvp,
-    doc="u read at each pool window's argmax: the VJP of max_pool2d_scatter (compiler-internal)"))
-
-
-# average pool: forward and its adjoint (each the other's VJP)
-def _avg_pool_vjp(node, ct):
-    """x̄ = ḡ / (kh·kw) spread over each window, summed where windows overlap."""
-    return [_apply("avg_pool2d_scatter", (ct,), in_shape=node.inputs[0].shape[1:], **_pool_attrs(node))]
-
-
-register_op(OpDef(
-    "avg_pool2d", _pool_infer("avg_pool2d"), _pool_emit("mean"), _avg_pool_vjp, jvp=linear_jvp,
-    doc="mean over size x size windows of NCHW x (no padding; stride defaults to size)",
-    signature="avg_pool2d(x, size, stride=size)"))
-
-
-def _avg_scatter_emit(node, args, out):
-    (ct,) = args
-    c, h, w = node.attrs["in_shape"]
-    kh, kw = node.attrs["size"]
-    lines = [f"{out} = np.zeros(({ct}.shape[0], {c}, {h}, {w}), dtype={ct}.dtype)"]
-    op = "+=" if _overlap(node) else "="
-    lines += [f"{out}{where} {op} {ct}" for _, where in _offsets(node, node.inputs[0].shape[2:])]
-    return lines + [f"{out} /= {kh * kw}"]
-
-
-register_op(OpDef(
-    "avg_pool2d_scatter",
-    lambda ins, attrs: (_check_grid("avg_pool2d_scatter", ins[0], attrs), "float"),
-    _avg_scatter_emit,
-    lambda node, ct: [_apply("avg_pool2d", (ct,), **_pool_attrs(node))], jvp=linear_jvp,
-    doc="the VJP of avg_pool2d: ḡ / (kh·kw) added over each window (compiler-internal)"))
-
-
-def _pool(op: str):
-    def build(x: Node, size, stride=None) -> Node:
-        size = _pair(size, "size", op, 1)
-        stride = size if stride is None else _pair(stride, "stride", op, 1)
-        return _apply(op, (x,), size=size, stride=stride)
-    build.__name__ = op
-    build.__doc__ = (f"{op.split('_')[0]} over ``size`` windows of NCHW ``x`` (int or (h, w)); "
-                     f"``stride`` defaults to ``size``; no padding.")
-    return spec_function(X, Param("size", "pair", minimum=1), Param("stride", "pair", False, None, minimum=1))(build)
-
-
-max_pool2d = _pool("max_pool2d")
-avg_pool2d = _pool("avg_pool2d")
-
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_grad_input", "conv2d_grad_weight"]
+__all__ = ["conv1d", "conv2d", "conv_transpose2d", "conv2d_grad_input", "conv2d_grad_weight"]
