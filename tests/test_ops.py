@@ -840,4 +840,4 @@ def test_an_op_is_one_declaration_spec_memory_and_explain(tmp_path):
 def test_memory_classes_are_declared_on_the_ops():
     views = {name for name, op in registered_ops().items() if op.memory == "view"}
     assert views == {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient",
-                     "expand_dims", "squeeze", "flip"}
+                     "expand_dims", "squeeze", "flip", "mode_select", "buffer_update"}

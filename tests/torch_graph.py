@@ -118,11 +118,16 @@ def _op(n: Node, a: list, dims: dict):
     if op == "take_label":
         return torch.gather(a[0], -1, a[1][..., None])[..., 0]
     if op == "conv2d":
-        return F.conv2d(a[0], a[1], stride=at["stride"], padding=at["padding"])
+        return F.conv2d(a[0], a[1], stride=at["stride"], padding=at["padding"], dilation=at.get("dilation", 1),
+                        groups=at.get("groups", 1))
+    if op == "conv_transpose2d":
+        return F.conv_transpose2d(a[0], a[1], stride=at["stride"], padding=at["padding"],
+                                  output_padding=at.get("output_padding", 0), groups=at.get("groups", 1),
+                                  dilation=at.get("dilation", 1))
     if op == "max_pool2d":
-        return F.max_pool2d(a[0], at["size"], at["stride"])
+        return F.max_pool2d(a[0], at["size"], at["stride"], padding=at.get("padding", 0))
     if op == "avg_pool2d":
-        return F.avg_pool2d(a[0], at["size"], at["stride"])
+        return F.avg_pool2d(a[0], at["size"], at["stride"], padding=at.get("padding", 0))
     if op == "ones_like":
         return torch.ones_like(a[0], dtype=torch.float64)
     if op == "zeros_like":

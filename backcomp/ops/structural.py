@@ -137,10 +137,6 @@ def _matmul_vjp(node: Node, ct: Node):
         gb = matmul(ct, a) if ct.ndim == 1 else getitem(
             matmul(getitem(ct, (Ellipsis, None, slice(None))), a), (Ellipsis, 0, slice(None)))
         return [ga, gb]
-    if b.ndim == 2 and a.ndim > 2 and ct.shape[:-2] == a.shape[:-2]:
-        # a shared weight: one GEMM over the flattened batch, not a GEMM per batch entry and a sum
-        flat_a = reshape(a, (-1, a.shape[-1]))
-        return [matmul(ct, _swap_last(b)), matmul(transpose(flat_a), reshape(ct, (-1, ct.shape[-1])))]
     return [matmul(ct, _swap_last(b)), matmul(_swap_last(a), ct)]
 
 

@@ -250,7 +250,7 @@ def _structural(node: Node, kinds: list[Kind]) -> Kind:
         if kinds[1].tag == ROW_TAG and kinds[1].axis == k.axis and k.axis < x.ndim - 1:
             return k
         raise _Mixed(node, "picks labels across rows of the batch")
-    if op in ("conv2d", "max_pool2d", "avg_pool2d"):
+    if op in ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d"):
         if k.axis == 0 and all(j.tag == "free" for j in rest):
             return k
         raise _Mixed(node, "convolves or pools along the batch axis")

@@ -9,13 +9,13 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     q = x · Wq    # shape (B, 5, 8)
-        ḡ_Wq = xᵀ · ḡ_q
+        ḡ_Wq = Σ_B(xᵀ · ḡ_q)
 
     k = x · Wk    # shape (B, 5, 8)
-        ḡ_Wk = xᵀ · ḡ_k
+        ḡ_Wk = Σ_B(xᵀ · ḡ_k)
 
     v = x · Wv    # shape (B, 5, 8)
-        ḡ_Wv = xᵀ · ḡ_v
+        ḡ_Wv = Σ_B(xᵀ · ḡ_v)
 
     scores = 0.353553·einsum("btd,bsd->bts", q, k)    # shape (B, 5, 5)
         ḡ_q = einsum("bts,bsd->btd", 0.353553·ḡ_scores, k)
@@ -30,7 +30,7 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     out = x + ctx · Wo    # shape (B, 5, 8)
         ḡ_ctx = ḡ_out · Woᵀ
-        ḡ_Wo = ctxᵀ · ḡ_out
+        ḡ_Wo = Σ_B(ctxᵀ · ḡ_out)
 
     loss = mean((out - target)^2)    # shape ()
         ḡ_out = ḡ_loss ⊙ (out - target)/(20·B)
@@ -197,17 +197,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.multiply(out_matmul, 0.025, out=out_matmul)
     loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
     del out_matmul
-    # backward of out_matmul = ctx @ Wo
-    out_bar_reshape = ctx.reshape((5*B, 8))
-    del ctx
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = loss_bar_dew @ Wo.T
-    # backward of out_matmul = ctx @ Wo
-    out_bar_reshape_2 = loss_bar_dew.reshape((5*B, 8))
-    del loss_bar_dew
-    # backward of out_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
-    del out_bar_reshape, out_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -230,25 +221,29 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
-    # backward of v = x @ Wv
+    # backward of out_matmul = ctx @ Wo w.r.t. Wo
+    out_bar_reshape = ctx.reshape((5*B, 8))
+    del ctx
+    out_bar_reshape_2 = loss_bar_dew.reshape((5*B, 8))
+    del loss_bar_dew
+    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
+    del out_bar_reshape, out_bar_reshape_2
+    # backward of v = x @ Wv w.r.t. Wv
     v_bar_reshape = x.reshape((5*B, 8))
     v_bar_transpose = v_bar_reshape.T
     del v_bar_reshape
     v_bar_reshape_2 = v_bar.reshape((5*B, 8))
     del v_bar
-    # backward of v = x @ Wv w.r.t. Wv
     Wv_bar = v_bar_transpose @ v_bar_reshape_2
     del v_bar_reshape_2
-    # backward of k = x @ Wk
+    # backward of k = x @ Wk w.r.t. Wk
     k_bar_reshape = k_bar.reshape((5*B, 8))
     del k_bar
-    # backward of k = x @ Wk w.r.t. Wk
     Wk_bar = v_bar_transpose @ k_bar_reshape
     del k_bar_reshape
-    # backward of q = x @ Wq
+    # backward of q = x @ Wq w.r.t. Wq
     q_bar_reshape = q_bar.reshape((5*B, 8))
     del q_bar
-    # backward of q = x @ Wq w.r.t. Wq
     Wq_bar = v_bar_transpose @ q_bar_reshape
     del v_bar_transpose, q_bar_reshape
     return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}, B
@@ -397,17 +392,8 @@ def value_and_grad(params, inputs):
     np.multiply(out, 0.025, out=out)
     out_bar = np.divide(out, B, out=out)
     del out
-    # backward of out_matmul = ctx @ Wo
-    out_bar_reshape = ctx.reshape((5*B, 8))
-    del ctx
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = out_bar @ Wo.T
-    # backward of out_matmul = ctx @ Wo
-    out_bar_reshape_2 = out_bar.reshape((5*B, 8))
-    del out_bar
-    # backward of out_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
-    del out_bar_reshape, out_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -430,25 +416,29 @@ def value_and_grad(params, inputs):
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
-    # backward of v = x @ Wv
+    # backward of out_matmul = ctx @ Wo w.r.t. Wo
+    out_bar_reshape = ctx.reshape((5*B, 8))
+    del ctx
+    out_bar_reshape_2 = out_bar.reshape((5*B, 8))
+    del out_bar
+    Wo_bar = out_bar_reshape.T @ out_bar_reshape_2
+    del out_bar_reshape, out_bar_reshape_2
+    # backward of v = x @ Wv w.r.t. Wv
     v_bar_reshape = x.reshape((5*B, 8))
     v_bar_transpose = v_bar_reshape.T
     del v_bar_reshape
     v_bar_reshape_2 = v_bar.reshape((5*B, 8))
     del v_bar
-    # backward of v = x @ Wv w.r.t. Wv
     Wv_bar = v_bar_transpose @ v_bar_reshape_2
     del v_bar_reshape_2
-    # backward of k = x @ Wk
+    # backward of k = x @ Wk w.r.t. Wk
     k_bar_reshape = k_bar.reshape((5*B, 8))
     del k_bar
-    # backward of k = x @ Wk w.r.t. Wk
     Wk_bar = v_bar_transpose @ k_bar_reshape
     del k_bar_reshape
-    # backward of q = x @ Wq
+    # backward of q = x @ Wq w.r.t. Wq
     q_bar_reshape = q_bar.reshape((5*B, 8))
     del q_bar
-    # backward of q = x @ Wq w.r.t. Wq
     Wq_bar = v_bar_transpose @ q_bar_reshape
     del v_bar_transpose, q_bar_reshape
     return np.asarray(loss), {"Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False)}

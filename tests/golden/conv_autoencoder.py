@@ -76,9 +76,10 @@ BATCH_DIM = 'B'
 BATCH_AXES = {
     'x': 0,
     'code': 0,
+    'recon': 0,
 }
-BATCH_SEPARABLE = False
-BATCH_REFUSAL = "model 'conv_autoencoder' is not batch-separable: node 'u' (conv_transpose2d) applies 'conv_transpose2d', which backcomp does not know to keep rows of the batch apart"
+BATCH_SEPARABLE = True
+BATCH_REFUSAL = None
 
 
 def init_params(seed=0, dtype=np.float32):
@@ -172,6 +173,270 @@ def _validate(params, inputs):
     if type(d2) is not np.ndarray or d2.dtype.kind != "f" or d2.shape != (1, 1, 1):
         d2 = _check_array("param", "d2", d2, PARAMS["d2"], {"B": (B, "x")}, False)
     return x, E1, e1, E2, e2, D1, d1, D2, d2, B
+
+
+def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of value_and_grad, and its rows: (loss, grads, rows).
+
+    Means over the batch dim B divide by total_rows, the rows of the whole data
+    set, and terms of params alone count only when param_terms is true, so summing
+    over chunks that partition the rows, with param_terms true in one of them, gives
+    value_and_grad of the whole.
+    """
+    x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
+    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
+    del __h_conv2d_cols
+    np.add(h_conv2d, e1, out=h_conv2d)
+    h = np.maximum(h_conv2d, 0, out=h_conv2d)
+    del h_conv2d
+    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
+    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
+    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
+    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
+    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
+    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
+    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
+    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
+    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
+    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
+    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
+    del __code_conv2d_cols
+    code = np.add(code_conv2d, e2, out=code_conv2d)
+    del code_conv2d
+    __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
+    u_conv_transpose2d = np.zeros((__u_conv_transpose2d_cols.shape[0], 8, 6, 6), dtype=__u_conv_transpose2d_cols.dtype)
+    u_conv_transpose2d[:, :, 0:3:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 0, 0]
+    u_conv_transpose2d[:, :, 0:3:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 0, 1]
+    u_conv_transpose2d[:, :, 0:3:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 0, 2]
+    u_conv_transpose2d[:, :, 1:4:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 1, 0]
+    u_conv_transpose2d[:, :, 1:4:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 1, 1]
+    u_conv_transpose2d[:, :, 1:4:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 1, 2]
+    u_conv_transpose2d[:, :, 2:5:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 2, 0]
+    u_conv_transpose2d[:, :, 2:5:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 2, 1]
+    u_conv_transpose2d[:, :, 2:5:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 2, 2]
+    del __u_conv_transpose2d_cols
+    u_conv_transpose2d = u_conv_transpose2d[:, :, 1:5, 1:5]
+    np.add(u_conv_transpose2d, d1, out=u_conv_transpose2d)
+    u = np.maximum(u_conv_transpose2d, 0, out=u_conv_transpose2d)
+    del u_conv_transpose2d
+    __recon_conv_transpose2d_cols = (D2.reshape(8, 9).T @ u.reshape(-1, 8, 16)).reshape(-1, 1, 3, 3, 4, 4)
+    recon_conv_transpose2d = np.zeros((__recon_conv_transpose2d_cols.shape[0], 1, 10, 10), dtype=__recon_conv_transpose2d_cols.dtype)
+    recon_conv_transpose2d[:, :, 0:7:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 0, 0]
+    recon_conv_transpose2d[:, :, 0:7:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 0, 1]
+    recon_conv_transpose2d[:, :, 0:7:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 0, 2]
+    recon_conv_transpose2d[:, :, 1:8:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 1, 0]
+    recon_conv_transpose2d[:, :, 1:8:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 1, 1]
+    recon_conv_transpose2d[:, :, 1:8:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 1, 2]
+    recon_conv_transpose2d[:, :, 2:9:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 2, 0]
+    recon_conv_transpose2d[:, :, 2:9:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 2, 1]
+    recon_conv_transpose2d[:, :, 2:9:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 2, 2]
+    del __recon_conv_transpose2d_cols
+    recon_conv_transpose2d = recon_conv_transpose2d[:, :, 1:9, 1:9]
+    loss_sigmoid = np.exp(-np.logaddexp(0, -(recon_conv_transpose2d + d2)))
+    loss_pow = (-x + loss_sigmoid)**2
+    del recon_conv_transpose2d
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.015625)*loss_sum/total_rows
+    del loss_sum
+    # backward of loss_sigmoid = exp(-logaddexp(0, -(recon_conv_transpose2d + d2))) w.r.t. recon_conv_transpose2d
+    loss_bar_dew = (0.015625)*loss_sigmoid*(1 - loss_sigmoid)*(2*loss_sigmoid - 2*x)/total_rows
+    del loss_sigmoid
+    # backward of loss_sigmoid = exp(-logaddexp(0, -(recon_conv_transpose2d + d2))) w.r.t. d2
+    d2_bar = loss_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))
+    # backward of recon_conv_transpose2d = conv_transpose2d(u, D2, stride=(2, 2), padding=(1, 1), output_padding=(1, 1)) w.r.t. u
+    __u_bar_cols = np.zeros((loss_bar_dew.shape[0], 1, 3, 3, 4, 4), dtype=loss_bar_dew.dtype)
+    __u_bar_cols[:, :, 0, 0, 1:4, 1:4] = loss_bar_dew[:, :, 1:6:2, 1:6:2]
+    __u_bar_cols[:, :, 0, 1, 1:4, 0:4] = loss_bar_dew[:, :, 1:6:2, 0:7:2]
+    __u_bar_cols[:, :, 0, 2, 1:4, 0:4] = loss_bar_dew[:, :, 1:6:2, 1:8:2]
+    __u_bar_cols[:, :, 1, 0, 0:4, 1:4] = loss_bar_dew[:, :, 0:7:2, 1:6:2]
+    __u_bar_cols[:, :, 1, 1, 0:4, 0:4] = loss_bar_dew[:, :, 0:7:2, 0:7:2]
+    __u_bar_cols[:, :, 1, 2, 0:4, 0:4] = loss_bar_dew[:, :, 0:7:2, 1:8:2]
+    __u_bar_cols[:, :, 2, 0, 0:4, 1:4] = loss_bar_dew[:, :, 1:8:2, 1:6:2]
+    __u_bar_cols[:, :, 2, 1, 0:4, 0:4] = loss_bar_dew[:, :, 1:8:2, 0:7:2]
+    __u_bar_cols[:, :, 2, 2, 0:4, 0:4] = loss_bar_dew[:, :, 1:8:2, 1:8:2]
+    u_bar = (D2.reshape(8, 9) @ __u_bar_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
+    del __u_bar_cols
+    # backward of recon_conv_transpose2d = conv_transpose2d(u, D2, stride=(2, 2), padding=(1, 1), output_padding=(1, 1)) w.r.t. D2
+    __D2_bar_cols = np.zeros((loss_bar_dew.shape[0], 1, 3, 3, 4, 4), dtype=loss_bar_dew.dtype)
+    __D2_bar_cols[:, :, 0, 0, 1:4, 1:4] = loss_bar_dew[:, :, 1:6:2, 1:6:2]
+    __D2_bar_cols[:, :, 0, 1, 1:4, 0:4] = loss_bar_dew[:, :, 1:6:2, 0:7:2]
+    __D2_bar_cols[:, :, 0, 2, 1:4, 0:4] = loss_bar_dew[:, :, 1:6:2, 1:8:2]
+    __D2_bar_cols[:, :, 1, 0, 0:4, 1:4] = loss_bar_dew[:, :, 0:7:2, 1:6:2]
+    __D2_bar_cols[:, :, 1, 1, 0:4, 0:4] = loss_bar_dew[:, :, 0:7:2, 0:7:2]
+    __D2_bar_cols[:, :, 1, 2, 0:4, 0:4] = loss_bar_dew[:, :, 0:7:2, 1:8:2]
+    __D2_bar_cols[:, :, 2, 0, 0:4, 1:4] = loss_bar_dew[:, :, 1:8:2, 1:6:2]
+    __D2_bar_cols[:, :, 2, 1, 0:4, 0:4] = loss_bar_dew[:, :, 1:8:2, 0:7:2]
+    __D2_bar_cols[:, :, 2, 2, 0:4, 0:4] = loss_bar_dew[:, :, 1:8:2, 1:8:2]
+    D2_bar = (u.reshape(-1, 8, 16) @ __D2_bar_cols.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
+    del __D2_bar_cols
+    del loss_bar_dew
+    # backward of u = maximum(u_conv_transpose2d + d1, 0) w.r.t. u_conv_transpose2d
+    u_bar_dew = np.multiply(u_bar, (u > 0), out=u_bar)
+    del u, u_bar
+    # backward of u = maximum(u_conv_transpose2d + d1, 0) w.r.t. d1
+    d1_bar = u_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((8, 1, 1))
+    # backward of u_conv_transpose2d = conv_transpose2d(code, D1, stride=(2, 2), padding=(1, 1), output_padding=(1, 1)) w.r.t. code
+    __code_bar_cols = np.zeros((u_bar_dew.shape[0], 8, 3, 3, 2, 2), dtype=u_bar_dew.dtype)
+    __code_bar_cols[:, :, 0, 0, 1:2, 1:2] = u_bar_dew[:, :, 1:2:2, 1:2:2]
+    __code_bar_cols[:, :, 0, 1, 1:2, 0:2] = u_bar_dew[:, :, 1:2:2, 0:3:2]
+    __code_bar_cols[:, :, 0, 2, 1:2, 0:2] = u_bar_dew[:, :, 1:2:2, 1:4:2]
+    __code_bar_cols[:, :, 1, 0, 0:2, 1:2] = u_bar_dew[:, :, 0:3:2, 1:2:2]
+    __code_bar_cols[:, :, 1, 1, 0:2, 0:2] = u_bar_dew[:, :, 0:3:2, 0:3:2]
+    __code_bar_cols[:, :, 1, 2, 0:2, 0:2] = u_bar_dew[:, :, 0:3:2, 1:4:2]
+    __code_bar_cols[:, :, 2, 0, 0:2, 1:2] = u_bar_dew[:, :, 1:4:2, 1:2:2]
+    __code_bar_cols[:, :, 2, 1, 0:2, 0:2] = u_bar_dew[:, :, 1:4:2, 0:3:2]
+    __code_bar_cols[:, :, 2, 2, 0:2, 0:2] = u_bar_dew[:, :, 1:4:2, 1:4:2]
+    code_bar = (D1.reshape(4, 72) @ __code_bar_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
+    del __code_bar_cols
+    # backward of u_conv_transpose2d = conv_transpose2d(code, D1, stride=(2, 2), padding=(1, 1), output_padding=(1, 1)) w.r.t. D1
+    __D1_bar_cols = np.zeros((8, 3, 3, u_bar_dew.shape[0], 2, 2), dtype=u_bar_dew.dtype)
+    __D1_bar_cols[:, 0, 0, :, 1:2, 1:2] = u_bar_dew[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 0, 1, :, 1:2, 0:2] = u_bar_dew[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 0, 2, :, 1:2, 0:2] = u_bar_dew[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 1, 0, :, 0:2, 1:2] = u_bar_dew[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 1, 1, :, 0:2, 0:2] = u_bar_dew[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 1, 2, :, 0:2, 0:2] = u_bar_dew[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 2, 0, :, 0:2, 1:2] = u_bar_dew[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 2, 1, :, 0:2, 0:2] = u_bar_dew[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    __D1_bar_cols[:, 2, 2, :, 0:2, 0:2] = u_bar_dew[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    D1_bar = (__D1_bar_cols.reshape(72, -1) @ code.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
+    del __D1_bar_cols
+    del code, u_bar_dew
+    # backward of code = code_conv2d + e2 w.r.t. e2
+    e2_bar = code_bar.sum(axis=(0, 2, 3), keepdims=True).reshape((4, 1, 1))
+    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. h
+    __h_bar_cols = (E2.reshape(4, 72).T @ code_bar.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
+    h_bar = np.zeros((__h_bar_cols.shape[0], 8, 6, 6), dtype=__h_bar_cols.dtype)
+    h_bar[:, :, 0:3:2, 0:3:2] += __h_bar_cols[:, :, 0, 0]
+    h_bar[:, :, 0:3:2, 1:4:2] += __h_bar_cols[:, :, 0, 1]
+    h_bar[:, :, 0:3:2, 2:5:2] += __h_bar_cols[:, :, 0, 2]
+    h_bar[:, :, 1:4:2, 0:3:2] += __h_bar_cols[:, :, 1, 0]
+    h_bar[:, :, 1:4:2, 1:4:2] += __h_bar_cols[:, :, 1, 1]
+    h_bar[:, :, 1:4:2, 2:5:2] += __h_bar_cols[:, :, 1, 2]
+    h_bar[:, :, 2:5:2, 0:3:2] += __h_bar_cols[:, :, 2, 0]
+    h_bar[:, :, 2:5:2, 1:4:2] += __h_bar_cols[:, :, 2, 1]
+    h_bar[:, :, 2:5:2, 2:5:2] += __h_bar_cols[:, :, 2, 2]
+    del __h_bar_cols
+    h_bar = h_bar[:, :, 1:5, 1:5]
+    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. E2
+    __E2_bar_cols = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
+    __E2_bar_cols[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    __E2_bar_cols[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    E2_bar = (__E2_bar_cols.reshape(72, -1) @ code_bar.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
+    del __E2_bar_cols
+    del code_bar
+    # backward of h = maximum(h_conv2d + e1, 0) w.r.t. h_conv2d
+    h_bar_dew = np.multiply(h_bar, (h > 0), out=h_bar)
+    del h, h_bar
+    # backward of h = maximum(h_conv2d + e1, 0) w.r.t. e1
+    e1_bar = h_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((8, 1, 1))
+    # backward of h_conv2d = conv2d(x, E1, stride=(2, 2), padding=(1, 1)) w.r.t. E1
+    __E1_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    __E1_bar_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    __E1_bar_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    __E1_bar_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    __E1_bar_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    __E1_bar_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    __E1_bar_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    __E1_bar_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    __E1_bar_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    __E1_bar_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    E1_bar = (h_bar_dew.reshape(-1, 8, 16) @ __E1_bar_cols.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
+    del __E1_bar_cols
+    del h_bar_dew
+    return np.asarray(loss), {"E1": E1_bar.astype(E1.dtype, copy=False), "e1": e1_bar.astype(e1.dtype, copy=False), "E2": E2_bar.astype(E2.dtype, copy=False), "e2": e2_bar.astype(e2.dtype, copy=False), "D1": D1_bar.astype(D1.dtype, copy=False), "d1": d1_bar.astype(d1.dtype, copy=False), "D2": D2_bar.astype(D2.dtype, copy=False), "d2": d2_bar.astype(d2.dtype, copy=False)}, B
+
+
+def partial_loss(params, inputs, total_rows, param_terms=True):
+    """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
+    x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
+    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
+    del __h_conv2d_cols
+    np.add(h_conv2d, e1, out=h_conv2d)
+    h = np.maximum(h_conv2d, 0, out=h_conv2d)
+    del h_conv2d
+    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
+    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
+    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
+    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
+    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
+    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
+    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
+    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
+    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
+    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
+    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
+    del __code_conv2d_cols
+    del h
+    code = np.add(code_conv2d, e2, out=code_conv2d)
+    del code_conv2d
+    __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
+    u_conv_transpose2d = np.zeros((__u_conv_transpose2d_cols.shape[0], 8, 6, 6), dtype=__u_conv_transpose2d_cols.dtype)
+    u_conv_transpose2d[:, :, 0:3:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 0, 0]
+    u_conv_transpose2d[:, :, 0:3:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 0, 1]
+    u_conv_transpose2d[:, :, 0:3:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 0, 2]
+    u_conv_transpose2d[:, :, 1:4:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 1, 0]
+    u_conv_transpose2d[:, :, 1:4:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 1, 1]
+    u_conv_transpose2d[:, :, 1:4:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 1, 2]
+    u_conv_transpose2d[:, :, 2:5:2, 0:3:2] += __u_conv_transpose2d_cols[:, :, 2, 0]
+    u_conv_transpose2d[:, :, 2:5:2, 1:4:2] += __u_conv_transpose2d_cols[:, :, 2, 1]
+    u_conv_transpose2d[:, :, 2:5:2, 2:5:2] += __u_conv_transpose2d_cols[:, :, 2, 2]
+    del __u_conv_transpose2d_cols
+    u_conv_transpose2d = u_conv_transpose2d[:, :, 1:5, 1:5]
+    del code
+    np.add(u_conv_transpose2d, d1, out=u_conv_transpose2d)
+    u = np.maximum(u_conv_transpose2d, 0, out=u_conv_transpose2d)
+    del u_conv_transpose2d
+    __recon_conv_transpose2d_cols = (D2.reshape(8, 9).T @ u.reshape(-1, 8, 16)).reshape(-1, 1, 3, 3, 4, 4)
+    recon_conv_transpose2d = np.zeros((__recon_conv_transpose2d_cols.shape[0], 1, 10, 10), dtype=__recon_conv_transpose2d_cols.dtype)
+    recon_conv_transpose2d[:, :, 0:7:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 0, 0]
+    recon_conv_transpose2d[:, :, 0:7:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 0, 1]
+    recon_conv_transpose2d[:, :, 0:7:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 0, 2]
+    recon_conv_transpose2d[:, :, 1:8:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 1, 0]
+    recon_conv_transpose2d[:, :, 1:8:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 1, 1]
+    recon_conv_transpose2d[:, :, 1:8:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 1, 2]
+    recon_conv_transpose2d[:, :, 2:9:2, 0:7:2] += __recon_conv_transpose2d_cols[:, :, 2, 0]
+    recon_conv_transpose2d[:, :, 2:9:2, 1:8:2] += __recon_conv_transpose2d_cols[:, :, 2, 1]
+    recon_conv_transpose2d[:, :, 2:9:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 2, 2]
+    del __recon_conv_transpose2d_cols
+    recon_conv_transpose2d = recon_conv_transpose2d[:, :, 1:9, 1:9]
+    del u
+    loss_sigmoid = np.exp(-np.logaddexp(0, -(recon_conv_transpose2d + d2)))
+    loss_pow = (-x + loss_sigmoid)**2
+    del recon_conv_transpose2d, loss_sigmoid
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss = (0.015625)*loss_sum/total_rows
+    del loss_sum
+    return np.asarray(loss), B
 
 
 def _wanted_outputs(outputs):

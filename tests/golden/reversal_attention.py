@@ -9,20 +9,20 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     h = P + tokens · E    # shape (B, 8, 32)
-        ḡ_E = tokensᵀ · ḡ_h
+        ḡ_E = Σ_B(tokensᵀ · ḡ_h)
         ḡ_P = Σ_B(ḡ_h)
 
     q = h · Wq    # shape (B, 8, 32)
         ḡ_h += ḡ_q · Wqᵀ
-        ḡ_Wq = hᵀ · ḡ_q
+        ḡ_Wq = Σ_B(hᵀ · ḡ_q)
 
     k = h · Wk    # shape (B, 8, 32)
         ḡ_h += ḡ_k · Wkᵀ
-        ḡ_Wk = hᵀ · ḡ_k
+        ḡ_Wk = Σ_B(hᵀ · ḡ_k)
 
     v = h · Wv    # shape (B, 8, 32)
         ḡ_h += ḡ_v · Wvᵀ
-        ḡ_Wv = hᵀ · ḡ_v
+        ḡ_Wv = Σ_B(hᵀ · ḡ_v)
 
     scores = 0.176777·einsum("btd,bsd->bts", q, k)    # shape (B, 8, 8)
         ḡ_q = einsum("bts,bsd->btd", 0.176777·ḡ_scores, k)
@@ -37,7 +37,7 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     logits = bo + ctx · Wo    # shape (B, 8, 10)
         ḡ_ctx = ḡ_logits · Woᵀ
-        ḡ_Wo = ctxᵀ · ḡ_logits
+        ḡ_Wo = Σ_B(ctxᵀ · ḡ_logits)
         ḡ_bo = Σ[axis=0,1](ḡ_logits)
 
     loss = mean(logsumexp[axis=2](logits) - logits[target])    # shape ()
@@ -272,17 +272,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
     # backward of logits = logits_matmul + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=(0, 1))
-    # backward of logits_matmul = ctx @ Wo
-    logits_bar_reshape = ctx.reshape((8*B, 32))
-    del ctx
     # backward of logits_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = logits_bar @ Wo.T
-    # backward of logits_matmul = ctx @ Wo
-    logits_bar_reshape_2 = logits_bar.reshape((8*B, 10))
-    del logits_bar
-    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = logits_bar_reshape.T @ logits_bar_reshape_2
-    del logits_bar_reshape, logits_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -305,46 +296,48 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
-    # backward of v = h @ Wv
-    v_bar_reshape = h.reshape((8*B, 32))
-    del h
     # backward of v = h @ Wv w.r.t. h
     v_bar_matmul = v_bar @ Wv.T
-    # backward of v = h @ Wv
-    v_bar_transpose_2 = v_bar_reshape.T
-    del v_bar_reshape
-    v_bar_reshape_2 = v_bar.reshape((8*B, 32))
-    del v_bar
-    # backward of v = h @ Wv w.r.t. Wv
-    Wv_bar = v_bar_transpose_2 @ v_bar_reshape_2
-    del v_bar_reshape_2
     # backward of k = h @ Wk w.r.t. h
     k_bar_matmul = k_bar @ Wk.T
-    # backward of k = h @ Wk
-    k_bar_reshape = k_bar.reshape((8*B, 32))
-    del k_bar
-    # backward of k = h @ Wk w.r.t. Wk
-    Wk_bar = v_bar_transpose_2 @ k_bar_reshape
-    del k_bar_reshape
     # backward of q = h @ Wq w.r.t. h
     q_bar_matmul = q_bar @ Wq.T
-    # backward of q = h @ Wq
-    q_bar_reshape = q_bar.reshape((8*B, 32))
-    del q_bar
-    # backward of q = h @ Wq w.r.t. Wq
-    Wq_bar = v_bar_transpose_2 @ q_bar_reshape
-    del v_bar_transpose_2, q_bar_reshape
     # backward of h = h_matmul + P
     np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
     h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
     del v_bar_matmul, k_bar_matmul, q_bar_matmul
     # backward of h = h_matmul + P w.r.t. P
     P_bar = h_bar.sum(axis=0)
-    # backward of h_matmul = tokens @ E
+    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
+    logits_bar_reshape = ctx.reshape((8*B, 32))
+    del ctx
+    logits_bar_reshape_2 = logits_bar.reshape((8*B, 10))
+    del logits_bar
+    Wo_bar = logits_bar_reshape.T @ logits_bar_reshape_2
+    del logits_bar_reshape, logits_bar_reshape_2
+    # backward of v = h @ Wv w.r.t. Wv
+    v_bar_reshape = h.reshape((8*B, 32))
+    del h
+    v_bar_transpose_2 = v_bar_reshape.T
+    del v_bar_reshape
+    v_bar_reshape_2 = v_bar.reshape((8*B, 32))
+    del v_bar
+    Wv_bar = v_bar_transpose_2 @ v_bar_reshape_2
+    del v_bar_reshape_2
+    # backward of k = h @ Wk w.r.t. Wk
+    k_bar_reshape = k_bar.reshape((8*B, 32))
+    del k_bar
+    Wk_bar = v_bar_transpose_2 @ k_bar_reshape
+    del k_bar_reshape
+    # backward of q = h @ Wq w.r.t. Wq
+    q_bar_reshape = q_bar.reshape((8*B, 32))
+    del q_bar
+    Wq_bar = v_bar_transpose_2 @ q_bar_reshape
+    del v_bar_transpose_2, q_bar_reshape
+    # backward of h_matmul = tokens @ E w.r.t. E
     h_bar_reshape = tokens.reshape((8*B, 10))
     h_bar_reshape_2 = h_bar.reshape((8*B, 32))
     del h_bar
-    # backward of h_matmul = tokens @ E w.r.t. E
     E_bar = h_bar_reshape.T @ h_bar_reshape_2
     del h_bar_reshape, h_bar_reshape_2
     return np.asarray(loss), {"E": E_bar.astype(E.dtype, copy=False), "P": P_bar.astype(P.dtype, copy=False), "Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False), "bo": bo_bar.astype(bo.dtype, copy=False)}, B
@@ -570,17 +563,8 @@ def value_and_grad(params, inputs):
     del loss_exp, loss_sum, loss_bar_put_label, loss_bar_reshape_2
     # backward of logits = logits_matmul + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=(0, 1))
-    # backward of logits_matmul = ctx @ Wo
-    logits_bar_reshape = ctx.reshape((8*B, 32))
-    del ctx
     # backward of logits_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = logits_bar @ Wo.T
-    # backward of logits_matmul = ctx @ Wo
-    logits_bar_reshape_2 = logits_bar.reshape((8*B, 10))
-    del logits_bar
-    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
-    Wo_bar = logits_bar_reshape.T @ logits_bar_reshape_2
-    del logits_bar_reshape, logits_bar_reshape_2
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -603,46 +587,48 @@ def value_and_grad(params, inputs):
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. k
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
-    # backward of v = h @ Wv
-    v_bar_reshape = h.reshape((8*B, 32))
-    del h
     # backward of v = h @ Wv w.r.t. h
     v_bar_matmul = v_bar @ Wv.T
-    # backward of v = h @ Wv
-    v_bar_transpose_2 = v_bar_reshape.T
-    del v_bar_reshape
-    v_bar_reshape_2 = v_bar.reshape((8*B, 32))
-    del v_bar
-    # backward of v = h @ Wv w.r.t. Wv
-    Wv_bar = v_bar_transpose_2 @ v_bar_reshape_2
-    del v_bar_reshape_2
     # backward of k = h @ Wk w.r.t. h
     k_bar_matmul = k_bar @ Wk.T
-    # backward of k = h @ Wk
-    k_bar_reshape = k_bar.reshape((8*B, 32))
-    del k_bar
-    # backward of k = h @ Wk w.r.t. Wk
-    Wk_bar = v_bar_transpose_2 @ k_bar_reshape
-    del k_bar_reshape
     # backward of q = h @ Wq w.r.t. h
     q_bar_matmul = q_bar @ Wq.T
-    # backward of q = h @ Wq
-    q_bar_reshape = q_bar.reshape((8*B, 32))
-    del q_bar
-    # backward of q = h @ Wq w.r.t. Wq
-    Wq_bar = v_bar_transpose_2 @ q_bar_reshape
-    del v_bar_transpose_2, q_bar_reshape
     # backward of h = h_matmul + P
     np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
     h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
     del v_bar_matmul, k_bar_matmul, q_bar_matmul
     # backward of h = h_matmul + P w.r.t. P
     P_bar = h_bar.sum(axis=0)
-    # backward of h_matmul = tokens @ E
+    # backward of logits_matmul = ctx @ Wo w.r.t. Wo
+    logits_bar_reshape = ctx.reshape((8*B, 32))
+    del ctx
+    logits_bar_reshape_2 = logits_bar.reshape((8*B, 10))
+    del logits_bar
+    Wo_bar = logits_bar_reshape.T @ logits_bar_reshape_2
+    del logits_bar_reshape, logits_bar_reshape_2
+    # backward of v = h @ Wv w.r.t. Wv
+    v_bar_reshape = h.reshape((8*B, 32))
+    del h
+    v_bar_transpose_2 = v_bar_reshape.T
+    del v_bar_reshape
+    v_bar_reshape_2 = v_bar.reshape((8*B, 32))
+    del v_bar
+    Wv_bar = v_bar_transpose_2 @ v_bar_reshape_2
+    del v_bar_reshape_2
+    # backward of k = h @ Wk w.r.t. Wk
+    k_bar_reshape = k_bar.reshape((8*B, 32))
+    del k_bar
+    Wk_bar = v_bar_transpose_2 @ k_bar_reshape
+    del k_bar_reshape
+    # backward of q = h @ Wq w.r.t. Wq
+    q_bar_reshape = q_bar.reshape((8*B, 32))
+    del q_bar
+    Wq_bar = v_bar_transpose_2 @ q_bar_reshape
+    del v_bar_transpose_2, q_bar_reshape
+    # backward of h_matmul = tokens @ E w.r.t. E
     h_bar_reshape = tokens.reshape((8*B, 10))
     h_bar_reshape_2 = h_bar.reshape((8*B, 32))
     del h_bar
-    # backward of h_matmul = tokens @ E w.r.t. E
     E_bar = h_bar_reshape.T @ h_bar_reshape_2
     del h_bar_reshape, h_bar_reshape_2
     return np.asarray(loss), {"E": E_bar.astype(E.dtype, copy=False), "P": P_bar.astype(P.dtype, copy=False), "Wq": Wq_bar.astype(Wq.dtype, copy=False), "Wk": Wk_bar.astype(Wk.dtype, copy=False), "Wv": Wv_bar.astype(Wv.dtype, copy=False), "Wo": Wo_bar.astype(Wo.dtype, copy=False), "bo": bo_bar.astype(bo.dtype, copy=False)}
