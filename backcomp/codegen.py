@@ -16,6 +16,7 @@ import jinja2
 from backcomp import __version__
 from backcomp.graph import Graph, Node, consumers, live_nodes
 from backcomp.inits import init_code
+from backcomp.loops import enter_lowering
 from backcomp.ops.registry import get_op
 from backcomp.passes.memory import is_view, plan_memory
 from backcomp.printer import collect_helpers, use_helper
@@ -144,6 +145,7 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
 
 
 def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
+    enter_lowering(nodes, names, check_finite)   # what a loop's emission needs to know
     users = consumers(nodes)
     suffix = {n: _inline_suffix(n, len(users[n])) for n in nodes if n not in returned}
     inlined = {n: n.inputs[0] for n, text in suffix.items() if text is not None}

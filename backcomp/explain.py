@@ -439,6 +439,8 @@ SUMMARY_MAX_LINES, SUMMARY_MAX_MEMBERS = 80, 60
 def summary(graph: Graph) -> str | None:
     """The explain text for a generated module's docstring, or None for a model too big
     to read there (many lines, or a line made of many unnamed nodes)."""
+    if any(n.op == "scan" for n in graph.nodes):
+        return None
     lines = line_names(graph)
     shown = _named_order(graph, lines)
     if len(shown) > SUMMARY_MAX_LINES or any(len(_members(graph, n, lines)) > SUMMARY_MAX_MEMBERS

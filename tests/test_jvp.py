@@ -164,6 +164,8 @@ def test_every_jvp_rule_is_exercised():
     graphs += [conv_graph(*c)[0] for c in CONV_CASES]
     from test_vocabulary_index import JVP_GRAPHS
     graphs += [build() for build in JVP_GRAPHS.values()]
+    from test_scan import JVP_GRAPHS as SCAN_GRAPHS
+    graphs += [build() for build in SCAN_GRAPHS.values()]
     for g in graphs:
         tangents = with_tangents(g)
         seen |= {n.op for n in tangents if n.op not in ("input", "param")}

@@ -291,6 +291,8 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
         raise _Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
     if node.op == "getitem" and any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
         raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
+    if node.op in ("scan", "scan_out") and any(k.tag != "free" for k in kinds):
+        raise _Mixed(node, "runs a loop (scan) over batch values; loops are not analysed for separability")
     if not node.inputs:
         kind = FREE
     elif node.op in ("take", "one_hot", "tril", "triu"):
