@@ -96,7 +96,7 @@ def _vjp_plan(step: Step, mask: tuple[bool, ...]):
             continue
         kind, j = out_kind(step, i)
         base = o.name or (leaves[i].name if kind == "carry" else None) or f"{kind[0]}{j}"
-        leaf = new_leaf(J, o.shape, "float", f"{base}_bar")
+        leaf = new_leaf(J, o.shape, "float", f"{base}_bar" if kind != "ys" else f"{base}_bar_t")
         J.inputs[f"c{i}"] = leaf
         ct_leaves[i] = leaf
         terms.append(op_sum(o * leaf))
@@ -209,6 +209,7 @@ def scan_vjp(node: Node, ct: Node) -> list[Node | None]:
     index_map = tuple(range(oc + oy)) + tuple(oc + oy + n_res + j for j in range(os_))
     res_node = g.apply("scan", node.inputs, step=fwd, reverse=reverse, extends=(repr(step), index_map))
     res_node.origin = None   # the forward loop itself, not a backward statement
+    res_node.name, res_node.scope = node.name, node.scope   # it replaces the node (a variable name only)
     stored = []
     for r in range(n_res):
         p = g.apply("scan_out", (res_node,), index=oc + oy + r)

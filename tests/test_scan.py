@@ -251,3 +251,213 @@ def test_jvp_and_hvp_through_a_loop():
 def test_loops_are_refused_by_the_batch_analysis():
     m = backcomp.build(rnn_graph())
     assert m.BATCH_SEPARABLE is False and "scan" in m.BATCH_REFUSAL
+
+
+# ----- specs: [steps] and scan(...) -----------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from backcomp.spec import parse_spec  # noqa: E402
+from backcomp.spec.text import SpecError  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+LSTM_SPEC = """
+[model]
+loss = "loss"
+outputs = ["hs", "h_last", "c_last"]
+[inputs]
+x = ["B", "T", {D}]
+u = ["B", "T", {H}]
+v = ["B", {H}]
+w = ["B", {H}]
+[params]
+Wx = [{D}, {H4}]
+Wh = [{H}, {H4}]
+bx = [{H4}]
+bh = [{H4}]
+[constants]
+H = {H}
+[steps.lstm]
+carry = ["h", "c"]
+xs = ["x_t"]
+[steps.lstm.graph]
+z = "x_t @ Wx + h @ Wh + bx + bh"
+c_new = "sigmoid(z[:, H:2*H]) * c + sigmoid(z[:, :H]) * tanh(z[:, 2*H:3*H])"
+h_new = "sigmoid(z[:, 3*H:]) * tanh(c_new)"
+[steps.lstm.returns]
+carry = ["h_new", "c_new"]
+ys = ["h_new"]
+[graph]
+run = "scan(lstm, (zeros((B, H)), zeros((B, H))), x, axis=1)"
+hs = "run.ys[0]"
+h_last = "run.carry[0]"
+c_last = "run.carry[1]"
+loss = "sum(hs * u) + sum(h_last * v) + sum(c_last * w)"
+""".format(D=D, H=H, H4=4 * H)
+
+GRU_SPEC = """
+[model]
+loss = "loss"
+outputs = ["hs", "h_last"]
+[inputs]
+x = ["B", "T", {D}]
+u = ["B", "T", {H}]
+v = ["B", {H}]
+[params]
+Wx = [{D}, {H3}]
+Wh = [{H}, {H3}]
+bx = [{H3}]
+bh = [{H3}]
+[constants]
+H = {H}
+[steps.gru]
+carry = ["h"]
+xs = ["x_t"]
+[steps.gru.graph]
+gx = "x_t @ Wx + bx"
+gh = "h @ Wh + bh"
+r = "sigmoid(gx[:, :H] + gh[:, :H])"
+z = "sigmoid(gx[:, H:2*H] + gh[:, H:2*H])"
+n = "tanh(gx[:, 2*H:] + r * gh[:, 2*H:])"
+h_new = "(1 - z) * n + z * h"
+[steps.gru.returns]
+carry = ["h_new"]
+ys = ["h_new"]
+[graph]
+run = "scan(gru, zeros((B, H)), x, axis=1)"
+hs = "run.ys[0]"
+h_last = "run.carry[0]"
+loss = "sum(hs * u) + sum(h_last * v)"
+""".format(D=D, H=H, H3=3 * H)
+
+
+def _torch_cell(kind, p):
+    cell = getattr(torch.nn, kind)(D, H, batch_first=True).double()
+    with torch.no_grad():
+        cell.weight_ih_l0.copy_(torch.tensor(p["Wx"].T))
+        cell.weight_hh_l0.copy_(torch.tensor(p["Wh"].T))
+        cell.bias_ih_l0.copy_(torch.tensor(p["bx"]))
+        cell.bias_hh_l0.copy_(torch.tensor(p["bh"]))
+    return cell
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_spec_cells_match_torch(kind):
+    m = backcomp.build(parse_spec(LSTM_SPEC if kind == "LSTM" else GRU_SPEC, f"{kind.lower()}.toml"))
+    p = _params(m, seed=3)
+    rng = np.random.default_rng(4)
+    inputs = {k: rng.normal(size=tuple(B if d == "B" else T if d == "T" else d for d in shape))
+              for k, shape in m.INPUTS.items()}
+    out = m.forward(p, inputs)
+    loss, grads = m.value_and_grad(p, inputs)
+    cell = _torch_cell(kind, p)
+    hs, state = cell(torch.tensor(inputs["x"]))
+    ref = (hs * torch.tensor(inputs["u"])).sum()
+    if kind == "LSTM":
+        h_n, c_n = state
+        ref = ref + (h_n[0] * torch.tensor(inputs["v"])).sum() + (c_n[0] * torch.tensor(inputs["w"])).sum()
+        np.testing.assert_allclose(out["c_last"], c_n[0].detach().numpy(), rtol=1e-10, atol=1e-12)
+    else:
+        h_n = state
+        ref = ref + (h_n[0] * torch.tensor(inputs["v"])).sum()
+    ref.backward()
+    np.testing.assert_allclose(out["hs"], hs.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["h_last"], h_n[0].detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-10)
+    expected = {"Wx": cell.weight_ih_l0.grad.numpy().T, "Wh": cell.weight_hh_l0.grad.numpy().T,
+                "bx": cell.bias_ih_l0.grad.numpy(), "bh": cell.bias_hh_l0.grad.numpy()}
+    for k, v in expected.items():
+        np.testing.assert_allclose(grads[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("spec", [LSTM_SPEC, GRU_SPEC], ids=["lstm", "gru"])
+def test_spec_cells_match_finite_differences(spec):
+    gradcheck(parse_spec(spec, "cell.toml"))
+
+
+@pytest.mark.parametrize("name", ["rnn", "gru", "lstm"])
+def test_example_specs_are_a_dozen_lines_and_compile_to_a_loop(name):
+    path = EXAMPLES / f"{name}.toml"
+    text = path.read_text()
+    step = text[text.index("[steps."):text.index("[graph]")]
+    assert len([ln for ln in step.splitlines() if ln.strip() and not ln.startswith("#")]) <= 14
+    source = backcomp.compile_source(path)
+    assert _loops(source, "forward") == ["T"]
+    assert _loops(source, "value_and_grad") == ["T", "T - 1, -1, -1"]
+    gradcheck(backcomp.load_spec(path) if hasattr(backcomp, "load_spec") else parse_spec(text, str(path)))
+
+
+def _spec_error(text: str) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, "bad.toml")
+    return e.value
+
+
+_BASE = LSTM_SPEC
+
+
+@pytest.mark.parametrize("edit, message, line", [
+    (("scan(lstm,", "scan(lstn,"), "unknown step 'lstn' in node 'run' (did you mean 'lstm'?)", "run = "),
+    (("(zeros((B, H)), zeros((B, H))), x", "zeros((B, H)), x"),
+     "step 'lstm' has 2 carries (h, c), but scan() gives 1 initial value", "run = "),
+    (("zeros((B, H)), zeros((B, H)))", "zeros((B, H)), zeros((B, 1)))"),
+     "returns carry 'c' with shape (B, 6), but it starts with shape (B, 1)", 'carry = ["h_new", "c_new"]'),
+    (('carry = ["h_new", "c_new"]', 'carry = ["h_new", "z"]'),
+     "returns carry 'c' with shape (B, 24), but it starts with shape (B, 6)", 'carry = ["h_new", "z"]'),
+    (('carry = ["h_new", "c_new"]', 'carry = ["h_new"]'), "step 'lstm' returns 1 carry, but takes 2 (h, c)",
+     'carry = ["h_new"]'),
+    (('ys = ["h_new"]', 'ys = ["h_nwe"]'), "step 'lstm' returns 'h_nwe', which is not one of its names", 'ys = '),
+    (("x, axis=1)", "(x, x), axis=1)"), "step 'lstm' takes 1 slice (x_t), but scan() gives 2 sequences", "run = "),
+    (("x, axis=1)", "x, axis=3)"), "axis 3 is out of range", "run = "),
+    (('hs = "run.ys[0]"', 'hs = "run.ys[1]"'), "run.ys[1] is out of range: step 'lstm' has 1 per-step output",
+     'hs = '),
+    (('hs = "run.ys[0]"', 'hs = "run + 1"'), "'run' is the result of scan(): read its parts as run.carry[i]",
+     'hs = '),
+    (('z = "x_t @ Wx', 'z = "x_t @ Wq'), "undefined name 'Wq'", 'z = '),
+    (('xs = ["x_t"]', 'xs = ["x"]'), "'x' in step 'lstm' has the name of a value in [inputs]", 'xs = '),
+])
+def test_spec_errors_are_located(edit, message, line):
+    old, new = edit
+    assert old in _BASE
+    text = _BASE.replace(old, new, 1)
+    err = _spec_error(text)
+    assert message in str(err), str(err)
+    expected_line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.startswith(line))
+    assert err.line == expected_line, (str(err), expected_line)
+
+
+def test_a_step_reads_graph_nodes_and_several_scans_chain():
+    text = """
+[model]
+loss = "loss"
+[inputs]
+x = ["B", "T", 3]
+[params]
+W = [3, 4]
+U = [4, 4]
+V = [4, 2]
+[steps.cell]
+carry = ["h"]
+xs = ["x_t"]
+[steps.cell.graph]
+h_new = "tanh(x_t @ W + h @ U + offset)"
+[steps.cell.returns]
+carry = ["h_new"]
+ys = ["h_new"]
+[steps.small]
+carry = ["s"]
+xs = ["e_t"]
+[steps.small.graph]
+s_new = "s * 0.5 + e_t @ V"
+[steps.small.returns]
+carry = ["s_new"]
+ys = ["s_new"]
+[graph]
+loss = "sum(second.ys[0] ** 2) + sum(first.carry[0])"
+second = "scan(small, zeros((B, 2)), first.ys[0], axis=1)"
+first = "scan(cell, zeros((B, 4)), x, axis=1)"
+offset = "sum(W, axis=0) * 0.1"
+"""
+    g = parse_spec(text, "chain.toml")
+    assert sum(n.op == "scan" for n in g.nodes) == 2
+    gradcheck(g)
