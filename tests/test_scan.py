@@ -461,3 +461,18 @@ offset = "sum(W, axis=0) * 0.1"
     g = parse_spec(text, "chain.toml")
     assert sum(n.op == "scan" for n in g.nodes) == 2
     gradcheck(g)
+
+
+def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
+    """x_t @ Wx for every t is one GEMM before the loop; Σ_t h_tᵀ ḡ_z[t] one contraction after."""
+    text = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    fwd = text.split("\ndef forward(")[1].split("\ndef ")[0]
+    loop = fwd[fwd.index("for t in"):]
+    before = fwd[:fwd.index("for t in")]
+    assert re.search(r"= \w+\.reshape\(\(B\*T, 4\)\)", before) and "@ Wx" in before
+    assert "@ Wx" not in loop and "@ Wh" in loop
+    grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    back = grad[grad.index("for t in range(T - 1"):]
+    back_loop = back[:back.index("\n    run_bar")] if "\n    run_bar" in back else back
+    assert "Wh.T" in back_loop                                  # the carry's cotangent: in the loop
+    assert re.search(r"Wx_bar = \w+\.T @ \w+", back) and re.search(r"Wh_bar = \w+\.T @ \w+", back)

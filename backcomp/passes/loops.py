@@ -77,4 +77,5 @@ def optimize_loops(graph: Graph) -> Graph:
     """The loop passes of ``optimize``: merge, then optimise each step."""
     if not any(n.op == "scan" for n in graph.nodes):
         return graph
-    return optimize_steps(merge_scans(graph))
+    from backcomp.passes.hoist import hoist_loops
+    return hoist_loops(optimize_steps(merge_scans(graph)))
