@@ -28,7 +28,7 @@ RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "
             "jvp", "hvp", "tangents", "_tangents",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
-            "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
+            "_erf", "_sigmoid", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
             "_index_error", "INDEX_RANGES",
             # the per-chunk functions that backcomp.dask calls, their arguments and constants
             "value_and_grad_partial", "loss_partial", "total_rows", "param_terms",

@@ -476,3 +476,27 @@ def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
     back_loop = back[:back.index("\n    run_bar")] if "\n    run_bar" in back else back
     assert "Wh.T" in back_loop                                  # the carry's cotangent: in the loop
     assert re.search(r"Wx_bar = \w+\.T @ \w+", back) and re.search(r"Wh_bar = \w+\.T @ \w+", back)
+
+
+def test_explain_shows_the_step_vjps_and_the_carry_recurrence():
+    from backcomp.explain import explain
+    text = explain(backcomp.load_spec(EXAMPLES / "lstm.toml") if hasattr(backcomp, "load_spec")
+                   else parse_spec((EXAMPLES / "lstm.toml").read_text(), "lstm.toml"))
+    assert "hs = run.ys[0]" in text
+    assert "step lstm (carry h, c; slices x_t), run by run, at step t:" in text
+    assert "ḡ_h = ḡ_z · Whᵀ" in text and "ḡ_Wh = hᵀ · ḡ_z" in text
+    assert "ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]" in text
+    assert "ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]" in text
+    assert "ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]" in text
+    module_text = backcomp.compile_source(EXAMPLES / "lstm.toml")
+    assert "ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]" in module_text   # the module's docstring too
+
+
+def test_graph_draws_each_loop_as_one_cluster():
+    from backcomp.explain import to_dot
+    g = parse_spec((EXAMPLES / "lstm.toml").read_text(), "lstm.toml")
+    dot = to_dot(g)
+    assert dot.count("subgraph cluster_") == 1 and 'label="loop lstm: run"' in dot
+    assert "style=dashed" in dot   # the new carries feed the next step
+    backward = to_dot(g, backward=True)
+    assert backward.count("subgraph cluster_") == 2   # the forward loop and the reversed one

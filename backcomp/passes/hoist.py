@@ -304,3 +304,60 @@ def _sum_over_steps(g: Graph, v: Node, value, is_batched, length) -> Node:
         from backcomp.ops.elementwise import dim_value
         return value[v] * dim_value(length)
     return sum_to(value[v], v.shape)
+
+
+# ----- gate cotangents: a sum of scatters that tile an axis is a concatenation ------------------
+def _tile(s: Node) -> tuple[int, int, int] | None:
+    """(axis, start, stop) of a scatter writing one slice of one axis, else None."""
+    index = s.attrs["index"]
+    if Ellipsis in index or None in index:
+        return None
+    cut = [(i, item) for i, item in enumerate(index) if item != slice(None)]
+    if len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][1].step not in (None, 1):
+        return None
+    axis, sl = cut[0]
+    size = s.shape[axis]
+    if not isinstance(size, int):
+        return None
+    start, stop, _ = sl.indices(size)
+    return axis, start, stop
+
+
+def concatenate_scatters(graph: Graph) -> Graph:
+    """Graph -> Graph where ``scatter(a, [:, :H]) + scatter(b, [:, H:2H]) + ...`` covering an
+    axis exactly becomes ``concatenate((a, b, ...))``: the cotangent of gates sliced from
+    one pre-activation is written once instead of as zeros plus additions."""
+    import sympy as sp
+    from backcomp.graph import consumers
+    from backcomp.ops.elementwise import arg_symbol, node_expr
+    g, _ = graph.clone()
+    users = consumers(g.nodes)
+    replace: dict[Node, Node] = {}
+    for n in list(g.nodes):
+        if n.op == "input" or not get_op(n.op).elementwise or len(n.inputs) < 2:
+            continue
+        if node_expr(n) != sp.Add(*(arg_symbol(i) for i in range(len(n.inputs)))):
+            continue
+        parts = []
+        for x in n.inputs:
+            tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and len(users[x]) == 1 else None
+            if tile is None:
+                break
+            parts.append((tile, x))
+        else:
+            axes = {t[0] for t, _ in parts}
+            if len(axes) != 1:
+                continue
+            parts.sort(key=lambda p: p[0][1])
+            bounds = [(t[1], t[2]) for t, _ in parts]
+            axis = axes.pop()
+            if bounds[0][0] != 0 or bounds[-1][1] != n.shape[axis] or \
+                    any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+                continue
+            with g.scoped(n.scope, n.origin):
+                replace[n] = g.apply("concatenate", tuple(x.inputs[0] for _, x in parts), axis=axis)
+    if not replace:
+        return g
+    g.replace_uses(replace)
+    g.nodes = _toposort(g.nodes)
+    return eliminate_dead_code(g)

@@ -59,7 +59,8 @@ def optimize_step(step: Step) -> Step:
     from backcomp.passes import optimize
     key = repr(step)
     if key not in _OPTIMIZED:
-        _OPTIMIZED[key] = step.rebuild(optimize(step.as_graph()))
+        from backcomp.passes.hoist import concatenate_scatters
+        _OPTIMIZED[key] = step.rebuild(concatenate_scatters(optimize(step.as_graph())))
     return _OPTIMIZED[key]
 
 
