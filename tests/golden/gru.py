@@ -5,7 +5,51 @@ Regenerate with `backcomp compile` after changing the model.
 
 The model and the derivative of each node (as `backcomp explain` prints them):
 
-    gru: 11 nodes, too many to list here; `backcomp explain` shows each derivative.
+    gru: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    run = scan(gru, (full), (transpose))    # shape ()
+
+    hs = run.ys[0]    # shape (B, T, 16)
+
+    pred = bo + hs · Wo    # shape (B, T, 1)
+        ḡ_hs = ḡ_pred · Woᵀ
+        ḡ_Wo = Σ_B(hsᵀ · ḡ_pred)
+        ḡ_bo = Σ_B,T(ḡ_pred)
+
+    loss = mean((pred - y)^2)    # shape ()
+        ḡ_pred = 2·ḡ_loss ⊙ (pred - y)/(B ⊙ T)
+
+    step gru (carry h; slices x_t), run by run, at step t:
+        gx = bx + x_t · Wx    # shape (B, 48)
+            ḡ_x_t = ḡ_gx · Wxᵀ
+            ḡ_Wx = x_tᵀ · ḡ_gx
+            ḡ_bx = Σ_B(ḡ_gx)
+        gh = bh + h · Wh    # shape (B, 48)
+            ḡ_h += ḡ_gh · Whᵀ
+            ḡ_Wh = hᵀ · ḡ_gh
+            ḡ_bh = Σ_B(ḡ_gh)
+        r = σ(getitem(gh, index=(slice(None, None, None), slice(None, 16, None))) + getitem(gx, index=(slice(None, None, None), slice(None, 16, None))))    # shape (B, 16)
+            ḡ_gx += scatter(r ⊙ ḡ_r ⊙ (1 - r), index=(slice(None, None, None), slice(None, 16, None)), shape=('B', 48))
+            ḡ_gh += scatter(r ⊙ ḡ_r ⊙ (1 - r), index=(slice(None, None, None), slice(None, 16, None)), shape=('B', 48))
+        u = σ(getitem(gh, index=(slice(None, None, None), slice(16, 32, None))) + getitem(gx, index=(slice(None, None, None), slice(16, 32, None))))    # shape (B, 16)
+            ḡ_gx += scatter(u ⊙ ḡ_u ⊙ (1 - u), index=(slice(None, None, None), slice(16, 32, None)), shape=('B', 48))
+            ḡ_gh += scatter(u ⊙ ḡ_u ⊙ (1 - u), index=(slice(None, None, None), slice(16, 32, None)), shape=('B', 48))
+        n = tanh(r ⊙ getitem(gh, index=(slice(None, None, None), slice(32, None, None))) + getitem(gx, index=(slice(None, None, None), slice(32, None, None))))    # shape (B, 16)
+            ḡ_gx += scatter(ḡ_n ⊙ (1 - n^2), index=(slice(None, None, None), slice(32, None, None)), shape=('B', 48))
+            ḡ_gh += scatter(r ⊙ ḡ_n ⊙ (1 - n^2), index=(slice(None, None, None), slice(32, None, None)), shape=('B', 48))
+            ḡ_r = ḡ_n ⊙ (1 - n^2) ⊙ getitem(gh, index=(slice(None, None, None), slice(32, None, None)))
+        h_new = h ⊙ u + n ⊙ (1 - u)    # shape (B, 16)
+            ḡ_u = ḡ_h_new ⊙ (h - n)
+            ḡ_n = ḡ_h_new ⊙ (1 - u)
+            ḡ_h += u ⊙ ḡ_h_new
+      across the steps (backpropagation through time, t = T-1, ..., 0):
+        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
+        ḡ_h[t-1] = (ḡ_gh · Whᵀ)[t] + (u ⊙ ḡ_h_new)[t]
+        ḡ_Wx = Σ_t (x_tᵀ · ḡ_gx)[t]
+        ḡ_bx = Σ_t (Σ_B(ḡ_gx))[t]
+        ḡ_Wh = Σ_t (hᵀ · ḡ_gh)[t]
+        ḡ_bh = Σ_t (Σ_B(ḡ_gh))[t]
 """
 import numpy as np
 

@@ -5,7 +5,37 @@ Regenerate with `backcomp compile` after changing the model.
 
 The model and the derivative of each node (as `backcomp explain` prints them):
 
-    lstm: 11 nodes, too many to list here; `backcomp explain` shows each derivative.
+    lstm: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    run = scan(lstm, (full, full), (transpose))    # shape ()
+
+    hs = run.ys[0]    # shape (B, T, 16)
+
+    loss = mean((hs - y)^2)    # shape ()
+        ḡ_hs = ḡ_loss ⊙ (hs - y)/(8·B ⊙ T)
+
+    step lstm (carry h, c; slices x_t), run by run, at step t:
+        z = b + h · Wh + x_t · Wx    # shape (B, 64)
+            ḡ_x_t = ḡ_z · Wxᵀ
+            ḡ_Wx = x_tᵀ · ḡ_z
+            ḡ_h = ḡ_z · Whᵀ
+            ḡ_Wh = hᵀ · ḡ_z
+            ḡ_b = Σ_B(ḡ_z)
+        c_new = c ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))) + σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None))))    # shape (B, 16)
+            ḡ_z += scatter(c ⊙ ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))), index=(slice(None, None, None), slice(16, 32, None)), shape=('B', 64)) + scatter(ḡ_c_new ⊙ (1 - tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None))))^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))), index=(slice(None, None, None), slice(32, 48, None)), shape=('B', 64)) + scatter(ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None)))), index=(slice(None, None, None), slice(None, 16, None)), shape=('B', 64))
+            ḡ_c = ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None))))
+        h_new = σ(getitem(z, index=(slice(None, None, None), slice(48, None, None)))) ⊙ tanh(c_new)    # shape (B, 16)
+            ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(48, None, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(48, None, None)))) ⊙ tanh(c_new), index=(slice(None, None, None), slice(48, None, None)), shape=('B', 64))
+            ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(48, None, None))))
+      across the steps (backpropagation through time, t = T-1, ..., 0):
+        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
+        ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
+        ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]
+        ḡ_c[t-1] = (ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))))[t]
+        ḡ_Wx = Σ_t (x_tᵀ · ḡ_z)[t]
+        ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
+        ḡ_b = Σ_t (Σ_B(ḡ_z))[t]
 """
 import numpy as np
 

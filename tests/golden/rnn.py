@@ -5,7 +5,29 @@ Regenerate with `backcomp compile` after changing the model.
 
 The model and the derivative of each node (as `backcomp explain` prints them):
 
-    rnn: 16 nodes, too many to list here; `backcomp explain` shows each derivative.
+    rnn: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
+    ḡ_loss = 1
+
+    run = scan(cell, (full), (transpose))    # shape ()
+
+    logits = run.carry[0]    # shape (B, 4)
+
+    loss = mean(logsumexp[axis=1](logits) - logits[labels])    # shape ()
+        ḡ_logits = ḡ_loss ⊙ (-onehot(labels) + softmax[axis=1](logits))/B
+
+    step cell (carry h; slices x_t), run by run, at step t:
+        h_new = tanh(b + h · Wh + x_t · Wx)    # shape (B, 32)
+            ḡ_x_t = (ḡ_h_new ⊙ (1 - h_new^2)) · Wxᵀ
+            ḡ_Wx = x_tᵀ · (ḡ_h_new ⊙ (1 - h_new^2))
+            ḡ_h = (ḡ_h_new ⊙ (1 - h_new^2)) · Whᵀ
+            ḡ_Wh = hᵀ · (ḡ_h_new ⊙ (1 - h_new^2))
+            ḡ_b = Σ_B(ḡ_h_new ⊙ (1 - h_new^2))
+      across the steps (backpropagation through time, t = T-1, ..., 0):
+        ḡ_h_new[t] = ḡ_h[t+1]    (zero after the last step)
+        ḡ_h[t-1] = ((ḡ_h_new ⊙ (1 - h_new^2)) · Whᵀ)[t]
+        ḡ_Wx = Σ_t (x_tᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]
+        ḡ_Wh = Σ_t (hᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]
+        ḡ_b = Σ_t (Σ_B(ḡ_h_new ⊙ (1 - h_new^2)))[t]
 """
 import numpy as np
 
