@@ -16,6 +16,7 @@ import jinja2
 from backcomp import __version__
 from backcomp.graph import Graph, Node, consumers, live_nodes
 from backcomp.inits import init_code
+from backcomp.loops import enter_lowering
 from backcomp.ops.registry import get_op
 from backcomp.passes.memory import is_view, plan_memory
 from backcomp.printer import collect_helpers, use_helper
@@ -30,7 +31,7 @@ RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "
             "wanted", "result", "_wanted_outputs",
             "PARAMS", "INPUTS", "INPUT_KINDS", "WRT", "LOSS", "OUTPUTS",
             # module-level helpers of the template
-            "_erf", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
+            "_erf", "_sigmoid", "_check_finite", "_validate", "_check_array", "_check_keys", "_shape_text",
             "_index_error", "INDEX_RANGES",
             # the per-chunk functions that backcomp.dask calls, their arguments and constants
             "partial_value_and_grad", "partial_loss", "total_rows", "param_terms",
@@ -161,6 +162,7 @@ def mode_args(graph: Graph) -> tuple[str, str]:
 
 
 def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
+    enter_lowering(nodes, names, check_finite)   # what a loop's emission needs to know
     users = consumers(nodes)
     suffix = {n: _inline_suffix(n, len(users[n])) for n in nodes if n not in returned}
     inlined = {n: n.inputs[0] for n, text in suffix.items() if text is not None}

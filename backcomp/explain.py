@@ -25,6 +25,7 @@ from backcomp.ops import sum as op_sum
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
 from backcomp.vjp import differentiate
+from backcomp.explain_loops import explain_step, loop_cluster, loop_lines, loop_math, steps_of
 
 BAR = "ḡ_"
 
@@ -363,12 +364,18 @@ def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
     else:
         differentiable = set()
     lines = line_names(graph)
-    maths = [node_math(graph, n, differentiable, lines) for n in _named_order(graph, lines)]
+    maths = [node_math(graph, n, differentiable, lines) if not _is_loop(graph, n, lines)
+             else NodeMath(lines[n], n.shape, sp.Symbol(loop_math(n, lines))) for n in _named_order(graph, lines)]
     consumers: dict[str, list[str]] = {}
     for m in maths:
         for v in m.vjps:
             consumers.setdefault(v, []).append(m.name)
     return maths, consumers
+
+
+def _is_loop(graph: Graph, node: Node, lines: dict[Node, str]) -> bool:
+    """A line made of a loop or its outputs: shown as written, its VJPs in the step's block."""
+    return any(loop_lines(n) for n in _members(graph, node, lines))
 
 
 def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex: bool = False) -> str:
@@ -422,6 +429,10 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
                 lines.append(rf"\quad \bar{{g}}_{{{MathLatexPrinter._name(v)}}} {acc_l} {fmt(term)}")
             else:
                 lines.append(f"    {BAR}{v} {acc} {fmt(term)}")
+    if node is None and not latex:
+        for step, caller in steps_of(graph):
+            lines.append("")
+            lines += explain_step(step, caller, fmt)
     if node is None:
         multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
         if multi:
@@ -471,6 +482,9 @@ def to_dot(graph: Graph, backward: bool = False) -> str:
     """The forward DAG (and, with ``backward``, the differentiated one) as DOT."""
     from backcomp.codegen import assign_names
     g = differentiate(graph) if backward and graph.loss_node is not None else graph
+    if g is not graph and any(n.op == "scan" for n in g.nodes):
+        from backcomp.passes.loops import merge_scans
+        g = merge_scans(g)   # the forward loop that stores the residuals replaces the plain one
     names = assign_names(g)
     ids = {n: f"n{i}" for i, n in enumerate(g.nodes)}
     lines = [f'digraph "{graph.name}" {{', "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];']
@@ -491,7 +505,11 @@ def to_dot(graph: Graph, backward: bool = False) -> str:
         lines.append(f"  {ids[n]} [{attrs}];")
     for n in g.nodes:
         for x in n.inputs:
-            lines.append(f"  {ids[x]} -> {ids[n]};")
+            if n.op != "scan":
+                lines.append(f"  {ids[x]} -> {ids[n]};")
+    for n in g.nodes:
+        if n.op == "scan":
+            lines += loop_cluster(n, ids, _dot_escape)
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -187,6 +187,10 @@ class Graph:
     #: function even though nothing reads them)
     buffers: dict[str, Node] = field(default_factory=dict)
     effects: list[Node] = field(default_factory=list)
+    #: a loop's step graph (backcomp.loops): the graph it is nested in, and each outer
+    #: value it reads -> the leaf standing for it inside (None once the step is closed)
+    parent: "Graph | None" = None
+    captured: "dict[Node, Node] | None" = None
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -290,6 +294,11 @@ class Graph:
         from backcomp.ops.registry import get_op
         opdef = get_op(op)
         inputs = tuple(inputs)
+        home = innermost_graph(self, inputs)
+        if home is not self:   # an operand lives in a step nested in this graph: build there
+            return home.apply(op, inputs, **attrs)
+        if self.captured is not None:
+            inputs = tuple(x if x.graph is self else self.capture(x) for x in inputs)
         for x in inputs:
             if x.graph is not self:
                 raise GraphError(f"node {x!r} belongs to graph '{x.graph.name}', not '{self.name}'")
@@ -298,6 +307,26 @@ class Graph:
                     scope=self.scope, origin=self.origin)
         self.nodes.append(node)
         return node
+
+    def capture(self, x: Node) -> Node:
+        """The leaf of this step graph that stands for ``x``, a value of an enclosing graph."""
+        if self.captured is None or self.parent is None:
+            raise GraphError(f"node {x!r} belongs to graph '{x.graph.name}', not '{self.name}'")
+        outer = x if x.graph is self.parent else self.parent.capture(x)
+        leaf = self.captured.get(outer)
+        if leaf is None:
+            leaf = Node("input", (), {}, x.shape, x.dtype, self, len(self.nodes))
+            self.nodes.append(leaf)
+            if x.name is not None and x.name not in self._names:
+                self.assign_name(x.name, leaf)
+            self.captured[outer] = leaf
+        return leaf
+
+    def scan(self, step, init, xs, axis: int = 0, name: str = "step", reverse: bool = False):
+        """Run ``step(carry, x) -> (new_carry, ys)`` along ``axis`` of ``xs`` as one loop
+        (``backcomp.loops.scan``); the result has ``.carry`` and ``.ys`` (stacked on ``axis``)."""
+        from backcomp.loops import scan
+        return scan(step, init, xs, axis=axis, name=name, reverse=reverse)
 
     @contextmanager
     def scoped(self, scope: str | None = None, origin: tuple | None = None):
@@ -358,6 +387,22 @@ class Graph:
 
     def wrt_params(self) -> tuple[str, ...]:
         return self.wrt if self.wrt is not None else tuple(self.params)
+
+
+def innermost_graph(graph: Graph, nodes: Iterable[Node]) -> Graph:
+    """The most deeply nested of ``graph`` and the graphs of ``nodes`` (steps nest in their
+    parents): where an op over these values must be built."""
+    home = graph
+    for x in nodes:
+        g = x.graph
+        if g is home:
+            continue
+        up = g.parent
+        while up is not None and up is not home:
+            up = up.parent
+        if up is home:
+            home = g
+    return home
 
 
 def consumers(nodes: Iterable[Node]) -> dict[Node, list[Node]]:

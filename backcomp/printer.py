@@ -152,8 +152,9 @@ class NumpyExprPrinter(NumPyPrinter):
         return f"~({self._print(expr.args[0])})"
 
     def _print_sigmoid(self, expr):
-        """σ(x) = exp(-log(1 + exp(-x))): no overflow at either tail."""
-        return f"np.exp(-np.logaddexp(0, -{self.parenthesize(expr.args[0], 50)}))"
+        """σ(x) by the module's ``_sigmoid`` (backcomp/runtime.py): no overflow at either tail."""
+        self.use_helper("sigmoid")
+        return f"_sigmoid({self._print(expr.args[0])})"
 
     def _print_softplus(self, expr):
         """log(1 + exp(x)) without overflow."""

@@ -37,6 +37,17 @@ def _erf(x):
     return np.copysign(out, x).astype(x.dtype if x.dtype.kind == "f" else np.float64, copy=False)
 
 
+def _sigmoid(x):
+    """σ(x) from exp(-|x|) alone: 1/(1 + e) for x >= 0, e/(1 + e) below, so nothing
+    overflows and both tails keep full relative precision; about ten times faster
+    than exp(-logaddexp(0, -x)), whose logaddexp dominated recurrent steps."""
+    e = np.exp(-np.abs(x))
+    out = np.where(x >= 0, 1.0, e).astype(e.dtype, copy=False)
+    e += 1
+    out /= e
+    return out
+
+
 def _index_error(kind, name, value, low, high):
     """Name the first index or label outside [low, high) and where it is."""
     where = tuple(int(i) for i in np.argwhere((value < low) | (value >= high))[0])
@@ -114,7 +125,7 @@ def _dropout_mask(seed, stream, x, p):
 
 
 #: helper name (as the printer and code generator report it) -> the functions it needs
-HELPERS = {"erf": (_erf,), "index": (_index_error,), "finite": (_check_finite,),
+HELPERS = {"erf": (_erf,), "sigmoid": (_sigmoid,), "index": (_index_error,), "finite": (_check_finite,),
            "scatter_add": (_scatter_add,), "tangents": (_tangents,), "random": (_random_seed, _dropout_mask)}
 
 

@@ -60,9 +60,12 @@ def backpropagate(g: Graph, y: Node, wrt: list[Node]) -> dict[Node, Node]:
             continue
         scope = f"{node.name or node.scope}_bar" if (node.name or node.scope) else None
         with g.scoped(scope=scope, origin=(node, None)):
-            ct = parts[0]
-            for part in parts[1:]:
-                ct = add(ct, part)
+            if node.dtype == "tuple" and len(parts) > 1:   # a loop: one cotangent per output it has
+                ct = g.apply("tuple_ct_sum", tuple(parts))
+            else:
+                ct = parts[0]
+                for part in parts[1:]:
+                    ct = add(ct, part)
         opdef = get_op(node.op) if node.op not in LEAVES else None
         if ct.shape != node.shape and (opdef is None or not opdef.broadcast_ct):
             with g.scoped(scope=scope, origin=(node, None)):

@@ -168,6 +168,8 @@ def test_every_jvp_rule_is_exercised():
     from test_conv_family import JVP_GRAPHS as CONV_JVP_GRAPHS
     graphs += [build() for build in [*JVP_GRAPHS.values(), *SHAPE_JVP_GRAPHS.values(), *BN_JVP_GRAPHS.values(),
                                      *CONV_JVP_GRAPHS.values()]]
+    from test_scan import JVP_GRAPHS as SCAN_GRAPHS
+    graphs += [build() for build in SCAN_GRAPHS.values()]
     for g in graphs:
         tangents = with_tangents(g)
         seen |= {n.op for n in tangents if n.op not in ("input", "param")}

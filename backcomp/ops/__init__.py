@@ -88,3 +88,6 @@ def apply(op: str, *inputs: Node, **attrs) -> Node:
     if not inputs:
         raise GraphError(f"{op}() needs at least one array argument")
     return inputs[0].graph.apply(op, inputs, **attrs)
+
+
+from backcomp import loops as _loops  # noqa: E402,F401  (registers scan and its projections)

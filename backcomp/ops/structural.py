@@ -247,7 +247,6 @@ def _as_matmul(node, args, out) -> list[str] | None:
     natural = batch + left + right
     if len(left) != 1 or len(right) != 1:
         final = dict(zip(res, node.shape))
-        shape = [str(final[c]) for c in natural]
         lines.append(f"{out} = {out}.reshape({shape_code(tuple(final[c] for c in natural))})")
     perm = tuple(natural.index(c) for c in res)
     if perm != tuple(range(len(res))):

@@ -8,6 +8,7 @@ from backcomp.passes.cse import eliminate_common_subexpressions
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
 from backcomp.passes.gemm import flatten_batched_gemms
+from backcomp.passes.loops import optimize_loops
 from backcomp.passes.reductions import hoist_constant_factors, merge_reductions
 from backcomp.passes.residuals import keep_residuals
 from backcomp.passes.stability import Finding, stabilize
@@ -29,7 +30,7 @@ def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Grap
 
 def optimize(graph: Graph) -> Graph:
     """After differentiation (-O1): CSE across forward and backward, fusion, DCE."""
-    for run in (eliminate_dead_code, flatten_batched_gemms, eliminate_common_subexpressions, fuse_elementwise,
+    for run in (optimize_loops, eliminate_dead_code, flatten_batched_gemms, eliminate_common_subexpressions, fuse_elementwise,
                 hoist_constant_factors, fuse_elementwise, eliminate_common_subexpressions):
         graph = run(graph)
     return graph

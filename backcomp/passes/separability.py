@@ -293,6 +293,8 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
         raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
     if opdef.random:
         raise _Mixed(node, f"draws random numbers ({node.op}): chunks would not draw what the whole batch draws")
+    if node.op in ("scan", "scan_out") and any(k.tag != "free" for k in kinds):
+        raise _Mixed(node, "runs a loop (scan) over batch values; loops are not analysed for separability")
     if not node.inputs:
         kind = FREE
     elif node.op in ("take", "one_hot", "tril", "triu"):

@@ -153,6 +153,9 @@ def finite(value, node, where):
 class Walker:
     """Turns one expression's ast into graph nodes, checking every construct."""
 
+    #: the spec's [steps] (``backcomp.spec.steps.Steps``): builds scan() calls and run.ys[i]
+    steps = None
+
     def __init__(self, graph: Graph, names: dict[str, Node], constants: dict[str, float],
                  functions: dict[str, Callable], where: Where):
         self.graph, self.names, self.constants, self.functions, self.where = graph, names, constants, functions, where
@@ -214,6 +217,9 @@ class Walker:
             return self.constants[node.id]
         found = self.names.get(node.id)
         if found is not None:
+            if found.dtype == "tuple":
+                raise self.err(node, f"'{node.id}' is the result of scan(): read its parts as "
+                                     f"{node.id}.carry[i] and {node.id}.ys[i]")
             return found
         if node.id in self.graph.dims:   # a symbolic dim is a number, bound when the module runs
             return dim_symbol(node.id)
@@ -293,12 +299,16 @@ class Walker:
         return -v
 
     def attribute(self, node: ast.Attribute):
+        if node.attr in ("carry", "ys") and self.steps is not None:
+            raise self.err(node, f"'{ast.unparse(node)}' is a tuple: index it, e.g. {ast.unparse(node)}[0]")
         if node.attr != "T":
             raise self.err(node, f"attribute access '.{node.attr}' is not allowed (only '.T')")
         v = self.array(node.value, "the operand of .T")
         return self.apply(node, ops.transpose, v)
 
     def subscript(self, node: ast.Subscript):
+        if isinstance(node.value, ast.Attribute) and node.value.attr in ("carry", "ys") and self.steps is not None:
+            return self.steps.part(self, node)
         x = self.array(node.value, "a subscripted value", allow_int=True)
         items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         index = tuple(self.index_item(i) for i in items)
@@ -329,6 +339,9 @@ class Walker:
     def int(self, node: ast.AST, what: str, expected: str = "an integer", minimum: int | None = None) -> int:
         """A compile-time integer (a literal or an integer constant), at least ``minimum``."""
         v = number_value(node, self.where, self.constants)
+        if v is None and isinstance(node, ast.BinOp):   # arithmetic on integer constants: 2*H, H + 1
+            folded = self.value(node)
+            v = folded if isinstance(folded, int) and not isinstance(folded, bool) else None
         if v is None or isinstance(v, float) and not v.is_integer() or isinstance(node, ast.Constant) and isinstance(node.value, float):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 raise self.err(node, f"a string is not allowed here: {what} must be {expected}")
@@ -374,6 +387,8 @@ class Walker:
             raise self.err(node, "only calls of ops and [functions] by name are allowed "
                                  f"(not '{ast.unparse(node.func)}(...)')")
         fname = node.func.id
+        if fname == "scan" and self.steps is not None and fname not in self.functions:
+            return self.steps.call(self, node)
         if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
             raise self.err(node, "'*' and '**' unpacking are not allowed in calls")
         if fname in self.functions:

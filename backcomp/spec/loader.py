@@ -15,6 +15,7 @@ from backcomp.graph import Graph, GraphError, Node, ShapeError, format_shape
 from backcomp.ops.scalar import SCALAR_FUNCTIONS
 from backcomp.spec.expressions import SPEC_OPS, Walker, Where, parse_expression
 from backcomp.spec.functions import SCALAR_EXTRA, ScalarWalker
+from backcomp.spec.steps import Steps
 from backcomp.spec.text import (DTYPES, MAX_PARAM_ELEMENTS, MAX_SPEC_BYTES, MODEL_KEYS, SECTIONS, Locator, SpecError,
                                 suggest, toml_type)
 
@@ -59,6 +60,7 @@ class _Loader:
         self.load_params(graph, data.get("params", {}))
         self.load_buffers(graph, data.get("buffers", {}))
         self.functions = self.load_functions(data.get("functions", {}))
+        self.steps = Steps(self, data.get("steps", {}))
         self.load_graph(graph, data.get("graph", {}))
         self.finish(graph, model)
         return graph
@@ -89,6 +91,16 @@ class _Loader:
             raise self.fail(where, f"'{name}' is a dimension of input '{self.dims[name]}'; "
                                    "dim names share the namespace of values: choose another name")
         self.used[name] = section
+
+    def claim_step(self, name: str, where) -> None:
+        """A [steps] name: a name in the one namespace, called only by scan()."""
+        if not name.isidentifier() or name.startswith("_"):
+            raise self.fail(where, f"step name '{name}' is not a valid name (letters, digits and _)")
+        if name in SPEC_OPS:
+            raise self.fail(where, f"'{name}' is the name of a built-in op; choose another name")
+        if name in self.used:
+            raise self.fail(where, f"duplicate name '{name}': already defined in [{self.used[name]}]")
+        self.used[name] = "steps"
 
     def load_constants(self, table: dict) -> dict[str, float]:
         out = {}
@@ -273,11 +285,17 @@ class _Loader:
             trees[name] = (parse_expression(text, where), where)
         deps = {name: [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in table]
                 for name, (tree, _) in trees.items()}
+        for name, (tree, _) in trees.items():   # a scan comes after the nodes its step reads
+            called = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                      and n.func.id == "scan" and n.args and isinstance(n.args[0], ast.Name)}
+            for step in sorted(called):
+                deps[name] += sorted(n for n in self.steps.free_names(step) if n in table and n != name)
         names: dict[str, Node] = dict(graph.inputs) | dict(graph.params) | dict(graph.buffers)
         for name in _topological(deps, lambda cycle: self.fail(
                 self.loc.value("graph", cycle[0]), f"cycle in [graph]: {' -> '.join(cycle)}")):
             tree, where = trees[name]
             walker = Walker(graph, names, self.constants, self.functions, where)
+            walker.steps = self.steps
             with graph.scoped(name):
                 value = walker.value(tree)
                 if not isinstance(value, Node):

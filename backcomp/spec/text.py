@@ -16,7 +16,7 @@ MAX_AST_DEPTH = 200       # e.g. a + a + ... + a chains
 MAX_PARAM_ELEMENTS = 10 ** 9
 MAX_SPEC_BYTES = 5_000_000
 
-SECTIONS = ("model", "inputs", "params", "buffers", "constants", "functions", "graph")
+SECTIONS = ("model", "inputs", "params", "buffers", "constants", "functions", "steps", "graph")
 MODEL_KEYS = ("name", "loss", "outputs", "wrt")
 DTYPES = {"float": "float", "float32": "float", "float64": "float",
           "int": "int", "int32": "int", "int64": "int"}

@@ -1,0 +1,148 @@
+"""``backcomp explain`` for models with loops: each step's VJPs and the carries' recurrence.
+
+A step is explained as a small model of its own: its leaves (carries, slices, model
+values) are the differentiated values and each output o is seeded with its cotangent
+ḡ_o, so every line shows the step's VJPs in the user's names.  Then the recurrence
+that backpropagation through time runs, from the last step to the first:
+
+    ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]        (the next step's carry, this step's output)
+    ḡ_h[t] = ḡ_z[t] · Whᵀ                   (the step's VJP w.r.t. its carry)
+    ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]                (model values: summed over the steps)
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from backcomp.graph import Graph, Node, format_shape
+from backcomp.loops import Step
+
+BAR = "ḡ_"
+
+
+def loop_lines(node: Node) -> bool:
+    """Whether a named node's line is made of a loop (a scan or one of its outputs)."""
+    return node.op in ("scan", "scan_out")
+
+
+def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
+    from backcomp.ops import sum as op_sum
+    g = Graph(step.name, dims=dict(step.graph.dims))
+    m: dict[Node, Node] = {}
+    label: dict[Node, str] = {}
+    for i, leaf in enumerate(step.leaves):
+        name = leaf.name or f"v{i}"
+        kind = "param" if leaf.dtype == "float" else "input"
+        m[leaf] = g._leaf(kind, name, leaf.shape, leaf.dtype)
+        (g.params if kind == "param" else g.inputs)[name] = m[leaf]
+        label[leaf] = name
+    for n in step.graph.nodes:
+        if n in m:
+            continue
+        m[n] = g.apply(n.op, [m[i] for i in n.inputs], **dict(n.attrs))
+        if n.name is not None and g.lookup(n.name) is None:
+            m[n] = g.assign_name(n.name, m[n])
+    seed = None
+    for k, o in enumerate(step.carry_out + step.ys):
+        kind = "carry" if k < len(step.carry_out) else "ys"
+        name = f"{o.name or f'out{k}'}_ct" if kind == "carry" else f"ys{k - len(step.carry_out)}_ct"
+        s = g._leaf("input", name, o.shape, "float")
+        g.inputs[name] = s
+        term = op_sum(m[o] * s)
+        seed = term if seed is None else seed + term
+    g.loss(seed, "step_seed")
+    return g, {m[k]: v for k, v in label.items()}
+
+
+def explain_step(step: Step, caller: str, fmt) -> list[str]:
+    """The lines of one step: its nodes, their VJPs, and the recurrence across steps."""
+    from backcomp.explain import derive
+    model, _ = _step_model(step)
+    maths, consumers = derive(model)
+    carries = [c.name for c in step.carry]
+    slices = [x.name for x in step.xs]
+    lines = [f"step {step.name} (carry {', '.join(carries)}; slices {', '.join(slices)}), run by {caller}, at step t:"]
+    for m in maths:
+        if m.name == "step_seed":
+            continue
+        lines.append(f"    {m.name} = {fmt(m.forward)}    # shape {format_shape(m.shape)}")
+        for v, term in m.vjps.items():
+            acc = "+=" if len(consumers.get(v, [])) > 1 else "="
+            lines.append(f"        {BAR}{v} {acc} {fmt(term)}")
+    lines.append("  across the steps (backpropagation through time, t = T-1, ..., 0):")
+    ys_of = {id(y): j for j, y in enumerate(step.ys)}
+    for leaf, out in zip(step.carry, step.carry_out):
+        name = out.name or leaf.name
+        extra = f" + {BAR}ys{ys_of[id(out)]}[t]" if id(out) in ys_of else ""
+        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[t+1]{extra}    (zero after the last step)")
+    for leaf in step.carry:
+        terms = _terms(maths, leaf.name)
+        lines.append(f"    {BAR}{leaf.name}[t-1] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
+    for leaf in step.consts:
+        terms = _terms(maths, leaf.name)
+        if terms and leaf.dtype == "float":
+            lines.append(f"    {BAR}{leaf.name} = Σ_t {' + '.join(f'({fmt(t)})[t]' for t in terms)}")
+    return lines
+
+
+def _terms(maths, name: str) -> list[sp.Expr]:
+    return [m.vjps[name] for m in maths if name in m.vjps and m.name != "step_seed"]
+
+
+def steps_of(graph: Graph) -> list[tuple[Step, str]]:
+    """Each scan's step once, with the name of the node that runs it (nested steps after)."""
+    out: list[tuple[Step, str]] = []
+    seen: set[str] = set()
+    stack = [(n.attrs["step"], n.name or "scan") for n in graph.nodes if n.op == "scan"]
+    while stack:
+        step, caller = stack.pop(0)
+        if repr(step) in seen:
+            continue
+        seen.add(repr(step))
+        out.append((step, caller))
+        stack += [(n.attrs["step"], n.name or "scan") for n in step.graph.nodes if n.op == "scan"]
+    return out
+
+
+def loop_math(node: Node, lines: dict[Node, str]) -> str:
+    """The forward text of a named node made of a loop: scan(step, ...) or run.ys[j]."""
+    if node.op == "scan":
+        step: Step = node.attrs["step"]
+        c, x, _ = step.counts()
+        init = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[:c])
+        seqs = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[c:c + x])
+        return f"scan({step.name}, ({init}), ({seqs}){', reverse' if node.attrs.get('reverse') else ''})"
+    x = node
+    while x.op not in ("scan_out",) and x.inputs:
+        x = x.inputs[0]
+    step = x.inputs[0].attrs["step"]
+    from backcomp.loops import out_kind
+    kind, j = out_kind(step, x.attrs["index"])
+    return f"{lines.get(x.inputs[0], x.inputs[0].name or 'scan')}.{kind}[{j}]"
+
+
+def loop_cluster(node: Node, ids: dict[Node, str], escape) -> list[str]:
+    """A scan drawn as one cluster holding its step: the loop's inputs feed the step's
+    leaves, the new carries loop back to the carries (dashed), the outputs leave it."""
+    from backcomp.codegen import assign_names
+    step: Step = node.attrs["step"]
+    names = assign_names(step.graph)
+    base = ids[node]
+    local = {n: f"{base}_{i}" for i, n in enumerate(step.graph.nodes)}
+    lines = [f"  subgraph cluster_{base} {{",
+             f'    label="{escape(f"loop {step.name}: {node.name or ids[node]}")}"; style=rounded; color="#8080c0";']
+    for n in step.graph.nodes:
+        detail = "" if n.op == "input" else "\\n" + (n.attrs.get("label", n.op) if n.op == "ew" else n.op)
+        shape = "box" if n.op == "input" else "ellipse"
+        lines.append(f'    {local[n]} [label="{escape(names[n] + detail)}\\n{escape(format_shape(n.shape))}", '
+                     f"shape={shape}];")
+    for n in step.graph.nodes:
+        for x in n.inputs:
+            lines.append(f"    {local[x]} -> {local[n]};")
+    for leaf, out in zip(step.carry, step.carry_out):
+        lines.append(f"    {local[out]} -> {local[leaf]} [style=dashed, constraint=false];")
+    lines.append("  }")
+    for x, leaf in zip(node.inputs, step.leaves):
+        lines.append(f"  {ids[x]} -> {local[leaf]};")
+    for out in step.outputs:
+        lines.append(f"  {local[out]} -> {base};")
+    return lines
