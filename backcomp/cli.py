@@ -202,7 +202,7 @@ def cmd_explain(args) -> int:
 
 def cmd_check(args) -> int:
     import numpy as np
-    from backcomp.check import check_gradients, check_point, constant_inits, random_inputs
+    from backcomp.check import check_gradients, check_point, constant_inits, fixed_draws, random_inputs
     from backcomp.compiler import build
     graph = _load(args.spec)
     if graph.loss_node is None:
@@ -212,7 +212,7 @@ def cmd_check(args) -> int:
     inputs = random_inputs(module, batch=args.batch, seed=args.seed)
     jittered = constant_inits(module, args.seed) if args.jitter > args.perturb else []
     with np.errstate(all="ignore"):
-        loss = float(module.value_and_grad(params, inputs)[0])
+        loss = float(module.value_and_grad(params, inputs, **fixed_draws(module))[0])
         results = check_gradients(module, params, inputs, max_elements=args.max_elements, seed=args.seed)
     where = f"init_params(seed={args.seed})"
     if args.perturb:

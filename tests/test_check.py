@@ -104,6 +104,34 @@ def test_every_example_passes(path, capsys):
     assert "gradients match finite differences" in out
 
 
+# dropout needs rng= and batch_norm buffers=: the command's own loss line called
+# value_and_grad without them ("this model has buffers ...: pass buffers=init_buffers()").
+RANDOM_WITH_BUFFERS = """
+[model]
+loss = "loss"
+[inputs]
+x = ["B", 3, 4]
+[params]
+W = [4, 4]
+gamma = { shape = [3], init = "ones" }
+beta = [3]
+[buffers]
+rm = [3]
+rv = { shape = [3], init = "ones" }
+[graph]
+y = "dropout(batch_norm(x @ W, gamma, beta, rm, rv), p=0.3)"
+loss = "mean(y * x)"
+"""
+
+
+def test_models_with_random_ops_and_buffers_are_checked_with_fixed_draws(tmp_path, capsys):
+    path = tmp_path / "bn_dropout.toml"
+    path.write_text(RANDOM_WITH_BUFFERS)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gradients match finite differences" in out and set(_table(out)) == {"W", "gamma", "beta", "(all)"}
+
+
 def _broken_matmul(monkeypatch, factor=1.01):
     """matmul's VJP with its second operand's cotangent scaled by ``factor``."""
     op = registry.get_op("matmul")

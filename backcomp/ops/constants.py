@@ -118,7 +118,7 @@ register_op(OpDef(
     None, no_derivative="integers: no input, no derivative",
     explain=lambda node, args, scalars: notation.opaque(
         f"arange{node.attrs['n']}", f"arange({node.attrs['n']})",
-        rf"\operatorname{{arange}}({node.attrs['n']})", True)(),
+        notation.lit(rf"\operatorname{{arange}}({node.attrs['n']})"), True)(),
     doc="0, 1, …, n−1 as integers (ids for take, operands of mask comparisons)", signature="arange(n)"))
 
 
@@ -144,7 +144,7 @@ def _triangle(op: str):
     def explain(node, args, scalars):
         k = node.attrs["k"]
         return notation.opaque(f"{op}{k}", f"{op}({{0}}{', k=' + str(k) if k else ''})",
-                               rf"\operatorname{{{op}}}_{{{k}}}\left({{0}}\right)", True)(*args)
+                               notation.lit(rf"\operatorname{{{op}}}_{{{k}}}") + r"\left({0}\right)", True)(*args)
 
     register_op(OpDef(
         op, infer, lambda node, args, out: [f"{out} = np.{op}({args[0]}, k={node.attrs['k']})"], vjp,

@@ -46,7 +46,7 @@ def _take_explain(node, args, scalars):
     if axis == 0:
         return notation.opaque("take", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args)
     return notation.opaque(f"take{axis}", f"take({{0}}, {{1}}, axis={axis})",
-                           rf"\operatorname{{take}}_{{{axis}}}\left({{0}}, {{1}}\right)", True)(*args)
+                           notation.lit(rf"\operatorname{{take}}_{{{axis}}}") + r"\left({0}, {1}\right)", True)(*args)
 
 
 register_op(OpDef(
@@ -120,7 +120,7 @@ register_op(OpDef(
     no_derivative="a function of integer ids (its float input only gives the dtype)",
     explain=lambda node, args, scalars: notation.opaque(
         f"one_hot{node.attrs['n']}", f"one_hot({{0}}, {node.attrs['n']})",
-        rf"\operatorname{{one\_hot}}_{{{node.attrs['n']}}}\left({{0}}\right)", True)(args[0]),
+        notation.lit(rf"\operatorname{{one\_hot}}_{{{node.attrs['n']}}}") + r"\left({0}\right)", True)(args[0]),
     doc="one_hot(ids, n): a float array ids.shape + (n,), 1 at each id (ids in [0, n))",
     signature="one_hot(ids, n)",
     index_range=lambda node: {0: (0, node.attrs["n"])}))

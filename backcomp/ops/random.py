@@ -44,7 +44,7 @@ register_op(OpDef(
     no_derivative="random: a fresh draw, not a function of x (x gives its shape and dtype)",
     explain=lambda node, args, scalars: notation.opaque(
         f"mask{node.attrs['stream']}p{node.attrs['p']!r}", f"mask_{node.attrs['stream']}(p={node.attrs['p']:g})",
-        rf"m_{{{node.attrs['stream']}}}", True)(),
+        notation.lit(rf"m_{{{node.attrs['stream']}}}"), True)(),
     doc="the scaled keep-mask of dropout: 1/(1-p) with probability 1-p, else 0; ones when train=False",
     signature="dropout_mask(x, p)"))
 
@@ -87,7 +87,7 @@ def _draw_emit(node, args, out):
 def _draw_explain(node, args, scalars):
     dist, a, b, k = node.attrs["dist"], node.attrs["a"], node.attrs["b"], node.attrs["stream"]
     sym = "N" if dist == "normal" else "U"
-    return notation.opaque(f"{dist}{k}({a!r},{b!r})", f"{sym}_{k}({a:g}, {b:g})", rf"\mathcal{{{sym}}}_{{{k}}}({a:g}, {b:g})",
+    return notation.opaque(f"{dist}{k}({a!r},{b!r})", f"{sym}_{k}({a:g}, {b:g})", notation.lit(rf"\mathcal{{{sym}}}_{{{k}}}({a:g}, {b:g})"),
                            True)()
 
 

@@ -470,7 +470,7 @@ def _transpose_explain(node, args, scalars):
         inner = args[0]
         return inner.args[0] if isinstance(inner, transposed) else transposed(inner)   # (Wᵀ)ᵀ = W
     return notation.opaque(f"transpose{axes}", f"transpose({{0}}, {axes})",
-                           rf"\mathrm{{transpose}}_{{{axes}}}\left({{0}}\right)", True)(args[0])
+                           notation.lit(rf"\mathrm{{transpose}}_{{{axes}}}") + r"\left({0}\right)", True)(args[0])
 
 
 def _transpose_inline(node, readers):
