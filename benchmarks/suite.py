@@ -494,6 +494,7 @@ class ModelResult:
     model: str
     median: dict[str, float]
     iqr: dict[str, float]
+    min: dict[str, float]
     rounds: str
     deviation: dict[str, float]
 
@@ -529,7 +530,8 @@ def run_model(model: str, args, peers_wanted: set[str]) -> ModelResult:
     rounds = (f"{report.rounds_accepted} accepted, {report.rounds_rejected} re-run, "
               f"{report.rounds_forced} kept though disturbed")
     result = ModelResult(model, {n: st.median for n, st in report.items()},
-                         {n: st.iqr for n, st in report.items()}, rounds, deviation)
+                         {n: st.iqr for n, st in report.items()}, {n: st.min for n, st in report.items()},
+                         rounds, deviation)
     if model in args.profile or "all" in args.profile:
         result.profile = print_profile(model, module, params, inputs, repeats=3 if args.smoke else 7)
     return result
@@ -541,8 +543,10 @@ def _ms(t: float | None) -> str:
     return f"{t * 1e3:.3g} ms" if t >= 1e-3 else f"{t * 1e6:.3g} µs"
 
 
-def format_table(results: list[ModelResult]) -> str:
-    """The README's markdown table: medians, and backcomp ÷ each peer, geometric means."""
+def format_table(results: list[ModelResult], stat: str = "median") -> str:
+    """The README's markdown table: medians (or ``stat="min"``: minima), and backcomp ÷
+    each peer, with geometric means over the models."""
+    results = [ModelResult(r.model, getattr(r, stat), r.iqr, r.min, r.rounds, r.deviation) for r in results]
     peers = [c for c in COLUMNS[1:] if any(c in r.median for r in results)]
     head = ["model", "backcomp"] + [c.replace("_", " ") for c in peers] + [f"÷ {c.split('_')[0]}" for c in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -607,10 +611,12 @@ def main(argv=None) -> int:
     print("\n" + format_table(results))
     print(f"(medians of {args.repeats} interleaved rounds per model; load average at the end: "
           f"{' '.join(machine.get('loadavg', []))})")
+    print("\n" + format_table(results, "min"))
+    print("(minima over the same rounds: the least disturbed sample of each implementation)")
     if args.json:
         out = {"threads": args.threads, "repeats": args.repeats, "smoke": args.smoke,
                "blas": timing.blas_info(), "machine": machine,
-               "models": {r.model: {"title": TITLES[r.model], "median_s": r.median, "iqr_s": r.iqr,
+               "models": {r.model: {"title": TITLES[r.model], "median_s": r.median, "iqr_s": r.iqr, "min_s": r.min,
                                     "rounds": r.rounds, "deviation": r.deviation,
                                     "backcomp_over": {c: r.median["backcomp"] / r.median[c]
                                                       for c in r.median if c != "backcomp"},
