@@ -36,6 +36,19 @@ def test_erf_float32_within_2_ulp_and_stays_float32():
     assert (np.abs(y - ref) / ulp).max() <= 2
 
 
+def test_erf_in_blocks_keeps_shape_dtype_and_values():
+    """_erf works in blocks of 8192 elements: a 2-D array whose size is no multiple of
+    that gives, in its own shape and dtype, the values of the elements one by one."""
+    x = (np.random.default_rng(1).standard_normal((300, 301)) * 2).astype(np.float32)
+    y = _erf(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_array_equal(y.ravel(), np.concatenate([_erf(v) for v in np.array_split(x.ravel(), 7)]))
+    np.testing.assert_array_equal(y[17], _erf(x[17]))
+    ulp = np.spacing(np.abs(_erf_reference(x)).astype(np.float32)).astype(np.float64)
+    assert (np.abs(y - _erf_reference(x)) / ulp).max() <= 2
+    assert _erf(np.zeros((0, 3), np.float32)).shape == (0, 3)
+
+
 @pytest.mark.parametrize("value, expected", [(np.inf, 1.0), (-np.inf, -1.0), (-0.0, -0.0), (0.0, 0.0)])
 def test_erf_special_values(value, expected):
     out = _erf(np.array(value))

@@ -1,0 +1,44 @@
+"""benchmarks/suite.py runs: in ``--smoke`` mode (tiny sizes, one thread, two rounds of
+one call) every model of issue 13's suite compiles, agrees with its PyTorch version and
+hand-written NumPy (loss and every gradient, float32 tolerances), and the per-statement
+profile runs.  Nothing here looks at the times: on a shared machine they are noise, and
+the suite proper is run by hand (see the README's Benchmarks section)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("threadpoolctl")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import suite  # noqa: E402
+
+
+def test_suite_smoke(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    assert suite.main(["--smoke", "--peers", "hand_numpy,torch_eager", "--profile", "transformer",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "-- profile of the generated value_and_grad: transformer" in text
+    assert "| geometric mean |" in text
+    result = json.loads(out.read_text())
+    assert set(result["models"]) == set(suite.MODELS)
+    for name, m in result["models"].items():
+        assert {"backcomp", "torch_eager"} <= set(m["median_s"]), name
+        assert max(m["deviation"].values()) < 1e-3, name
+    assert "hand_numpy" in result["models"]["relu_mlp"]["median_s"]
+
+
+def test_profile_times_every_statement():
+    module = suite.build_module("rnn", smoke=True)
+    params, inputs = suite.make_data("rnn", module, smoke=True)
+    rows = suite.statement_profile(module.value_and_grad, dict(vars(module), params=params, inputs=inputs),
+                                   repeats=2)
+    texts = [t for _, t in rows]
+    assert texts[0].endswith("_validate(params, inputs)") and texts[-1].startswith("_returned = ")
+    assert all(s >= 0 for s, _ in rows)
