@@ -430,13 +430,18 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     for leaf, v in zip(step.carry, step.carry_out):
         if v is None:
             finals.append("None")
-        elif v.op == "input" and v in step.carry:   # a carry passed through: the caller's buffer
-            finals.append(f"np.array({names[leaf]})")
+        elif v.op == "input" or _is_view(v):   # a slice, a const or a carry passed through: the
+            finals.append(f"np.array({names[leaf]})")   # result must not share their buffer
         else:
             finals.append(names[leaf])
     finals += [s or "None" for s in stacks] + [a or "None" for a in accs]
     lines.append(f"{out} = ({', '.join(finals)},)")
     return lines
+
+
+def _is_view(v: Node) -> bool:
+    from backcomp.passes.memory import is_view
+    return v.op not in ("input", "param") and is_view(v)
 
 
 def _body_nodes(step: Step) -> list[Node]:

@@ -95,6 +95,7 @@ def _scatter_add(ids, rows, n):
     column or a one-hot matmul on every shape measured (benchmarks/take.py), except
     for a handful of ids, where ``np.add.at`` has no sort to pay for.
     """
+    ids = np.where(ids < 0, ids + n, ids)   # take's ids may count from the end: -1 and n-1 are one row
     out = np.zeros((n, rows.shape[1]), dtype=rows.dtype)
     if ids.size <= 64:
         np.add.at(out, ids, rows)

@@ -64,7 +64,7 @@ def test_hvp_matches_finite_differences_and_torch(spec):
         scale = max(1e-3, float(np.abs(fd).max()))
         np.testing.assert_allclose(hv[k], fd, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{spec.stem}: H·v [{k}]")
     if spec.stem in NO_TORCH:
-        pytest.skip(f"H·v matches finite differences; no torch reference for {NO_TORCH[spec.stem]}")
+        return   # H·v matched finite differences above; no torch reference for NO_TORCH[spec.stem]
 
     f = loss_fn(graph, tensors(inputs), tuple(m.WRT), tensors(params))
     P = {k: torch.from_numpy(np.array(params[k])) for k in m.WRT}
@@ -95,7 +95,7 @@ def test_jvp_matches_finite_differences_and_torch(spec):
         scale = max(1e-3, float(np.abs(fd).max()))
         np.testing.assert_allclose(tan[k], fd, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{spec.stem}: tangent of {k}")
     if spec.stem in NO_TORCH:
-        pytest.skip(f"tangents match finite differences; no torch reference for {NO_TORCH[spec.stem]}")
+        return   # the tangents matched finite differences above; no torch reference for NO_TORCH[spec.stem]
 
     outputs = [graph.outputs[k] if k in graph.outputs else graph.loss_node for k in m.OUTPUTS]
     ints = {k: torch.from_numpy(a) for k, a in inputs.items() if a.dtype.kind != "f"}

@@ -139,3 +139,18 @@ def test_bad_arguments_are_located():
 def test_random_models_are_not_batch_separable(module):
     assert module.BATCH_SEPARABLE is False
     assert "draws random numbers" in module.BATCH_REFUSAL
+
+
+def test_random_ops_inside_a_scan_step_are_refused():
+    """One stream per node would repeat the same draw at every step: refused, with the way out."""
+    from backcomp import ops
+    g = backcomp.Graph("rnn_drop")
+    x = g.input("x", ("B", "T", 3))
+    W = g.param("W", (3, 3))
+
+    def step(h, x_t):
+        h_new = ops.dropout(ops.tanh(x_t @ W + h), 0.5)
+        return h_new, h_new
+
+    with pytest.raises(backcomp.GraphError, match="random ops inside a scan step are not supported"):
+        g.scan(step, ops.zeros(("B", 3), graph=g), x, axis=1)

@@ -500,3 +500,69 @@ def test_graph_draws_each_loop_as_one_cluster():
     assert "style=dashed" in dot   # the new carries feed the next step
     backward = to_dot(g, backward=True)
     assert backward.count("subgraph cluster_") == 2   # the forward loop and the reversed one
+
+
+# ----- hypothesis: random steps, the loop against the same step unrolled -------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_UNARY = {"tanh": ops.tanh, "sin": ops.sin, "sigmoid": ops.sigmoid, "half_square": lambda a: a * a * 0.5}
+_BINARY = {"add": lambda a, b: a + b, "mul": lambda a, b: a * b, "sub": lambda a, b: a - b}
+
+
+@st.composite
+def step_programs(draw):
+    """A step as instructions over a stack of (B, 3) values: h, x_t @ W, h @ U, v."""
+    n = draw(st.integers(2, 7))
+    prog = []
+    for _ in range(n):
+        if draw(st.booleans()):
+            prog.append(("unary", draw(st.sampled_from(sorted(_UNARY))), draw(st.integers(0, 10))))
+        else:
+            prog.append(("binary", draw(st.sampled_from(sorted(_BINARY))), draw(st.integers(0, 10)),
+                         draw(st.integers(0, 10))))
+    return prog, draw(st.integers(0, 10)), draw(st.booleans())
+
+
+def _run_program(program, h, x_t, W, U, v):
+    prog, out_pick, _ = program
+    stack = [h, x_t @ W, h @ U, v + 0 * h]
+    for ins in prog:
+        if ins[0] == "unary":
+            stack.append(_UNARY[ins[1]](stack[ins[2] % len(stack)]))
+        else:
+            stack.append(_BINARY[ins[1]](stack[ins[2] % len(stack)], stack[ins[3] % len(stack)]))
+    h_new = ops.tanh(stack[-1])   # bounded, so long loops stay finite
+    return h_new, stack[out_pick % len(stack)]
+
+
+def _program_graph(program, loop: bool, steps: int = 4):
+    g = Graph("prog_loop" if loop else "prog_unrolled")
+    x = g.input("x", ("B", steps, 2))
+    W, U, v = g.param("W", (2, 3)), g.param("U", (3, 3)), g.param("v", (3,))
+    h0 = ops.zeros(("B", 3), graph=g)
+    reverse = program[2]
+    if loop:
+        run = g.scan(lambda h, x_t: _run_program(program, h, x_t, W, U, v), h0, x, axis=1, reverse=reverse)
+        ys, last = run.ys, run.carry
+    else:
+        h, outs = h0, [None] * steps
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            h, outs[t] = _run_program(program, h, x[:, t, :], W, U, v)
+        ys, last = ops.stack(outs, axis=1) if hasattr(ops, "stack") else ops.concatenate(
+            [ops.reshape(o, ("B", 1, 3)) for o in outs], axis=1), h
+    g.loss(ops.sum(ops.sin(ys)) + ops.sum(last * last), "loss")
+    return g
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(step_programs())
+def test_random_steps_match_the_unrolled_graph(program):
+    loop, unrolled = backcomp.build(_program_graph(program, True)), backcomp.build(_program_graph(program, False))
+    rng = np.random.default_rng(0)
+    p = {k: rng.normal(size=v) * 0.7 for k, v in loop.PARAMS.items()}
+    x = {"x": rng.normal(size=(3, 4, 2))}
+    loss, grads = loop.value_and_grad(p, x)
+    ref_loss, ref = unrolled.value_and_grad(p, x)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for k in ref:
+        np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12, err_msg=k)

@@ -293,3 +293,11 @@ def test_integer_masks_from_comparisons():
     np.testing.assert_allclose(loss, expected, rtol=RTOL)
     with pytest.raises(SpecError, match="integer input 'ids' has no gradient and cannot be used in arithmetic"):
         parse_spec(spec('loss = "sum(ids * W)"', 'ids = { shape = ["B", 4], dtype = "int64" }', "W = [4]"), "m.toml")
+
+
+def test_scatter_add_merges_negative_ids_with_their_rows():
+    """take accepts ids in [-n, n): -1 and n-1 are the same row, on both paths of the helper."""
+    for count in (10, 40):   # np.add.at below 65 ids, sort + reduceat above
+        ids = np.array([-1] * count + [4] * count + [0] * count)
+        got = _scatter_add(ids, np.ones((ids.size, 2)), 5)
+        np.testing.assert_array_equal(got[:, 0], [count, 0, 0, 0, 2 * count])

@@ -132,6 +132,32 @@ def _op(n: Node, a: list, dims: dict):
         return torch.ones_like(a[0], dtype=torch.float64)
     if op == "zeros_like":
         return torch.zeros_like(a[0], dtype=torch.float64)
+    if op == "full":
+        return torch.full(_shape(n.shape, dims), at["value"], dtype=torch.float64)
+    if op == "take":
+        ax = at.get("axis", 0)
+        ids = torch.remainder(a[1], a[0].shape[ax])   # np.take's negative ids count from the end
+        flat = a[0].index_select(ax, ids.reshape(-1))
+        return flat.reshape(a[0].shape[:ax] + ids.shape + a[0].shape[ax + 1:])
+    if op == "scan":   # a Python loop over the step graph, as the generated module runs it
+        step = at["step"]
+        c, x, _ = step.counts()
+        carry, seqs, consts = list(a[:c]), a[c:c + x], list(a[c + x:])
+        length = seqs[0].shape[0]
+        ys = [[None] * length for _ in step.ys]
+        sums = [0 for _ in step.sums]
+        for t in (range(length - 1, -1, -1) if at.get("reverse") else range(length)):
+            vals = dict(zip(step.leaves, carry + [s[t] for s in seqs] + consts))
+            for m in step.graph.nodes:
+                if m not in vals:
+                    vals[m] = _op(m, [vals[i] for i in m.inputs], dims)
+            carry = [vals[o] for o in step.carry_out]
+            for j, o in enumerate(step.ys):
+                ys[j][t] = vals[o]
+            sums = [acc + vals[o] for acc, o in zip(sums, step.sums)]
+        return tuple(carry) + tuple(torch.stack(y) for y in ys) + tuple(sums)
+    if op == "scan_out":
+        return a[0][at["index"]]
     raise NotImplementedError(f"no torch reference for op '{op}'")
 
 

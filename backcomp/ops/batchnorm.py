@@ -41,11 +41,12 @@ def _select_jvp(node, tangents):
 
 
 register_op(OpDef(
-    "mode_select", _select_infer, lambda node, args, out: [f"{out} = {args[0]} if train else {args[1]}"],
+    "mode_select", _select_infer, lambda node, args, out: [f"{out} = {args[0]} if train else {args[1]}.copy()"],
     _select_vjp, jvp=_select_jvp, modal=True, memory="view",
     explain=lambda node, args, scalars: notation.opaque(
         "mode_select", "({0} if train else {1})", r"\left[{0} \,|\, {1}\right]", True)(*args),
-    doc="a if train else b: the train-mode and eval-mode values of one quantity (compiler-internal)"))
+    doc="a if train else a copy of b (b may be a buffer: nothing may write into it): the train-mode and "
+        "eval-mode values of one quantity (compiler-internal)"))
 
 
 def _update_emit(node, args, out):

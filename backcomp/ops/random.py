@@ -26,6 +26,9 @@ from backcomp.printer import use_helper
 def _stream(graph: Graph) -> int:
     """The next random node's stream: its rank among the graph's random ops."""
     from backcomp.ops.registry import get_op
+    if getattr(graph, "parent", None) is not None:   # a scan's step: one stream would repeat every step
+        raise GraphError("random ops inside a scan step are not supported: draw the noise outside the loop "
+                         "(e.g. normal((B, T, H))) and scan over it")
     return sum(1 for n in graph.nodes if n.op not in ("input", "param") and get_op(n.op).random)
 
 

@@ -292,10 +292,10 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
-    h1_mode_select = h1_mean if train else h1_reshape
+    h1_mode_select = h1_mean if train else h1_reshape.copy()
     del h1_reshape
     h1_reshape_2 = var1.reshape((1, 16, 1, 1))
-    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2
+    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2.copy()
     del h1_reshape_2
     if train:
         mean1 *= 0.9
@@ -336,10 +336,10 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
-    h2_mode_select = h2_mean if train else h2_reshape
+    h2_mode_select = h2_mean if train else h2_reshape.copy()
     del h2_reshape
     h2_reshape_2 = var2.reshape((1, 32, 1, 1))
-    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2
+    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2.copy()
     del h2_reshape_2
     if train:
         mean2 *= 0.9
@@ -472,10 +472,10 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
-    h1_mode_select = h1_mean if train else h1_reshape
+    h1_mode_select = h1_mean if train else h1_reshape.copy()
     del h1_reshape
     h1_reshape_2 = var1.reshape((1, 16, 1, 1))
-    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2
+    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2.copy()
     del h1_reshape_2
     if train:
         mean1 *= 0.9
@@ -516,10 +516,10 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
-    h2_mode_select = h2_mean if train else h2_reshape
+    h2_mode_select = h2_mean if train else h2_reshape.copy()
     del h2_reshape
     h2_reshape_2 = var2.reshape((1, 32, 1, 1))
-    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2
+    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2.copy()
     del h2_reshape_2
     if train:
         mean2 *= 0.9
@@ -578,10 +578,10 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
-    h1_mode_select = h1_mean if train else h1_reshape
+    h1_mode_select = h1_mean if train else h1_reshape.copy()
     del h1_reshape
     h1_reshape_2 = var1.reshape((1, 16, 1, 1))
-    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2
+    h1_mode_select_2 = h1_mean_2 if train else h1_reshape_2.copy()
     del h1_reshape_2
     if train:
         mean1 *= 0.9
@@ -616,10 +616,10 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
-    h2_mode_select = h2_mean if train else h2_reshape
+    h2_mode_select = h2_mean if train else h2_reshape.copy()
     del h2_reshape
     h2_reshape_2 = var2.reshape((1, 32, 1, 1))
-    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2
+    h2_mode_select_2 = h2_mean_2 if train else h2_reshape_2.copy()
     del h2_reshape_2
     if train:
         mean2 *= 0.9
@@ -741,7 +741,7 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     # backward of h2_mode_select_2 = mode_select(h2_mean_2, h2_reshape_2)
     h2_bar_zeros_like = np.zeros_like(h2_bar_hoisted_2)
     # backward of h2_mode_select_2 = mode_select(h2_mean_2, h2_reshape_2) w.r.t. h2_mean_2
-    h2_bar_mode_select = h2_bar_hoisted_2 if train else h2_bar_zeros_like
+    h2_bar_mode_select = h2_bar_hoisted_2 if train else h2_bar_zeros_like.copy()
     del h2_bar_hoisted_2, h2_bar_zeros_like
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0) w.r.t. h2_mode_select
     h2_bar_hoisted_3 = -h2_reshape_3*h2_bar_sum_to/np.sqrt(h2_mode_select_2 + 1e-05)
@@ -749,7 +749,7 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     # backward of h2_mode_select = mode_select(h2_mean, h2_reshape)
     h2_bar_zeros_like_2 = np.zeros_like(h2_bar_hoisted_3)
     # backward of h2_mode_select = mode_select(h2_mean, h2_reshape) w.r.t. h2_mean
-    h2_bar_mode_select_2 = h2_bar_hoisted_3 if train else h2_bar_zeros_like_2
+    h2_bar_mode_select_2 = h2_bar_hoisted_3 if train else h2_bar_zeros_like_2.copy()
     del h2_bar_hoisted_3, h2_bar_zeros_like_2
     # backward of h2_mean_2 = mean(h2_square, axes=(0, 2, 3), keepdims=True) w.r.t. h2_square
     h2_bar_mean_vjp = (0.0625)*h2_bar_mode_select/B
@@ -829,7 +829,7 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     # backward of h1_mode_select_2 = mode_select(h1_mean_2, h1_reshape_2)
     h1_bar_zeros_like = np.zeros_like(h1_bar_hoisted_2)
     # backward of h1_mode_select_2 = mode_select(h1_mean_2, h1_reshape_2) w.r.t. h1_mean_2
-    h1_bar_mode_select = h1_bar_hoisted_2 if train else h1_bar_zeros_like
+    h1_bar_mode_select = h1_bar_hoisted_2 if train else h1_bar_zeros_like.copy()
     del h1_bar_hoisted_2, h1_bar_zeros_like
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0) w.r.t. h1_mode_select
     h1_bar_hoisted_3 = -h1_reshape_3*h1_bar_sum_to/np.sqrt(h1_mode_select_2 + 1e-05)
@@ -837,7 +837,7 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     # backward of h1_mode_select = mode_select(h1_mean, h1_reshape)
     h1_bar_zeros_like_2 = np.zeros_like(h1_bar_hoisted_3)
     # backward of h1_mode_select = mode_select(h1_mean, h1_reshape) w.r.t. h1_mean
-    h1_bar_mode_select_2 = h1_bar_hoisted_3 if train else h1_bar_zeros_like_2
+    h1_bar_mode_select_2 = h1_bar_hoisted_3 if train else h1_bar_zeros_like_2.copy()
     del h1_bar_hoisted_3, h1_bar_zeros_like_2
     # backward of h1_mean_2 = mean(h1_square, axes=(0, 2, 3), keepdims=True) w.r.t. h1_square
     h1_bar_mean_vjp = (0.015625)*h1_bar_mode_select/B
