@@ -14,7 +14,7 @@ import numpy as np
 import backcomp
 from _common import EXAMPLES, Log, accuracy, parse_args, spec
 
-args = parse_args(__doc__, name="char_lstm", steps=1500, quick=15)
+args = parse_args(__doc__, name="char_lstm", steps=1000, quick=15)
 
 ROOT = EXAMPLES.parent
 text = "\n".join((ROOT / p).read_text(encoding="utf-8") for p in ("README.md", "docs/spec.md", "docs/dask.md")

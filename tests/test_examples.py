@@ -30,7 +30,7 @@ TRAINING = ["train_xor.py", "train_breast_cancer.py", "train_digits_mlp.py", "tr
 MIN_ACCURACY = {"train_xor.py": 1.0, "train_breast_cancer.py": 0.95, "train_digits_mlp.py": 0.97,
                 "train_digits_cnn.py": 0.97, "train_residual.py": 0.95, "train_attention.py": 0.95,
                 "train_newton_cg.py": 0.95, "train_digits_bn_cnn.py": 0.98, "train_char_lstm.py": 0.45,
-                "train_gru_sine.py": 0.9}
+                "train_gru_sine.py": 0.75}
 # The derivative examples' own targets (issue 12), on the RESULT line's fields.
 TARGETS = {
     "train_pinn.py": lambda r: r["max_error"] <= 1e-2,

@@ -384,7 +384,7 @@ def test_example_specs_are_a_dozen_lines_and_compile_to_a_loop(name):
     source = backcomp.compile_source(path)
     assert _loops(source, "forward") == ["T"]
     assert _loops(source, "value_and_grad") == ["T", "T - 1, -1, -1"]
-    gradcheck(backcomp.load_spec(path) if hasattr(backcomp, "load_spec") else parse_spec(text, str(path)))
+    gradcheck(parse_spec(text, str(path)))
 
 
 def _spec_error(text: str) -> SpecError:
@@ -480,8 +480,7 @@ def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
 
 def test_explain_shows_the_step_vjps_and_the_carry_recurrence():
     from backcomp.explain import explain
-    text = explain(backcomp.load_spec(EXAMPLES / "lstm.toml") if hasattr(backcomp, "load_spec")
-                   else parse_spec((EXAMPLES / "lstm.toml").read_text(), "lstm.toml"))
+    text = explain(parse_spec((EXAMPLES / "lstm.toml").read_text(), "lstm.toml"))
     assert "hs = run.ys[0]" in text
     assert "step lstm (carry h, c; slices x_t), run by run, at step t:" in text
     assert "ḡ_h = ḡ_z · Whᵀ" in text and "ḡ_Wh = hᵀ · ḡ_z" in text
@@ -548,8 +547,7 @@ def _program_graph(program, loop: bool, steps: int = 4):
         h, outs = h0, [None] * steps
         for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
             h, outs[t] = _run_program(program, h, x[:, t, :], W, U, v)
-        ys, last = ops.stack(outs, axis=1) if hasattr(ops, "stack") else ops.concatenate(
-            [ops.reshape(o, ("B", 1, 3)) for o in outs], axis=1), h
+        ys, last = ops.concatenate([ops.reshape(o, ("B", 1, 3)) for o in outs], axis=1), h
     g.loss(ops.sum(ops.sin(ys)) + ops.sum(last * last), "loss")
     return g
 

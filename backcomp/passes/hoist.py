@@ -240,7 +240,7 @@ def _hoist_one(g: Graph, node: Node) -> bool:
         for n in sg.nodes:
             if n not in post:
                 continue
-            if n in step.sums and n not in step.ys and (_contraction(n, post) or n.op == "sum_to"):
+            if n in step.sums and n not in step.ys and (_contraction(n) or n.op == "sum_to"):
                 continue
             ins = [value[i] for i in n.inputs]
             flags = [is_batched[i] for i in n.inputs]
@@ -273,7 +273,7 @@ def _hoist_one(g: Graph, node: Node) -> bool:
     return True
 
 
-def _contraction(n: Node, post: set[Node]) -> bool:
+def _contraction(n: Node) -> bool:
     """``a_tᵀ @ b_t`` summed over the steps: computed as one (T·M) contraction instead."""
     if n.op != "matmul" or n.ndim != 2:
         return False
@@ -284,7 +284,7 @@ def _contraction(n: Node, post: set[Node]) -> bool:
 def _sum_over_steps(g: Graph, v: Node, value, is_batched, length) -> Node:
     """Σ_t v_t from the batched values: a contraction for ``a_tᵀ b_t``, else a sum over T."""
     from backcomp.ops import sum_to
-    if _contraction(v, set()):
+    if _contraction(v):
         a, b = v.inputs[0].inputs[0], v.inputs[1]
         va, vb = value[a], value[b]
         if is_batched[a] and is_batched[b]:
