@@ -29,7 +29,7 @@ TRAINING = ["train_xor.py", "train_breast_cancer.py", "train_digits_mlp.py", "tr
 # What the full-length runs must reach; the README quotes the measured numbers.
 MIN_ACCURACY = {"train_xor.py": 1.0, "train_breast_cancer.py": 0.95, "train_digits_mlp.py": 0.97,
                 "train_digits_cnn.py": 0.97, "train_residual.py": 0.95, "train_attention.py": 0.95,
-                "train_newton_cg.py": 0.95, "train_digits_bn_cnn.py": 0.98, "train_char_lstm.py": 0.45,
+                "train_newton_cg.py": 0.95, "train_digits_bn_cnn.py": 0.98, "train_char_lstm.py": 0.40,
                 "train_gru_sine.py": 0.75}
 # The derivative examples' own targets (issue 12), on the RESULT line's fields.
 TARGETS = {
