@@ -39,14 +39,17 @@ SPLIT_EVERY = 8
 
 # ----- run on the workers ---------------------------------------------------------------------
 def _module(source: str, key: str) -> types.ModuleType:
-    """The generated module, executed once per process (kept in sys.modules by its hash)."""
+    """The generated module, imported once per process like any other: written to the
+    worker's cache directory (atomically) and loaded by ``compiler.import_path``."""
+    from backcomp.compiler import atomic_write, cache_dir, import_path
     name = f"backcomp_chunk_{key}"
     module = sys.modules.get(name)
     if module is None:
-        module = types.ModuleType(name)
-        module.__file__ = f"<backcomp module {key}>"
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-        sys.modules[name] = module
+        path = cache_dir() / f"{name}.py"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, source)
+        module = import_path(path, name)
     return module
 
 

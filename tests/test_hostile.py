@@ -219,9 +219,7 @@ def test_spec_text_never_reaches_an_evaluator(tmp_path, monkeypatch):
 EVALUATORS = {"eval", "exec", "sympify", "parse_expr", "parse_latex", "__import__", "S", "lambdify",
               "exec_module", "run_path", "run_module"}
 #: (file, function) pairs allowed to execute code: they run *generated module source*, never spec text
-ALLOWED = {("compiler.py", "import_path"),
-           # a Dask worker runs a generated module from its source (checked for the marker)
-           ("dask.py", "_module")}
+ALLOWED = {("compiler.py", "import_path")}
 
 
 def _evaluator_calls() -> list[tuple[str, str, int, str]]:
