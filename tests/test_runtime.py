@@ -37,7 +37,7 @@ def test_erf_float32_within_2_ulp_and_stays_float32():
 
 
 def test_erf_in_blocks_keeps_shape_dtype_and_values():
-    """_erf works in blocks of 8192 elements: a 2-D array whose size is no multiple of
+    """_erf works in blocks of 16384 elements: a 2-D array whose size is no multiple of
     that gives, in its own shape and dtype, the values of the elements one by one."""
     x = (np.random.default_rng(1).standard_normal((300, 301)) * 2).astype(np.float32)
     y = _erf(x)
@@ -49,11 +49,14 @@ def test_erf_in_blocks_keeps_shape_dtype_and_values():
     assert _erf(np.zeros((0, 3), np.float32)).shape == (0, 3)
 
 
-@pytest.mark.parametrize("value, expected", [(np.inf, 1.0), (-np.inf, -1.0), (-0.0, -0.0), (0.0, 0.0)])
-def test_erf_special_values(value, expected):
-    out = _erf(np.array(value))
-    assert out.shape == () and out == expected and math.copysign(1, out) == math.copysign(1, expected)
-    assert np.isnan(_erf(np.array([np.nan, 1.0])))[0]
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("value, expected", [(np.inf, 1.0), (-np.inf, -1.0), (-0.0, -0.0), (0.0, 0.0),
+                                             (6.5, 1.0), (-30.0, -1.0)])
+def test_erf_special_values(value, expected, dtype):
+    out = _erf(np.array(value, dtype))
+    assert out.shape == () and out.dtype == dtype
+    assert out == expected and math.copysign(1, out) == math.copysign(1, expected)
+    assert np.isnan(_erf(np.array([np.nan, 1.0], dtype)))[0]
 
 
 def test_helper_source_defines_what_it_names_with_numpy_only():

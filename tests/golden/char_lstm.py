@@ -282,7 +282,7 @@ def forward(params, inputs, outputs=None):
     del run
     run_transpose_2 = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
-    logits_matmul = run_transpose_2 @ Wo
+    logits_matmul = (run_transpose_2.reshape(-1, 128) @ Wo).reshape((B, T, 96))
     del run_transpose_2
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
@@ -377,7 +377,7 @@ def _forward_1(params, inputs):
     del run
     run_transpose_2 = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
-    logits_matmul = run_transpose_2 @ Wo
+    logits_matmul = (run_transpose_2.reshape(-1, 128) @ Wo).reshape((B, T, 96))
     del run_transpose_2
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
@@ -441,7 +441,7 @@ def value_and_grad(params, inputs):
     run_scan_out = run[2]
     run_transpose_2 = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
-    logits_matmul = run_transpose_2 @ Wo
+    logits_matmul = (run_transpose_2.reshape(-1, 128) @ Wo).reshape((B, T, 96))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=2, keepdims=True)
@@ -485,7 +485,7 @@ def value_and_grad(params, inputs):
     # backward of logits = logits_matmul + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=(0, 1))
     # backward of logits_matmul = run_transpose_2 @ Wo w.r.t. run_transpose_2
-    logits_bar_matmul = logits_bar @ Wo.T
+    logits_bar_matmul = (logits_bar.reshape(-1, 96) @ Wo.T).reshape((B, T, 128))
     # backward of run_transpose_2 = transpose(run_scan_out, axes=(1, 0, 2)) w.r.t. run.scan_out
     run_bar_transpose = np.transpose(logits_bar_matmul, (1, 0, 2))
     del logits_bar_matmul
