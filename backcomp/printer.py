@@ -90,6 +90,15 @@ class NumpyExprPrinter(NumPyPrinter):
 
     _print_Pi = _print_Exp1 = _print_NumberSymbol
 
+    def _print_Mul(self, expr):
+        """The number factors of a product as one float: 0.3989422804014327*x, not
+        (0.5)*1.4142135623730951*x/1.772453850905516 — each factor would be an array pass."""
+        numbers = [a for a in expr.args if a.is_number]
+        if len(numbers) > 1 and all(a.is_real and a.is_finite for a in numbers):
+            coeff = sp.Float(sp.Mul(*numbers).evalf(17), 17)
+            expr = sp.Mul(coeff, *[a for a in expr.args if not a.is_number], evaluate=False)
+        return super()._print_Mul(expr)
+
     def _print_Pow(self, expr, rational=False):
         """Small integer powers as products/quotients, square roots as ``np.sqrt``."""
         base, exp = expr.args

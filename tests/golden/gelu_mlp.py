@@ -255,12 +255,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
     del h1_matmul
     h2_matmul = h1 @ W2
     h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
     del h2_matmul
     logits_matmul = h2 @ W3
@@ -315,7 +315,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add = (0.5)*1.4142135623730951*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2)/1.772453850905516 + h2_bar*((0.5)*h2_erf + 0.5)
+    h2_bar_add = 0.3989422804014327*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2) + h2_bar*((0.5)*h2_erf + 0.5)
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -325,7 +325,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add = (0.5)*1.4142135623730951*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2)/1.772453850905516 + h1_bar*((0.5)*h1_erf + 0.5)
+    h1_bar_add = 0.3989422804014327*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2) + h1_bar*((0.5)*h1_erf + 0.5)
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)
@@ -340,13 +340,13 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
     del h1_matmul, h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
     h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
     del h2_matmul, h2_arg, h2_erf
     logits_matmul = h2 @ W3
@@ -394,13 +394,13 @@ def forward(params, inputs, outputs=None):
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
     del h1_matmul, h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
     h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
     del h2_matmul, h2_arg, h2_erf
     logits_matmul = h2 @ W3
@@ -454,13 +454,13 @@ def _forward_1(params, inputs):
         b3 = _check_array("param", "b3", b3, PARAMS["b3"], {"B": (B, "x")}, False)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
     del h1_matmul, h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
     h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
     del h2_matmul, h2_arg, h2_erf
     logits_matmul = h2 @ W3
@@ -475,12 +475,12 @@ def value_and_grad(params, inputs):
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
     h1_arg = h1_matmul + b1
-    h1_erf = _erf((0.5)*1.4142135623730951*h1_arg)
+    h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
     del h1_matmul
     h2_matmul = h1 @ W2
     h2_arg = h2_matmul + b2
-    h2_erf = _erf((0.5)*1.4142135623730951*h2_arg)
+    h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
     del h2_matmul
     logits_matmul = h2 @ W3
@@ -532,7 +532,7 @@ def value_and_grad(params, inputs):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add = (0.5)*1.4142135623730951*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2)/1.772453850905516 + h2_bar*((0.5)*h2_erf + 0.5)
+    h2_bar_add = 0.3989422804014327*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2) + h2_bar*((0.5)*h2_erf + 0.5)
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -542,7 +542,7 @@ def value_and_grad(params, inputs):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add = (0.5)*1.4142135623730951*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2)/1.772453850905516 + h1_bar*((0.5)*h1_erf + 0.5)
+    h1_bar_add = 0.3989422804014327*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2) + h1_bar*((0.5)*h1_erf + 0.5)
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)
