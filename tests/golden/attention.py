@@ -191,10 +191,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = (0.025)*loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (-target + out_matmul + x)**2 w.r.t. out_matmul
-    np.multiply(out_matmul, 2, out=out_matmul)
-    np.subtract(out_matmul, 2*target, out=out_matmul)
-    np.add(out_matmul, 2*x, out=out_matmul)
-    np.multiply(out_matmul, 0.025, out=out_matmul)
+    np.add(out_matmul, x, out=out_matmul)
+    np.subtract(out_matmul, target, out=out_matmul)
+    np.multiply(out_matmul, 0.05, out=out_matmul)
     loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
     del out_matmul
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
@@ -211,9 +210,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
     del attn_bar_dew
     # backward of scores = 0.35355339059327373*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.35355339059327373*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    np.multiply(attn_exp, 0.35355339059327373, out=attn_exp)
+    np.divide(attn_exp, attn_sum, out=attn_exp)
+    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k
@@ -387,9 +386,8 @@ def value_and_grad(params, inputs):
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (out - target)**2 w.r.t. out
-    np.multiply(out, 2, out=out)
-    np.subtract(out, 2*target, out=out)
-    np.multiply(out, 0.025, out=out)
+    np.subtract(out, target, out=out)
+    np.multiply(out, 0.05, out=out)
     out_bar = np.divide(out, B, out=out)
     del out
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
@@ -406,9 +404,9 @@ def value_and_grad(params, inputs):
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
     del attn_bar_dew
     # backward of scores = 0.35355339059327373*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.35355339059327373*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    np.multiply(attn_exp, 0.35355339059327373, out=attn_exp)
+    np.divide(attn_exp, attn_sum, out=attn_exp)
+    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k

@@ -261,7 +261,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = (0.015625)*loss_sum/total_rows
     del loss_sum
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
-    loss_bar_dew = (0.015625)*loss_sigmoid*(1 - loss_sigmoid)*(2*loss_sigmoid - 2*x)/total_rows
+    loss_bar_dew = (0.03125)*loss_sigmoid*(1 - loss_sigmoid)*(loss_sigmoid - x)/total_rows
     del loss_sigmoid
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = loss_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))
@@ -610,7 +610,7 @@ def value_and_grad(params, inputs):
     loss = loss_pow.mean()
     del loss_pow
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
-    recon_bar_dew = (0.015625)*recon*(1 - recon)*(2*recon - 2*x)/B
+    recon_bar_dew = (0.03125)*recon*(1 - recon)*(recon - x)/B
     del recon
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = recon_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))

@@ -755,14 +755,14 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_mean_vjp = (0.0625)*h2_bar_mode_select/B
     del h2_bar_mode_select
     # backward of h2_square = (h2_conv2d - h2_mean)**2 w.r.t. h2_mean
-    h2_bar_dew_3 = -2*h2_conv2d + 2*h2_mean
+    h2_bar_dew_3 = 2*(-h2_conv2d + h2_mean)
     h2_bar_sum_to_3 = h2_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_3
     # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1))
     np.multiply(h2_bar_max_pool2d_scatter, (h2_relu > 0), out=h2_bar_max_pool2d_scatter)
     np.multiply(h2_bar_max_pool2d_scatter, (h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), out=h2_bar_max_pool2d_scatter)
     np.add(h2_bar_max_pool2d_scatter, (0.0625)*((h2_bar_mean_vjp*h2_bar_sum_to_3 + h2_bar_mode_select_2)/B), out=h2_bar_max_pool2d_scatter)
-    h2_bar_add = np.add(h2_bar_max_pool2d_scatter, h2_bar_mean_vjp*(2*h2_conv2d - 2*h2_mean), out=h2_bar_max_pool2d_scatter)
+    h2_bar_add = np.add(h2_bar_max_pool2d_scatter, 2*h2_bar_mean_vjp*(h2_conv2d - h2_mean), out=h2_bar_max_pool2d_scatter)
     del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_relu, h2_bar_max_pool2d_scatter, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
     # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1)) w.r.t. h1
     __h1_bar_cols = (K2.reshape(32, 144).T @ h2_bar_add.reshape(-1, 32, 16)).reshape(-1, 16, 3, 3, 4, 4)
@@ -843,14 +843,14 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_mean_vjp = (0.015625)*h1_bar_mode_select/B
     del h1_bar_mode_select
     # backward of h1_square = (h1_conv2d - h1_mean)**2 w.r.t. h1_mean
-    h1_bar_dew_3 = -2*h1_conv2d + 2*h1_mean
+    h1_bar_dew_3 = 2*(-h1_conv2d + h1_mean)
     h1_bar_sum_to_3 = h1_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_3
     # backward of h1_conv2d = conv2d(x, K1, stride=(1, 1), padding=(1, 1))
     np.multiply(h1_bar_max_pool2d_scatter, (h1_relu > 0), out=h1_bar_max_pool2d_scatter)
     np.multiply(h1_bar_max_pool2d_scatter, (h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), out=h1_bar_max_pool2d_scatter)
     np.add(h1_bar_max_pool2d_scatter, (0.015625)*((h1_bar_mean_vjp*h1_bar_sum_to_3 + h1_bar_mode_select_2)/B), out=h1_bar_max_pool2d_scatter)
-    h1_bar_add = np.add(h1_bar_max_pool2d_scatter, h1_bar_mean_vjp*(2*h1_conv2d - 2*h1_mean), out=h1_bar_max_pool2d_scatter)
+    h1_bar_add = np.add(h1_bar_max_pool2d_scatter, 2*h1_bar_mean_vjp*(h1_conv2d - h1_mean), out=h1_bar_max_pool2d_scatter)
     del h1_conv2d, h1_mean, h1_mode_select_2, h1_reshape_3, h1_relu, h1_bar_max_pool2d_scatter, h1_bar_mode_select_2, h1_bar_mean_vjp, h1_bar_sum_to_3
     # backward of h1_conv2d = conv2d(x, K1, stride=(1, 1), padding=(1, 1)) w.r.t. K1
     __K1_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)

@@ -199,7 +199,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss_pow_2 = W2**2
     loss_sum_4 = loss_pow_2.sum()
     del loss_pow_2
-    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
+    loss = loss_sum_2/total_rows + 5e-05*param_terms*(loss_sum_3 + loss_sum_4)
     del loss_sum_2, loss_sum_3, loss_sum_4
     # backward of loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
     loss_bar = np.ones_like(loss)
@@ -283,7 +283,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     loss_pow_2 = W2**2
     loss_sum_4 = loss_pow_2.sum()
     del loss_pow_2
-    loss = loss_sum_2/total_rows + param_terms*(5e-05*loss_sum_3 + 5e-05*loss_sum_4)
+    loss = loss_sum_2/total_rows + 5e-05*param_terms*(loss_sum_3 + loss_sum_4)
     del loss_sum_2, loss_sum_3, loss_sum_4
     return np.asarray(loss), B
 

@@ -181,12 +181,10 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = (0.5)*loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. y_matmul
-    loss_bar_dew_t0 = y_matmul + b2
-    loss_bar_dew_t1 = loss_bar_dew_t0**2
-    loss_bar_dew_t2 = np.sqrt(loss_bar_dew_t1 + 0.001)
-    loss_bar_dew_t3 = loss_bar_dew_t2 + 1
-    loss_bar_dew_t4 = 1/loss_bar_dew_t3
-    loss_bar_dew = (0.5)*(-t + 2.0*loss_bar_dew_t0*loss_bar_dew_t4)*(-4.0*loss_bar_dew_t1/(loss_bar_dew_t2*loss_bar_dew_t3**2) + 4.0*loss_bar_dew_t4)/total_rows
+    loss_bar_dew_t0 = (y_matmul + b2)**2
+    loss_bar_dew_t1 = np.sqrt(loss_bar_dew_t0 + 0.001)
+    loss_bar_dew_t2 = 1/(loss_bar_dew_t1 + 1)
+    loss_bar_dew = 2.0*loss_bar_dew_t2*(-t + loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2))*(-loss_bar_dew_t0*loss_bar_dew_t2/loss_bar_dew_t1 + 1)/total_rows
     del y_matmul
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
     b2_bar = loss_bar_dew.sum(axis=0)
@@ -196,8 +194,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h.T @ loss_bar_dew
     del h, loss_bar_dew
     # backward of h_arg = h_matmul + b1
-    h_bar_add_t0 = h_bar*h_sigmoid
-    h_bar_add = h_arg*h_bar_add_t0*(1 - h_sigmoid) + h_bar_add_t0
+    np.multiply(h_bar, h_sigmoid, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_arg*(1 - h_sigmoid) + 1, out=h_bar)
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)
@@ -314,8 +312,8 @@ def value_and_grad(params, inputs):
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. y_matmul
     y_bar_dew_t0 = (y_matmul + b2)**2
     y_bar_dew_t1 = np.sqrt(y_bar_dew_t0 + 0.001)
-    y_bar_dew_t2 = y_bar_dew_t1 + 1
-    y_bar_dew = (0.5)*(2*y - 2*t)*(-2.0*y_bar_dew_t0/(y_bar_dew_t1*y_bar_dew_t2**2) + 2.0/y_bar_dew_t2)/B
+    y_bar_dew_t2 = 1/(y_bar_dew_t1 + 1)
+    y_bar_dew = 2.0*y_bar_dew_t2*(y - t)*(-y_bar_dew_t0*y_bar_dew_t2/y_bar_dew_t1 + 1)/B
     del y_matmul, y
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. b2
     b2_bar = y_bar_dew.sum(axis=0)
@@ -325,8 +323,8 @@ def value_and_grad(params, inputs):
     W2_bar = h.T @ y_bar_dew
     del h, y_bar_dew
     # backward of h_arg = h_matmul + b1
-    h_bar_add_t0 = h_bar*h_sigmoid
-    h_bar_add = h_arg*h_bar_add_t0*(1 - h_sigmoid) + h_bar_add_t0
+    np.multiply(h_bar, h_sigmoid, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_arg*(1 - h_sigmoid) + 1, out=h_bar)
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)

@@ -315,7 +315,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add = 0.3989422804014327*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2) + h2_bar*((0.5)*h2_erf + 0.5)
+    np.multiply(h2_bar, 0.5, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*np.exp(-0.5*h2_arg**2) + 1, out=h2_bar)
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -325,7 +326,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add = 0.3989422804014327*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2) + h1_bar*((0.5)*h1_erf + 0.5)
+    np.multiply(h1_bar, 0.5, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*np.exp(-0.5*h1_arg**2) + 1, out=h1_bar)
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)
@@ -532,7 +534,8 @@ def value_and_grad(params, inputs):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add = 0.3989422804014327*h2_bar*h2_arg*np.exp(-0.5*h2_arg**2) + h2_bar*((0.5)*h2_erf + 0.5)
+    np.multiply(h2_bar, 0.5, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*np.exp(-0.5*h2_arg**2) + 1, out=h2_bar)
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -542,7 +545,8 @@ def value_and_grad(params, inputs):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add = 0.3989422804014327*h1_bar*h1_arg*np.exp(-0.5*h1_arg**2) + h1_bar*((0.5)*h1_erf + 0.5)
+    np.multiply(h1_bar, 0.5, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*np.exp(-0.5*h1_arg**2) + 1, out=h1_bar)
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)

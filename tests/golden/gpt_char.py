@@ -1098,8 +1098,9 @@ def value_and_grad(params, inputs):
     logits_bar_sum_to = logits_bar_dew_2.sum(axis=2, keepdims=True)
     del logits_bar_dew_2
     # backward of logits_sub = y2 - logits_mean
-    np.multiply(logits_bar_matmul, (gf/np.sqrt(logits_mean_2 + 1e-05)), out=logits_bar_matmul)
-    logits_bar_add = np.subtract(logits_bar_matmul, (0.015625)*logits_sub*(logits_bar_sum_to/(logits_mean_2 + 1e-05)**1.5), out=logits_bar_matmul)
+    np.multiply(logits_bar_matmul, gf, out=logits_bar_matmul)
+    np.subtract(logits_bar_matmul, (0.015625)*logits_sub*(logits_bar_sum_to/(logits_mean_2 + 1e-05)), out=logits_bar_matmul)
+    logits_bar_add = np.divide(logits_bar_matmul, np.sqrt(logits_mean_2 + 1e-05), out=logits_bar_matmul)
     del logits_sub, logits_mean_2, logits_bar_matmul, logits_bar_sum_to
     # backward of logits_sub = y2 - logits_mean w.r.t. logits_mean
     logits_bar_sum_to_2 = logits_bar_add.sum(axis=2, keepdims=True)
@@ -1111,15 +1112,16 @@ def value_and_grad(params, inputs):
     # backward of y2_matmul = m2 @ Wp2 w.r.t. m2
     m2_bar = (y2_bar.reshape(-1, 64) @ Wp2.T).reshape((B, T, 256))
     # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. m2_matmul
-    m2_bar_dew = m2_bar*((0.5)*m2_tanh + 0.5)
+    m2_bar_dew = (0.5)*m2_bar*(m2_tanh + 1)
     # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. bf2
     m2_bar_sum_to = m2_bar_dew.sum(axis=(0, 1))
     # backward of m2_tanh = tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3) w.r.t. m2_matmul
     np.square(m2_tanh, out=m2_tanh)
     np.subtract(1, m2_tanh, out=m2_tanh)
+    np.multiply(m2_tanh, 0.5, out=m2_tanh)
     np.multiply(m2_tanh, m2_bar, out=m2_tanh)
     np.multiply(m2_tanh, 0.10703222440890038*(m2_matmul + bf2)**2 + 0.7978845608028654, out=m2_tanh)
-    m2_bar_dew_2 = np.multiply(m2_tanh, (0.5)*m2_matmul + (0.5)*bf2, out=m2_tanh)
+    m2_bar_dew_2 = np.multiply(m2_tanh, m2_matmul + bf2, out=m2_tanh)
     del m2_matmul, m2_tanh, m2_bar
     # backward of m2_tanh = tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3) w.r.t. bf2
     m2_bar_sum_to_2 = m2_bar_dew_2.sum(axis=(0, 1))
@@ -1140,8 +1142,9 @@ def value_and_grad(params, inputs):
     m2_bar_sum_to_3 = m2_bar_dew_4.sum(axis=2, keepdims=True)
     del m2_bar_dew_4
     # backward of m2_sub = x2 - m2_mean
-    np.multiply(m2_bar_matmul, (g2m/np.sqrt(m2_mean_2 + 1e-05)), out=m2_bar_matmul)
-    m2_bar_add_2 = np.subtract(m2_bar_matmul, (0.015625)*m2_sub*(m2_bar_sum_to_3/(m2_mean_2 + 1e-05)**1.5), out=m2_bar_matmul)
+    np.multiply(m2_bar_matmul, g2m, out=m2_bar_matmul)
+    np.subtract(m2_bar_matmul, (0.015625)*m2_sub*(m2_bar_sum_to_3/(m2_mean_2 + 1e-05)), out=m2_bar_matmul)
+    m2_bar_add_2 = np.divide(m2_bar_matmul, np.sqrt(m2_mean_2 + 1e-05), out=m2_bar_matmul)
     del m2_sub, m2_mean_2, m2_bar_matmul, m2_bar_sum_to_3
     # backward of m2_sub = x2 - m2_mean w.r.t. m2_mean
     m2_bar_sum_to_4 = m2_bar_add_2.sum(axis=2, keepdims=True)
@@ -1176,9 +1179,7 @@ def value_and_grad(params, inputs):
     w2_bar_sum_to = w2_bar_dew.sum(axis=3, keepdims=True)
     del w2_bar_dew
     # backward of s2 = where(s1_greater, 0.25*s2_matmul, -1000000000) w.r.t. s2_matmul
-    s2_bar_dew_t0 = 1/w2_sum
-    s2_bar_dew_t1 = 0.25*w2_exp
-    s2_bar_dew = np.where(s1_greater, w2_bar*s2_bar_dew_t0*s2_bar_dew_t1 - s2_bar_dew_t1*(w2_bar_sum_to*s2_bar_dew_t0), 0)
+    s2_bar_dew = np.where(s1_greater, 0.25*w2_exp*(w2_bar - w2_bar_sum_to)/w2_sum, 0)
     del w2_exp, w2_sum, w2_bar, w2_bar_sum_to
     # backward of s2_matmul = q2 @ s2_transpose
     s2_bar_transpose = np.swapaxes(s2_transpose, -1, -2)
@@ -1234,8 +1235,9 @@ def value_and_grad(params, inputs):
     a2_bar_sum_to = a2_bar_dew_2.sum(axis=2, keepdims=True)
     del a2_bar_dew_2
     # backward of a2_sub = y1 - a2_mean
-    np.multiply(a2_bar, (g2a/np.sqrt(a2_mean_2 + 1e-05)), out=a2_bar)
-    a2_bar_add = np.subtract(a2_bar, (0.015625)*a2_sub*(a2_bar_sum_to/(a2_mean_2 + 1e-05)**1.5), out=a2_bar)
+    np.multiply(a2_bar, g2a, out=a2_bar)
+    np.subtract(a2_bar, (0.015625)*a2_sub*(a2_bar_sum_to/(a2_mean_2 + 1e-05)), out=a2_bar)
+    a2_bar_add = np.divide(a2_bar, np.sqrt(a2_mean_2 + 1e-05), out=a2_bar)
     del a2_sub, a2_mean_2, a2_bar, a2_bar_sum_to
     # backward of a2_sub = y1 - a2_mean w.r.t. a2_mean
     a2_bar_sum_to_2 = a2_bar_add.sum(axis=2, keepdims=True)
@@ -1248,15 +1250,16 @@ def value_and_grad(params, inputs):
     # backward of y1_matmul = m1 @ Wp1 w.r.t. m1
     m1_bar = (y1_bar.reshape(-1, 64) @ Wp1.T).reshape((B, T, 256))
     # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. m1_matmul
-    m1_bar_dew = m1_bar*((0.5)*m1_tanh + 0.5)
+    m1_bar_dew = (0.5)*m1_bar*(m1_tanh + 1)
     # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. bf1
     m1_bar_sum_to = m1_bar_dew.sum(axis=(0, 1))
     # backward of m1_tanh = tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3) w.r.t. m1_matmul
     np.square(m1_tanh, out=m1_tanh)
     np.subtract(1, m1_tanh, out=m1_tanh)
+    np.multiply(m1_tanh, 0.5, out=m1_tanh)
     np.multiply(m1_tanh, m1_bar, out=m1_tanh)
     np.multiply(m1_tanh, 0.10703222440890038*(m1_matmul + bf1)**2 + 0.7978845608028654, out=m1_tanh)
-    m1_bar_dew_2 = np.multiply(m1_tanh, (0.5)*m1_matmul + (0.5)*bf1, out=m1_tanh)
+    m1_bar_dew_2 = np.multiply(m1_tanh, m1_matmul + bf1, out=m1_tanh)
     del m1_matmul, m1_tanh, m1_bar
     # backward of m1_tanh = tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3) w.r.t. bf1
     m1_bar_sum_to_2 = m1_bar_dew_2.sum(axis=(0, 1))
@@ -1277,8 +1280,9 @@ def value_and_grad(params, inputs):
     m1_bar_sum_to_3 = m1_bar_dew_4.sum(axis=2, keepdims=True)
     del m1_bar_dew_4
     # backward of m1_sub = x1 - m1_mean
-    np.multiply(m1_bar_matmul, (g1m/np.sqrt(m1_mean_2 + 1e-05)), out=m1_bar_matmul)
-    m1_bar_add_2 = np.subtract(m1_bar_matmul, (0.015625)*m1_sub*(m1_bar_sum_to_3/(m1_mean_2 + 1e-05)**1.5), out=m1_bar_matmul)
+    np.multiply(m1_bar_matmul, g1m, out=m1_bar_matmul)
+    np.subtract(m1_bar_matmul, (0.015625)*m1_sub*(m1_bar_sum_to_3/(m1_mean_2 + 1e-05)), out=m1_bar_matmul)
+    m1_bar_add_2 = np.divide(m1_bar_matmul, np.sqrt(m1_mean_2 + 1e-05), out=m1_bar_matmul)
     del m1_sub, m1_mean_2, m1_bar_matmul, m1_bar_sum_to_3
     # backward of m1_sub = x1 - m1_mean w.r.t. m1_mean
     m1_bar_sum_to_4 = m1_bar_add_2.sum(axis=2, keepdims=True)
@@ -1313,9 +1317,7 @@ def value_and_grad(params, inputs):
     w1_bar_sum_to = w1_bar_dew.sum(axis=3, keepdims=True)
     del w1_bar_dew
     # backward of s1 = where(s1_greater, 0.25*s1_matmul, -1000000000) w.r.t. s1_matmul
-    s1_bar_dew_t0 = 1/w1_sum
-    s1_bar_dew_t1 = 0.25*w1_exp
-    s1_bar_dew = np.where(s1_greater, w1_bar*s1_bar_dew_t0*s1_bar_dew_t1 - s1_bar_dew_t1*(w1_bar_sum_to*s1_bar_dew_t0), 0)
+    s1_bar_dew = np.where(s1_greater, 0.25*w1_exp*(w1_bar - w1_bar_sum_to)/w1_sum, 0)
     del s1_greater, w1_exp, w1_sum, w1_bar, w1_bar_sum_to
     # backward of s1_matmul = q1 @ s1_transpose
     s1_bar_transpose = np.swapaxes(s1_transpose, -1, -2)
@@ -1371,8 +1373,9 @@ def value_and_grad(params, inputs):
     a1_bar_sum_to = a1_bar_dew_2.sum(axis=2, keepdims=True)
     del a1_bar_dew_2
     # backward of a1_sub = x0 - a1_mean
-    np.multiply(a1_bar, (g1a/np.sqrt(a1_mean_2 + 1e-05)), out=a1_bar)
-    a1_bar_add = np.subtract(a1_bar, (0.015625)*a1_sub*(a1_bar_sum_to/(a1_mean_2 + 1e-05)**1.5), out=a1_bar)
+    np.multiply(a1_bar, g1a, out=a1_bar)
+    np.subtract(a1_bar, (0.015625)*a1_sub*(a1_bar_sum_to/(a1_mean_2 + 1e-05)), out=a1_bar)
+    a1_bar_add = np.divide(a1_bar, np.sqrt(a1_mean_2 + 1e-05), out=a1_bar)
     del a1_sub, a1_mean_2, a1_bar, a1_bar_sum_to
     # backward of a1_sub = x0 - a1_mean w.r.t. a1_mean
     a1_bar_sum_to_2 = a1_bar_add.sum(axis=2, keepdims=True)

@@ -560,7 +560,7 @@ def value_and_grad(params, inputs):
     # backward of loss_mul = sign*d w.r.t. d
     d_bar = sign
     # backward of gnorm = where((gnorm_sum > 0), sqrt(gnorm_sum), 0) w.r.t. gnorm_sum
-    gnorm_bar_dew = np.where((gnorm_sum > 0), (0.5)*gp*(2*gnorm - 2)/np.sqrt(gnorm_sum), 0)
+    gnorm_bar_dew = np.where((gnorm_sum > 0), gp*(gnorm - 1)/np.sqrt(gnorm_sum), 0)
     del gnorm_sum, gnorm
     # backward of gnorm_sum = sum(gnorm_mul, axes=(1,), keepdims=False) w.r.t. gnorm_mul
     gnorm_bar_reshape = gnorm_bar_dew.reshape((N, 1))

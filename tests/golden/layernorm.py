@@ -173,7 +173,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = (0.1)*loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2
-    loss_bar_dew = (0.1)*(-2*t + 2*beta + 2*xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
+    loss_bar_dew = (0.2)*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
     loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
     loss_bar_dew_2 = (0.2)*xc*(-t + beta + xc*(gamma*loss_bar_dew_2_t0))*(loss_bar_dew_2_t0/total_rows)
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. beta
@@ -187,10 +187,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss_bar_sum_to_2 = loss_bar_dew_3.sum(axis=1, keepdims=True)
     del loss_bar_dew_3
     # backward of xc = mu_mul - mu
-    xc_bar_t0 = 1/total_rows
-    xc_bar_t1 = v + 1e-05
-    xc_bar_t2 = gamma/np.sqrt(xc_bar_t1)
-    xc_bar = -0.02*xc*(loss_bar_sum_to_2*xc_bar_t0/xc_bar_t1**1.5) + (0.2)*(-t + beta + xc*(xc_bar_t2))*(xc_bar_t0*xc_bar_t2)
+    xc_bar_t0 = v + 1e-05
+    xc_bar_t1 = 1/np.sqrt(xc_bar_t0)
+    xc_bar = (0.02)*(10*gamma*(-t + beta + xc*(gamma*xc_bar_t1)) - xc*(loss_bar_sum_to_2/xc_bar_t0))*(xc_bar_t1/total_rows)
     del xc, v, loss_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
@@ -308,9 +307,8 @@ def value_and_grad(params, inputs):
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (y - t)**2 w.r.t. y
-    np.multiply(y, 2, out=y)
-    np.subtract(y, 2*t, out=y)
-    np.multiply(y, 0.1, out=y)
+    np.subtract(y, t, out=y)
+    np.multiply(y, 0.2, out=y)
     y_bar = np.divide(y, B, out=y)
     del y
     # backward of y = beta + gamma*xc/sqrt(v + 1e-05)
@@ -325,8 +323,9 @@ def value_and_grad(params, inputs):
     y_bar_sum_to_2 = y_bar_dew_2.sum(axis=1, keepdims=True)
     del y_bar_dew_2
     # backward of xc = mu_mul - mu
-    np.multiply(y_bar, (gamma/np.sqrt(v + 1e-05)), out=y_bar)
-    xc_bar = np.subtract(y_bar, (0.1)*xc*(y_bar_sum_to_2/(v + 1e-05)**1.5), out=y_bar)
+    np.multiply(y_bar, gamma, out=y_bar)
+    np.subtract(y_bar, (0.1)*xc*(y_bar_sum_to_2/(v + 1e-05)), out=y_bar)
+    xc_bar = np.divide(y_bar, np.sqrt(v + 1e-05), out=y_bar)
     del xc, v, y_bar, y_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)

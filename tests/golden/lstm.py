@@ -360,7 +360,7 @@ def value_and_grad(params, inputs):
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (hs - y)**2 w.r.t. hs
-    hs_bar = (0.0625)*(2*hs - 2*y)*(1/(B*T))
+    hs_bar = (0.125)*(hs - y)*(1/(B*T))
     del hs
     # backward of hs = transpose(run_scan_out, axes=(1, 0, 2)) w.r.t. run.scan_out
     hs_bar_transpose = np.transpose(hs_bar, (1, 0, 2))

@@ -188,8 +188,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_neg = -y*(logits - probs_max - log(probs_sum)) w.r.t. loss.ew
     loss_bar_sum_to = y.sum(axis=1, keepdims=True)
     # backward of logits = logits_matmul + b2
-    np.multiply(probs_exp, (loss_bar_sum_to/(probs_sum*total_rows)), out=probs_exp)
-    logits_bar = np.subtract(probs_exp, y/total_rows, out=probs_exp)
+    np.multiply(probs_exp, (loss_bar_sum_to/probs_sum), out=probs_exp)
+    np.subtract(probs_exp, y, out=probs_exp)
+    logits_bar = np.divide(probs_exp, total_rows, out=probs_exp)
     del probs_exp, probs_sum, loss_bar_sum_to
     # backward of logits = logits_matmul + b2 w.r.t. b2
     b2_bar = logits_bar.sum(axis=0)

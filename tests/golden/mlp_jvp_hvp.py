@@ -212,8 +212,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_neg = -y*(logits - probs_max - log(probs_sum)) w.r.t. loss.ew
     loss_bar_sum_to = y.sum(axis=1, keepdims=True)
     # backward of logits = logits_matmul + b2
-    np.multiply(probs_exp, (loss_bar_sum_to/(probs_sum*total_rows)), out=probs_exp)
-    logits_bar = np.subtract(probs_exp, y/total_rows, out=probs_exp)
+    np.multiply(probs_exp, (loss_bar_sum_to/probs_sum), out=probs_exp)
+    np.subtract(probs_exp, y, out=probs_exp)
+    logits_bar = np.divide(probs_exp, total_rows, out=probs_exp)
     del probs_exp, probs_sum, loss_bar_sum_to
     # backward of logits = logits_matmul + b2 w.r.t. b2
     b2_bar = logits_bar.sum(axis=0)
@@ -435,9 +436,9 @@ def jvp(params, inputs, tangents):
     z1_dot_matmul = x_dot @ W1
     z1_dot_matmul_2 = x @ W1_dot
     # tangent of h1 = maximum(z1_matmul + b1, 0)
+    np.add(z1_dot_matmul, b1_dot, out=z1_dot_matmul)
     np.add(z1_dot_matmul, z1_dot_matmul_2, out=z1_dot_matmul)
-    np.multiply(z1_dot_matmul, (h1 > 0), out=z1_dot_matmul)
-    h1_dot = np.add(z1_dot_matmul, b1_dot*(h1 > 0), out=z1_dot_matmul)
+    h1_dot = np.multiply(z1_dot_matmul, (h1 > 0), out=z1_dot_matmul)
     del z1_dot_matmul, z1_dot_matmul_2
     # tangent of logits_matmul = h1 @ W2
     logits_dot_matmul = h1_dot @ W2
@@ -506,8 +507,8 @@ def hvp(params, inputs, v):
     # tangent of z1_matmul = x @ W1
     z1_matmul_dot = x @ W1_dot
     # tangent of h1 = maximum(z1_matmul + b1, 0)
-    np.multiply(z1_matmul_dot, (h1 > 0), out=z1_matmul_dot)
-    h1_dot = np.add(z1_matmul_dot, b1_dot*(h1 > 0), out=z1_matmul_dot)
+    np.add(z1_matmul_dot, b1_dot, out=z1_matmul_dot)
+    h1_dot = np.multiply(z1_matmul_dot, (h1 > 0), out=z1_matmul_dot)
     del z1_matmul_dot
     # tangent of logits_matmul = h1 @ W2
     logits_dot_matmul = h1_dot @ W2

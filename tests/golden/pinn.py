@@ -240,8 +240,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
     np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
     np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
+    np.multiply(h1_bar_matmul_2, 2, out=h1_bar_matmul_2)
     np.divide(h1_bar_matmul_2, total_rows, out=h1_bar_matmul_2)
-    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, 2*u_sub - 2*x, out=h1_bar_matmul_2)
+    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, u_sub - x, out=h1_bar_matmul_2)
     del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
     # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_dtanh_2
     h1_bar_bar_matmul_2 = loss_bar_dew @ h1_bar_bar_transpose
@@ -270,16 +271,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ loss_bar_dew_3
     del h2_bar_bar_dew, loss_bar_dew_3
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_bar_add_t0 = 1 - h2**2
-    h2_bar_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*u_bar_matmul*h2_bar_bar_bar_add_t0 + u_bar_bar_bar_matmul*h2_bar_bar_bar_add_t0
+    h2_bar_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add_t0 = 1 - h1**2
-    h1_bar_bar_bar_add = -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul*h1_bar_bar_bar_add_t0 + h2_bar_bar_bar_matmul*h1_bar_bar_bar_add_t0
+    h1_bar_bar_bar_add = (1 - h1**2)*(-2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -297,8 +296,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add_t0 = 1 - h2**2
-    u_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul*u_bar_bar_add_t0 + h2_bar_bar_matmul_4*u_bar_bar_add_t0
+    u_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -316,7 +314,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_dew_t0 = 1 - h2**2
     h2_bar_dew_t1 = 2*h2
     h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 + h2_bar_bar_matmul_2*(-2*h2_bar_dew_t0*h2_bar_dew_t2 - h2_bar_dew_t1*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2)) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
+    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2) + h2_bar_dew_t0*h2_bar_dew_t2) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -330,7 +328,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h1_bar_dew_t0 = 1 - h1**2
     h1_bar_dew_t1 = 2*h1
     h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 + h1_bar_bar_matmul_2*(-2*h1_bar_dew_t0*h1_bar_dew_t2 - h1_bar_dew_t1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2)) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
+    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2) + h1_bar_dew_t0*h1_bar_dew_t2) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
@@ -663,16 +661,14 @@ def value_and_grad(params, inputs):
     u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ d2u_bar_dew_2
     del h2_bar_bar_dew, d2u_bar_dew_2
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_bar_add_t0 = 1 - h2**2
-    h2_bar_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*u_bar_matmul*h2_bar_bar_bar_add_t0 + u_bar_bar_bar_matmul*h2_bar_bar_bar_add_t0
+    h2_bar_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add_t0 = 1 - h1**2
-    h1_bar_bar_bar_add = -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul*h1_bar_bar_bar_add_t0 + h2_bar_bar_bar_matmul*h1_bar_bar_bar_add_t0
+    h1_bar_bar_bar_add = (1 - h1**2)*(-2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -690,8 +686,7 @@ def value_and_grad(params, inputs):
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add_t0 = 1 - h2**2
-    u_bar_bar_add = -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul*u_bar_bar_add_t0 + h2_bar_bar_matmul_4*u_bar_bar_add_t0
+    u_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -709,7 +704,7 @@ def value_and_grad(params, inputs):
     h2_bar_dew_t0 = 1 - h2**2
     h2_bar_dew_t1 = 2*h2
     h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 + h2_bar_bar_matmul_2*(-2*h2_bar_dew_t0*h2_bar_dew_t2 - h2_bar_dew_t1*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2)) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
+    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2) + h2_bar_dew_t0*h2_bar_dew_t2) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -723,7 +718,7 @@ def value_and_grad(params, inputs):
     h1_bar_dew_t0 = 1 - h1**2
     h1_bar_dew_t1 = 2*h1
     h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 + h1_bar_bar_matmul_2*(-2*h1_bar_dew_t0*h1_bar_dew_t2 - h1_bar_dew_t1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2)) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
+    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2) + h1_bar_dew_t0*h1_bar_dew_t2) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)

@@ -286,9 +286,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
     del attn_bar_dew
     # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.17677669529663687*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    np.multiply(attn_exp, 0.17677669529663687, out=attn_exp)
+    np.divide(attn_exp, attn_sum, out=attn_exp)
+    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k
@@ -577,9 +577,9 @@ def value_and_grad(params, inputs):
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
     del attn_bar_dew
     # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
-    scores_bar_dmul_t0 = 1/attn_sum
-    scores_bar_dmul_t1 = 0.17677669529663687*attn_exp
-    scores_bar_dmul = attn_bar*scores_bar_dmul_t0*scores_bar_dmul_t1 - scores_bar_dmul_t1*(attn_bar_sum_to*scores_bar_dmul_t0)
+    np.multiply(attn_exp, 0.17677669529663687, out=attn_exp)
+    np.divide(attn_exp, attn_sum, out=attn_exp)
+    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
     del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k

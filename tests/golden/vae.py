@@ -374,10 +374,10 @@ def value_and_grad(params, inputs, *, rng=None, train=True):
     Wd_bar = z.T @ logits_bar_dew
     del z, logits_bar_dew
     # backward of logvar = logvar_matmul + blv
-    np.multiply(kl_exp, 0.5, out=kl_exp)
     np.divide(kl_exp, B, out=kl_exp)
-    np.subtract(kl_exp, (0.5)/B, out=kl_exp)
-    logvar_bar = np.add(kl_exp, 0.5*z_exp*z_bar*z_random, out=kl_exp)
+    np.subtract(kl_exp, 1/B, out=kl_exp)
+    np.add(kl_exp, 1.0*z_exp*z_bar*z_random, out=kl_exp)
+    logvar_bar = np.multiply(kl_exp, 0.5, out=kl_exp)
     del z_random, z_exp, kl_exp
     # backward of logvar = logvar_matmul + blv w.r.t. blv
     blv_bar = logvar_bar.sum(axis=0)
