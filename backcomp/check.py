@@ -208,16 +208,50 @@ def random_params(module, seed: int = 0, scale: float = 0.5) -> dict[str, np.nda
 
 
 def check_gradients(module, params, inputs, max_elements: int = 200, directions: int = 2, seed: int = 0,
-                    rtol: float | None = None) -> list[ParamCheck]:
-    """``value_and_grad``'s gradients against central differences of ``forward``'s loss.
+                    rtol: float | None = None, loss=None) -> list[ParamCheck]:
+    """``value_and_grad``'s gradients against central differences of ``forward``'s loss
+    (or of ``loss``, a function of the params, such as ``held_stop_gradients`` gives).
 
     ``rtol``, if given, is an extra fixed bound on ``max_rel`` (the derived tolerance
     always applies).
     """
     params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
     _, grads = module.value_and_grad(params, inputs, **fixed_draws(module))
-    rows = compare_gradients(loss_of(module, inputs), params, {k: grads[k] for k in module.WRT},
+    rows = compare_gradients(loss or loss_of(module, inputs), params, {k: grads[k] for k in module.WRT},
                              max_elements, directions, seed)
     return [ParamCheck(r["name"], tuple(params[r["name"]].shape) if r["name"] in params else None, r["probes"],
                        r["error"], r["tol"], r["rel"], r["ok"] and (rtol is None or r["rel"] <= rtol), r["zero"])
             for r in rows]
+
+
+def held_stop_gradients(graph, params, inputs):
+    """params -> the loss with every stop_gradient value held at its value at ``params``,
+    and how many are held; None when the graph has no stop_gradient.
+
+    value_and_grad differentiates stop_gradient(x) as a constant, so on a param's path
+    (a target network, a straight-through estimator x + sg(round(x) − x)) the plain
+    loss is the wrong function to difference: its slope is not the gradient asked for,
+    and a correct model FAILed.  A compiled copy of the graph returns each x (forward
+    is the identity there); another takes them as inputs in place of the stop_gradients.
+    """
+    from backcomp.compiler import build
+    from backcomp.passes.reductions import _toposort
+    if not any(n.op == "stop_gradient" and n.dtype == "float" for n in graph.nodes):
+        return None
+    seen, _ = graph.clone()
+    held, _ = graph.clone()
+    loss = graph.loss_node.name
+    names = {}
+    for a, b in zip(seen.nodes, held.nodes):
+        if a.op == "stop_gradient" and a.dtype == "float":
+            names[b] = f"stop_gradient_{len(names)}"
+            seen.output(names[b], a.inputs[0])
+    for g in (seen, held):
+        if loss not in g.outputs:
+            g.output(loss, g.loss_node)
+    held.replace_uses({n: held.input(name, n.shape, n.dtype) for n, name in names.items()})
+    held.nodes = _toposort(held.nodes)
+    values_module, held_module = build(seen), build(held)
+    out = values_module.forward(params, inputs, **fixed_draws(values_module))
+    values = {name: np.array(out[name]) for name in names.values()}
+    return (lambda p: held_module.forward(p, {**inputs, **values}, **fixed_draws(held_module))[loss]), len(names)

@@ -202,7 +202,7 @@ def cmd_explain(args) -> int:
 
 def cmd_check(args) -> int:
     import numpy as np
-    from backcomp.check import check_gradients, check_point, constant_inits, fixed_draws, random_inputs
+    from backcomp.check import check_gradients, check_point, constant_inits, fixed_draws, held_stop_gradients, random_inputs
     from backcomp.compiler import build
     graph = _load(args.spec)
     if graph.loss_node is None:
@@ -213,13 +213,17 @@ def cmd_check(args) -> int:
     jittered = constant_inits(module, args.seed) if args.jitter > args.perturb else []
     with np.errstate(all="ignore"):
         loss = float(module.value_and_grad(params, inputs, **fixed_draws(module))[0])
-        results = check_gradients(module, params, inputs, max_elements=args.max_elements, seed=args.seed)
+        held = held_stop_gradients(graph, params, inputs)
+        results = check_gradients(module, params, inputs, max_elements=args.max_elements, seed=args.seed,
+                                  loss=held[0] if held else None)
     where = f"init_params(seed={args.seed})"
     if args.perturb:
         where += f" + {args.perturb:g}·N(0,1)"
     if jittered:
         where += f", {', '.join(jittered)} (constant inits) + {args.jitter:g}·N(0,1)"
     print(f"{args.spec}: loss {loss:.6g} at {where}, float64, batch {args.batch}")
+    if held:
+        print(f"finite differences hold the {held[1]} stop_gradient value(s) fixed, as the gradient does")
     rows = [("param", "shape", "probes", "|ad - fd|", "tolerance", "ratio", "")]
     for r in results:
         status = "ok" if r.ok else "FAIL"

@@ -271,3 +271,41 @@ def test_emitted_test_fails_on_a_module_with_a_wrong_gradient(tmp_path):
     out.write_text(text[:at] + '"W2": 1.01 * ' + text[at + len('"W2": '):])
     r = pytest_run()
     assert r.returncode == 1 and "dloss/dW2" in r.stdout, r.stdout + r.stderr
+
+
+# A clipped straight-through estimator and a frozen target: the gradient treats both
+# stop_gradient values as constants, so the plain loss (whose slope through clip is 0
+# past ±0.05) is the wrong function to difference; the check holds them fixed.
+STOP_GRADIENT = """
+[model]
+name = "ste"
+loss = "loss"
+[inputs]
+x = ["B", 4]
+y = ["B", 2]
+[params]
+W = [4, 2]
+target = [4, 2]
+[graph]
+q = "W + stop_gradient(clip(W, -0.05, 0.05) - W)"
+d = "x @ q - y"
+reg = "sum((W - stop_gradient(target * 2)) ** 2)"
+loss = "mean(d ** 2) + 0.1 * reg"
+"""
+
+
+def test_stop_gradient_values_are_held_fixed_by_the_differences(tmp_path, capsys):
+    path = tmp_path / "ste.toml"
+    path.write_text(STOP_GRADIENT)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "hold the 2 stop_gradient value(s) fixed" in out
+    assert {k: v[-1] for k, v in _table(out).items()} == {"W": "ok", "target": "ok", "(all)": "ok"}
+
+
+def test_a_wrong_vjp_still_fails_with_stop_gradients_held(tmp_path, monkeypatch, capsys):
+    _broken_matmul(monkeypatch)
+    path = tmp_path / "ste.toml"
+    path.write_text(STOP_GRADIENT)
+    assert main(["check", str(path)]) == 1
+    assert _table(capsys.readouterr().out)["W"][-1] == "FAIL"
