@@ -2,6 +2,8 @@
 helpers reported by the printer, folding that keeps shapes, index ranges validated."""
 from __future__ import annotations
 
+import inspect
+
 import textwrap
 from pathlib import Path
 
@@ -80,6 +82,21 @@ def test_zero_folding_keeps_the_shape(tmp_path, expr, opt_level):
         np.testing.assert_allclose(grads["W"], 0, atol=1e-7)   # h0 = 0 whatever W is
         out = m.forward(p, {"x": x})
         assert out["loss"].shape == ()
+
+
+@pytest.mark.parametrize("expr", ["x @ W * 0", "0 * (x @ W)"])
+def test_folding_drops_the_work_of_dead_operands(tmp_path, expr):
+    """h0 = x @ W · 0 is a zeros constant of h0's shape: the matmul that only gave it
+    its shape is not computed (it was, as h0 = np.zeros_like(h0_matmul))."""
+    m = spec_module(tmp_path, f"""\
+        h0 = "{expr}"
+        loss = "sum(tanh(h0 @ W + x) * h0)"
+        """, params="W = [3, 3]")
+    source = inspect.getsource(m.forward)
+    assert "x @ W" not in source and "h0 = np.zeros((B, 3), dtype=W.dtype)" in source
+    x = np.ones((2, 3), np.float32)
+    out = m.forward(m.init_params(dtype=np.float32), {"x": x})["loss"]
+    assert out == 0 and out.dtype == np.float32
 
 
 def test_folded_operand_keeps_the_broadcast_shape(tmp_path):

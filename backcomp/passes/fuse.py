@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from backcomp.graph import Graph, Node, broadcast_shapes, consumers, static_size
+from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers, static_size
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
@@ -90,4 +90,40 @@ def fuse_elementwise(graph: Graph) -> Graph:
         if is_elementwise(node):
             while _rewrite_one(node, users, protected):
                 pass
+    _drop_unused_operands(g)
     return eliminate_dead_code(g)
+
+
+def _drop_unused_operands(g: Graph) -> None:
+    """Operands a fused expression no longer reads (``x @ W * 0``, ``x - x``) are dropped,
+    so dead-code elimination removes the work that made them: a value folded to a
+    number becomes a ``full`` constant of its shape in the model's dtype, and an
+    operand that only gave the shape or dtype is kept only when nothing else does."""
+    from backcomp.ops.constants import full
+    from backcomp.passes.reductions import _toposort
+    constants: dict[Node, Node] = {}
+    for node in g.nodes:
+        if not is_elementwise(node) or node.dtype != "float":
+            continue
+        expr = node_expr(node)
+        used = [i for i, x in enumerate(node.inputs) if arg_symbol(i) in expr.free_symbols]
+        if len(used) == len(node.inputs):
+            continue
+        if not used:
+            if expr.is_number and expr.is_real and expr.is_finite:
+                try:
+                    with g.scoped(node.scope or node.name, node.origin):
+                        constants[node] = full(node.shape, float(expr), graph=g)
+                except GraphError:   # a step's sub-graph has no param to take the dtype from
+                    pass
+            continue
+        shapes = [node.inputs[i].shape for i in used]
+        if broadcast_shapes(*shapes) == node.shape and any(node.inputs[i].dtype == "float" for i in used):
+            _set_expr(node, [node.inputs[i] for i in used],
+                      expr.xreplace({arg_symbol(i): arg_symbol(k) for k, i in enumerate(used)}))
+    if constants:
+        for old, new in constants.items():
+            if old.name is not None:
+                new.name = old.name
+        g.replace_uses(constants)
+        g.nodes = _toposort(g.nodes)

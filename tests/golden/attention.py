@@ -179,10 +179,11 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
-    del scores, attn_max
     ctx = attn @ v
     out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
     loss_pow = (-target + out_matmul + x)**2
@@ -259,10 +260,12 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
     out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
@@ -305,10 +308,12 @@ def forward(params, inputs, outputs=None):
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
     out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
@@ -351,10 +356,12 @@ def _forward_1(params, inputs):
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
     out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
@@ -374,10 +381,11 @@ def value_and_grad(params, inputs):
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
-    del scores, attn_max
     ctx = attn @ v
     out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
     out = np.add(out_matmul, x, out=out_matmul)

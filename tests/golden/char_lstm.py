@@ -263,17 +263,21 @@ def forward(params, inputs, outputs=None):
         c_new_getitem_2 = z[:, :128]
         c_new_getitem_3 = z[:, 256:384]
         c_new_sigmoid = _sigmoid(c_new_getitem)
+        del c_new_getitem
         c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        del c_new_getitem_2
         c_new_tanh = np.tanh(c_new_getitem_3)
+        del c_new_getitem_3
         np.multiply(c_new_sigmoid, c, out=c_new_sigmoid)
         c_new = np.add(c_new_sigmoid, c_new_sigmoid_2*c_new_tanh, out=c_new_sigmoid)
-        del c_new_getitem, c_new_getitem_2, c_new_getitem_3, c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
+        del c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
         h_new_getitem = z[:, 384:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
+        del h_new_getitem
         h_new_tanh = np.tanh(c_new)
         h_new = np.multiply(h_new_sigmoid, h_new_tanh, out=h_new_sigmoid)
-        del h_new_getitem, h_new_sigmoid, h_new_tanh
+        del h_new_sigmoid, h_new_tanh
         h_new_seq[t] = h_new
         h, c = h_new, c_new
     run = (h, c, h_new_seq, None, None, None, None, None, None, None,)
@@ -358,17 +362,21 @@ def _forward_1(params, inputs):
         c_new_getitem_2 = z[:, :128]
         c_new_getitem_3 = z[:, 256:384]
         c_new_sigmoid = _sigmoid(c_new_getitem)
+        del c_new_getitem
         c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        del c_new_getitem_2
         c_new_tanh = np.tanh(c_new_getitem_3)
+        del c_new_getitem_3
         np.multiply(c_new_sigmoid, c, out=c_new_sigmoid)
         c_new = np.add(c_new_sigmoid, c_new_sigmoid_2*c_new_tanh, out=c_new_sigmoid)
-        del c_new_getitem, c_new_getitem_2, c_new_getitem_3, c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
+        del c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
         h_new_getitem = z[:, 384:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
+        del h_new_getitem
         h_new_tanh = np.tanh(c_new)
         h_new = np.multiply(h_new_sigmoid, h_new_tanh, out=h_new_sigmoid)
-        del h_new_getitem, h_new_sigmoid, h_new_tanh
+        del h_new_sigmoid, h_new_tanh
         h_new_seq[t] = h_new
         h, c = h_new, c_new
     run = (h, c, h_new_seq, None, None, None, None, None, None, None,)
@@ -417,16 +425,18 @@ def value_and_grad(params, inputs):
         c_new_getitem_2 = z[:, :128]
         c_new_getitem_3 = z[:, 256:384]
         c_new_sigmoid = _sigmoid(c_new_getitem)
+        del c_new_getitem
         c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        del c_new_getitem_2
         c_new_tanh = np.tanh(c_new_getitem_3)
+        del c_new_getitem_3
         c_new = c*c_new_sigmoid + c_new_sigmoid_2*c_new_tanh
-        del c_new_getitem, c_new_getitem_2, c_new_getitem_3
         h_new_getitem = z[:, 384:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
+        del h_new_getitem
         h_new_tanh = np.tanh(c_new)
         h_new = h_new_sigmoid*h_new_tanh
-        del h_new_getitem
         h_new_seq[t] = h_new
         h_seq_2[t] = h
         c_seq_2[t] = c

@@ -253,9 +253,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     recon_conv_transpose2d[:, :, 2:9:2, 2:9:2] += __recon_conv_transpose2d_cols[:, :, 2, 2]
     del __recon_conv_transpose2d_cols
     recon_conv_transpose2d = recon_conv_transpose2d[:, :, 1:9, 1:9]
-    loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2)
-    loss_pow = (-x + loss_sigmoid)**2
+    np.add(recon_conv_transpose2d, d2, out=recon_conv_transpose2d)
+    np.negative(recon_conv_transpose2d, out=recon_conv_transpose2d)
+    np.logaddexp(0, recon_conv_transpose2d, out=recon_conv_transpose2d)
+    np.negative(recon_conv_transpose2d, out=recon_conv_transpose2d)
+    loss_sigmoid = np.exp(recon_conv_transpose2d, out=recon_conv_transpose2d)
     del recon_conv_transpose2d
+    loss_pow = (-x + loss_sigmoid)**2
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.015625)*loss_sum/total_rows
@@ -440,9 +444,15 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del __recon_conv_transpose2d_cols
     recon_conv_transpose2d = recon_conv_transpose2d[:, :, 1:9, 1:9]
     del u
-    loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2)
-    loss_pow = (-x + loss_sigmoid)**2
-    del recon_conv_transpose2d, loss_sigmoid
+    np.add(recon_conv_transpose2d, d2, out=recon_conv_transpose2d)
+    np.negative(recon_conv_transpose2d, out=recon_conv_transpose2d)
+    np.logaddexp(0, recon_conv_transpose2d, out=recon_conv_transpose2d)
+    np.negative(recon_conv_transpose2d, out=recon_conv_transpose2d)
+    loss_sigmoid = np.exp(recon_conv_transpose2d, out=recon_conv_transpose2d)
+    del recon_conv_transpose2d
+    np.subtract(loss_sigmoid, x, out=loss_sigmoid)
+    loss_pow = np.square(loss_sigmoid, out=loss_sigmoid)
+    del loss_sigmoid
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.015625)*loss_sum/total_rows

@@ -169,10 +169,10 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     """
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_arg = h_matmul + b1
+    h_arg = np.add(h_matmul, b1, out=h_matmul)
+    del h_matmul
     h_sigmoid = _sigmoid(h_arg)
     h = h_arg*h_sigmoid
-    del h_matmul
     y_matmul = h @ W2
     loss_pow_t0 = y_matmul + b2
     loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
@@ -209,10 +209,11 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_arg = h_matmul + b1
+    h_arg = np.add(h_matmul, b1, out=h_matmul)
+    del h_matmul
     h_sigmoid = _sigmoid(h_arg)
-    h = h_arg*h_sigmoid
-    del h_matmul, h_arg, h_sigmoid
+    h = np.multiply(h_arg, h_sigmoid, out=h_arg)
+    del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
     loss_pow_t0 = y_matmul + b2
@@ -245,10 +246,11 @@ def forward(params, inputs, outputs=None):
             return {k: result[k] for k in OUTPUTS if k in wanted}
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_arg = h_matmul + b1
+    h_arg = np.add(h_matmul, b1, out=h_matmul)
+    del h_matmul
     h_sigmoid = _sigmoid(h_arg)
-    h = h_arg*h_sigmoid
-    del h_matmul, h_arg, h_sigmoid
+    h = np.multiply(h_arg, h_sigmoid, out=h_arg)
+    del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
     y_t0 = y_matmul + b2
@@ -283,10 +285,11 @@ def _forward_1(params, inputs):
     if type(b2) is not np.ndarray or b2.dtype.kind != "f" or b2.shape != (2,):
         b2 = _check_array("param", "b2", b2, PARAMS["b2"], {"B": (B, "x")}, False)
     h_matmul = x @ W1
-    h_arg = h_matmul + b1
+    h_arg = np.add(h_matmul, b1, out=h_matmul)
+    del h_matmul
     h_sigmoid = _sigmoid(h_arg)
-    h = h_arg*h_sigmoid
-    del h_matmul, h_arg, h_sigmoid
+    h = np.multiply(h_arg, h_sigmoid, out=h_arg)
+    del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
     y_t0 = y_matmul + b2
@@ -299,10 +302,10 @@ def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     h_matmul = x @ W1
-    h_arg = h_matmul + b1
+    h_arg = np.add(h_matmul, b1, out=h_matmul)
+    del h_matmul
     h_sigmoid = _sigmoid(h_arg)
     h = h_arg*h_sigmoid
-    del h_matmul
     y_matmul = h @ W2
     y_t0 = y_matmul + b2
     y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)

@@ -254,15 +254,15 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     """
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
+    h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
+    del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul
     h2_matmul = h1 @ W2
-    h2_arg = h2_matmul + b2
+    h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
+    del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul
     logits_matmul = h2 @ W3
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
@@ -341,16 +341,20 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
+    h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
+    del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul, h1_arg, h1_erf
+    np.multiply(h1_arg, 0.5, out=h1_arg)
+    h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
+    del h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
-    h2_arg = h2_matmul + b2
+    h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
+    del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul, h2_arg, h2_erf
+    np.multiply(h2_arg, 0.5, out=h2_arg)
+    h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
+    del h2_arg, h2_erf
     logits_matmul = h2 @ W3
     del h2
     logits = np.add(logits_matmul, b3, out=logits_matmul)
@@ -395,16 +399,20 @@ def forward(params, inputs, outputs=None):
             return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
+    h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
+    del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul, h1_arg, h1_erf
+    np.multiply(h1_arg, 0.5, out=h1_arg)
+    h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
+    del h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
-    h2_arg = h2_matmul + b2
+    h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
+    del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul, h2_arg, h2_erf
+    np.multiply(h2_arg, 0.5, out=h2_arg)
+    h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
+    del h2_arg, h2_erf
     logits_matmul = h2 @ W3
     del h2
     logits = np.add(logits_matmul, b3, out=logits_matmul)
@@ -455,16 +463,20 @@ def _forward_1(params, inputs):
     if type(b3) is not np.ndarray or b3.dtype.kind != "f" or b3.shape != (4,):
         b3 = _check_array("param", "b3", b3, PARAMS["b3"], {"B": (B, "x")}, False)
     h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
+    h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
+    del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul, h1_arg, h1_erf
+    np.multiply(h1_arg, 0.5, out=h1_arg)
+    h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
+    del h1_arg, h1_erf
     h2_matmul = h1 @ W2
     del h1
-    h2_arg = h2_matmul + b2
+    h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
+    del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul, h2_arg, h2_erf
+    np.multiply(h2_arg, 0.5, out=h2_arg)
+    h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
+    del h2_arg, h2_erf
     logits_matmul = h2 @ W3
     del h2
     logits = np.add(logits_matmul, b3, out=logits_matmul)
@@ -476,15 +488,15 @@ def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, W1, b1, W2, b2, W3, b3, B = _validate(params, inputs)
     h1_matmul = x @ W1
-    h1_arg = h1_matmul + b1
+    h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
+    del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
     h1 = (0.5)*h1_arg*(h1_erf + 1)
-    del h1_matmul
     h2_matmul = h1 @ W2
-    h2_arg = h2_matmul + b2
+    h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
+    del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
     h2 = (0.5)*h2_arg*(h2_erf + 1)
-    del h2_matmul
     logits_matmul = h2 @ W3
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul

@@ -490,10 +490,12 @@ def forward(params, inputs, outputs=None):
     s1 = np.where(s1_greater, 0.25*s1_matmul, -1000000000)
     del s1_matmul
     w1_max = s1.max(axis=3, keepdims=True)
-    w1_exp = np.exp(s1 - w1_max)
+    np.subtract(s1, w1_max, out=s1)
+    w1_exp = np.exp(s1, out=s1)
+    del s1, w1_max
     w1_sum = w1_exp.sum(axis=3, keepdims=True)
-    w1 = w1_exp/w1_sum
-    del s1, w1_max, w1_exp, w1_sum
+    w1 = np.divide(w1_exp, w1_sum, out=w1_exp)
+    del w1_exp, w1_sum
     c1_matmul = w1 @ v1
     del v1, w1
     c1_transpose = np.transpose(c1_matmul, (0, 2, 1, 3))
@@ -558,10 +560,12 @@ def forward(params, inputs, outputs=None):
     s2 = np.where(s1_greater, 0.25*s2_matmul, -1000000000)
     del s1_greater, s2_matmul
     w2_max = s2.max(axis=3, keepdims=True)
-    w2_exp = np.exp(s2 - w2_max)
+    np.subtract(s2, w2_max, out=s2)
+    w2_exp = np.exp(s2, out=s2)
+    del s2, w2_max
     w2_sum = w2_exp.sum(axis=3, keepdims=True)
-    w2 = w2_exp/w2_sum
-    del s2, w2_max, w2_exp, w2_sum
+    w2 = np.divide(w2_exp, w2_sum, out=w2_exp)
+    del w2_exp, w2_sum
     c2_matmul = w2 @ v2
     del v2, w2
     c2_transpose = np.transpose(c2_matmul, (0, 2, 1, 3))
@@ -788,10 +792,12 @@ def _forward_1(params, inputs):
     s1 = np.where(s1_greater, 0.25*s1_matmul, -1000000000)
     del s1_matmul
     w1_max = s1.max(axis=3, keepdims=True)
-    w1_exp = np.exp(s1 - w1_max)
+    np.subtract(s1, w1_max, out=s1)
+    w1_exp = np.exp(s1, out=s1)
+    del s1, w1_max
     w1_sum = w1_exp.sum(axis=3, keepdims=True)
-    w1 = w1_exp/w1_sum
-    del s1, w1_max, w1_exp, w1_sum
+    w1 = np.divide(w1_exp, w1_sum, out=w1_exp)
+    del w1_exp, w1_sum
     c1_matmul = w1 @ v1
     del v1, w1
     c1_transpose = np.transpose(c1_matmul, (0, 2, 1, 3))
@@ -856,10 +862,12 @@ def _forward_1(params, inputs):
     s2 = np.where(s1_greater, 0.25*s2_matmul, -1000000000)
     del s1_greater, s2_matmul
     w2_max = s2.max(axis=3, keepdims=True)
-    w2_exp = np.exp(s2 - w2_max)
+    np.subtract(s2, w2_max, out=s2)
+    w2_exp = np.exp(s2, out=s2)
+    del s2, w2_max
     w2_sum = w2_exp.sum(axis=3, keepdims=True)
-    w2 = w2_exp/w2_sum
-    del s2, w2_max, w2_exp, w2_sum
+    w2 = np.divide(w2_exp, w2_sum, out=w2_exp)
+    del w2_exp, w2_sum
     c2_matmul = w2 @ v2
     del v2, w2
     c2_transpose = np.transpose(c2_matmul, (0, 2, 1, 3))
@@ -950,10 +958,11 @@ def value_and_grad(params, inputs):
     s1 = np.where(s1_greater, 0.25*s1_matmul, -1000000000)
     del s1_matmul
     w1_max = s1.max(axis=3, keepdims=True)
-    w1_exp = np.exp(s1 - w1_max)
+    np.subtract(s1, w1_max, out=s1)
+    w1_exp = np.exp(s1, out=s1)
+    del s1, w1_max
     w1_sum = w1_exp.sum(axis=3, keepdims=True)
     w1 = w1_exp/w1_sum
-    del s1, w1_max
     c1_matmul = w1 @ v1
     c1_transpose = np.transpose(c1_matmul, (0, 2, 1, 3))
     del c1_matmul
@@ -1005,10 +1014,11 @@ def value_and_grad(params, inputs):
     s2 = np.where(s1_greater, 0.25*s2_matmul, -1000000000)
     del s2_matmul
     w2_max = s2.max(axis=3, keepdims=True)
-    w2_exp = np.exp(s2 - w2_max)
+    np.subtract(s2, w2_max, out=s2)
+    w2_exp = np.exp(s2, out=s2)
+    del s2, w2_max
     w2_sum = w2_exp.sum(axis=3, keepdims=True)
     w2 = w2_exp/w2_sum
-    del s2, w2_max
     c2_matmul = w2 @ v2
     c2_transpose = np.transpose(c2_matmul, (0, 2, 1, 3))
     del c2_matmul

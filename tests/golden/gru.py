@@ -249,8 +249,9 @@ def forward(params, inputs, outputs=None):
         n_getitem_2 = gh[:, 32:]
         del gh
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
+        del r_getitem_2
         h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del r_getitem_2, u, n_getitem_2, h_new_sigmoid
+        del u, n_getitem_2, h_new_sigmoid
         h_new_seq[t] = h_new
         h = h_new
     run = (h, h_new_seq, None, None, None, None, None,)
@@ -328,8 +329,9 @@ def _forward_1(params, inputs):
         n_getitem_2 = gh[:, 32:]
         del gh
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
+        del r_getitem_2
         h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del r_getitem_2, u, n_getitem_2, h_new_sigmoid
+        del u, n_getitem_2, h_new_sigmoid
         h_new_seq[t] = h_new
         h = h_new
     run = (h, h_new_seq, None, None, None, None, None,)
@@ -376,8 +378,9 @@ def value_and_grad(params, inputs):
         del u_getitem_2
         n_getitem_2 = gh[:, 32:]
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
+        del r_getitem_2
         h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del r_getitem_2, n_getitem_2
+        del n_getitem_2
         h_new_seq[t] = h_new
         h_seq_2[t] = h
         gh_seq_2[t] = gh

@@ -221,10 +221,11 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
-    del scores, attn_max
     ctx = attn @ v
     logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
@@ -358,10 +359,12 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
     logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
@@ -419,10 +422,12 @@ def forward(params, inputs, outputs=None):
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v
     logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
@@ -489,10 +494,12 @@ def _forward_1(params, inputs):
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
-    del scores, attn_max, attn_exp, attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     del v
     logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
@@ -515,10 +522,11 @@ def value_and_grad(params, inputs):
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
     attn_max = scores.max(axis=2, keepdims=True)
-    attn_exp = np.exp(scores - attn_max)
+    np.subtract(scores, attn_max, out=scores)
+    attn_exp = np.exp(scores, out=scores)
+    del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
-    del scores, attn_max
     ctx = attn @ v
     logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
