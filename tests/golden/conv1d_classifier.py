@@ -398,8 +398,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     p1_bar_reshape = p1_bar.reshape((B, 8, 1, 32))
     del p1_bar
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 1:64:2] == p1_max_pool2d, np.int8(1), np.int8(0))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 0:63:2] == p1_max_pool2d, np.int8(0), p1_bar_max_pool2d_argmax)
+    __p1_bar_max_pool2d_argmax_later = p1_reshape[:, :, 0:1, 0:63:2] != p1_max_pool2d
+    p1_bar_max_pool2d_argmax = __p1_bar_max_pool2d_argmax_later.astype(np.int8)
+    del __p1_bar_max_pool2d_argmax_later
     del p1_reshape, p1_max_pool2d
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2)) w.r.t. p1_reshape
     p1_bar_max_pool2d_scatter = np.empty((p1_bar_reshape.shape[0], 8, 1, 64), dtype=p1_bar_reshape.dtype)
@@ -900,8 +901,9 @@ def value_and_grad(params, inputs):
     p1_bar_reshape = p1_bar.reshape((B, 8, 1, 32))
     del p1_bar
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 1:64:2] == p1_max_pool2d, np.int8(1), np.int8(0))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 0:63:2] == p1_max_pool2d, np.int8(0), p1_bar_max_pool2d_argmax)
+    __p1_bar_max_pool2d_argmax_later = p1_reshape[:, :, 0:1, 0:63:2] != p1_max_pool2d
+    p1_bar_max_pool2d_argmax = __p1_bar_max_pool2d_argmax_later.astype(np.int8)
+    del __p1_bar_max_pool2d_argmax_later
     del p1_reshape, p1_max_pool2d
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2)) w.r.t. p1_reshape
     p1_bar_max_pool2d_scatter = np.empty((p1_bar_reshape.shape[0], 8, 1, 64), dtype=p1_bar_reshape.dtype)

@@ -705,10 +705,13 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar = f_bar_dmul.reshape((B, 32, 2, 2))
     del f_bar_dmul
     # backward of h2 = max_pool2d(h2_relu, size=(2, 2), stride=(2, 2))
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 1:4:2, 1:4:2] == h2, np.int8(3), np.int8(0))
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 1:4:2, 0:3:2] == h2, np.int8(2), h2_bar_max_pool2d_argmax)
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 0:3:2, 1:4:2] == h2, np.int8(1), h2_bar_max_pool2d_argmax)
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 0:3:2, 0:3:2] == h2, np.int8(0), h2_bar_max_pool2d_argmax)
+    __h2_bar_max_pool2d_argmax_later = h2_relu[:, :, 0:3:2, 0:3:2] != h2
+    h2_bar_max_pool2d_argmax = __h2_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__h2_bar_max_pool2d_argmax_later, h2_relu[:, :, 0:3:2, 1:4:2] != h2, out=__h2_bar_max_pool2d_argmax_later)
+    h2_bar_max_pool2d_argmax += __h2_bar_max_pool2d_argmax_later
+    np.logical_and(__h2_bar_max_pool2d_argmax_later, h2_relu[:, :, 1:4:2, 0:3:2] != h2, out=__h2_bar_max_pool2d_argmax_later)
+    h2_bar_max_pool2d_argmax += __h2_bar_max_pool2d_argmax_later
+    del __h2_bar_max_pool2d_argmax_later
     del h2
     # backward of h2 = max_pool2d(h2_relu, size=(2, 2), stride=(2, 2)) w.r.t. h2_relu
     h2_bar_max_pool2d_scatter = np.empty((h2_bar.shape[0], 32, 4, 4), dtype=h2_bar.dtype)
@@ -793,10 +796,13 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del __K2_bar_cols
     del h2_bar_add
     # backward of h1 = max_pool2d(h1_relu, size=(2, 2), stride=(2, 2))
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 1:8:2, 1:8:2] == h1, np.int8(3), np.int8(0))
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 1:8:2, 0:7:2] == h1, np.int8(2), h1_bar_max_pool2d_argmax)
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 0:7:2, 1:8:2] == h1, np.int8(1), h1_bar_max_pool2d_argmax)
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 0:7:2, 0:7:2] == h1, np.int8(0), h1_bar_max_pool2d_argmax)
+    __h1_bar_max_pool2d_argmax_later = h1_relu[:, :, 0:7:2, 0:7:2] != h1
+    h1_bar_max_pool2d_argmax = __h1_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__h1_bar_max_pool2d_argmax_later, h1_relu[:, :, 0:7:2, 1:8:2] != h1, out=__h1_bar_max_pool2d_argmax_later)
+    h1_bar_max_pool2d_argmax += __h1_bar_max_pool2d_argmax_later
+    np.logical_and(__h1_bar_max_pool2d_argmax_later, h1_relu[:, :, 1:8:2, 0:7:2] != h1, out=__h1_bar_max_pool2d_argmax_later)
+    h1_bar_max_pool2d_argmax += __h1_bar_max_pool2d_argmax_later
+    del __h1_bar_max_pool2d_argmax_later
     del h1
     # backward of h1 = max_pool2d(h1_relu, size=(2, 2), stride=(2, 2)) w.r.t. h1_relu
     h1_bar_max_pool2d_scatter = np.empty((h1_bar.shape[0], 16, 8, 8), dtype=h1_bar.dtype)
