@@ -74,6 +74,12 @@ CASES = {
     "convt-1x1-s2-op1": ({"x": (2, 2, 3, 3), "w": (2, 2, 1, 1)}, *_convt(stride=2, output_padding=1)),
     "convt-groups-dil": ({"x": (2, 4, 3, 4), "w": (4, 3, 3, 2)}, *_convt(groups=2, dilation=2, stride=2, padding=1)),
     "convt-pad2": ({"x": (1, 2, 5, 5), "w": (2, 2, 3, 3)}, *_convt(padding=2)),
+    # stride 1: the input gradient adds on flat images (uneven padding and dilation pairs,
+    # a window wider than the padding, one window offset)
+    "conv2d-s1-pairs": ({"x": (2, 3, 6, 7), "w": (4, 3, 2, 3)}, *_conv2d(padding=(2, 1), dilation=(1, 2))),
+    "conv2d-s1-nopad-wide": ({"x": (2, 2, 5, 6), "w": (3, 2, 2, 4)}, *_conv2d()),
+    "conv2d-1x1-pad": ({"x": (2, 3, 5, 4), "w": (4, 3, 1, 1)}, *_conv2d(padding=(1, 2))),
+    "convt-s1-dil-pairs": ({"x": (2, 3, 4, 5), "w": (3, 2, 2, 3)}, *_convt(padding=(1, 0), dilation=(2, 1))),
     # pools with padding (max pads with -inf, avg counts the zeros)
     **{f"{kind}-{tag}": ({"x": xs}, *_pool(kind, *args)) for kind in ("max_pool2d", "avg_pool2d")
        for tag, xs, args in [
