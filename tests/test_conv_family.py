@@ -160,6 +160,32 @@ def test_max_pool_padding_is_minus_inf():
     np.testing.assert_array_equal(m.forward({}, {"x": x})["y"], F.max_pool2d(torch.tensor(x), 2, 1, 1).numpy())
 
 
+@pytest.mark.parametrize("size, stride, padding", [(2, 2, 0), (3, 2, 1), (2, 1, 1), ((1, 3), (1, 2), (0, 1))],
+                         ids=["tiles", "k3-s2-p1", "overlap-p1", "k1x3"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_relu_then_max_pool_ties_match_torch(size, stride, padding, dtype):
+    """relu before a pool makes whole windows of exact ties at 0 (and here at 1): the
+    gradient goes to the first maximum of each window, as in PyTorch, in both dtypes."""
+    g = Graph("relu_pool")
+    x = g.param("x", (2, 3, 8, 7))
+    y = g.output("y", ops.max_pool2d(ops.relu(x), size, stride, padding))
+    r = g.input("r", y.shape)
+    g.loss(ops.sum(y * r))
+    m = backcomp.build(g)
+    rng = np.random.default_rng(3)
+    xv = rng.integers(-1, 2, (2, 3, 8, 7)).astype(dtype)
+    rv = rng.standard_normal(y.shape).astype(dtype)
+    tx = torch.tensor(xv, requires_grad=True)
+    ty = F.max_pool2d(torch.relu(tx), size, stride, padding)
+    (ty * torch.tensor(rv)).sum().backward()
+    _, grads = m.value_and_grad({"x": xv}, {"r": rv})
+    assert grads["x"].dtype == np.dtype(dtype)
+    theirs = tx.grad.numpy()
+    np.testing.assert_array_equal(grads["x"] != 0, theirs != 0)     # the same element of each window
+    tol = 1e-6 if dtype == "float32" else 1e-13       # overlapping windows add in another order
+    np.testing.assert_allclose(grads["x"], theirs, rtol=tol, atol=tol * np.abs(theirs).max())
+
+
 # ----- gradients against central differences (float64) ---------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradients_by_finite_differences(case):
