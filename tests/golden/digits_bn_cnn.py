@@ -705,10 +705,13 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar = f_bar_dmul.reshape((B, 32, 2, 2))
     del f_bar_dmul
     # backward of h2 = max_pool2d(h2_relu, size=(2, 2), stride=(2, 2))
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 1:4:2, 1:4:2] == h2, np.int8(3), np.int8(0))
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 1:4:2, 0:3:2] == h2, np.int8(2), h2_bar_max_pool2d_argmax)
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 0:3:2, 1:4:2] == h2, np.int8(1), h2_bar_max_pool2d_argmax)
-    h2_bar_max_pool2d_argmax = np.where(h2_relu[:, :, 0:3:2, 0:3:2] == h2, np.int8(0), h2_bar_max_pool2d_argmax)
+    __h2_bar_max_pool2d_argmax_later = h2_relu[:, :, 0:3:2, 0:3:2] != h2
+    h2_bar_max_pool2d_argmax = __h2_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__h2_bar_max_pool2d_argmax_later, h2_relu[:, :, 0:3:2, 1:4:2] != h2, out=__h2_bar_max_pool2d_argmax_later)
+    h2_bar_max_pool2d_argmax += __h2_bar_max_pool2d_argmax_later
+    np.logical_and(__h2_bar_max_pool2d_argmax_later, h2_relu[:, :, 1:4:2, 0:3:2] != h2, out=__h2_bar_max_pool2d_argmax_later)
+    h2_bar_max_pool2d_argmax += __h2_bar_max_pool2d_argmax_later
+    del __h2_bar_max_pool2d_argmax_later
     del h2
     # backward of h2 = max_pool2d(h2_relu, size=(2, 2), stride=(2, 2)) w.r.t. h2_relu
     h2_bar_max_pool2d_scatter = np.empty((h2_bar.shape[0], 32, 4, 4), dtype=h2_bar.dtype)
@@ -765,19 +768,22 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_add = np.add(h2_bar_max_pool2d_scatter, 2*h2_bar_mean_vjp*(h2_conv2d - h2_mean), out=h2_bar_max_pool2d_scatter)
     del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_relu, h2_bar_max_pool2d_scatter, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
     # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1)) w.r.t. h1
-    __h1_bar_cols = (K2.reshape(32, 144).T @ h2_bar_add.reshape(-1, 32, 16)).reshape(-1, 16, 3, 3, 4, 4)
-    h1_bar = np.zeros((__h1_bar_cols.shape[0], 16, 6, 6), dtype=__h1_bar_cols.dtype)
-    h1_bar[:, :, 0:4, 0:4] += __h1_bar_cols[:, :, 0, 0]
-    h1_bar[:, :, 0:4, 1:5] += __h1_bar_cols[:, :, 0, 1]
-    h1_bar[:, :, 0:4, 2:6] += __h1_bar_cols[:, :, 0, 2]
-    h1_bar[:, :, 1:5, 0:4] += __h1_bar_cols[:, :, 1, 0]
-    h1_bar[:, :, 1:5, 1:5] += __h1_bar_cols[:, :, 1, 1]
-    h1_bar[:, :, 1:5, 2:6] += __h1_bar_cols[:, :, 1, 2]
-    h1_bar[:, :, 2:6, 0:4] += __h1_bar_cols[:, :, 2, 0]
-    h1_bar[:, :, 2:6, 1:5] += __h1_bar_cols[:, :, 2, 1]
-    h1_bar[:, :, 2:6, 2:6] += __h1_bar_cols[:, :, 2, 2]
+    __h1_bar_rows = np.zeros((h2_bar_add.shape[0], 32, 4, 6), dtype=h2_bar_add.dtype)
+    __h1_bar_rows[:, :, :, :4] = h2_bar_add
+    __h1_bar_cols = (K2.reshape(32, 144).T @ __h1_bar_rows.reshape(-1, 32, 24)).reshape(-1, 16, 3, 3, 24)
+    del __h1_bar_rows
+    h1_bar = np.zeros((__h1_bar_cols.shape[0], 16, 38), dtype=__h1_bar_cols.dtype)
+    h1_bar[:, :, 0:24] += __h1_bar_cols[:, :, 0, 0]
+    h1_bar[:, :, 1:25] += __h1_bar_cols[:, :, 0, 1]
+    h1_bar[:, :, 2:26] += __h1_bar_cols[:, :, 0, 2]
+    h1_bar[:, :, 6:30] += __h1_bar_cols[:, :, 1, 0]
+    h1_bar[:, :, 7:31] += __h1_bar_cols[:, :, 1, 1]
+    h1_bar[:, :, 8:32] += __h1_bar_cols[:, :, 1, 2]
+    h1_bar[:, :, 12:36] += __h1_bar_cols[:, :, 2, 0]
+    h1_bar[:, :, 13:37] += __h1_bar_cols[:, :, 2, 1]
+    h1_bar[:, :, 14:38] += __h1_bar_cols[:, :, 2, 2]
     del __h1_bar_cols
-    h1_bar = h1_bar[:, :, 1:5, 1:5]
+    h1_bar = h1_bar[:, :, :36].reshape(-1, 16, 6, 6)[:, :, 1:5, 1:5]
     # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1)) w.r.t. K2
     __K2_bar_cols = np.zeros((16, 3, 3, h1.shape[0], 4, 4), dtype=h1.dtype)
     __K2_bar_cols[:, 0, 0, :, 1:4, 1:4] = h1[:, :, 0:3, 0:3].transpose(1, 0, 2, 3)
@@ -793,10 +799,13 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del __K2_bar_cols
     del h2_bar_add
     # backward of h1 = max_pool2d(h1_relu, size=(2, 2), stride=(2, 2))
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 1:8:2, 1:8:2] == h1, np.int8(3), np.int8(0))
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 1:8:2, 0:7:2] == h1, np.int8(2), h1_bar_max_pool2d_argmax)
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 0:7:2, 1:8:2] == h1, np.int8(1), h1_bar_max_pool2d_argmax)
-    h1_bar_max_pool2d_argmax = np.where(h1_relu[:, :, 0:7:2, 0:7:2] == h1, np.int8(0), h1_bar_max_pool2d_argmax)
+    __h1_bar_max_pool2d_argmax_later = h1_relu[:, :, 0:7:2, 0:7:2] != h1
+    h1_bar_max_pool2d_argmax = __h1_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__h1_bar_max_pool2d_argmax_later, h1_relu[:, :, 0:7:2, 1:8:2] != h1, out=__h1_bar_max_pool2d_argmax_later)
+    h1_bar_max_pool2d_argmax += __h1_bar_max_pool2d_argmax_later
+    np.logical_and(__h1_bar_max_pool2d_argmax_later, h1_relu[:, :, 1:8:2, 0:7:2] != h1, out=__h1_bar_max_pool2d_argmax_later)
+    h1_bar_max_pool2d_argmax += __h1_bar_max_pool2d_argmax_later
+    del __h1_bar_max_pool2d_argmax_later
     del h1
     # backward of h1 = max_pool2d(h1_relu, size=(2, 2), stride=(2, 2)) w.r.t. h1_relu
     h1_bar_max_pool2d_scatter = np.empty((h1_bar.shape[0], 16, 8, 8), dtype=h1_bar.dtype)

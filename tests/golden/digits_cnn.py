@@ -254,10 +254,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     p_bar = f_bar.reshape((B, 32, 4, 4))
     del f_bar
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 1:8:2] == p, np.int8(3), np.int8(0))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 0:7:2] == p, np.int8(2), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 1:8:2] == p, np.int8(1), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 0:7:2] == p, np.int8(0), p_bar_max_pool2d_argmax)
+    __p_bar_max_pool2d_argmax_later = a[:, :, 0:7:2, 0:7:2] != p
+    p_bar_max_pool2d_argmax = __p_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 0:7:2, 1:8:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 1:8:2, 0:7:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
+    del __p_bar_max_pool2d_argmax_later
     del p
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
     a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
@@ -538,10 +541,13 @@ def value_and_grad(params, inputs):
     p_bar = f_bar.reshape((B, 32, 4, 4))
     del f_bar
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 1:8:2] == p, np.int8(3), np.int8(0))
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 1:8:2, 0:7:2] == p, np.int8(2), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 1:8:2] == p, np.int8(1), p_bar_max_pool2d_argmax)
-    p_bar_max_pool2d_argmax = np.where(a[:, :, 0:7:2, 0:7:2] == p, np.int8(0), p_bar_max_pool2d_argmax)
+    __p_bar_max_pool2d_argmax_later = a[:, :, 0:7:2, 0:7:2] != p
+    p_bar_max_pool2d_argmax = __p_bar_max_pool2d_argmax_later.astype(np.int8)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 0:7:2, 1:8:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 1:8:2, 0:7:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
+    del __p_bar_max_pool2d_argmax_later
     del p
     # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
     a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
