@@ -474,7 +474,8 @@ def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
     grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
     back = grad[grad.index("for t in range(T - 1"):]
     back_loop = back[:back.index("\n    run_bar")] if "\n    run_bar" in back else back
-    assert "Wh.T" in back_loop                                  # the carry's cotangent: in the loop
+    assert "@ WhT" in back_loop                                 # the carry's cotangent: in the loop,
+    assert "WhT = np.ascontiguousarray(Wh.T)" in grad[:grad.index("for t in range(T - 1")]   # Whᵀ laid out once
     assert re.search(r"Wx_bar = \w+\.T @ \w+", back) and re.search(r"Wh_bar = \w+\.T @ \w+", back)
 
 

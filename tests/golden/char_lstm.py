@@ -418,25 +418,25 @@ def value_and_grad(params, inputs):
         c_new_getitem_3 = z[:, 256:384]
         c_new_sigmoid = _sigmoid(c_new_getitem)
         c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
-        c_new_tanh = np.tanh(c_new_getitem_3)
+        c_new_tanh = c_new_tanh_seq_2[t]
+        np.tanh(c_new_getitem_3, out=c_new_tanh)
         c_new = c*c_new_sigmoid + c_new_sigmoid_2*c_new_tanh
         del c_new_getitem, c_new_getitem_2, c_new_getitem_3
         h_new_getitem = z[:, 384:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
-        h_new_tanh = np.tanh(c_new)
-        h_new = h_new_sigmoid*h_new_tanh
+        h_new_tanh = h_new_tanh_seq_2[t]
+        np.tanh(c_new, out=h_new_tanh)
+        h_new = h_new_seq[t]
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         del h_new_getitem
-        h_new_seq[t] = h_new
         h_seq_2[t] = h
         c_seq_2[t] = c
         c_new_sigmoid_seq_2[t] = c_new_sigmoid
         c_new_sigmoid_2_seq_2[t] = c_new_sigmoid_2
-        c_new_tanh_seq_2[t] = c_new_tanh
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
-        h_new_tanh_seq_2[t] = h_new_tanh
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, h_seq_2, c_seq_2, c_new_sigmoid_seq_2, c_new_sigmoid_2_seq_2, c_new_tanh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
+    run = (np.array(h), c, h_new_seq, h_seq_2, c_seq_2, c_new_sigmoid_seq_2, c_new_sigmoid_2_seq_2, c_new_tanh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_reshape_2
     run_scan_out = run[2]
     run_transpose_2 = np.transpose(run_scan_out, (1, 0, 2))
@@ -502,6 +502,7 @@ def value_and_grad(params, inputs):
     del run
     # scan lstm_vjp: reversed loop over T steps
     dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_sigmoid_seq, c_new_sigmoid_2_seq, c_new_tanh_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_transpose, run_transpose, Wx, Wh, Wh.T)
+    WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     c_new_bar = h_bar_zeros_like
     z_bar_concatenate_seq = np.empty((T, B, 512), dtype=dtype_)
@@ -533,11 +534,11 @@ def value_and_grad(params, inputs):
         c_new_bar_dew_4 = np.multiply(c_new_bar_add, 1 - c_new_sigmoid, out=c_new_bar_add)
         del c_new_bar_add
         # backward of z = b + z.matmul + z.matmul
-        z_bar_concatenate = np.concatenate((c_new_bar_dew_3, c_new_bar_dew_4, c_new_bar_dew_2, h_new_bar_dew,), axis=1)
+        z_bar_concatenate = z_bar_concatenate_seq[t]
+        np.concatenate((c_new_bar_dew_3, c_new_bar_dew_4, c_new_bar_dew_2, h_new_bar_dew,), axis=1, out=z_bar_concatenate)
         del h_new_bar_dew, c_new_bar_dew_2, c_new_bar_dew_3, c_new_bar_dew_4
         # backward of z.matmul = h @ Wh w.r.t. h
-        z_bar_matmul = z_bar_concatenate @ Wh.T
-        z_bar_concatenate_seq[t] = z_bar_concatenate
+        z_bar_matmul = z_bar_concatenate @ WhT
         h_new_bar, c_new_bar = z_bar_matmul, c_new_bar_dew
     run_bar_scan = (h_new_bar, c_new_bar, z_bar_concatenate_seq,)
     del run_transpose, run_bar_transpose, h_bar_zeros_like, c_seq, c_new_sigmoid_seq, c_new_sigmoid_2_seq, c_new_tanh_seq, h_new_sigmoid_seq, h_new_tanh_seq

@@ -249,11 +249,11 @@ def forward(params, inputs, outputs=None):
         n_getitem_2 = gh[:, 32:]
         del gh
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
+        h_new = h_new_seq[t]
+        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid), out=h_new)
         del r_getitem_2, u, n_getitem_2, h_new_sigmoid
-        h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None, None,)
+    run = (np.array(h), h_new_seq, None, None, None, None, None,)
     del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
     run_scan_out = run[1]
     del run
@@ -328,11 +328,11 @@ def _forward_1(params, inputs):
         n_getitem_2 = gh[:, 32:]
         del gh
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
+        h_new = h_new_seq[t]
+        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid), out=h_new)
         del r_getitem_2, u, n_getitem_2, h_new_sigmoid
-        h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None, None,)
+    run = (np.array(h), h_new_seq, None, None, None, None, None,)
     del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
     run_scan_out = run[1]
     del run
@@ -376,15 +376,15 @@ def value_and_grad(params, inputs):
         del u_getitem_2
         n_getitem_2 = gh[:, 32:]
         h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
+        h_new = h_new_seq[t]
+        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid), out=h_new)
         del r_getitem_2, n_getitem_2
-        h_new_seq[t] = h_new
         h_seq_2[t] = h
         gh_seq_2[t] = gh
         u_seq_2[t] = u
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h = h_new
-    run = (h, h_new_seq, h_seq_2, None, gh_seq_2, u_seq_2, h_new_sigmoid_seq_2,)
+    run = (np.array(h), h_new_seq, h_seq_2, None, gh_seq_2, u_seq_2, h_new_sigmoid_seq_2,)
     del run_getitem, run_getitem_2
     run_scan_out = run[1]
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -417,6 +417,7 @@ def value_and_grad(params, inputs):
     run_bar_getitem = gh_seq[:, :, 32:]
     # scan gru_vjp: reversed loop over T steps
     dtype_ = np.result_type(h_bar_zeros_like, h_seq, gx_seq, gh_seq, u_seq, h_new_sigmoid_seq, hs_bar_transpose, run_transpose, run_getitem_3, run_bar_getitem, Wx, Wh, Wh.T)
+    WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     h_new_bar_add_seq = np.empty((T, B, 16), dtype=dtype_)
     u_bar_scatter_seq = np.empty((T, B, 48), dtype=dtype_)
@@ -430,7 +431,8 @@ def value_and_grad(params, inputs):
         n_getitem = run_getitem_3[t]
         input = run_bar_getitem[t]
         # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.ew)
-        h_new_bar_add = h_new_bar_t + h_new_bar
+        h_new_bar_add = h_new_bar_add_seq[t]
+        np.add(h_new_bar_t, h_new_bar, out=h_new_bar_add)
         # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.ew) w.r.t. n.getitem
         h_new_bar_dew = h_new_bar_add*h_new_sigmoid*(1 - u)*(1 - np.tanh(n_getitem + input*h_new_sigmoid)**2)
         # backward of h_new.ew = _sigmoid(r.getitem + r.getitem) w.r.t. r.getitem
@@ -455,11 +457,10 @@ def value_and_grad(params, inputs):
         gh_bar_add = np.add(n_bar_scatter, u_bar_scatter, out=n_bar_scatter)
         del n_bar_scatter
         # backward of gh.matmul = h @ Wh w.r.t. h
-        gh_bar_matmul = gh_bar_add @ Wh.T
+        gh_bar_matmul = gh_bar_add @ WhT
         # backward of input h
         h_bar_add = np.add(gh_bar_matmul, h_new_bar_add*u, out=gh_bar_matmul)
         del gh_bar_matmul
-        h_new_bar_add_seq[t] = h_new_bar_add
         u_bar_scatter_seq[t] = u_bar_scatter
         r_bar_scatter_seq[t] = r_bar_scatter
         gh_bar_add_seq[t] = gh_bar_add
