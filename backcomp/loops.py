@@ -426,7 +426,8 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
         use_helper(h)
     in_slot: set[Node] = set()   # per-step outputs computed straight into their stack
     for y, s in zip(step.ys, stacks):
-        if s is not None and y not in in_slot and _write_into(body, names[y], f"{s}[{t}]"):
+        if s is not None and y not in in_slot and (_concatenate_into(body, y, names, s, t)
+                                                   or _write_into(body, names[y], f"{s}[{t}]")):
             in_slot.add(y)
         elif s is not None:
             body.append(f"{s}[{t}] = {names[y]}")
@@ -489,6 +490,42 @@ def _write_into(body: list[str], name: str, slot: str) -> bool:
     else:
         return False
     body[i:i + 1] = [f"{prefix}{slot}", call]
+    return True
+
+
+def _concatenate_into(body: list[str], y: Node, names: dict[Node, str], stack: str, t: str) -> bool:
+    """For a per-step output ``y = concatenate(parts)`` (the gates' cotangent of a
+    recurrent cell): compute each part straight into its columns of the stack's row when
+    its statement allows (``_write_into``) and nothing else reads its buffer, copy the
+    others there, and bind ``y`` to the row: no concatenation, no temporaries."""
+    import re
+    if y.op != "concatenate":
+        return False
+    axis = y.attrs["axis"]
+    name = names[y]
+    head = f"{name} = np.concatenate(("
+    at = [i for i, line in enumerate(body) if line.startswith(head)]
+    if len(at) != 1 or not all(isinstance(p.shape[axis], int) for p in y.inputs):
+        return False
+    lead = f"{t}, " + ":, " * axis
+    copies, written, start = [], set(), 0
+    for p in y.inputs:
+        stop = start + p.shape[axis]
+        part = names[p]
+        uses = [i for i, line in enumerate(body) if re.search(rf"\b{re.escape(part)}\b", line)
+                and not line.startswith("del ")]
+        defined = [i for i in uses if body[i].startswith(f"{part} = ")]
+        own = (p not in written and part.isidentifier() and p.op not in ("input", "param")
+               and len(defined) == 1 and set(uses) == {defined[0], at[0]} and defined[0] < at[0])
+        if own and _write_into(body, part, f"{stack}[{lead}{start}:{stop}]"):
+            written.add(p)
+            at[0] += 1   # the part's statement became two
+        else:
+            copies.append(f"{name}[{':, ' * axis}{start}:{stop}] = {part}")
+        start = stop
+    if not written:
+        return False
+    body[at[0]:at[0] + 1] = [f"{name} = {stack}[{t}]"] + copies
     return True
 
 

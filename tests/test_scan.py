@@ -565,3 +565,34 @@ def test_random_steps_match_the_unrolled_graph(program):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for k in ref:
         np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_final_carry_does_not_share_the_stacked_outputs_buffer(kind):
+    """h_new is written straight into its row of hs: the final carry is a copy of the
+    last row, so the two returned arrays never alias."""
+    m = backcomp.build(parse_spec(LSTM_SPEC if kind == "LSTM" else GRU_SPEC, f"{kind.lower()}.toml"))
+    rng = np.random.default_rng(5)
+    inputs = {k: rng.normal(size=tuple(B if d == "B" else T if d == "T" else d for d in shape))
+              for k, shape in m.INPUTS.items()}
+    out = m.forward(_params(m, seed=5), inputs)
+    assert not np.shares_memory(out["h_last"], out["hs"])
+    np.testing.assert_array_equal(out["h_last"], out["hs"][:, -1])
+    out["h_last"][...] = 0
+    assert np.all(out["hs"][:, -1] != 0)
+
+
+def test_gate_cotangents_are_written_into_the_stacked_rows():
+    """The backward loops build the gates' cotangent in its stack's row: LSTM parts by
+    out= into their columns (no np.concatenate), GRU without zero-filled scatters (its r
+    and z cotangents feed both x_t @ Wx and h @ Wh, yet become concatenations)."""
+    lstm = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    grad = lstm.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    back = grad[grad.index("for t in range(T - 1"):]
+    assert "np.concatenate" not in back.split("\n    run_bar")[0]
+    assert re.search(r"= z_bar_concatenate_seq\[t, :, 0:\d+\]", back)
+    gru = backcomp.compile_source(parse_spec(GRU_SPEC, "gru.toml"))
+    grad = gru.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    back = grad[grad.index("for t in range(T - 1"):]
+    assert "np.zeros" not in back and "scatter" not in back
+    assert re.search(r"= \w+_seq\[t, :, \d+:\d+\]", back)

@@ -326,13 +326,16 @@ def _tile(s: Node) -> tuple[int, int, int] | None:
 def concatenate_scatters(graph: Graph) -> Graph:
     """Graph -> Graph where ``scatter(a, [:, :H]) + scatter(b, [:, H:2H]) + ...`` covering an
     axis exactly becomes ``concatenate((a, b, ...))``: the cotangent of gates sliced from
-    one pre-activation is written once instead of as zeros plus additions."""
+    one pre-activation is written once instead of as zeros plus additions.  A scatter
+    may feed several such sums (a GRU's r and z gates reach both x_t @ Wx and h @ Wh):
+    each becomes its own concatenation, so long as no other node reads the scatter."""
     import sympy as sp
     from backcomp.graph import consumers
     from backcomp.ops.elementwise import arg_symbol, node_expr
     g, _ = graph.clone()
     users = consumers(g.nodes)
-    replace: dict[Node, Node] = {}
+    roots = set(g.outputs.values())
+    tilings: dict[Node, tuple[int, list[Node]]] = {}   # sum -> (axis, its scatters in order)
     for n in list(g.nodes):
         if n.op == "input" or not get_op(n.op).elementwise or len(n.inputs) < 2:
             continue
@@ -340,7 +343,7 @@ def concatenate_scatters(graph: Graph) -> Graph:
             continue
         parts = []
         for x in n.inputs:
-            tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and len(users[x]) == 1 else None
+            tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and x not in roots else None
             if tile is None:
                 break
             parts.append((tile, x))
@@ -354,10 +357,19 @@ def concatenate_scatters(graph: Graph) -> Graph:
             if bounds[0][0] != 0 or bounds[-1][1] != n.shape[axis] or \
                     any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
                 continue
-            with g.scoped(n.scope, n.origin):
-                replace[n] = g.apply("concatenate", tuple(x.inputs[0] for _, x in parts), axis=axis)
-    if not replace:
+            tilings[n] = (axis, [x for _, x in parts])
+    while True:   # a scatter that something else reads stays a scatter, and so do its sums
+        drop = [n for n, (_, xs) in tilings.items() if any(set(users[x]) - set(tilings) for x in xs)]
+        if not drop:
+            break
+        for n in drop:
+            del tilings[n]
+    if not tilings:
         return g
+    replace: dict[Node, Node] = {}
+    for n, (axis, xs) in tilings.items():
+        with g.scoped(n.scope, n.origin):
+            replace[n] = g.apply("concatenate", tuple(x.inputs[0] for x in xs), axis=axis)
     g.replace_uses(replace)
     g.nodes = _toposort(g.nodes)
     return eliminate_dead_code(g)

@@ -517,7 +517,8 @@ def value_and_grad(params, inputs):
         # backward of h_new = h_new.ew*h_new.ew
         h_new_bar_add = h_new_bar_t + h_new_bar
         # backward of h_new.ew = _sigmoid(h_new.getitem) w.r.t. h_new.getitem
-        h_new_bar_dew = h_new_sigmoid*h_new_bar_add*h_new_tanh*(1 - h_new_sigmoid)
+        h_new_bar_dew = z_bar_concatenate_seq[t, :, 384:512]
+        np.multiply(h_new_sigmoid*h_new_bar_add*h_new_tanh, 1 - h_new_sigmoid, out=h_new_bar_dew)
         # backward of c_new = c*c_new.ew + c_new.ew*c_new.ew
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
         np.multiply(h_new_bar_add, 1 - h_new_tanh**2, out=h_new_bar_add)
@@ -526,16 +527,18 @@ def value_and_grad(params, inputs):
         # backward of c_new = c*c_new.ew + c_new.ew*c_new.ew w.r.t. c
         c_new_bar_dew = c_new_bar_add*c_new_sigmoid
         # backward of c_new.ew = tanh(c_new.getitem) w.r.t. c_new.getitem
-        c_new_bar_dew_2 = c_new_bar_add*c_new_sigmoid_2*(1 - c_new_tanh**2)
+        c_new_bar_dew_2 = z_bar_concatenate_seq[t, :, 256:384]
+        np.multiply(c_new_bar_add*c_new_sigmoid_2, 1 - c_new_tanh**2, out=c_new_bar_dew_2)
         # backward of c_new.ew = _sigmoid(c_new.getitem) w.r.t. c_new.getitem
-        c_new_bar_dew_3 = c_new_sigmoid_2*c_new_bar_add*c_new_tanh*(1 - c_new_sigmoid_2)
+        c_new_bar_dew_3 = z_bar_concatenate_seq[t, :, 0:128]
+        np.multiply(c_new_sigmoid_2*c_new_bar_add*c_new_tanh, 1 - c_new_sigmoid_2, out=c_new_bar_dew_3)
         np.multiply(c_new_bar_add, c_new_sigmoid, out=c_new_bar_add)
         np.multiply(c_new_bar_add, c, out=c_new_bar_add)
         c_new_bar_dew_4 = np.multiply(c_new_bar_add, 1 - c_new_sigmoid, out=c_new_bar_add)
         del c_new_bar_add
         # backward of z = b + z.matmul + z.matmul
         z_bar_concatenate = z_bar_concatenate_seq[t]
-        np.concatenate((c_new_bar_dew_3, c_new_bar_dew_4, c_new_bar_dew_2, h_new_bar_dew,), axis=1, out=z_bar_concatenate)
+        z_bar_concatenate[:, 128:256] = c_new_bar_dew_4
         del h_new_bar_dew, c_new_bar_dew_2, c_new_bar_dew_3, c_new_bar_dew_4
         # backward of z.matmul = h @ Wh w.r.t. h
         z_bar_matmul = z_bar_concatenate @ WhT

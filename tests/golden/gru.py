@@ -420,9 +420,9 @@ def value_and_grad(params, inputs):
     WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     h_new_bar_add_seq = np.empty((T, B, 16), dtype=dtype_)
-    u_bar_scatter_seq = np.empty((T, B, 48), dtype=dtype_)
-    r_bar_scatter_seq = np.empty((T, B, 48), dtype=dtype_)
-    gh_bar_add_seq = np.empty((T, B, 48), dtype=dtype_)
+    h_new_bar_dew_2_seq = np.empty((T, B, 16), dtype=dtype_)
+    u_bar_dew_seq = np.empty((T, B, 16), dtype=dtype_)
+    gh_bar_concatenate_seq = np.empty((T, B, 48), dtype=dtype_)
     for t in range(T - 1, -1, -1):
         h = h_seq[t]
         u = u_seq[t]
@@ -434,38 +434,27 @@ def value_and_grad(params, inputs):
         h_new_bar_add = h_new_bar_add_seq[t]
         np.add(h_new_bar_t, h_new_bar, out=h_new_bar_add)
         # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.ew) w.r.t. n.getitem
-        h_new_bar_dew = h_new_bar_add*h_new_sigmoid*(1 - u)*(1 - np.tanh(n_getitem + input*h_new_sigmoid)**2)
+        h_new_bar_dew = gh_bar_concatenate_seq[t, :, 32:48]
+        np.multiply(h_new_bar_add*h_new_sigmoid*(1 - u), 1 - np.tanh(n_getitem + input*h_new_sigmoid)**2, out=h_new_bar_dew)
         # backward of h_new.ew = _sigmoid(r.getitem + r.getitem) w.r.t. r.getitem
         h_new_bar_dew_2_t0 = h_new_sigmoid*input
-        h_new_bar_dew_2 = h_new_bar_add*h_new_bar_dew_2_t0*(1 - h_new_sigmoid)*(1 - u)*(1 - np.tanh(n_getitem + h_new_bar_dew_2_t0)**2)
-        # backward of n.getitem = getitem(gh, index=(slice(None, None, None), slice(32, None, None))) w.r.t. gh
-        n_bar_scatter = np.zeros((B, 48), dtype=h_new_bar_dew.dtype)
-        n_bar_scatter[:, 32:] = h_new_bar_dew
-        del h_new_bar_dew
+        h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
+        np.multiply(h_new_bar_add*h_new_bar_dew_2_t0*(1 - h_new_sigmoid)*(1 - u), 1 - np.tanh(n_getitem + h_new_bar_dew_2_t0)**2, out=h_new_bar_dew_2)
         # backward of u = _sigmoid(u.getitem + u.getitem) w.r.t. u.getitem
-        u_bar_dew = u*h_new_bar_add*(1 - u)*(h - np.tanh(n_getitem + input*h_new_sigmoid))
-        # backward of u.getitem = getitem(gh, index=(slice(None, None, None), slice(16, 32, None))) w.r.t. gh
-        u_bar_scatter = np.zeros((B, 48), dtype=u_bar_dew.dtype)
-        u_bar_scatter[:, 16:32] = u_bar_dew
-        del u_bar_dew
-        # backward of r.getitem = getitem(gh, index=(slice(None, None, None), slice(None, 16, None))) w.r.t. gh
-        r_bar_scatter = np.zeros((B, 48), dtype=h_new_bar_dew_2.dtype)
-        r_bar_scatter[:, :16] = h_new_bar_dew_2
-        del h_new_bar_dew_2
+        u_bar_dew = u_bar_dew_seq[t]
+        np.multiply(u*h_new_bar_add*(1 - u), h - np.tanh(n_getitem + input*h_new_sigmoid), out=u_bar_dew)
         # backward of gh = gh.matmul + bh
-        np.add(n_bar_scatter, r_bar_scatter, out=n_bar_scatter)
-        gh_bar_add = np.add(n_bar_scatter, u_bar_scatter, out=n_bar_scatter)
-        del n_bar_scatter
+        gh_bar_concatenate = gh_bar_concatenate_seq[t]
+        gh_bar_concatenate[:, 0:16] = h_new_bar_dew_2
+        gh_bar_concatenate[:, 16:32] = u_bar_dew
+        del h_new_bar_dew
         # backward of gh.matmul = h @ Wh w.r.t. h
-        gh_bar_matmul = gh_bar_add @ WhT
+        gh_bar_matmul = gh_bar_concatenate @ WhT
         # backward of input h
         h_bar_add = np.add(gh_bar_matmul, h_new_bar_add*u, out=gh_bar_matmul)
         del gh_bar_matmul
-        u_bar_scatter_seq[t] = u_bar_scatter
-        r_bar_scatter_seq[t] = r_bar_scatter
-        gh_bar_add_seq[t] = gh_bar_add
         h_new_bar = h_bar_add
-    run_bar_scan = (h_new_bar, h_new_bar_add_seq, u_bar_scatter_seq, r_bar_scatter_seq, gh_bar_add_seq,)
+    run_bar_scan = (h_new_bar, h_new_bar_add_seq, h_new_bar_dew_2_seq, u_bar_dew_seq, gh_bar_concatenate_seq,)
     del run_transpose, gx_seq, hs_bar_transpose, h_bar_zeros_like, gh_seq
     run_bar_scan_out = run_bar_scan[1]
     run_bar_scan_out_2 = run_bar_scan[2]
@@ -475,17 +464,13 @@ def value_and_grad(params, inputs):
     np.multiply(run_bar_scan_out, 1 - u_seq, out=run_bar_scan_out)
     run_bar_dew = np.multiply(run_bar_scan_out, 1 - np.tanh(run_getitem_3 + run_bar_getitem*h_new_sigmoid_seq)**2, out=run_bar_scan_out)
     del run_getitem_3, u_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_scan_out
-    run_bar_scatter = np.zeros((T, B, 48), dtype=run_bar_dew.dtype)
-    run_bar_scatter[:, :, 32:] = run_bar_dew
-    del run_bar_dew
-    np.add(run_bar_scan_out_3, run_bar_scatter, out=run_bar_scan_out_3)
-    run_bar_add = np.add(run_bar_scan_out_3, run_bar_scan_out_2, out=run_bar_scan_out_3)
-    del run_bar_scan_out_2, run_bar_scan_out_3, run_bar_scatter
-    run_bar_reshape = run_bar_add.reshape((B*T, 48))
+    run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_scan_out_3, run_bar_dew,), axis=2)
+    del run_bar_scan_out_2, run_bar_scan_out_3, run_bar_dew
+    run_bar_reshape = run_bar_concatenate.reshape((B*T, 48))
     Wx_bar = run_reshape.T @ run_bar_reshape
     del run_reshape, run_bar_reshape
-    bx_bar = run_bar_add.sum(axis=(0, 1))
-    del run_bar_add
+    bx_bar = run_bar_concatenate.sum(axis=(0, 1))
+    del run_bar_concatenate
     run_bar_reshape_2 = h_seq.reshape((B*T, 16))
     del h_seq
     run_bar_reshape_3 = run_bar_scan_out_4.reshape((B*T, 48))
