@@ -335,14 +335,31 @@ def concatenate_scatters(graph: Graph) -> Graph:
     g, _ = graph.clone()
     users = consumers(g.nodes)
     roots = set(g.outputs.values())
+
+    def is_sum(n: Node) -> bool:
+        return n.op != "input" and get_op(n.op).elementwise and len(n.inputs) >= 2 and \
+            node_expr(n) == sp.Add(*(arg_symbol(i) for i in range(len(n.inputs))))
+
+    def terms(n: Node, tree: set[Node]) -> list[Node]:
+        """The addends of a tree of sums (``(a + b) + c`` as the VJP pass accumulates);
+        the sums themselves are added to ``tree``."""
+        tree.add(n)
+        out = []
+        for x in n.inputs:
+            inner = is_sum(x) and len(users[x]) == 1 and x not in roots
+            out.extend(terms(x, tree) if inner else [x])
+        return out
+
     tilings: dict[Node, tuple[int, list[Node]]] = {}   # sum -> (axis, its scatters in order)
+    trees: dict[Node, set[Node]] = {}                    # sum -> the sums it is made of
+    inner_sums = {x for n in g.nodes if is_sum(n) for x in n.inputs
+                  if is_sum(x) and len(users[x]) == 1 and x not in roots}
     for n in list(g.nodes):
-        if n.op == "input" or not get_op(n.op).elementwise or len(n.inputs) < 2:
-            continue
-        if node_expr(n) != sp.Add(*(arg_symbol(i) for i in range(len(n.inputs)))):
+        if not is_sum(n) or n in inner_sums:
             continue
         parts = []
-        for x in n.inputs:
+        trees[n] = set()
+        for x in terms(n, trees[n]):
             tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and x not in roots else None
             if tile is None:
                 break
@@ -359,7 +376,8 @@ def concatenate_scatters(graph: Graph) -> Graph:
                 continue
             tilings[n] = (axis, [x for _, x in parts])
     while True:   # a scatter that something else reads stays a scatter, and so do its sums
-        drop = [n for n, (_, xs) in tilings.items() if any(set(users[x]) - set(tilings) for x in xs)]
+        kept = set().union(*(trees[n] for n in tilings))
+        drop = [n for n, (_, xs) in tilings.items() if any(set(users[x]) - kept for x in xs)]
         if not drop:
             break
         for n in drop:
