@@ -397,22 +397,25 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     for leaf, arg in zip(step.carry, args[:c]):
         lines.append(f"{names[leaf]} = {arg}")
     stacks, accs = [], []
+    allocs: list[list[str]] = []   # per stack: the lines that make it (written before the loop)
     for j, y in enumerate(step.ys):
         if y is None:
             stacks.append(None)
+            allocs.append([])
             continue
         s = claim(f"{names[y]}_seq")
         stacks.append(s)
-        lines.append(f"{s} = np.empty({shape_code((length,) + y.shape)}, dtype={dtype})")
+        allocs.append([f"{s} = np.empty({shape_code((length,) + y.shape)}, dtype={dtype})"])
+    sums = []
     for j, v in enumerate(step.sums):
         if v is None:
             accs.append(None)
             continue
         a = claim(f"{names[v]}_sum")
         accs.append(a)
-        lines.append(f"{a} = np.zeros({shape_code(v.shape)}, dtype={dtype})")
-    rng = f"range({steps} - 1, -1, -1)" if node.attrs.get("reverse") else f"range({steps})"
-    lines.append(f"for {t} in {rng}:")
+        sums.append(f"{a} = np.zeros({shape_code(v.shape)}, dtype={dtype})")
+    reverse = bool(node.attrs.get("reverse"))
+    rng = f"range({steps} - 1, -1, -1)" if reverse else f"range({steps})"
     body = [f"{names[leaf]} = {arg}[{t}]" for leaf, arg in zip(step.xs, args[c:c + x]) if leaf in body_nodes]
     returned = {v for v in step.outputs if v is not None}
     helpers: set[str] = set()
@@ -425,12 +428,33 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     for h in helpers:
         use_helper(h)
     in_slot: set[Node] = set()   # per-step outputs computed straight into their stack
-    for y, s in zip(step.ys, stacks):
-        if s is not None and y not in in_slot and (_concatenate_into(body, y, names, s, t)
-                                                   or _write_into(body, names[y], f"{s}[{t}]")):
+    filled: set[int] = set()      # stacks whose rows need no copy
+    for j, (leaf, v) in enumerate(zip(step.carry, step.carry_out)):
+        # a stored carry: the new carry is computed into row t+1 of a (T+1, ...) buffer
+        # whose first T rows are the stack (row 0 the initial carry), so nothing is copied.
+        # Not when the new carry is stacked too (an LSTM's h): that stack and this one
+        # would share rows, and the code after the loop may write into a dead stack
+        k = next((k for k, y in enumerate(step.ys) if y is leaf and stacks[k]), None)
+        if k is None or v is None or v.op == "input" or _is_view(v) or v in in_slot \
+                or sum(o is v for o in step.carry_out) != 1 or any(y is v for y in step.ys):
+            continue
+        buf = claim(f"{names[leaf]}_buf")
+        if not _write_into(body, names[v], f"{buf}[{t}]" if reverse else f"{buf}[{t} + 1]"):
+            continue
+        in_slot.add(v)
+        rows = shape_code((length,) + v.shape).replace(f"({length},", f"({length} + 1,", 1)
+        allocs[k] = [f"{buf} = np.empty({rows}, dtype={dtype})", f"{buf}[{steps if reverse else 0}] = {args[j]}",
+                     f"{stacks[k]} = {buf}[{'1:' if reverse else ':-1'}]"]
+        filled.add(k)
+    for k, (y, s) in enumerate(zip(step.ys, stacks)):
+        if s is None or k in filled:
+            continue
+        if y not in in_slot and (_concatenate_into(body, y, names, s, t) or _write_into(body, names[y], f"{s}[{t}]")):
             in_slot.add(y)
-        elif s is not None:
+        else:
             body.append(f"{s}[{t}] = {names[y]}")
+    lines += [line for a in allocs for line in a] + sums
+    lines.append(f"for {t} in {rng}:")
     for v, a in zip(step.sums, accs):
         if a is not None:
             body.append(f"{a} += {names[v]}")

@@ -619,3 +619,15 @@ def test_merge_sliced_elementwise_joins_only_adjacent_slices():
            and "sigmoid" in str(node_expr(n))]
     assert sorted(n.shape[1] for n in sig) == [H, 2 * H]     # i and f joined; o (after g) alone
     assert merge_sliced_elementwise(merged) is merged        # nothing left to join
+
+
+def test_a_stored_carry_is_computed_into_its_stack():
+    """The LSTM's backward needs c at every step: c_new is computed into row t+1 of a
+    (T+1, B, H) buffer whose first T rows are that residual, instead of copied there;
+    h, whose new value is the stacked output, keeps a stack of its own."""
+    text = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
+    assert re.search(r"c_new = c_buf\[t \+ 1\]\n\s+np\.add\(", loop)
+    assert not re.search(r"\[t\] = c\n", loop)
+    assert re.search(r"c_buf = np\.empty\(\(T \+ 1, B, \d+\)", grad) and "c_buf[0] = " in grad

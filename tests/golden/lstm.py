@@ -324,7 +324,9 @@ def value_and_grad(params, inputs):
     c = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     h_seq_2 = np.empty((T, B, 16), dtype=dtype_)
-    c_seq_2 = np.empty((T, B, 16), dtype=dtype_)
+    c_buf = np.empty((T + 1, B, 16), dtype=dtype_)
+    c_buf[0] = run_full
+    c_seq_2 = c_buf[:-1]
     c_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     c_new_sigmoid_seq_2 = np.empty((T, B, 32), dtype=dtype_)
     h_new_sigmoid_seq_2 = np.empty((T, B, 16), dtype=dtype_)
@@ -345,7 +347,8 @@ def value_and_grad(params, inputs):
         del c_new_getitem_4
         c_new_getitem_5 = c_new_sigmoid[:, 16:32]
         c_new_getitem_6 = c_new_sigmoid[:, 0:16]
-        c_new = c*c_new_getitem_5 + c_new_getitem_6*c_new_tanh
+        c_new = c_buf[t + 1]
+        np.add(c*c_new_getitem_5, c_new_getitem_6*c_new_tanh, out=c_new)
         del c_new_getitem, c_new_getitem_2, c_new_getitem_3, c_new_getitem_5, c_new_getitem_6
         h_new_getitem = z[:, 48:]
         del z
@@ -356,11 +359,10 @@ def value_and_grad(params, inputs):
         np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         del h_new_getitem
         h_seq_2[t] = h
-        c_seq_2[t] = c
         c_new_sigmoid_seq_2[t] = c_new_sigmoid
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h, c = h_new, c_new
-    run = (np.array(h), c, h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
+    run = (np.array(h), np.array(c), h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_reshape_2
     run_scan_out = run[2]
     hs = np.transpose(run_scan_out, (1, 0, 2))
