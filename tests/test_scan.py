@@ -631,3 +631,13 @@ def test_a_stored_carry_is_computed_into_its_stack():
     assert re.search(r"c_new = c_buf\[t \+ 1\]\n\s+np\.add\(", loop)
     assert not re.search(r"\[t\] = c\n", loop)
     assert re.search(r"c_buf = np\.empty\(\(T \+ 1, B, \d+\)", grad) and "c_buf[0] = " in grad
+
+
+def test_gru_backward_reads_the_stored_tanh_instead_of_recomputing_it():
+    """n = tanh(x_n + σ(r)·h_n) is kept by the forward (written into its stack) and read
+    by the backward: no tanh in the backward loop or after it."""
+    text = backcomp.compile_source(parse_spec(GRU_SPEC, "gru.toml"))
+    grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    forward_loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
+    assert forward_loop.count("np.tanh(") == 1 and re.search(r"np\.tanh\(.*, out=\w+\)", forward_loop)
+    assert "np.tanh(" not in grad[grad.index("for t in range(T - 1"):]

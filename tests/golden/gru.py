@@ -226,13 +226,14 @@ def forward(params, inputs, outputs=None):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 32:]
-    run_getitem_3 = gx_seq[:, :, 0:32]
+    run_getitem = run_add[:, :, :16]
+    run_getitem_2 = run_add[:, :, 32:]
+    run_getitem_3 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
@@ -248,15 +249,17 @@ def forward(params, inputs, outputs=None):
         del gh
         h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
         del h_new_getitem_2
-        u = h_new_sigmoid[:, 16:32]
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
-        h_new = h_new_seq[t]
-        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_getitem_3), out=h_new)
-        del r_getitem_2, n_getitem_2, u, h_new_getitem_3
+        np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
+        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        del r_getitem_2, n_getitem_2, h_new_getitem_3, h_new_tanh, u
+        h_new_seq[t] = h_new
         h = h_new
-    run = (np.array(h), h_new_seq, None, None, None, None,)
-    del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
+    run = (h, h_new_seq, None, None, None, None,)
+    del run_full, run_transpose, run_getitem, run_getitem_2, run_getitem_3
     run_scan_out = run[1]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -307,13 +310,14 @@ def _forward_1(params, inputs):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 32:]
-    run_getitem_3 = gx_seq[:, :, 0:32]
+    run_getitem = run_add[:, :, :16]
+    run_getitem_2 = run_add[:, :, 32:]
+    run_getitem_3 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
@@ -329,15 +333,17 @@ def _forward_1(params, inputs):
         del gh
         h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
         del h_new_getitem_2
-        u = h_new_sigmoid[:, 16:32]
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
-        h_new = h_new_seq[t]
-        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_getitem_3), out=h_new)
-        del r_getitem_2, n_getitem_2, u, h_new_getitem_3
+        np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
+        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        del r_getitem_2, n_getitem_2, h_new_getitem_3, h_new_tanh, u
+        h_new_seq[t] = h_new
         h = h_new
-    run = (np.array(h), h_new_seq, None, None, None, None,)
-    del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
+    run = (h, h_new_seq, None, None, None, None,)
+    del run_full, run_transpose, run_getitem, run_getitem_2, run_getitem_3
     run_scan_out = run[1]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -354,18 +360,20 @@ def value_and_grad(params, inputs):
     run_matmul = run_reshape @ Wx
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 32:]
-    run_getitem_3 = gx_seq[:, :, 0:32]
+    run_getitem = run_add[:, :, :16]
+    run_getitem_2 = run_add[:, :, 32:]
+    run_getitem_3 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     h_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     gh_seq_2 = np.empty((T, B, 48), dtype=dtype_)
     h_new_sigmoid_seq_2 = np.empty((T, B, 32), dtype=dtype_)
+    h_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
         r_getitem = run_getitem[t]
         n_getitem = run_getitem_2[t]
@@ -378,17 +386,19 @@ def value_and_grad(params, inputs):
         h_new_getitem_2 = gh[:, 0:32]
         h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
         del h_new_getitem_2
-        u = h_new_sigmoid[:, 16:32]
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = h_new_tanh_seq_2[t]
+        np.tanh(n_getitem + n_getitem_2*h_new_getitem_3, out=h_new_tanh)
+        u = h_new_sigmoid[:, 16:32]
         h_new = h_new_seq[t]
-        np.add(u*h, (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_getitem_3), out=h_new)
-        del r_getitem_2, n_getitem_2, u, h_new_getitem_3
+        np.add(u*h, h_new_tanh*(1 - u), out=h_new)
+        del r_getitem_2, n_getitem_2, h_new_getitem_3, u
         h_seq_2[t] = h
         gh_seq_2[t] = gh
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h = h_new
-    run = (np.array(h), h_new_seq, h_seq_2, None, gh_seq_2, h_new_sigmoid_seq_2,)
-    del run_getitem, run_getitem_3
+    run = (np.array(h), h_new_seq, h_seq_2, gh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
+    del run_getitem, run_getitem_2, run_getitem_3
     run_scan_out = run[1]
     hs = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
@@ -413,64 +423,66 @@ def value_and_grad(params, inputs):
     h_bar_zeros_like = np.zeros_like(run_full)
     del run_full
     h_seq = run[2]
-    gh_seq = run[4]
-    h_new_sigmoid_seq = run[5]
+    gh_seq = run[3]
+    h_new_sigmoid_seq = run[4]
+    h_new_tanh_seq = run[5]
     del run
     run_bar_getitem = gh_seq[:, :, 32:]
-    run_bar_getitem_2 = h_new_sigmoid_seq[:, :, 16:32]
-    run_bar_getitem_3 = h_new_sigmoid_seq[:, :, 0:16]
+    run_bar_getitem_2 = h_new_sigmoid_seq[:, :, 0:16]
+    run_bar_getitem_3 = h_new_sigmoid_seq[:, :, 16:32]
     # scan gru_vjp: reversed loop over T steps
-    dtype_ = np.result_type(h_bar_zeros_like, h_seq, gx_seq, gh_seq, h_new_sigmoid_seq, hs_bar_transpose, run_transpose, run_getitem_2, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3, Wx, Wh, Wh.T)
+    dtype_ = np.result_type(h_bar_zeros_like, h_seq, gh_seq, h_new_sigmoid_seq, h_new_tanh_seq, hs_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3, Wx, Wh, Wh.T)
     WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
-    h_new_bar_add_seq = np.empty((T, B, 16), dtype=dtype_)
-    h_new_bar_dew_4_seq = np.empty((T, B, 32), dtype=dtype_)
+    h_new_bar_dew_2_seq = np.empty((T, B, 16), dtype=dtype_)
+    h_new_bar_dew_5_seq = np.empty((T, B, 32), dtype=dtype_)
     gh_bar_concatenate_seq = np.empty((T, B, 48), dtype=dtype_)
     for t in range(T - 1, -1, -1):
         h = h_seq[t]
         h_new_sigmoid = h_new_sigmoid_seq[t]
+        h_new_tanh = h_new_tanh_seq[t]
         h_new_bar_t = hs_bar_transpose[t]
-        n_getitem = run_getitem_2[t]
-        input = run_bar_getitem[t]
-        u = run_bar_getitem_2[t]
-        h_new_getitem = run_bar_getitem_3[t]
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.getitem)
-        h_new_bar_add = h_new_bar_add_seq[t]
-        np.add(h_new_bar_t, h_new_bar, out=h_new_bar_add)
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. u
-        h_new_bar_dew = h_new_bar_add*(h - np.tanh(n_getitem + input*h_new_getitem))
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
-        h_new_bar_dew_2 = gh_bar_concatenate_seq[t, :, 32:48]
-        np.multiply(h_new_bar_add*h_new_getitem*(1 - u), 1 - np.tanh(n_getitem + input*h_new_getitem)**2, out=h_new_bar_dew_2)
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. h_new.getitem
-        h_new_bar_dew_3 = h_new_bar_add*input*(1 - u)*(1 - np.tanh(n_getitem + input*h_new_getitem)**2)
+        n_getitem = run_bar_getitem[t]
+        h_new_getitem = run_bar_getitem_2[t]
+        u = run_bar_getitem_3[t]
+        # backward of h_new = u*h + h_new.ew*(1 - u)
+        h_new_bar_add = h_new_bar_t + h_new_bar
+        # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. u
+        h_new_bar_dew = h_new_bar_add*(h - h_new_tanh)
+        # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. h_new.ew
+        h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
+        np.multiply(h_new_bar_add, 1 - u, out=h_new_bar_dew_2)
+        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
+        h_new_bar_dew_3 = gh_bar_concatenate_seq[t, :, 32:48]
+        np.multiply(h_new_bar_dew_2*h_new_getitem, 1 - h_new_tanh**2, out=h_new_bar_dew_3)
+        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. h_new.getitem
+        h_new_bar_dew_4 = h_new_bar_dew_2*n_getitem*(1 - h_new_tanh**2)
         # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem)
-        h_new_bar_concatenate = np.concatenate((h_new_bar_dew_3, h_new_bar_dew,), axis=1)
-        del h_new_bar_dew, h_new_bar_dew_3
+        h_new_bar_concatenate = np.concatenate((h_new_bar_dew_4, h_new_bar_dew,), axis=1)
+        del h_new_bar_dew, h_new_bar_dew_4
         # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem) w.r.t. h_new.getitem
         np.multiply(h_new_bar_concatenate, h_new_sigmoid, out=h_new_bar_concatenate)
-        h_new_bar_dew_4 = np.multiply(h_new_bar_concatenate, 1 - h_new_sigmoid, out=h_new_bar_concatenate)
+        h_new_bar_dew_5 = np.multiply(h_new_bar_concatenate, 1 - h_new_sigmoid, out=h_new_bar_concatenate)
         del h_new_bar_concatenate
         # backward of gh = gh.matmul + bh
         gh_bar_concatenate = gh_bar_concatenate_seq[t]
-        gh_bar_concatenate[:, 0:32] = h_new_bar_dew_4
-        del h_new_bar_dew_2
+        gh_bar_concatenate[:, 0:32] = h_new_bar_dew_5
+        del h_new_bar_dew_3
         # backward of gh.matmul = h @ Wh w.r.t. h
         gh_bar_matmul = gh_bar_concatenate @ WhT
         # backward of input h
         h_bar_add = np.add(gh_bar_matmul, h_new_bar_add*u, out=gh_bar_matmul)
-        del gh_bar_matmul
-        h_new_bar_dew_4_seq[t] = h_new_bar_dew_4
+        del h_new_bar_add, gh_bar_matmul
+        h_new_bar_dew_5_seq[t] = h_new_bar_dew_5
         h_new_bar = h_bar_add
-    run_bar_scan = (h_new_bar, h_new_bar_add_seq, h_new_bar_dew_4_seq, gh_bar_concatenate_seq,)
-    del run_transpose, gx_seq, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq
+    run_bar_scan = (h_new_bar, h_new_bar_dew_2_seq, h_new_bar_dew_5_seq, gh_bar_concatenate_seq,)
+    del run_transpose, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3
     run_bar_scan_out = run_bar_scan[1]
     run_bar_scan_out_2 = run_bar_scan[2]
     run_bar_scan_out_3 = run_bar_scan[3]
     del run_bar_scan
-    np.multiply(run_bar_scan_out, 1 - run_bar_getitem_2, out=run_bar_scan_out)
-    run_bar_dew = np.multiply(run_bar_scan_out, 1 - np.tanh(run_getitem_2 + run_bar_getitem*run_bar_getitem_3)**2, out=run_bar_scan_out)
-    del run_getitem_2, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3, run_bar_scan_out
+    run_bar_dew = np.multiply(run_bar_scan_out, 1 - h_new_tanh_seq**2, out=run_bar_scan_out)
+    del h_new_tanh_seq, run_bar_scan_out
     run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_dew,), axis=2)
     del run_bar_scan_out_2, run_bar_dew
     run_bar_reshape = run_bar_concatenate.reshape((B*T, 48))
