@@ -537,7 +537,7 @@ def _concatenate_into(body: list[str], y: Node, names: dict[Node, str], stack: s
         stop = start + p.shape[axis]
         part = names[p]
         uses = [i for i, line in enumerate(body) if re.search(rf"\b{re.escape(part)}\b", line)
-                and not line.startswith("del ")]
+                and not line.startswith(("del ", "#"))]
         defined = [i for i in uses if body[i].startswith(f"{part} = ")]
         own = (p not in written and part.isidentifier() and p.op not in ("input", "param")
                and len(defined) == 1 and set(uses) == {defined[0], at[0]} and defined[0] < at[0])
