@@ -83,10 +83,15 @@ def _vjp_plan(step: Step, mask: tuple[bool, ...]):
     from backcomp.codegen import assign_names
     from backcomp.ops import sum as op_sum
     from backcomp.passes import optimize, prepare_forward
+    from backcomp.passes.hoist import concatenate_scatters
+    from backcomp.passes.loops import merge_sliced_elementwise
+    from backcomp.passes.residuals import keep_residuals
     from backcomp.vjp import backpropagate
     c, x, k = step.counts()
     oc, oy, os_ = step.out_counts()
-    J = prepare_forward(step.as_graph())
+    # keep_residuals again: a call around a call it kept (a GRU's tanh(n_x + σ(r)·n_h))
+    # is left inline by its first run, and the backward would compute it three times
+    J = merge_sliced_elementwise(keep_residuals(prepare_forward(step.as_graph())))
     leaves = [J.inputs[f"l{i}"] for i in range(c + x + k)]
     outs = [J.outputs[f"o{i}"] for i in range(oc + oy + os_)]
     ct_leaves: dict[int, Node] = {}
@@ -111,7 +116,7 @@ def _vjp_plan(step: Step, mask: tuple[bool, ...]):
     for i, leaf in enumerate(leaves):
         if leaf in cts:
             J.outputs[f"b{i}"] = cts[leaf]
-    J = optimize(J)
+    J = optimize(concatenate_scatters(J))
     leaves = [J.inputs[f"l{i}"] for i in range(c + x + k)]
     outs = [J.outputs[f"o{i}"] for i in range(oc + oy + os_)]
     ct_leaves = {i: J.inputs[f"c{i}"] for i in ct_leaves}

@@ -8,6 +8,9 @@ H = 128); gradients w.r.t. the four weight arrays.  Columns: the generated modul
 eager mode, ``jax.jit`` of ``jax.value_and_grad`` over ``lax.scan``, and a hand-written
 NumPy BPTT (the input GEMM hoisted, the weight gradients as one GEMM each).  Every
 implementation's gradients are checked against the generated module's first.
+
+``spec``, ``numpy_lstm``, ``torch_step`` and ``jax_step`` are also the LSTM of
+benchmarks/suite.py.
 """
 from __future__ import annotations
 
@@ -88,6 +91,12 @@ loss = "sum(run.ys[0] * u)"
 """
 
 
+def spec(kind: str, D: int = D, H: int = H) -> str:
+    """The benchmark's spec of ``kind`` ("lstm" or "gru"): batch and time stay symbolic."""
+    gates = 4 if kind == "lstm" else 3
+    return (LSTM if kind == "lstm" else GRU).format(D=D, H=H, G=gates * H)
+
+
 def _sigmoid(v):
     return 0.5 * (1 + np.tanh(0.5 * v))
 
@@ -95,6 +104,8 @@ def _sigmoid(v):
 def numpy_lstm(p, x, u):
     """Hand-written BPTT, time-major, the input GEMM and the weight gradients batched."""
     Wx, Wh, b = p["Wx"], p["Wh"], p["bx"] + p["bh"]
+    B, T, D = x.shape
+    H = Wh.shape[0]
     xt = np.ascontiguousarray(x.transpose(1, 0, 2))
     gx = (xt.reshape(T * B, D) @ Wx).reshape(T, B, 4 * H) + b
     hs = np.empty((T + 1, B, H), x.dtype)
@@ -137,6 +148,8 @@ def numpy_lstm(p, x, u):
 
 def numpy_gru(p, x, u):
     Wx, Wh, bx, bh = p["Wx"], p["Wh"], p["bx"], p["bh"]
+    B, T, D = x.shape
+    H = Wh.shape[0]
     xt = np.ascontiguousarray(x.transpose(1, 0, 2))
     gx = (xt.reshape(T * B, D) @ Wx).reshape(T, B, 3 * H) + bx
     hs = np.empty((T + 1, B, H), x.dtype)
@@ -171,10 +184,65 @@ def numpy_gru(p, x, u):
                   "bx": fx.sum(axis=0), "bh": fh.sum(axis=0)}
 
 
+def torch_step(kind: str, p, x, u):
+    """``torch.nn.LSTM``/``GRU`` (eager, its fused CPU cell) holding copies of ``p``: one
+    call returns the loss and the gradients of all four arrays in backcomp's layout
+    (transposed views, no copies).  Threads are whatever the caller pinned."""
+    import torch
+    D, G = p["Wx"].shape
+    cell = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(D, p["Wh"].shape[0], batch_first=True)
+    with torch.no_grad():
+        cell.weight_ih_l0.copy_(torch.tensor(p["Wx"].T))
+        cell.weight_hh_l0.copy_(torch.tensor(p["Wh"].T))
+        cell.bias_ih_l0.copy_(torch.tensor(p["bx"]))
+        cell.bias_hh_l0.copy_(torch.tensor(p["bh"]))
+    cell = cell.to(torch.from_numpy(x).dtype)
+    leaves = [cell.weight_ih_l0, cell.weight_hh_l0, cell.bias_ih_l0, cell.bias_hh_l0]
+    tx, tu = torch.from_numpy(x), torch.from_numpy(u)
+
+    def step():
+        out, _ = cell(tx)
+        value = (out * tu).sum()
+        gx, gh, bx, bh = torch.autograd.grad(value, leaves)
+        return value.detach(), {"Wx": gx.T, "Wh": gh.T, "bx": bx, "bh": bh}
+    return step
+
+
+def jax_step(kind: str, p, x, u):
+    """``jax.jit(jax.value_and_grad(loss))`` over ``lax.scan``, arrays device_put once."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    B, H = x.shape[0], p["Wh"].shape[0]
+
+    def jloss(q, x, u):
+        def cell(h_c, x_t):
+            if kind == "lstm":
+                h, c = h_c
+                z = x_t @ q["Wx"] + h @ q["Wh"] + q["bx"] + q["bh"]
+                i, f = jax.nn.sigmoid(z[:, :H]), jax.nn.sigmoid(z[:, H:2 * H])
+                g, o = jnp.tanh(z[:, 2 * H:3 * H]), jax.nn.sigmoid(z[:, 3 * H:])
+                c = f * c + i * g
+                h = o * jnp.tanh(c)
+                return (h, c), h
+            h = h_c
+            gx, gh = x_t @ q["Wx"] + q["bx"], h @ q["Wh"] + q["bh"]
+            r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+            z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+            n = jnp.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+            h = (1 - z) * n + z * h
+            return h, h
+        zero = jnp.zeros((B, H), x.dtype)
+        init = (zero, zero) if kind == "lstm" else zero
+        _, hs = lax.scan(cell, init, jnp.swapaxes(x, 0, 1))
+        return jnp.sum(hs * jnp.swapaxes(u, 0, 1))
+    vg = jax.jit(jax.value_and_grad(jloss))
+    jp, jx, ju = jax.device_put((p, x, u))
+    return lambda: jax.block_until_ready(vg(jp, jx, ju))
+
+
 def steps_for(kind: str):
-    gates = 4 if kind == "lstm" else 3
-    spec = (LSTM if kind == "lstm" else GRU).format(D=D, H=H, G=gates * H)
-    module = backcomp.build(parse_spec(spec, f"{kind}_bench.toml"))
+    module = backcomp.build(parse_spec(spec(kind), f"{kind}_bench.toml"))
     rng = np.random.default_rng(0)
     s = 1 / np.sqrt(H)
     p = {k: rng.uniform(-s, s, size=v).astype(np.float32) for k, v in module.PARAMS.items()}
@@ -186,69 +254,19 @@ def steps_for(kind: str):
     hand = numpy_lstm if kind == "lstm" else numpy_gru
     _check("numpy_bptt", hand(p, x, u), loss, ref)
     steps["numpy_bptt"] = lambda: hand(p, x, u)
-    try:
-        import torch
-        torch.set_num_threads(1)
-        cell = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(D, H, batch_first=True)
-        with torch.no_grad():
-            cell.weight_ih_l0.copy_(torch.tensor(p["Wx"].T))
-            cell.weight_hh_l0.copy_(torch.tensor(p["Wh"].T))
-            cell.bias_ih_l0.copy_(torch.tensor(p["bx"]))
-            cell.bias_hh_l0.copy_(torch.tensor(p["bh"]))
-        tx, tu = torch.tensor(x), torch.tensor(u)
-
-        def torch_step():
-            cell.zero_grad()
-            out, _ = cell(tx)
-            value = (out * tu).sum()
-            value.backward()
-            return value, cell.weight_ih_l0.grad
-        torch_step()
-        _check("torch", (torch_step()[0].item(), {"Wx": cell.weight_ih_l0.grad.numpy().T,
-                                                   "Wh": cell.weight_hh_l0.grad.numpy().T}), loss, ref)
-        steps["torch_eager"] = torch_step
-    except ImportError as e:
-        print(f"skipped torch: {e}")
-    try:
-        import jax
-        import jax.numpy as jnp
-        from jax import lax
-
-        def jloss(q, x, u):
-            def cell(h_c, x_t):
-                if kind == "lstm":
-                    h, c = h_c
-                    z = x_t @ q["Wx"] + h @ q["Wh"] + q["bx"] + q["bh"]
-                    i, f = jax.nn.sigmoid(z[:, :H]), jax.nn.sigmoid(z[:, H:2 * H])
-                    g, o = jnp.tanh(z[:, 2 * H:3 * H]), jax.nn.sigmoid(z[:, 3 * H:])
-                    c = f * c + i * g
-                    h = o * jnp.tanh(c)
-                    return (h, c), h
-                h = h_c
-                gx, gh = x_t @ q["Wx"] + q["bx"], h @ q["Wh"] + q["bh"]
-                r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
-                z = jax.nn.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
-                n = jnp.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
-                h = (1 - z) * n + z * h
-                return h, h
-            zero = jnp.zeros((B, H), x.dtype)
-            init = (zero, zero) if kind == "lstm" else zero
-            _, hs = lax.scan(cell, init, jnp.swapaxes(x, 0, 1))
-            return jnp.sum(hs * jnp.swapaxes(u, 0, 1))
-        jstep = jax.jit(jax.value_and_grad(jloss))
-        jp, jx, ju = ({k: jnp.asarray(v) for k, v in p.items()}, jnp.asarray(x), jnp.asarray(u))
-        value, grads = jstep(jp, jx, ju)
-        _check("jax", (float(value), {k: np.asarray(v) for k, v in grads.items()}), loss, ref)
-        steps["jax_jit"] = lambda: jax.block_until_ready(jstep(jp, jx, ju))
-    except ImportError as e:
-        print(f"skipped jax: {e}")
+    if "torch" in sys.modules:
+        steps["torch_eager"] = torch_step(kind, p, x, u)
+        _check("torch", steps["torch_eager"](), loss, ref)
+    if "jax" in sys.modules:
+        steps["jax_jit"] = jax_step(kind, p, x, u)
+        _check("jax", steps["jax_jit"](), loss, ref)
     return steps
 
 
 def _check(name, result, loss, ref):
     value, grads = result
     np.testing.assert_allclose(float(value), float(loss), rtol=1e-3, err_msg=name)
-    for k in ("Wx", "Wh"):
+    for k in ("Wx", "Wh", "bx", "bh"):
         np.testing.assert_allclose(np.asarray(grads[k]), ref[k], rtol=2e-3, atol=2e-3, err_msg=f"{name}: {k}")
 
 
@@ -256,6 +274,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
+    # imported before the threads are pinned, so that pin_threads sets torch's pool and
+    # starts XLA:CPU with one thread, as NumPy's BLAS
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for peer in ("torch", "jax"):
+        try:
+            __import__(peer)
+        except ImportError as e:
+            print(f"skipped {peer}: {e}")
     with timing.pin_threads(1):
         print("BLAS:", timing.blas_info())
         for kind in ("lstm", "gru"):

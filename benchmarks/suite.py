@@ -1,4 +1,4 @@
-"""Issue 13's benchmark suite: one value_and_grad step of five models, float32, 2 threads.
+"""Issue 13's benchmark suite: one value_and_grad step of seven models, float32, 2 threads.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/suite.py
         [--repeats 15] [--threads 2] [--only transformer,cnn] [--json out.json]
@@ -14,11 +14,18 @@ The models, each written as a spec (below) and compiled by backcomp:
   relu, pool, dense 10;
 - ``rnn``: a tanh RNN unrolled 8 steps in the spec, B 64, 64 -> 128, classifier on the
   last state;
-- ``relu_mlp``: B 128, 784-256-256-10, softmax cross-entropy on one-hot targets.
+- ``relu_mlp``: B 128, 784-256-256-10, softmax cross-entropy on one-hot targets;
+- ``lstm``: benchmarks/rnn.py's LSTM as a ``scan`` (one loop forward, one reversed loop
+  backward), B 32, T 64, D 64, H 128, loss ``sum(hs * u)`` over the outputs;
+- ``gpt_block``: token and position embeddings, one pre-LN causal self-attention block
+  (4 heads, mask by ``tril``/``where``), GELU MLP 4d (tanh form, as GPT-2), final layer
+  norm, untied output projection, ``cross_entropy`` over a vocabulary of 65, B 16, T 64,
+  d 128.
 
 Each model is also written in PyTorch (eager, ``torch.autograd.grad``) and in JAX
 (``jax.jit(jax.value_and_grad(...))``), and for the ReLU MLP there is the hand-written
-NumPy backprop of benchmarks/peers.py.  All are first checked to agree with the
+NumPy backprop of benchmarks/peers.py.  The LSTM's spec and peers are benchmarks/rnn.py's
+(``torch.nn.LSTM``, ``lax.scan``, its hand-written NumPy BPTT).  All are first checked to agree with the
 generated module on the same data (loss and every gradient, float32 tolerances), then
 timed with ``timing.interleaved_medians`` at ``--threads`` threads (``pin_threads``),
 model by model, in one process, so the ratios come from one run.  The table gives
@@ -26,7 +33,8 @@ medians and backcomp ÷ peer, with geometric means over the suite.
 
 ``--profile MODEL`` (repeatable, or ``all``) prints the per-statement profile of the
 generated module's value_and_grad: each top-level statement of its source run on its
-own, timed over several calls, median per statement.  ``--smoke`` runs tiny sizes, one
+own, timed over several calls, median per statement; and inside each loop (a scan's
+forward and backward), each body statement's time summed over the steps.  ``--smoke`` runs tiny sizes, one
 thread, two rounds of one call and no settling: it checks that the script works and that
 the implementations agree (tests/test_suite.py), and its times mean nothing.
 """
@@ -55,13 +63,15 @@ import numpy as np  # noqa: E402
 import backcomp  # noqa: E402
 import timing  # noqa: E402
 
-MODELS = ("transformer", "gelu_mlp", "cnn", "rnn", "relu_mlp")
+MODELS = ("transformer", "gelu_mlp", "cnn", "rnn", "relu_mlp", "lstm", "gpt_block")
 TITLES = {
     "transformer": "transformer encoder block (B 16, T 64, d 128, 4 heads, GELU MLP 4d)",
     "gelu_mlp": "GELU MLP (B 256, 512-1024-1024-10)",
     "cnn": "CNN (B 64, 28x28, conv3x3x16, pool, conv3x3x32, pool, dense)",
     "rnn": "tanh RNN unrolled 8 steps (B 64, 64->128)",
     "relu_mlp": "ReLU MLP (B 128, 784-256-256-10)",
+    "lstm": "LSTM scan (B 32, T 64, 64->128)",
+    "gpt_block": "GPT block with embeddings (B 16, T 64, d 128, 4 heads, vocab 65)",
 }
 
 
@@ -76,6 +86,8 @@ def sizes(model: str, smoke: bool) -> dict[str, int]:
         "cnn": dict(B=64),
         "rnn": dict(B=64, T=8, I=64, N=128, C=10),
         "relu_mlp": dict(B=128, d0=784, d1=256, d2=256, d3=10),
+        "lstm": dict(B=32, T=64, D=64, H=128),
+        "gpt_block": dict(B=16, T=64, D=128, H=4, V=65),
     }[model]
     if smoke:
         full = {**full, **{
@@ -84,6 +96,8 @@ def sizes(model: str, smoke: bool) -> dict[str, int]:
             "cnn": dict(B=4),
             "rnn": dict(B=4, T=3, I=8, N=16),
             "relu_mlp": dict(B=8, d0=16, d1=32, d2=32),
+            "lstm": dict(B=3, T=5, D=4, H=8),
+            "gpt_block": dict(B=2, T=8, D=16, H=2, V=11),
         }[model]}
     return full
 
@@ -228,9 +242,62 @@ loss = "mean(softmax_cross_entropy(logits, y))"
 """
 
 
+def lstm_spec(B, T, D, H) -> str:
+    """benchmarks/rnn.py's LSTM (batch and time symbolic in the spec)."""
+    import rnn
+    return rnn.spec("lstm", D=D, H=H)
+
+
+def gpt_block_spec(B, T, D, H, V) -> str:
+    dh = D // H
+    return f"""\
+[model]
+name = "suite_gpt_block"
+loss = "loss"
+[inputs]
+ids = {{ shape = ["B", "T"], dtype = "int64" }}
+targets = {{ shape = ["B", "T"], dtype = "int64" }}
+[params]
+E = {{ shape = [{V}, {D}], init = "normal(0.02)" }}
+P = {{ shape = [{T}, {D}], init = "normal(0.02)" }}
+g1 = {{ shape = [{D}], init = "ones" }}
+be1 = [{D}]
+Wq = [{D}, {D}]
+Wk = [{D}, {D}]
+Wv = [{D}, {D}]
+Wo = [{D}, {D}]
+bo = [{D}]
+g2 = {{ shape = [{D}], init = "ones" }}
+be2 = [{D}]
+W1 = [{D}, {4 * D}]
+c1 = [{4 * D}]
+W2 = [{4 * D}, {D}]
+c2 = [{D}]
+gf = {{ shape = [{D}], init = "ones" }}
+bf = [{D}]
+Wout = [{D}, {V}]
+bout = [{V}]
+[constants]
+scale = {1 / math.sqrt(dh)!r}
+[graph]
+x = "embedding(ids, E) + P[:T]"
+causal = "tril(ones((T, T)))"
+h = "layer_norm(x, g1, be1)"
+q = "transpose(reshape(h @ Wq, (B, T, {H}, {dh})), (0, 2, 1, 3))"
+k = "transpose(reshape(h @ Wk, (B, T, {H}, {dh})), (0, 2, 1, 3))"
+v = "transpose(reshape(h @ Wv, (B, T, {H}, {dh})), (0, 2, 1, 3))"
+att = "softmax(where(causal > 0, q @ transpose(k, (0, 1, 3, 2)) * scale, -1e9), axis=-1)"
+ctx = "reshape(transpose(att @ v, (0, 2, 1, 3)), (B, T, {D}))"
+x1 = "x + ctx @ Wo + bo"
+x2 = "x1 + gelu(layer_norm(x1, g2, be2) @ W1 + c1, approximate=True) @ W2 + c2"
+logits = "layer_norm(x2, gf, bf) @ Wout + bout"
+loss = "cross_entropy(logits, targets)"
+"""
+
+
 SPECS: dict[str, Callable[..., str]] = {
     "transformer": transformer_spec, "gelu_mlp": gelu_mlp_spec, "cnn": cnn_spec,
-    "rnn": rnn_spec, "relu_mlp": relu_mlp_spec,
+    "rnn": rnn_spec, "relu_mlp": relu_mlp_spec, "lstm": lstm_spec, "gpt_block": gpt_block_spec,
 }
 
 
@@ -269,6 +336,11 @@ def make_data(model: str, module, smoke: bool = False, seed: int = 0):
     elif model == "rnn":
         inputs = {"x": rng.standard_normal((B, s["T"], s["I"]), dtype=np.float32),
                   "labels": rng.integers(0, s["C"], B)}
+    elif model == "lstm":
+        inputs = {"x": rng.standard_normal((B, s["T"], s["D"]), dtype=np.float32),
+                  "u": rng.standard_normal((B, s["T"], s["H"]), dtype=np.float32)}
+    elif model == "gpt_block":
+        inputs = {"ids": rng.integers(0, s["V"], (B, s["T"])), "targets": rng.integers(0, s["V"], (B, s["T"]))}
     else:
         y = np.zeros((B, s["d3"]), np.float32)
         y[np.arange(B), rng.integers(0, s["d3"], B)] = 1
@@ -311,6 +383,26 @@ def _torch_loss(model: str, s: dict[str, int]):
             h2 = F.relu(F.conv2d(F.max_pool2d(h1, 2), p["K2"], padding=1) + p["c2"])
             logits = torch.addmm(p["b"], F.max_pool2d(h2, 2).reshape(-1, 1568), p["W"])
             return F.cross_entropy(logits, labels)
+    elif model == "gpt_block":
+        B, T, D, H, V = s["B"], s["T"], s["D"], s["H"], s["V"]
+        dh = D // H
+        future = ~torch.tril(torch.ones(T, T, dtype=torch.bool))
+
+        def heads(a):
+            return a.reshape(B, T, H, dh).transpose(1, 2)
+
+        def loss(p, ids, targets):
+            x = F.embedding(ids, p["E"]) + p["P"][:T]
+            h = F.layer_norm(x, (D,), p["g1"], p["be1"], eps=1e-5)
+            q, k, v = (heads(h @ p["W" + c]) for c in "qkv")
+            att = torch.softmax((q @ k.transpose(-1, -2) * (1 / math.sqrt(dh))).masked_fill(future, -1e9), dim=-1)
+            ctx = (att @ v).transpose(1, 2).reshape(B, T, D)
+            x1 = x + F.linear(ctx, p["Wo"].T, p["bo"])
+            h2 = F.layer_norm(x1, (D,), p["g2"], p["be2"], eps=1e-5)
+            m = F.gelu(F.linear(h2, p["W1"].T, p["c1"]), approximate="tanh")
+            x2 = x1 + F.linear(m, p["W2"].T, p["c2"])
+            logits = F.linear(F.layer_norm(x2, (D,), p["gf"], p["bf"], eps=1e-5), p["Wout"].T, p["bout"])
+            return F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
     elif model == "rnn":
         def loss(p, x, labels):
             h = torch.tanh(torch.addmm(p["b"], x[:, 0], p["Wx"]))
@@ -326,8 +418,12 @@ def _torch_loss(model: str, s: dict[str, int]):
 
 
 def torch_step(model: str, s: dict[str, int], params, inputs) -> Callable[[], tuple]:
-    """PyTorch eager: the loss, then torch.autograd.grad over the params (tensors resident)."""
+    """PyTorch eager: the loss, then torch.autograd.grad over the params (tensors resident);
+    the LSTM is benchmarks/rnn.py's ``torch.nn.LSTM``."""
     import torch
+    if model == "lstm":
+        import rnn
+        return rnn.torch_step("lstm", params, inputs["x"], inputs["u"])
     loss_fn = _torch_loss(model, s)
     tp = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in params.items()}
     ti = [torch.from_numpy(v) for v in inputs.values()]
@@ -385,6 +481,25 @@ def _jax_loss(model: str, s: dict[str, int]):
             h1 = jax.nn.relu(conv(x, p["K1"]) + p["c1"])
             h2 = jax.nn.relu(conv(pool(h1), p["K2"]) + p["c2"])
             return ce(pool(h2).reshape(-1, 1568) @ p["W"] + p["b"], labels)
+    elif model == "gpt_block":
+        B, T, D, H = s["B"], s["T"], s["D"], s["H"]
+        dh = D // H
+        causal = jnp.tril(jnp.ones((T, T), bool))
+
+        def heads(a):
+            return a.reshape(B, T, H, dh).transpose(0, 2, 1, 3)
+
+        def loss(p, ids, targets):
+            x = p["E"][ids] + p["P"][:T]
+            h = ln(x, p["g1"], p["be1"])
+            q, k, v = (heads(h @ p["W" + c]) for c in "qkv")
+            att = jax.nn.softmax(jnp.where(causal, q @ k.transpose(0, 1, 3, 2) * (1 / math.sqrt(dh)), -1e9), axis=-1)
+            ctx = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, D)
+            x1 = x + ctx @ p["Wo"] + p["bo"]
+            m = jax.nn.gelu(ln(x1, p["g2"], p["be2"]) @ p["W1"] + p["c1"], approximate=True)
+            logits = ln(x1 + m @ p["W2"] + p["c2"], p["gf"], p["bf"]) @ p["Wout"] + p["bout"]
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
     elif model == "rnn":
         def loss(p, x, labels):
             h = jnp.tanh(x[:, 0] @ p["Wx"] + p["b"])
@@ -400,8 +515,12 @@ def _jax_loss(model: str, s: dict[str, int]):
 
 
 def jax_step(model: str, s: dict[str, int], params, inputs) -> Callable[[], tuple]:
-    """jax.jit(jax.value_and_grad(loss)), inputs device_put once, blocking on the result."""
+    """jax.jit(jax.value_and_grad(loss)), inputs device_put once, blocking on the result;
+    the LSTM is benchmarks/rnn.py's ``lax.scan``."""
     import jax
+    if model == "lstm":
+        import rnn
+        return rnn.jax_step("lstm", params, inputs["x"], inputs["u"])
     vg = jax.jit(jax.value_and_grad(_jax_loss(model, s)))
     jp, ji = jax.device_put((params, list(inputs.values())))
 
@@ -411,7 +530,11 @@ def jax_step(model: str, s: dict[str, int], params, inputs) -> Callable[[], tupl
 
 
 def hand_numpy_step(model: str, s: dict[str, int], params, inputs) -> Callable[[], tuple] | None:
-    """benchmarks/peers.py's hand-written backprop, for the ReLU MLP only."""
+    """benchmarks/peers.py's hand-written backprop for the ReLU MLP, benchmarks/rnn.py's
+    BPTT for the LSTM; None for the others."""
+    if model == "lstm":
+        import rnn
+        return lambda: rnn.numpy_lstm(params, inputs["x"], inputs["u"])
     if model != "relu_mlp":
         return None
     import peers
@@ -474,15 +597,53 @@ def statement_profile(fn: Callable, env: dict[str, Any], repeats: int = 7) -> li
     return [(statistics.median(ts), text) for ts, (_, text) in zip(times, stmts)]
 
 
+def loop_profile(fn: Callable, env: dict[str, Any], repeats: int = 7) -> list[tuple[float, int, str]]:
+    """Inside each top-level ``for`` loop of ``fn`` (a scan's forward or backward): the
+    median over ``repeats`` calls of each body statement's time summed over the steps,
+    as (seconds, loop number, statement).  Each statement is timed by perf_counter calls
+    around it in an instrumented copy of ``fn``, which adds ~0.1 µs per statement and step."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    func = tree.body[0]
+    labels: list[tuple[int, str]] = []
+    loops = [st for st in func.body if isinstance(st, ast.For)]
+    for k, loop in enumerate(loops):
+        body = []
+        for st in loop.body:
+            labels.append((k, ast.unparse(st)))
+            i = len(labels) - 1
+            body += [ast.parse("_t0_ = _pc_()").body[0], st, ast.parse(f"_acc_[{i}] += _pc_() - _t0_").body[0]]
+        loop.body = body
+    if not labels:
+        return []
+    func.name = "_instrumented"
+    scope = dict(env, _pc_=time.perf_counter)
+    exec(compile(ast.fix_missing_locations(tree), "<generated>", "exec"), scope)
+    runs = []
+    for _ in range(repeats):
+        scope["_acc_"] = acc = [0.0] * len(labels)
+        scope["_instrumented"](env["params"], env["inputs"])
+        runs.append(acc)
+    return [(statistics.median(r[i] for r in runs), k, text) for i, (k, text) in enumerate(labels)]
+
+
 def print_profile(model: str, module, params, inputs, top: int = 20, repeats: int = 7) -> list[dict]:
-    rows = statement_profile(module.value_and_grad, dict(vars(module), params=params, inputs=inputs), repeats)
+    env = dict(vars(module), params=params, inputs=inputs)
+    rows = statement_profile(module.value_and_grad, env, repeats)
     total = sum(t for t, _ in rows)
     print(f"\n-- profile of the generated value_and_grad: {TITLES[model]} --")
     print(f"   {len(rows)} statements, sum of per-statement medians {total * 1e3:.2f} ms; the top {top}:")
     for t, text in sorted(rows, key=lambda r: -r[0])[:top]:
         line = " ".join(text.split())
         print(f"{t * 1e3:9.3f} ms {100 * t / total:5.1f}%  {line[:110]}")
-    return [{"seconds": t, "statement": text} for t, text in rows]
+    inner = loop_profile(module.value_and_grad, env, repeats)
+    for k in sorted({k for _, k, _ in inner}):
+        body = [(t, text) for t, j, text in inner if j == k]
+        spent = sum(t for t, _ in body)
+        print(f"   inside loop {k + 1} (all steps): {len(body)} statements, {spent * 1e3:.2f} ms; the top {top // 2}:")
+        for t, text in sorted(body, key=lambda r: -r[0])[:top // 2]:
+            print(f"{t * 1e3:9.3f} ms {100 * t / spent:5.1f}%    {' '.join(text.split())[:108]}")
+    return [{"seconds": t, "statement": text} for t, text in rows] + \
+        [{"seconds": t, "loop": k + 1, "statement": text} for t, k, text in inner]
 
 
 # ----------------------------------------------------------------------------

@@ -474,7 +474,8 @@ def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
     grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
     back = grad[grad.index("for t in range(T - 1"):]
     back_loop = back[:back.index("\n    run_bar")] if "\n    run_bar" in back else back
-    assert "Wh.T" in back_loop                                  # the carry's cotangent: in the loop
+    assert "@ WhT" in back_loop                                 # the carry's cotangent: in the loop,
+    assert "WhT = np.ascontiguousarray(Wh.T)" in grad[:grad.index("for t in range(T - 1")]   # Whᵀ laid out once
     assert re.search(r"Wx_bar = \w+\.T @ \w+", back) and re.search(r"Wh_bar = \w+\.T @ \w+", back)
 
 
@@ -564,3 +565,79 @@ def test_random_steps_match_the_unrolled_graph(program):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for k in ref:
         np.testing.assert_allclose(grads[k], ref[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_final_carry_does_not_share_the_stacked_outputs_buffer(kind):
+    """h_new is written straight into its row of hs: the final carry is a copy of the
+    last row, so the two returned arrays never alias."""
+    m = backcomp.build(parse_spec(LSTM_SPEC if kind == "LSTM" else GRU_SPEC, f"{kind.lower()}.toml"))
+    rng = np.random.default_rng(5)
+    inputs = {k: rng.normal(size=tuple(B if d == "B" else T if d == "T" else d for d in shape))
+              for k, shape in m.INPUTS.items()}
+    out = m.forward(_params(m, seed=5), inputs)
+    assert not np.shares_memory(out["h_last"], out["hs"])
+    np.testing.assert_array_equal(out["h_last"], out["hs"][:, -1])
+    out["h_last"][...] = 0
+    assert np.all(out["hs"][:, -1] != 0)
+
+
+def test_gate_cotangents_are_written_into_the_stacked_rows():
+    """The backward loops build the gates' cotangent in its stack's row, parts by out= into
+    their columns where they can, without zero-filled scatters (a GRU's r and z
+    cotangents feed both x_t @ Wx and h @ Wh, yet become concatenations)."""
+    lstm = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    grad = lstm.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    back = grad[grad.index("for t in range(T - 1"):]
+    assert "np.zeros" not in back and "scatter" not in back
+    assert re.search(r"= z_bar_concatenate_seq\[t, :, \d+:\d+\]", back)
+    gru = backcomp.compile_source(parse_spec(GRU_SPEC, "gru.toml"))
+    grad = gru.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    back = grad[grad.index("for t in range(T - 1"):]
+    assert "np.zeros" not in back and "scatter" not in back
+    assert re.search(r"= \w+_seq\[t, :, \d+:\d+\]", back)
+
+
+def test_sigmoids_of_adjacent_gate_slices_are_one_statement():
+    """σ(z[:, :H]) and σ(z[:, H:2H]) (LSTM i, f; GRU r, z) are one _sigmoid call on the
+    joined slice, stored as one residual; the values still match torch (above)."""
+    for spec, name in ((LSTM_SPEC, "lstm.toml"), (GRU_SPEC, "gru.toml")):
+        text = backcomp.compile_source(parse_spec(spec, name))
+        grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+        loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
+        assert loop.count("_sigmoid(") == (2 if name == "lstm.toml" else 1), name
+
+
+def test_merge_sliced_elementwise_joins_only_adjacent_slices():
+    from backcomp.ops.elementwise import node_expr
+    from backcomp.ops.registry import get_op
+    from backcomp.passes.loops import merge_sliced_elementwise
+    g = parse_spec(LSTM_SPEC, "lstm.toml")
+    step = [n for n in g.nodes if n.op == "scan"][0].attrs["step"].as_graph()
+    merged = merge_sliced_elementwise(step)
+    sig = [n for n in merged.nodes if n.op not in ("input", "param") and get_op(n.op).elementwise
+           and "sigmoid" in str(node_expr(n))]
+    assert sorted(n.shape[1] for n in sig) == [H, 2 * H]     # i and f joined; o (after g) alone
+    assert merge_sliced_elementwise(merged) is merged        # nothing left to join
+
+
+def test_a_stored_carry_is_computed_into_its_stack():
+    """The LSTM's backward needs c at every step: c_new is computed into row t+1 of a
+    (T+1, B, H) buffer whose first T rows are that residual, instead of copied there;
+    h, whose new value is the stacked output, keeps a stack of its own."""
+    text = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
+    assert re.search(r"c_new = c_buf\[t \+ 1\]\n\s+np\.add\(", loop)
+    assert not re.search(r"\[t\] = c\n", loop)
+    assert re.search(r"c_buf = np\.empty\(\(T \+ 1, B, \d+\)", grad) and "c_buf[0] = " in grad
+
+
+def test_gru_backward_reads_the_stored_tanh_instead_of_recomputing_it():
+    """n = tanh(x_n + σ(r)·h_n) is kept by the forward (written into its stack) and read
+    by the backward: no tanh in the backward loop or after it."""
+    text = backcomp.compile_source(parse_spec(GRU_SPEC, "gru.toml"))
+    grad = text.split("\ndef value_and_grad(")[1].split("\ndef ")[0]
+    forward_loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
+    assert forward_loop.count("np.tanh(") == 1 and re.search(r"np\.tanh\(.*, out=\w+\)", forward_loop)
+    assert "np.tanh(" not in grad[grad.index("for t in range(T - 1"):]

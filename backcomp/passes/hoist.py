@@ -326,21 +326,41 @@ def _tile(s: Node) -> tuple[int, int, int] | None:
 def concatenate_scatters(graph: Graph) -> Graph:
     """Graph -> Graph where ``scatter(a, [:, :H]) + scatter(b, [:, H:2H]) + ...`` covering an
     axis exactly becomes ``concatenate((a, b, ...))``: the cotangent of gates sliced from
-    one pre-activation is written once instead of as zeros plus additions."""
+    one pre-activation is written once instead of as zeros plus additions.  A scatter
+    may feed several such sums (a GRU's r and z gates reach both x_t @ Wx and h @ Wh):
+    each becomes its own concatenation, so long as no other node reads the scatter."""
     import sympy as sp
     from backcomp.graph import consumers
     from backcomp.ops.elementwise import arg_symbol, node_expr
     g, _ = graph.clone()
     users = consumers(g.nodes)
-    replace: dict[Node, Node] = {}
+    roots = set(g.outputs.values())
+
+    def is_sum(n: Node) -> bool:
+        return n.op != "input" and get_op(n.op).elementwise and len(n.inputs) >= 2 and \
+            node_expr(n) == sp.Add(*(arg_symbol(i) for i in range(len(n.inputs))))
+
+    def terms(n: Node, tree: set[Node]) -> list[Node]:
+        """The addends of a tree of sums (``(a + b) + c`` as the VJP pass accumulates);
+        the sums themselves are added to ``tree``."""
+        tree.add(n)
+        out = []
+        for x in n.inputs:
+            inner = is_sum(x) and len(users[x]) == 1 and x not in roots
+            out.extend(terms(x, tree) if inner else [x])
+        return out
+
+    tilings: dict[Node, tuple[int, list[Node]]] = {}   # sum -> (axis, its scatters in order)
+    trees: dict[Node, set[Node]] = {}                    # sum -> the sums it is made of
+    inner_sums = {x for n in g.nodes if is_sum(n) for x in n.inputs
+                  if is_sum(x) and len(users[x]) == 1 and x not in roots}
     for n in list(g.nodes):
-        if n.op == "input" or not get_op(n.op).elementwise or len(n.inputs) < 2:
-            continue
-        if node_expr(n) != sp.Add(*(arg_symbol(i) for i in range(len(n.inputs)))):
+        if not is_sum(n) or n in inner_sums:
             continue
         parts = []
-        for x in n.inputs:
-            tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and len(users[x]) == 1 else None
+        trees[n] = set()
+        for x in terms(n, trees[n]):
+            tile = _tile(x) if x.op == "scatter" and x.shape == n.shape and x not in roots else None
             if tile is None:
                 break
             parts.append((tile, x))
@@ -354,10 +374,20 @@ def concatenate_scatters(graph: Graph) -> Graph:
             if bounds[0][0] != 0 or bounds[-1][1] != n.shape[axis] or \
                     any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
                 continue
-            with g.scoped(n.scope, n.origin):
-                replace[n] = g.apply("concatenate", tuple(x.inputs[0] for _, x in parts), axis=axis)
-    if not replace:
+            tilings[n] = (axis, [x for _, x in parts])
+    while True:   # a scatter that something else reads stays a scatter, and so do its sums
+        kept = set().union(*(trees[n] for n in tilings))
+        drop = [n for n, (_, xs) in tilings.items() if any(set(users[x]) - kept for x in xs)]
+        if not drop:
+            break
+        for n in drop:
+            del tilings[n]
+    if not tilings:
         return g
+    replace: dict[Node, Node] = {}
+    for n, (axis, xs) in tilings.items():
+        with g.scoped(n.scope, n.origin):
+            replace[n] = g.apply("concatenate", tuple(x.inputs[0] for x in xs), axis=axis)
     g.replace_uses(replace)
     g.nodes = _toposort(g.nodes)
     return eliminate_dead_code(g)

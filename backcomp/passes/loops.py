@@ -5,6 +5,8 @@ and more (the residuals the backward reads, or the tangents): ``merge_scans`` po
 the projections of the first at the second, so the loop runs once.  ``optimize_steps``
 runs the ordinary passes (fusion, CSE, DCE) on every step graph, so a step's
 elementwise work becomes one or two fused statements inside the loop.
+``merge_sliced_elementwise`` computes one expression applied to adjacent slices of
+the same arrays (an LSTM's input and forget gates) as one statement on the joined slice.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ def optimize_step(step: Step) -> Step:
     key = repr(step)
     if key not in _OPTIMIZED:
         from backcomp.passes.hoist import concatenate_scatters
-        _OPTIMIZED[key] = step.rebuild(concatenate_scatters(optimize(step.as_graph())))
+        g = optimize(merge_sliced_elementwise(step.as_graph()))
+        _OPTIMIZED[key] = step.rebuild(concatenate_scatters(g))
     return _OPTIMIZED[key]
 
 
@@ -80,3 +83,73 @@ def optimize_loops(graph: Graph) -> Graph:
         return graph
     from backcomp.passes.hoist import hoist_loops
     return hoist_loops(optimize_steps(merge_scans(graph)))
+
+
+# ----- one elementwise statement over adjacent slices ----------------------------------------
+def _sliced(n: Node) -> tuple[Node, int, int, int] | None:
+    """(base, axis, start, stop) of a getitem taking one step-1 slice of one axis, else None."""
+    if n.op != "getitem":
+        return None
+    (base,) = n.inputs
+    index = n.attrs["index"]
+    if Ellipsis in index or None in index or len(index) != base.ndim:
+        return None
+    cut = [(i, item) for i, item in enumerate(index) if item != slice(None)]
+    if len(cut) != 1 or not isinstance(cut[0][1], slice) or cut[0][1].step not in (None, 1):
+        return None
+    axis, sl = cut[0]
+    if not isinstance(base.shape[axis], int):
+        return None
+    start, stop, _ = sl.indices(base.shape[axis])
+    return base, axis, start, stop
+
+
+def _adjacent_pair(g: Graph):
+    """Two elementwise nodes with one expression whose inputs are the same arrays sliced
+    along one axis, the first's ranges ending where the second's begin; or None."""
+    from backcomp.ops.elementwise import node_expr
+    from backcomp.ops.registry import get_op
+    groups: dict = {}
+    for n in g.nodes:
+        if n.op in ("input", "param") or not n.inputs or not get_op(n.op).elementwise:
+            continue
+        cuts = [_sliced(i) for i in n.inputs]
+        if any(c is None for c in cuts) or len({c[1:] for c in cuts}) != 1:
+            continue
+        _, axis, start, stop = cuts[0]
+        key = (n.op, node_expr(n), tuple(c[0] for c in cuts), axis, n.dtype)
+        groups.setdefault(key, []).append((start, stop, n))
+    for key, members in groups.items():
+        ends = {start: n for start, _, n in members}
+        for start, stop, n in members:
+            if stop in ends and ends[stop] is not n:
+                return n, ends[stop], key[2], key[3], start
+    return None
+
+
+def merge_sliced_elementwise(graph: Graph) -> Graph:
+    """Graph -> Graph where ``f(z[:, a:b])`` and ``f(z[:, b:c])`` (any elementwise ``f``
+    over inputs sliced alike) become ``m = f(z[:, a:c])`` read through the views
+    ``m[:, :b-a]`` and ``m[:, b-a:]``: one statement instead of two, and a loop stores
+    one residual for both.  An LSTM's σ(i) and σ(f), a GRU's σ(r) and σ(z)."""
+    from backcomp.ops.structural import normalize_index
+    g, _ = graph.clone()
+    changed = False
+    while (pair := _adjacent_pair(g)) is not None:
+        first, second, bases, axis, start = pair
+        mid = start + first.shape[axis]
+        stop = mid + second.shape[axis]
+
+        def cut(x: Node, a: int, b: int) -> Node:
+            index = tuple(slice(a, b) if i == axis else slice(None) for i in range(x.ndim))
+            return g.apply("getitem", (x,), index=normalize_index(index, x.shape))
+        with g.scoped(first.scope, first.origin):
+            merged = g.apply(first.op, tuple(cut(b, start, stop) for b in bases), **first.attrs)
+            views = {first: cut(merged, 0, mid - start), second: cut(merged, mid - start, stop - start)}
+        for old, new in views.items():
+            new.name, old.name = old.name, None
+        g.replace_uses(views)
+        g.nodes = _toposort(g.nodes)
+        g = eliminate_dead_code(g)
+        changed = True
+    return g if changed else graph

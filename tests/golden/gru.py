@@ -226,36 +226,38 @@ def forward(params, inputs, outputs=None):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 16:32]
-    run_getitem_3 = gx_seq[:, :, 32:]
+    run_getitem = run_add[:, :, 32:]
+    run_getitem_2 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        r_getitem = run_getitem[t]
-        u_getitem = run_getitem_2[t]
-        n_getitem = run_getitem_3[t]
+        n_getitem = run_getitem[t]
+        h_new_getitem = run_getitem_2[t]
         gh_matmul = h @ Wh
         gh = np.add(gh_matmul, bh, out=gh_matmul)
         del gh_matmul
-        r_getitem_2 = gh[:, :16]
-        u_getitem_2 = gh[:, 16:32]
-        u = _sigmoid(u_getitem + u_getitem_2)
-        del u_getitem_2
         n_getitem_2 = gh[:, 32:]
+        h_new_getitem_2 = gh[:, 0:32]
         del gh
-        h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        del r_getitem_2
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del u, n_getitem_2, h_new_sigmoid
+        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        del h_new_getitem_2
+        h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        del n_getitem_2, h_new_getitem_3
+        u = h_new_sigmoid[:, 16:32]
+        del h_new_sigmoid
+        np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
+        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        del h_new_tanh, u
         h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None, None,)
-    del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
+    run = (h, h_new_seq, None, None, None, None,)
+    del run_full, run_transpose, run_getitem, run_getitem_2
     run_scan_out = run[1]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -306,36 +308,38 @@ def _forward_1(params, inputs):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 16:32]
-    run_getitem_3 = gx_seq[:, :, 32:]
+    run_getitem = run_add[:, :, 32:]
+    run_getitem_2 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        r_getitem = run_getitem[t]
-        u_getitem = run_getitem_2[t]
-        n_getitem = run_getitem_3[t]
+        n_getitem = run_getitem[t]
+        h_new_getitem = run_getitem_2[t]
         gh_matmul = h @ Wh
         gh = np.add(gh_matmul, bh, out=gh_matmul)
         del gh_matmul
-        r_getitem_2 = gh[:, :16]
-        u_getitem_2 = gh[:, 16:32]
-        u = _sigmoid(u_getitem + u_getitem_2)
-        del u_getitem_2
         n_getitem_2 = gh[:, 32:]
+        h_new_getitem_2 = gh[:, 0:32]
         del gh
-        h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        del r_getitem_2
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del u, n_getitem_2, h_new_sigmoid
+        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        del h_new_getitem_2
+        h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        del n_getitem_2, h_new_getitem_3
+        u = h_new_sigmoid[:, 16:32]
+        del h_new_sigmoid
+        np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
+        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        del h_new_tanh, u
         h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None, None,)
-    del run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3
+    run = (h, h_new_seq, None, None, None, None,)
+    del run_full, run_transpose, run_getitem, run_getitem_2
     run_scan_out = run[1]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -352,42 +356,42 @@ def value_and_grad(params, inputs):
     run_matmul = run_reshape @ Wx
     run_reshape_2 = run_matmul.reshape((T, B, 48))
     del run_matmul
-    gx_seq = run_reshape_2 + bx
+    run_add = run_reshape_2 + bx
     del run_reshape_2
-    run_getitem = gx_seq[:, :, :16]
-    run_getitem_2 = gx_seq[:, :, 16:32]
-    run_getitem_3 = gx_seq[:, :, 32:]
+    run_getitem = run_add[:, :, 32:]
+    run_getitem_2 = run_add[:, :, 0:32]
+    del run_add
     # scan gru: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, gx_seq, run_getitem, run_getitem_2, run_getitem_3, Wx, bx, Wh, bh)
+    dtype_ = np.result_type(run_full, run_transpose, run_getitem, run_getitem_2, Wx, bx, Wh, bh)
     h = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     h_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     gh_seq_2 = np.empty((T, B, 48), dtype=dtype_)
-    u_seq_2 = np.empty((T, B, 16), dtype=dtype_)
-    h_new_sigmoid_seq_2 = np.empty((T, B, 16), dtype=dtype_)
+    h_new_sigmoid_seq_2 = np.empty((T, B, 32), dtype=dtype_)
+    h_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        r_getitem = run_getitem[t]
-        u_getitem = run_getitem_2[t]
-        n_getitem = run_getitem_3[t]
+        n_getitem = run_getitem[t]
+        h_new_getitem = run_getitem_2[t]
         gh_matmul = h @ Wh
         gh = np.add(gh_matmul, bh, out=gh_matmul)
         del gh_matmul
-        r_getitem_2 = gh[:, :16]
-        u_getitem_2 = gh[:, 16:32]
-        u = _sigmoid(u_getitem + u_getitem_2)
-        del u_getitem_2
         n_getitem_2 = gh[:, 32:]
-        h_new_sigmoid = _sigmoid(r_getitem + r_getitem_2)
-        del r_getitem_2
-        h_new = u*h + (1 - u)*np.tanh(n_getitem + n_getitem_2*h_new_sigmoid)
-        del n_getitem_2
-        h_new_seq[t] = h_new
+        h_new_getitem_2 = gh[:, 0:32]
+        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        del h_new_getitem_2
+        h_new_getitem_3 = h_new_sigmoid[:, 0:16]
+        h_new_tanh = h_new_tanh_seq_2[t]
+        np.tanh(n_getitem + n_getitem_2*h_new_getitem_3, out=h_new_tanh)
+        del n_getitem_2, h_new_getitem_3
+        u = h_new_sigmoid[:, 16:32]
+        h_new = h_new_seq[t]
+        np.add(u*h, h_new_tanh*(1 - u), out=h_new)
+        del u
         h_seq_2[t] = h
         gh_seq_2[t] = gh
-        u_seq_2[t] = u
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h = h_new
-    run = (h, h_new_seq, h_seq_2, None, gh_seq_2, u_seq_2, h_new_sigmoid_seq_2,)
+    run = (np.array(h), h_new_seq, h_seq_2, gh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_getitem, run_getitem_2
     run_scan_out = run[1]
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -413,88 +417,80 @@ def value_and_grad(params, inputs):
     h_bar_zeros_like = np.zeros_like(run_full)
     del run_full
     h_seq = run[2]
-    gh_seq = run[4]
-    u_seq = run[5]
-    h_new_sigmoid_seq = run[6]
+    gh_seq = run[3]
+    h_new_sigmoid_seq = run[4]
+    h_new_tanh_seq = run[5]
     del run
     run_bar_getitem = gh_seq[:, :, 32:]
+    run_bar_getitem_2 = h_new_sigmoid_seq[:, :, 0:16]
+    run_bar_getitem_3 = h_new_sigmoid_seq[:, :, 16:32]
     # scan gru_vjp: reversed loop over T steps
-    dtype_ = np.result_type(h_bar_zeros_like, h_seq, gx_seq, gh_seq, u_seq, h_new_sigmoid_seq, hs_bar_transpose, run_transpose, run_getitem_3, run_bar_getitem, Wx, Wh, Wh.T)
+    dtype_ = np.result_type(h_bar_zeros_like, h_seq, gh_seq, h_new_sigmoid_seq, h_new_tanh_seq, hs_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3, Wx, Wh, Wh.T)
+    WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
-    h_new_bar_add_seq = np.empty((T, B, 16), dtype=dtype_)
-    u_bar_scatter_seq = np.empty((T, B, 48), dtype=dtype_)
-    r_bar_scatter_seq = np.empty((T, B, 48), dtype=dtype_)
-    gh_bar_add_seq = np.empty((T, B, 48), dtype=dtype_)
+    h_new_bar_dew_2_seq = np.empty((T, B, 16), dtype=dtype_)
+    h_new_bar_dew_5_seq = np.empty((T, B, 32), dtype=dtype_)
+    gh_bar_concatenate_seq = np.empty((T, B, 48), dtype=dtype_)
     for t in range(T - 1, -1, -1):
         h = h_seq[t]
-        u = u_seq[t]
         h_new_sigmoid = h_new_sigmoid_seq[t]
+        h_new_tanh = h_new_tanh_seq[t]
         h_new_bar_t = hs_bar_transpose[t]
-        n_getitem = run_getitem_3[t]
-        input = run_bar_getitem[t]
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.ew)
+        n_getitem = run_bar_getitem[t]
+        h_new_getitem = run_bar_getitem_2[t]
+        u = run_bar_getitem_3[t]
+        # backward of h_new = u*h + h_new.ew*(1 - u)
         h_new_bar_add = h_new_bar_t + h_new_bar
-        # backward of h_new = u*h + (1 - u)*tanh(n.getitem + n.getitem*h_new.ew) w.r.t. n.getitem
-        h_new_bar_dew = h_new_bar_add*h_new_sigmoid*(1 - u)*(1 - np.tanh(n_getitem + input*h_new_sigmoid)**2)
-        # backward of h_new.ew = _sigmoid(r.getitem + r.getitem) w.r.t. r.getitem
-        h_new_bar_dew_2_t0 = h_new_sigmoid*input
-        h_new_bar_dew_2 = h_new_bar_add*h_new_bar_dew_2_t0*(1 - h_new_sigmoid)*(1 - u)*(1 - np.tanh(n_getitem + h_new_bar_dew_2_t0)**2)
-        # backward of n.getitem = getitem(gh, index=(slice(None, None, None), slice(32, None, None))) w.r.t. gh
-        n_bar_scatter = np.zeros((B, 48), dtype=h_new_bar_dew.dtype)
-        n_bar_scatter[:, 32:] = h_new_bar_dew
-        del h_new_bar_dew
-        # backward of u = _sigmoid(u.getitem + u.getitem) w.r.t. u.getitem
-        u_bar_dew = u*h_new_bar_add*(1 - u)*(h - np.tanh(n_getitem + input*h_new_sigmoid))
-        # backward of u.getitem = getitem(gh, index=(slice(None, None, None), slice(16, 32, None))) w.r.t. gh
-        u_bar_scatter = np.zeros((B, 48), dtype=u_bar_dew.dtype)
-        u_bar_scatter[:, 16:32] = u_bar_dew
-        del u_bar_dew
-        # backward of r.getitem = getitem(gh, index=(slice(None, None, None), slice(None, 16, None))) w.r.t. gh
-        r_bar_scatter = np.zeros((B, 48), dtype=h_new_bar_dew_2.dtype)
-        r_bar_scatter[:, :16] = h_new_bar_dew_2
-        del h_new_bar_dew_2
+        # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. u
+        h_new_bar_dew = h_new_bar_add*(h - h_new_tanh)
+        # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. h_new.ew
+        h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
+        np.multiply(h_new_bar_add, 1 - u, out=h_new_bar_dew_2)
+        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
+        h_new_bar_dew_3 = gh_bar_concatenate_seq[t, :, 32:48]
+        np.multiply(h_new_bar_dew_2*h_new_getitem, 1 - h_new_tanh**2, out=h_new_bar_dew_3)
+        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. h_new.getitem
+        h_new_bar_dew_4 = h_new_bar_dew_2*n_getitem*(1 - h_new_tanh**2)
+        # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem)
+        h_new_bar_concatenate = np.concatenate((h_new_bar_dew_4, h_new_bar_dew,), axis=1)
+        del h_new_bar_dew, h_new_bar_dew_4
+        # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem) w.r.t. h_new.getitem
+        np.multiply(h_new_bar_concatenate, h_new_sigmoid, out=h_new_bar_concatenate)
+        h_new_bar_dew_5 = np.multiply(h_new_bar_concatenate, 1 - h_new_sigmoid, out=h_new_bar_concatenate)
+        del h_new_bar_concatenate
         # backward of gh = gh.matmul + bh
-        np.add(n_bar_scatter, r_bar_scatter, out=n_bar_scatter)
-        gh_bar_add = np.add(n_bar_scatter, u_bar_scatter, out=n_bar_scatter)
-        del n_bar_scatter
+        gh_bar_concatenate = gh_bar_concatenate_seq[t]
+        gh_bar_concatenate[:, 0:32] = h_new_bar_dew_5
+        del h_new_bar_dew_3
         # backward of gh.matmul = h @ Wh w.r.t. h
-        gh_bar_matmul = gh_bar_add @ Wh.T
+        gh_bar_matmul = gh_bar_concatenate @ WhT
         # backward of input h
         h_bar_add = np.add(gh_bar_matmul, h_new_bar_add*u, out=gh_bar_matmul)
-        del gh_bar_matmul
-        h_new_bar_add_seq[t] = h_new_bar_add
-        u_bar_scatter_seq[t] = u_bar_scatter
-        r_bar_scatter_seq[t] = r_bar_scatter
-        gh_bar_add_seq[t] = gh_bar_add
+        del h_new_bar_add, gh_bar_matmul
+        h_new_bar_dew_5_seq[t] = h_new_bar_dew_5
         h_new_bar = h_bar_add
-    run_bar_scan = (h_new_bar, h_new_bar_add_seq, u_bar_scatter_seq, r_bar_scatter_seq, gh_bar_add_seq,)
-    del run_transpose, gx_seq, hs_bar_transpose, h_bar_zeros_like, gh_seq
+    run_bar_scan = (h_new_bar, h_new_bar_dew_2_seq, h_new_bar_dew_5_seq, gh_bar_concatenate_seq,)
+    del run_transpose, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3
     run_bar_scan_out = run_bar_scan[1]
     run_bar_scan_out_2 = run_bar_scan[2]
     run_bar_scan_out_3 = run_bar_scan[3]
-    run_bar_scan_out_4 = run_bar_scan[4]
     del run_bar_scan
-    np.multiply(run_bar_scan_out, 1 - u_seq, out=run_bar_scan_out)
-    run_bar_dew = np.multiply(run_bar_scan_out, 1 - np.tanh(run_getitem_3 + run_bar_getitem*h_new_sigmoid_seq)**2, out=run_bar_scan_out)
-    del run_getitem_3, u_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_scan_out
-    run_bar_scatter = np.zeros((T, B, 48), dtype=run_bar_dew.dtype)
-    run_bar_scatter[:, :, 32:] = run_bar_dew
-    del run_bar_dew
-    np.add(run_bar_scan_out_3, run_bar_scatter, out=run_bar_scan_out_3)
-    run_bar_add = np.add(run_bar_scan_out_3, run_bar_scan_out_2, out=run_bar_scan_out_3)
-    del run_bar_scan_out_2, run_bar_scan_out_3, run_bar_scatter
-    run_bar_reshape = run_bar_add.reshape((B*T, 48))
+    run_bar_dew = np.multiply(run_bar_scan_out, 1 - h_new_tanh_seq**2, out=run_bar_scan_out)
+    del h_new_tanh_seq, run_bar_scan_out
+    run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_dew,), axis=2)
+    del run_bar_scan_out_2, run_bar_dew
+    run_bar_reshape = run_bar_concatenate.reshape((B*T, 48))
     Wx_bar = run_reshape.T @ run_bar_reshape
     del run_reshape, run_bar_reshape
-    bx_bar = run_bar_add.sum(axis=(0, 1))
-    del run_bar_add
+    bx_bar = run_bar_concatenate.sum(axis=(0, 1))
+    del run_bar_concatenate
     run_bar_reshape_2 = h_seq.reshape((B*T, 16))
     del h_seq
-    run_bar_reshape_3 = run_bar_scan_out_4.reshape((B*T, 48))
+    run_bar_reshape_3 = run_bar_scan_out_3.reshape((B*T, 48))
     Wh_bar = run_bar_reshape_2.T @ run_bar_reshape_3
     del run_bar_reshape_2, run_bar_reshape_3
-    bh_bar = run_bar_scan_out_4.sum(axis=(0, 1))
-    del run_bar_scan_out_4
+    bh_bar = run_bar_scan_out_3.sum(axis=(0, 1))
+    del run_bar_scan_out_3
     # backward of pred_matmul = hs @ Wo w.r.t. Wo
     pred_bar_reshape = hs.reshape((B*T, 16))
     del hs

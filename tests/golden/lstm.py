@@ -208,18 +208,18 @@ def forward(params, inputs, outputs=None):
         np.add(z_matmul_2, b, out=z_matmul_2)
         z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
         del z_matmul_2
-        c_new_getitem = z[:, 16:32]
-        c_new_getitem_2 = z[:, :16]
-        c_new_getitem_3 = z[:, 32:48]
-        c_new_sigmoid = _sigmoid(c_new_getitem)
+        c_new_getitem = z[:, 32:48]
+        c_new_tanh = np.tanh(c_new_getitem)
         del c_new_getitem
-        c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        c_new_getitem_2 = z[:, 0:32]
+        c_new_sigmoid = _sigmoid(c_new_getitem_2)
         del c_new_getitem_2
-        c_new_tanh = np.tanh(c_new_getitem_3)
-        del c_new_getitem_3
-        np.multiply(c_new_sigmoid, c, out=c_new_sigmoid)
-        c_new = np.add(c_new_sigmoid, c_new_sigmoid_2*c_new_tanh, out=c_new_sigmoid)
-        del c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
+        c_new_getitem_3 = c_new_sigmoid[:, 16:32]
+        c_new_getitem_4 = c_new_sigmoid[:, 0:16]
+        del c_new_sigmoid
+        np.multiply(c_new_tanh, c_new_getitem_4, out=c_new_tanh)
+        c_new = np.add(c_new_tanh, c*c_new_getitem_3, out=c_new_tanh)
+        del c_new_tanh, c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 48:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
@@ -229,7 +229,7 @@ def forward(params, inputs, outputs=None):
         del h_new_sigmoid, h_new_tanh
         h_new_seq[t] = h_new
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, None, None, None, None, None, None, None,)
+    run = (h, c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_reshape_2
     run_scan_out = run[2]
     del run
@@ -279,18 +279,18 @@ def _forward_1(params, inputs):
         np.add(z_matmul_2, b, out=z_matmul_2)
         z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
         del z_matmul_2
-        c_new_getitem = z[:, 16:32]
-        c_new_getitem_2 = z[:, :16]
-        c_new_getitem_3 = z[:, 32:48]
-        c_new_sigmoid = _sigmoid(c_new_getitem)
+        c_new_getitem = z[:, 32:48]
+        c_new_tanh = np.tanh(c_new_getitem)
         del c_new_getitem
-        c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        c_new_getitem_2 = z[:, 0:32]
+        c_new_sigmoid = _sigmoid(c_new_getitem_2)
         del c_new_getitem_2
-        c_new_tanh = np.tanh(c_new_getitem_3)
-        del c_new_getitem_3
-        np.multiply(c_new_sigmoid, c, out=c_new_sigmoid)
-        c_new = np.add(c_new_sigmoid, c_new_sigmoid_2*c_new_tanh, out=c_new_sigmoid)
-        del c_new_sigmoid, c_new_sigmoid_2, c_new_tanh
+        c_new_getitem_3 = c_new_sigmoid[:, 16:32]
+        c_new_getitem_4 = c_new_sigmoid[:, 0:16]
+        del c_new_sigmoid
+        np.multiply(c_new_tanh, c_new_getitem_4, out=c_new_tanh)
+        c_new = np.add(c_new_tanh, c*c_new_getitem_3, out=c_new_tanh)
+        del c_new_tanh, c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 48:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
@@ -300,7 +300,7 @@ def _forward_1(params, inputs):
         del h_new_sigmoid, h_new_tanh
         h_new_seq[t] = h_new
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, None, None, None, None, None, None, None,)
+    run = (h, c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_reshape_2
     run_scan_out = run[2]
     del run
@@ -324,10 +324,11 @@ def value_and_grad(params, inputs):
     c = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     h_seq_2 = np.empty((T, B, 16), dtype=dtype_)
-    c_seq_2 = np.empty((T, B, 16), dtype=dtype_)
-    c_new_sigmoid_seq_2 = np.empty((T, B, 16), dtype=dtype_)
-    c_new_sigmoid_2_seq_2 = np.empty((T, B, 16), dtype=dtype_)
+    c_buf = np.empty((T + 1, B, 16), dtype=dtype_)
+    c_buf[0] = run_full
+    c_seq_2 = c_buf[:-1]
     c_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
+    c_new_sigmoid_seq_2 = np.empty((T, B, 32), dtype=dtype_)
     h_new_sigmoid_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     h_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
@@ -336,32 +337,31 @@ def value_and_grad(params, inputs):
         np.add(z_matmul_2, b, out=z_matmul_2)
         z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
         del z_matmul_2
-        c_new_getitem = z[:, 16:32]
-        c_new_getitem_2 = z[:, :16]
-        c_new_getitem_3 = z[:, 32:48]
-        c_new_sigmoid = _sigmoid(c_new_getitem)
+        c_new_getitem = z[:, 32:48]
+        c_new_tanh = c_new_tanh_seq_2[t]
+        np.tanh(c_new_getitem, out=c_new_tanh)
         del c_new_getitem
-        c_new_sigmoid_2 = _sigmoid(c_new_getitem_2)
+        c_new_getitem_2 = z[:, 0:32]
+        c_new_sigmoid = _sigmoid(c_new_getitem_2)
         del c_new_getitem_2
-        c_new_tanh = np.tanh(c_new_getitem_3)
-        del c_new_getitem_3
-        c_new = c*c_new_sigmoid + c_new_sigmoid_2*c_new_tanh
+        c_new_getitem_3 = c_new_sigmoid[:, 16:32]
+        c_new_getitem_4 = c_new_sigmoid[:, 0:16]
+        c_new = c_buf[t + 1]
+        np.add(c*c_new_getitem_3, c_new_getitem_4*c_new_tanh, out=c_new)
+        del c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 48:]
         del z
         h_new_sigmoid = _sigmoid(h_new_getitem)
         del h_new_getitem
-        h_new_tanh = np.tanh(c_new)
-        h_new = h_new_sigmoid*h_new_tanh
-        h_new_seq[t] = h_new
+        h_new_tanh = h_new_tanh_seq_2[t]
+        np.tanh(c_new, out=h_new_tanh)
+        h_new = h_new_seq[t]
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         h_seq_2[t] = h
-        c_seq_2[t] = c
         c_new_sigmoid_seq_2[t] = c_new_sigmoid
-        c_new_sigmoid_2_seq_2[t] = c_new_sigmoid_2
-        c_new_tanh_seq_2[t] = c_new_tanh
         h_new_sigmoid_seq_2[t] = h_new_sigmoid
-        h_new_tanh_seq_2[t] = h_new_tanh
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, h_seq_2, c_seq_2, c_new_sigmoid_seq_2, c_new_sigmoid_2_seq_2, c_new_tanh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
+    run = (np.array(h), np.array(c), h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_reshape_2
     run_scan_out = run[2]
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -380,53 +380,64 @@ def value_and_grad(params, inputs):
     del run_full
     h_seq = run[3]
     c_seq = run[4]
-    c_new_sigmoid_seq = run[5]
-    c_new_sigmoid_2_seq = run[6]
-    c_new_tanh_seq = run[7]
-    h_new_sigmoid_seq = run[8]
-    h_new_tanh_seq = run[9]
+    c_new_tanh_seq = run[5]
+    c_new_sigmoid_seq = run[6]
+    h_new_sigmoid_seq = run[7]
+    h_new_tanh_seq = run[8]
     del run
+    run_bar_getitem = c_new_sigmoid_seq[:, :, 16:32]
+    run_bar_getitem_2 = c_new_sigmoid_seq[:, :, 0:16]
     # scan lstm_vjp: reversed loop over T steps
-    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_sigmoid_seq, c_new_sigmoid_2_seq, c_new_tanh_seq, h_new_sigmoid_seq, h_new_tanh_seq, hs_bar_transpose, run_transpose, Wx, Wh, Wh.T)
+    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, hs_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, Wx, Wh, Wh.T)
+    WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     c_new_bar = h_bar_zeros_like
     z_bar_concatenate_seq = np.empty((T, B, 64), dtype=dtype_)
     for t in range(T - 1, -1, -1):
         c = c_seq[t]
-        c_new_sigmoid = c_new_sigmoid_seq[t]
-        c_new_sigmoid_2 = c_new_sigmoid_2_seq[t]
         c_new_tanh = c_new_tanh_seq[t]
+        c_new_sigmoid = c_new_sigmoid_seq[t]
         h_new_sigmoid = h_new_sigmoid_seq[t]
         h_new_tanh = h_new_tanh_seq[t]
         h_new_bar_t = hs_bar_transpose[t]
+        c_new_getitem = run_bar_getitem[t]
+        input = run_bar_getitem_2[t]
         # backward of h_new = h_new.ew*h_new.ew
         h_new_bar_add = h_new_bar_t + h_new_bar
         # backward of h_new.ew = _sigmoid(h_new.getitem) w.r.t. h_new.getitem
-        h_new_bar_dew = h_new_sigmoid*h_new_bar_add*h_new_tanh*(1 - h_new_sigmoid)
-        # backward of c_new = c*c_new.ew + c_new.ew*c_new.ew
+        h_new_bar_dew = z_bar_concatenate_seq[t, :, 48:64]
+        np.multiply(h_new_sigmoid*h_new_bar_add*h_new_tanh, 1 - h_new_sigmoid, out=h_new_bar_dew)
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
         np.multiply(h_new_bar_add, 1 - h_new_tanh**2, out=h_new_bar_add)
         c_new_bar_add = np.add(h_new_bar_add, c_new_bar, out=h_new_bar_add)
         del h_new_bar_add
-        # backward of c_new = c*c_new.ew + c_new.ew*c_new.ew w.r.t. c
-        c_new_bar_dew = c_new_bar_add*c_new_sigmoid
-        # backward of c_new.ew = tanh(c_new.getitem) w.r.t. c_new.getitem
-        c_new_bar_dew_2 = c_new_bar_add*c_new_sigmoid_2*(1 - c_new_tanh**2)
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew w.r.t. c
+        c_new_bar_dew = c_new_bar_add*c_new_getitem
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew w.r.t. c_new.getitem
+        c_new_bar_dew_2 = c_new_bar_add*c
+        c_new_bar_dew_3 = c_new_bar_add*c_new_tanh
+        # backward of c_new.ew = _sigmoid(c_new.getitem)
+        c_new_bar_concatenate = np.concatenate((c_new_bar_dew_3, c_new_bar_dew_2,), axis=1)
+        del c_new_bar_dew_2, c_new_bar_dew_3
         # backward of c_new.ew = _sigmoid(c_new.getitem) w.r.t. c_new.getitem
-        c_new_bar_dew_3 = c_new_sigmoid_2*c_new_bar_add*c_new_tanh*(1 - c_new_sigmoid_2)
-        np.multiply(c_new_bar_add, c_new_sigmoid, out=c_new_bar_add)
-        np.multiply(c_new_bar_add, c, out=c_new_bar_add)
-        c_new_bar_dew_4 = np.multiply(c_new_bar_add, 1 - c_new_sigmoid, out=c_new_bar_add)
+        np.multiply(c_new_bar_concatenate, c_new_sigmoid, out=c_new_bar_concatenate)
+        c_new_bar_dew_4 = np.multiply(c_new_bar_concatenate, 1 - c_new_sigmoid, out=c_new_bar_concatenate)
+        del c_new_bar_concatenate
+        # backward of c_new.ew = tanh(c_new.getitem) w.r.t. c_new.getitem
+        np.multiply(c_new_bar_add, input, out=c_new_bar_add)
+        c_new_bar_dew_5 = np.multiply(c_new_bar_add, 1 - c_new_tanh**2, out=c_new_bar_add)
         del c_new_bar_add
         # backward of z = b + z.matmul + z.matmul
-        z_bar_concatenate = np.concatenate((c_new_bar_dew_3, c_new_bar_dew_4, c_new_bar_dew_2, h_new_bar_dew,), axis=1)
-        del h_new_bar_dew, c_new_bar_dew_2, c_new_bar_dew_3, c_new_bar_dew_4
+        z_bar_concatenate = z_bar_concatenate_seq[t]
+        z_bar_concatenate[:, 0:32] = c_new_bar_dew_4
+        z_bar_concatenate[:, 32:48] = c_new_bar_dew_5
+        del h_new_bar_dew, c_new_bar_dew_4, c_new_bar_dew_5
         # backward of z.matmul = h @ Wh w.r.t. h
-        z_bar_matmul = z_bar_concatenate @ Wh.T
-        z_bar_concatenate_seq[t] = z_bar_concatenate
+        z_bar_matmul = z_bar_concatenate @ WhT
         h_new_bar, c_new_bar = z_bar_matmul, c_new_bar_dew
     run_bar_scan = (h_new_bar, c_new_bar, z_bar_concatenate_seq,)
-    del run_transpose, hs_bar_transpose, h_bar_zeros_like, c_seq, c_new_sigmoid_seq, c_new_sigmoid_2_seq, c_new_tanh_seq, h_new_sigmoid_seq, h_new_tanh_seq
+    del run_transpose, hs_bar_transpose, h_bar_zeros_like, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_getitem, run_bar_getitem_2
     run_bar_scan_out = run_bar_scan[2]
     del run_bar_scan
     run_bar_reshape = run_bar_scan_out.reshape((B*T, 64))

@@ -302,15 +302,16 @@ def value_and_grad(params, inputs):
     # backward of run = scan(run.full, run.transpose, Wx, Wh, b, step=Step(cell:28bfd34f549b59c1), reverse=False)
     # scan cell_vjp: reversed loop over T steps
     dtype_ = np.result_type(logits_bar_matmul, h_seq, h_new_seq, run_transpose, Wx, Wh, Wh.T)
+    WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = logits_bar_matmul
     h_new_bar_dew_seq = np.empty((T, B, 32), dtype=dtype_)
     for t in range(T - 1, -1, -1):
         h_new = h_new_seq[t]
         # backward of h_new = tanh(b + h_new.matmul + h_new.matmul)
-        h_new_bar_dew = h_new_bar*(1 - h_new**2)
+        h_new_bar_dew = h_new_bar_dew_seq[t]
+        np.multiply(h_new_bar, 1 - h_new**2, out=h_new_bar_dew)
         # backward of h_new.matmul = h @ Wh w.r.t. h
-        h_new_bar_matmul = h_new_bar_dew @ Wh.T
-        h_new_bar_dew_seq[t] = h_new_bar_dew
+        h_new_bar_matmul = h_new_bar_dew @ WhT
         h_new_bar = h_new_bar_matmul
     run_bar_scan = (h_new_bar, h_new_bar_dew_seq,)
     del run_transpose, logits_bar_matmul, h_new_seq
