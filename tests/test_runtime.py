@@ -65,3 +65,19 @@ def test_helper_source_defines_what_it_names_with_numpy_only():
     x = np.linspace(-3, 3, 101)
     np.testing.assert_array_equal(namespace["_erf"](x), _erf(x))
     assert "import" not in helper_source("erf")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_is_accurate_in_both_tails_and_keeps_dtype_and_shape(dtype):
+    from backcomp.runtime import _sigmoid
+    x = np.concatenate([np.linspace(-100, 100, 4001), [-1e4, 1e4, 0.0, -0.0]]).astype(dtype)
+    ref = np.array([1 / (1 + math.exp(-v)) if v >= 0 else math.exp(v) / (1 + math.exp(v)) for v in x.astype(float)])
+    y = _sigmoid(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    tiny = np.finfo(dtype).tiny
+    assert (np.abs(y - ref) / np.maximum(ref, tiny)).max() <= 4 * np.finfo(dtype).eps
+    assert _sigmoid(np.array([np.inf, -np.inf, np.nan], dtype)).tolist()[:2] == [1.0, 0.0]
+    assert np.isnan(_sigmoid(np.array(np.nan, dtype)))
+    zero_d = _sigmoid(np.array(2.0, dtype))
+    assert isinstance(zero_d, np.ndarray) and zero_d.shape == () and zero_d.dtype == dtype
+    assert abs(float(zero_d) - 1 / (1 + math.exp(-2))) <= 4 * np.finfo(dtype).eps
