@@ -85,13 +85,10 @@ def _vjp_plan(step: Step, mask: tuple[bool, ...]):
     from backcomp.passes import optimize, prepare_forward
     from backcomp.passes.hoist import concatenate_scatters
     from backcomp.passes.loops import merge_sliced_elementwise
-    from backcomp.passes.residuals import keep_residuals
     from backcomp.vjp import backpropagate
     c, x, k = step.counts()
     oc, oy, os_ = step.out_counts()
-    # keep_residuals again: a call around a call it kept (a GRU's tanh(n_x + σ(r)·n_h))
-    # is left inline by its first run, and the backward would compute it three times
-    J = merge_sliced_elementwise(keep_residuals(prepare_forward(step.as_graph())))
+    J = merge_sliced_elementwise(prepare_forward(step.as_graph()))
     leaves = [J.inputs[f"l{i}"] for i in range(c + x + k)]
     outs = [J.outputs[f"o{i}"] for i in range(oc + oy + os_)]
     ct_leaves: dict[int, Node] = {}

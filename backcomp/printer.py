@@ -263,8 +263,8 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
             calls.append(f"np.logaddexp(0, {into}, out={into})")
         elif isinstance(e, sigmoid):
             write(spine)
-            calls.extend([f"np.negative({into}, out={into})", f"np.logaddexp(0, {into}, out={into})",
-                          f"np.negative({into}, out={into})", f"np.exp({into}, out={into})"])
+            p.use_helper("sigmoid")   # not exp(-logaddexp(0, -x)): ten times slower
+            calls.append(f"_sigmoid({into}, out={into})")
         elif isinstance(e, (sp.Max, sp.Min)) and len(e.args) == 2:
             write(spine)
             fn = "maximum" if isinstance(e, sp.Max) else "minimum"

@@ -79,7 +79,7 @@ def _polyval_inplace(coeffs, z):
     return p
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """σ(x) = exp(min(x, 0)) / (1 + exp(−|x|)): 1/(1 + e^−x) for x >= 0 and
     e^x/(1 + e^x) below, so nothing overflows and both tails keep full relative
     precision, with no np.where (15% faster than the select on an LSTM's (32, 384)
@@ -89,7 +89,8 @@ def _sigmoid(x):
     np.negative(e, out=e)
     np.exp(e, out=e)
     e += 1
-    out = np.minimum(x, 0, out=np.empty_like(x))
+    # out may be x itself: e already holds all it needs from x
+    out = np.minimum(x, 0, out=np.empty_like(x) if out is None else out)
     np.exp(out, out=out)
     out /= e
     return out

@@ -291,6 +291,28 @@ def test_backward_reuses_calls_inside_the_forward_expression(act, call):
         np.testing.assert_allclose(v, slow.value_and_grad(p, i)[1][k], rtol=1e-12)
 
 
+def test_a_call_around_a_kept_call_is_kept_too():
+    """A GRU's candidate, (1 − z)·tanh(n + σ(r)·h) + z·h: σ(r) is kept first, and the
+    tanh around it must then read the kept σ, not stay inline (it did: the backward
+    computed tanh again, three times per step in a scan)."""
+    g = backcomp.Graph("gru_cell")
+    x = g.input("x", ("B", 4))
+    Wn, Wr, Wz = (g.param(k, (4, 4)) for k in ("Wn", "Wr", "Wz"))
+    h = g.param("h", (4,))
+    z = ops.sigmoid(x @ Wz)
+    out = (1 - z) * ops.tanh(x @ Wn + ops.sigmoid(x @ Wr) * h) + z * h
+    g.loss(ops.sum(out * out))
+    src = compile_source(g)
+    vag = "\n".join(line for line in src[src.index("def value_and_grad"):].splitlines()
+                    if not line.strip().startswith("#"))
+    assert vag.count("np.tanh(") == 1, vag
+    m = backcomp.build(g)
+    p, i = random_params(m), random_inputs(m, batch=3)
+    slow = backcomp.build(g, opt_level=0)
+    for k, v in m.value_and_grad(p, i)[1].items():
+        np.testing.assert_allclose(v, slow.value_and_grad(p, i)[1][k], rtol=1e-12)
+
+
 def test_gelu_keeps_its_pre_activation_once():
     """erf(z/√2) and z·Φ(z) read one z = x·W + b: neither pass recomputes the sum."""
     src = compile_source(_gelu_mlp(ops.gelu))

@@ -81,3 +81,11 @@ def test_sigmoid_is_accurate_in_both_tails_and_keeps_dtype_and_shape(dtype):
     zero_d = _sigmoid(np.array(2.0, dtype))
     assert isinstance(zero_d, np.ndarray) and zero_d.shape == () and zero_d.dtype == dtype
     assert abs(float(zero_d) - 1 / (1 + math.exp(-2))) <= 4 * np.finfo(dtype).eps
+
+
+def test_sigmoid_in_place_equals_the_fresh_result():
+    from backcomp.runtime import _sigmoid
+    x = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32) * 20
+    fresh = _sigmoid(x)
+    same = _sigmoid(x, out=x)
+    assert same is x and np.array_equal(x, fresh)

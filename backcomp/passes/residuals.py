@@ -27,7 +27,7 @@ def _residuals(node: Node) -> list[sp.Expr]:
     expr = node_expr(node)
     args = {arg_symbol(i) for i in range(len(node.inputs))}
     calls = sorted((f for f in expr.atoms(*TRANSCENDENTAL) if f != expr and f.free_symbols & args),
-                   key=sp.default_sort_key)
+                   key=lambda f: (sp.count_ops(f), sp.default_sort_key(f)))   # inner calls first
     if not calls:
         return []
     derivatives = [fix_step_convention(sp.diff(expr, arg_symbol(i)))
@@ -57,8 +57,10 @@ def keep_residuals(graph: Graph) -> Graph:
             bindings[symbol] = kept
             return symbol
 
+        done: dict[sp.Expr, sp.Symbol] = {}   # what is kept so far, rewritten in later calls too
         with g.scoped(node.scope or node.name, node.origin):
             for f in calls:
+                f = f.xreplace(done)   # tanh(n + σ(r)·h) reads the σ(r) kept before it
                 # the call's argument up to constant factors (z in erf(z/√2)): when the
                 # expression reads it outside the call too, it is kept, not recomputed
                 # (only a call-free argument: in nested chains, rebuilding the calls around
@@ -67,8 +69,9 @@ def keep_residuals(graph: Graph) -> Graph:
                 if not core.is_Symbol and not core.has(*TRANSCENDENTAL) \
                         and expr.xreplace({f: sp.Dummy(real=True)}).has(core):
                     pre = bind(core, "arg")
-                    expr, f = expr.xreplace({core: pre}), f.xreplace({core: pre})
-                expr = expr.xreplace({f: bind(f, type(f).__name__)})
+                    expr, f, done[core] = expr.xreplace({core: pre}), f.xreplace({core: pre}), pre
+                done[f] = bind(f, type(f).__name__)
+                expr = expr.xreplace({f: done[f]})
         label = node.attrs.get("label", node.op) if node.op == "ew" else node.op
         node.op, node.inputs, node.attrs = "ew", tuple(inputs), {"expr": expr, "label": label}
         changed = True

@@ -153,7 +153,7 @@ def _validate(params, inputs):
     return x, t, W1, b1, W2, b2, B
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """σ(x) = exp(min(x, 0)) / (1 + exp(−|x|)): 1/(1 + e^−x) for x >= 0 and
     e^x/(1 + e^x) below, so nothing overflows and both tails keep full relative
     precision, with no np.where (15% faster than the select on an LSTM's (32, 384)
@@ -163,7 +163,8 @@ def _sigmoid(x):
     np.negative(e, out=e)
     np.exp(e, out=e)
     e += 1
-    out = np.minimum(x, 0, out=np.empty_like(x))
+    # out may be x itself: e already holds all it needs from x
+    out = np.minimum(x, 0, out=np.empty_like(x) if out is None else out)
     np.exp(out, out=out)
     out /= e
     return out
@@ -180,10 +181,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     z1_matmul = x @ W1
     np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
+    h1 = _sigmoid(z1_matmul, out=z1_matmul)
     del z1_matmul
     z2_matmul = h1 @ W2
     z2 = np.add(z2_matmul, b2, out=z2_matmul)
@@ -194,10 +192,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = loss_sum/total_rows
     del loss_sum
     # backward of loss_sub = -z2*t + logaddexp(0, z2) w.r.t. z2
-    np.negative(z2, out=z2)
-    np.logaddexp(0, z2, out=z2)
-    np.negative(z2, out=z2)
-    np.exp(z2, out=z2)
+    _sigmoid(z2, out=z2)
     np.subtract(z2, t, out=z2)
     z2_bar = np.divide(z2, total_rows, out=z2)
     del z2
@@ -225,10 +220,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     z1_matmul = x @ W1
     np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
+    h1 = _sigmoid(z1_matmul, out=z1_matmul)
     del z1_matmul
     z2_matmul = h1 @ W2
     del h1
@@ -264,10 +256,7 @@ def forward(params, inputs, outputs=None):
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     z1_matmul = x @ W1
     np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
+    h1 = _sigmoid(z1_matmul, out=z1_matmul)
     del z1_matmul
     z2_matmul = h1 @ W2
     del h1
@@ -305,19 +294,13 @@ def _forward_1(params, inputs):
         b2 = _check_array("param", "b2", b2, PARAMS["b2"], {"B": (B, "x")}, False)
     z1_matmul = x @ W1
     np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
+    h1 = _sigmoid(z1_matmul, out=z1_matmul)
     del z1_matmul
     z2_matmul = h1 @ W2
     del h1
     z2 = np.add(z2_matmul, b2, out=z2_matmul)
     del z2_matmul
-    np.negative(z2, out=z2)
-    np.logaddexp(0, z2, out=z2)
-    np.negative(z2, out=z2)
-    y = np.exp(z2, out=z2)
+    y = _sigmoid(z2, out=z2)
     del z2
     return {"y": y}
 
@@ -327,10 +310,7 @@ def value_and_grad(params, inputs):
     x, t, W1, b1, W2, b2, B = _validate(params, inputs)
     z1_matmul = x @ W1
     np.add(z1_matmul, b1, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    np.logaddexp(0, z1_matmul, out=z1_matmul)
-    np.negative(z1_matmul, out=z1_matmul)
-    h1 = np.exp(z1_matmul, out=z1_matmul)
+    h1 = _sigmoid(z1_matmul, out=z1_matmul)
     del z1_matmul
     z2_matmul = h1 @ W2
     z2 = np.add(z2_matmul, b2, out=z2_matmul)
@@ -339,10 +319,7 @@ def value_and_grad(params, inputs):
     loss = loss_sub.mean()
     del loss_sub
     # backward of loss_sub = -z2*t + logaddexp(0, z2) w.r.t. z2
-    np.negative(z2, out=z2)
-    np.logaddexp(0, z2, out=z2)
-    np.negative(z2, out=z2)
-    np.exp(z2, out=z2)
+    _sigmoid(z2, out=z2)
     np.subtract(z2, t, out=z2)
     z2_bar = np.divide(z2, B, out=z2)
     del z2
