@@ -417,8 +417,9 @@ class ModuleParts:
     hvp_body: list[str] = field(default_factory=list)
     #: forward(outputs=...) of outputs needing fewer inputs: [{"name", "outputs", "body"}]
     subsets: list[dict] = field(default_factory=list)
-    #: the body of ``_value_and_grad_into`` (train_step's gradients, into its workspace)
-    grad_into_body: list[str] = field(default_factory=list)
+    #: the statements check NaN/Inf (``--check-finite``); render lowers train_step's
+    #: ``_value_and_grad_into`` only when an optimizer is asked for, the same way
+    check_finite: bool = False
 
 
 def tangent_body(graph: Graph, kind: str, helpers: set[str], check_finite: bool = False) -> list[str]:
@@ -480,10 +481,8 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
         grads = ", ".join(f'"{p}": {_grad_value(n, names[n], names[graph.params[p]])}'
                           for p, n in graph.grads.items())
         grad_body.append(f"return {_array_value(graph.loss_node, names[graph.loss_node])}, {{{grads}}}")
-        into_body = grad_into_body(graph, names, helpers, check_finite)
     else:
         grad_body = ['raise NotImplementedError("this model declares no loss")']
-        into_body = []
     summary_lines = docstring_summary(model if model is not None else graph)
     ranges = index_ranges(graph)
     validate_body, unpack = validation_lines(graph, names, ranges)
@@ -493,7 +492,7 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     jvp_body = tangent_body(jvp, "jvp", helpers, check_finite) if jvp is not None else []
     hvp_body = tangent_body(hvp, "hvp", helpers, check_finite) if hvp is not None else []
     return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
-                       unpack, batch, jvp_body, hvp_body, subsets, into_body)
+                       unpack, batch, jvp_body, hvp_body, subsets, check_finite)
 
 
 def grad_into_body(graph: Graph, names: dict[Node, str], helpers: set[str], check_finite: bool) -> list[str]:
@@ -643,6 +642,8 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
     if optimizer is not None and graph.loss_node is None:
         raise ValueError("--optimizer needs a model with a loss")
     loss_name = graph.loss_node.name if graph.loss_node is not None else "loss"
+    helpers = set(parts.helpers)
+    into_body = grad_into_body(graph, assign_names(graph), helpers, parts.check_finite) if optimizer else []
     text = _environment().get_template("module.py.jinja").render(
         name=parts.name, version=__version__, source=parts.source,
         summary_lines=parts.summary_lines,
@@ -657,11 +658,11 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),
         init_lines=[f'"{k}": {init_code(graph.inits[k], v.shape)}' for k, v in graph.params.items()],
-        helpers=[helper_source(h) for h in sorted(parts.helpers)],
+        helpers=[helper_source(h) for h in sorted(helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack, **(parts.batch or {}),
-        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body, grad_into_body=parts.grad_into_body,
+        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body, grad_into_body=into_body,
         call_args=mode_args(graph)[0], pass_args=mode_args(graph)[1], subsets=parts.subsets,
         has_loss=graph.loss_node is not None,
         forward_pass="".join(f", {a}={a}" for a in ("rng", "train", "buffers") if f" {a}=" in mode_args(graph)[0]),

@@ -19,7 +19,10 @@ Each implementation trains its own copy of the same params; all three are first 
 three steps from the same params and must agree (loss and params, float32 tolerances).
 Then they are timed with ``timing.interleaved_medians`` at ``--threads`` threads
 (``pin_threads``), model by model in one process, so the ratios come from one run.
-``--smoke`` runs tiny sizes, one thread, two rounds: it checks that the script works.
+``--grads`` adds the gradient computations alone to the same rounds: ``grads_fresh``
+(value_and_grad) and ``grads_into`` (``_value_and_grad_into`` into a workspace), the
+part of the step that the workspace changes.  ``--smoke`` runs tiny sizes, one thread,
+two rounds: it checks that the script works.
 """
 from __future__ import annotations
 
@@ -83,8 +86,9 @@ def _adam_before(module, params, state, inputs, beta1=0.9, beta2=0.999, eps=1e-8
 BEFORE = {"sgd": _sgd_before, "adam": _adam_before}
 
 
-def steps(model: str, optimizer: str, smoke: bool) -> tuple[dict[str, Callable], dict[str, Callable]]:
-    """(step per implementation, params per implementation as NumPy arrays)."""
+def steps(model: str, optimizer: str, smoke: bool) -> tuple[dict[str, Callable], dict[str, Callable], Callable]:
+    """(step per implementation, params per implementation as NumPy arrays, and the two
+    gradient computations alone: value_and_grad and the workspace's, for ``--grads``)."""
     import torch
     s = suite.sizes(model, smoke)
     module = suite.build_module(model, smoke, optimizer=optimizer)
@@ -115,14 +119,23 @@ def steps(model: str, optimizer: str, smoke: bool) -> tuple[dict[str, Callable],
     }
     views = {"fused": lambda: fused_params, "before": lambda: before_params,
              "torch_eager": lambda: {k: t.detach().numpy() for k, t in tp.items()}}
-    return calls, views
+    def gradients_only():
+        workspace = module._new_workspace(params)
+        return {"grads_fresh": lambda: module.value_and_grad(params, inputs),
+                "grads_into": lambda: module._value_and_grad_into(params, inputs, workspace)}
+    return calls, views, gradients_only
 
 
 def check_agree(model: str, optimizer: str, calls, views, n: int = 3) -> float:
-    """Run ``n`` steps of each from the same params; the largest deviation of a param from
-    the fused step's, relative to the param's largest magnitude (float32: below 1e-3)."""
+    """Run ``n`` steps of each from the same params.  The fused and the former step run
+    the same statements, so their params must be equal bit for bit; returns the largest
+    deviation of torch's from the fused step's, relative to the param's largest magnitude
+    (float32: below 1e-3; Adam's first steps are about lr·sign(g), so gradients near zero
+    that round differently in torch move by up to 2 lr)."""
     losses = {k: [float(f()) for _ in range(n)] for k, f in calls.items()}
     ref = views["fused"]()
+    for name, p in views["before"]().items():
+        np.testing.assert_array_equal(p, ref[name], err_msg=f"{model}/{optimizer}: fused vs before, {name}")
     worst = 0.0
     for k in calls:
         np.testing.assert_allclose(losses[k], losses["fused"], rtol=1e-4, err_msg=f"{model}/{optimizer}: {k} loss")
@@ -134,8 +147,10 @@ def check_agree(model: str, optimizer: str, calls, views, n: int = 3) -> float:
 
 
 def run(model: str, optimizer: str, args) -> dict:
-    calls, views = steps(model, optimizer, args.smoke)
+    calls, views, gradients_only = steps(model, optimizer, args.smoke)
     dev = check_agree(model, optimizer, calls, views)
+    if args.grads:
+        calls.update(gradients_only())
     print(f"\n== {suite.TITLES[model]}, {optimizer}: implementations agree over 3 steps "
           f"(largest param deviation / max|param| {dev:.1e})")
     kw = dict(settle_seconds=0.0, warmup=1, min_history=100, inner=1) if args.smoke else {}
@@ -149,13 +164,14 @@ def run(model: str, optimizer: str, args) -> dict:
 
 def format_table(results: list[dict]) -> str:
     head = ["model", "optimizer", "fused steps/s", "before steps/s", "torch eager steps/s",
-            "fused ÷ before (time)", "fused ÷ torch (time)"]
+            "fused ÷ before (time)", "fused ÷ torch (time)", "grads: into ÷ fresh (time)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         m = r["median_s"]
         lines.append("| " + " | ".join([
             suite.TITLES[r["model"]], r["optimizer"], f"{1 / m['fused']:.1f}", f"{1 / m['before']:.1f}",
             f"{1 / m['torch_eager']:.1f}", f"{m['fused'] / m['before']:.2f}", f"{m['fused'] / m['torch_eager']:.2f}",
+            f"{m['grads_into'] / m['grads_fresh']:.2f}" if "grads_into" in m else "—",
         ]) + " |")
     return "\n".join(lines)
 
@@ -166,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=",".join(MODELS), help="comma-separated models (default: all)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--grads", action="store_true",
+                    help="also time value_and_grad and _value_and_grad_into alone (grads_fresh, grads_into)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds: check that it runs")
     args = ap.parse_args(argv)

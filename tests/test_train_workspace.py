@@ -156,3 +156,21 @@ def test_write_into_copies_where_there_is_no_out_form(lines):
 def test_write_into_rewrites_the_last_assignment_only():
     lines = ["v_t0 = a*b", "v = v_t0 + c", '_check_finite("v", v)']
     assert write_into(lines, "v", "g") == ["v_t0 = a*b", "v = np.add(v_t0, c, out=g)", '_check_finite("v", v)']
+
+
+def test_train_step_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/train_step.py --smoke: the three implementations agree over three
+    steps (it asserts so) and the table is printed; the times mean nothing."""
+    pytest.importorskip("torch")
+    pytest.importorskip("threadpoolctl")
+    import json
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step as bench
+    out = tmp_path / "ts.json"
+    assert bench.main(["--smoke", "--json", str(out), "--grads"]) == 0
+    assert "| fused ÷ before (time) | fused ÷ torch (time) | grads: into ÷ fresh (time) |" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["optimizer"]) for r in results} == {(m, o) for m in bench.MODELS for o in bench.OPTIMIZERS}
+    assert all(r["deviation"] < 1e-3 and set(r["median_s"]) == {*bench.IMPLS, "grads_fresh", "grads_into"}
+               for r in results)
