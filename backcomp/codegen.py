@@ -259,7 +259,9 @@ def _out_form(rhs: str, buf: str) -> str | None:
         tree = ast.parse(rhs, mode="eval").body
     except SyntaxError:
         return None
-    seg = lambda e: ast.get_source_segment(rhs, e)   # noqa: E731
+    def seg(e: ast.AST) -> str:
+        return ast.get_source_segment(rhs, e)
+
     if isinstance(tree, ast.BinOp) and type(tree.op) in _BINARY_UFUNCS:
         return f"np.{_BINARY_UFUNCS[type(tree.op)]}({seg(tree.left)}, {seg(tree.right)}, out={buf})"
     if isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.USub):
@@ -417,8 +419,8 @@ class ModuleParts:
     hvp_body: list[str] = field(default_factory=list)
     #: forward(outputs=...) of outputs needing fewer inputs: [{"name", "outputs", "body"}]
     subsets: list[dict] = field(default_factory=list)
-    #: the statements check NaN/Inf (``--check-finite``); render lowers train_step's
-    #: ``_value_and_grad_into`` only when an optimizer is asked for, the same way
+    #: whether the statements check NaN/Inf (``--check-finite``): ``render`` lowers train_step's
+    #: ``_value_and_grad_into`` the same way, and only when an optimizer is asked for
     check_finite: bool = False
 
 

@@ -21,15 +21,22 @@ Then they are timed with ``timing.interleaved_medians`` at ``--threads`` threads
 (``pin_threads``), model by model in one process, so the ratios come from one run.
 ``--grads`` adds the gradient computations alone to the same rounds: ``grads_fresh``
 (value_and_grad) and ``grads_into`` (``_value_and_grad_into`` into a workspace), the
-part of the step that the workspace changes.  ``--smoke`` runs tiny sizes, one thread,
+part of the step that the workspace changes.  ``--cpu-rounds N`` adds the median CPU
+time per call over N more interleaved rounds (``process_time_medians``: steadier than wall
+time when other jobs share the cores).  The peak memory a step traces (tracemalloc) is
+printed for the fused and the former step.  ``--smoke`` runs tiny sizes, one thread,
 two rounds: it checks that the script works.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import random
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -146,6 +153,31 @@ def check_agree(model: str, optimizer: str, calls, views, n: int = 3) -> float:
     return worst
 
 
+def process_time_medians(calls: dict[str, Callable], rounds: int, inner: int, seed: int = 0) -> dict[str, float]:
+    """Median CPU seconds per call (``time.process_time``: all threads of this process), in
+    interleaved rounds of shuffled order.  Why: on a machine shared with other jobs, wall
+    time mostly measures the others; the CPU time a call uses is far less disturbed, and
+    for two implementations of the same statements it is the work that differs.  (With
+    BLAS threads it also counts their spinning, so compare it at one thread.)"""
+    order, samples = random.Random(seed), {k: [] for k in calls}
+    for f in calls.values():
+        f()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            names = list(calls)
+            order.shuffle(names)
+            for k in names:
+                t0 = time.process_time()
+                for _ in range(inner):
+                    calls[k]()
+                samples[k].append((time.process_time() - t0) / inner)
+    finally:
+        gc.enable()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def run(model: str, optimizer: str, args) -> dict:
     calls, views, gradients_only = steps(model, optimizer, args.smoke)
     dev = check_agree(model, optimizer, calls, views)
@@ -157,14 +189,23 @@ def run(model: str, optimizer: str, args) -> dict:
     report = timing.interleaved_medians(calls, repeats=args.repeats, **kw)
     print(timing.format_report(report, ref="torch_eager", unit=1e-3, unit_name="ms"))
     med = {k: st.median for k, st in report.items()}
-    return {"model": model, "optimizer": optimizer, "median_s": med,
+    peaks = {k: timing.peak_memory(calls[k])["tracemalloc_peak"] for k in ("fused", "before")}
+    print("peak traced memory of one step (tracemalloc, NumPy arrays included): "
+          + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in peaks.items()))
+    cpu = {}
+    if args.cpu_rounds:
+        cpu = process_time_medians(calls, args.cpu_rounds, 1 if args.smoke else args.cpu_inner)
+        print("median CPU time per call (process_time): "
+              + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in cpu.items()))
+    return {"model": model, "optimizer": optimizer, "median_s": med, "peak_bytes": peaks, "cpu_s": cpu,
             "iqr_s": {k: st.iqr for k, st in report.items()}, "min_s": {k: st.min for k, st in report.items()},
             "rounds": [report.rounds_accepted, report.rounds_rejected, report.rounds_forced], "deviation": dev}
 
 
 def format_table(results: list[dict]) -> str:
     head = ["model", "optimizer", "fused steps/s", "before steps/s", "torch eager steps/s",
-            "fused ÷ before (time)", "fused ÷ torch (time)", "grads: into ÷ fresh (time)"]
+            "fused ÷ before (time)", "fused ÷ torch (time)", "grads: into ÷ fresh (time)",
+            "fused ÷ before (CPU time)", "peak MiB fused / before"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         m = r["median_s"]
@@ -172,6 +213,8 @@ def format_table(results: list[dict]) -> str:
             suite.TITLES[r["model"]], r["optimizer"], f"{1 / m['fused']:.1f}", f"{1 / m['before']:.1f}",
             f"{1 / m['torch_eager']:.1f}", f"{m['fused'] / m['before']:.2f}", f"{m['fused'] / m['torch_eager']:.2f}",
             f"{m['grads_into'] / m['grads_fresh']:.2f}" if "grads_into" in m else "—",
+            f"{r['cpu_s']['fused'] / r['cpu_s']['before']:.2f}" if r["cpu_s"] else "—",
+            f"{r['peak_bytes']['fused'] / 2**20:.2f} / {r['peak_bytes']['before'] / 2**20:.2f}",
         ]) + " |")
     return "\n".join(lines)
 
@@ -184,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--grads", action="store_true",
                     help="also time value_and_grad and _value_and_grad_into alone (grads_fresh, grads_into)")
+    ap.add_argument("--cpu-rounds", type=int, default=0,
+                    help="also measure median CPU time per call over this many interleaved rounds")
+    ap.add_argument("--cpu-inner", type=int, default=5, help="calls per CPU-time sample")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds: check that it runs")
     args = ap.parse_args(argv)

@@ -51,6 +51,17 @@ def test_workspace_gradients_are_value_and_grads(example):
         assert np.any(grads[k] != 0) or not np.any(ref[k] != 0)
 
 
+@pytest.mark.parametrize("example", ["mlp.toml", "digits_bn_cnn.toml", "gru.toml", "vae.toml"])
+def test_workspace_at_O0(example):
+    """Unoptimised, one statement per node: every gradient is its own statement's value."""
+    module = backcomp.build(ROOT / "examples" / example, opt_level=0, optimizer="adam")
+    params, inputs = draw(module, batch=3, seed=1)
+    loss, grads, ref_loss, ref = _into(module, params, inputs)
+    np.testing.assert_array_equal(loss, ref_loss)
+    for k in ref:
+        np.testing.assert_array_equal(grads[k], ref[k], err_msg=f"{example} -O0: gradient of {k}")
+
+
 @pytest.mark.parametrize("example", ["mlp.toml", "digits_cnn.toml", "char_lstm.toml"])
 def test_workspace_in_float32(example):
     module = backcomp.build(ROOT / "examples" / example, optimizer="sgd")
@@ -168,9 +179,10 @@ def test_train_step_benchmark_smoke(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_step as bench
     out = tmp_path / "ts.json"
-    assert bench.main(["--smoke", "--json", str(out), "--grads"]) == 0
+    assert bench.main(["--smoke", "--json", str(out), "--grads", "--cpu-rounds", "2"]) == 0
     assert "| fused ÷ before (time) | fused ÷ torch (time) | grads: into ÷ fresh (time) |" in capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
     assert {(r["model"], r["optimizer"]) for r in results} == {(m, o) for m in bench.MODELS for o in bench.OPTIMIZERS}
-    assert all(r["deviation"] < 1e-3 and set(r["median_s"]) == {*bench.IMPLS, "grads_fresh", "grads_into"}
-               for r in results)
+    assert all(r["deviation"] < 1e-3 and set(r["median_s"]) == set(r["cpu_s"]) == {*bench.IMPLS, "grads_fresh",
+                                                                                    "grads_into"} for r in results)
+    assert all(set(r["peak_bytes"]) == {"fused", "before"} for r in results)
