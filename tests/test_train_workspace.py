@@ -131,6 +131,12 @@ def test_a_mismatched_workspace_is_refused():
         state["grads"]["W1"] = bad
         with pytest.raises(ValueError, match="W1.*init_state"):
             module.train_step(params, inputs, state)
+    with pytest.raises(ValueError, match="W1.*init_state"):   # a state made before the workspace
+        module.train_step(params, inputs, {k: v for k, v in state.items() if k != "grads"})
+    with pytest.raises(ValueError, match="params: missing 'b2'"):
+        module.train_step({k: v for k, v in params.items() if k != "b2"}, inputs, module.init_state(params))
+    with pytest.raises(ValueError, match="param 'b1' must be a numpy array"):
+        module.train_step({**params, "b1": params["b1"].tolist()}, inputs, module.init_state(params))
 
 
 # ----- the rewrite, by its text ---------------------------------------------------

@@ -442,10 +442,14 @@ def _new_workspace(params):
 
 def _workspace(params, state):
     """``state["grads"]``, checked against the params it is written for and updated from."""
-    grads = state["grads"]
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    grads = state.get("grads")
     for name in WRT:
-        grad, param = grads[name], params[name]
-        if (type(grad) is not np.ndarray or grad.shape != np.shape(param) or grad.dtype != param.dtype
+        grad, param = grads.get(name) if type(grads) is dict else None, params[name]
+        if type(param) is not np.ndarray:
+            raise ValueError(f"param '{name}' must be a numpy array: train_step updates it in place")
+        if (type(grad) is not np.ndarray or grad.shape != param.shape or grad.dtype != param.dtype
                 or not grad.flags.c_contiguous or np.may_share_memory(grad, param)):
             raise ValueError(f"state['grads']['{name}'] is not a workspace for param '{name}': "
                              "make the state with init_state(params) for these params")
