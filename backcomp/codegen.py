@@ -6,25 +6,27 @@ same graph always gives byte-identical source.
 """
 from __future__ import annotations
 
+import ast
 import keyword
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import numpy as np
 
 from backcomp import __version__
 from backcomp.graph import Graph, Node, consumers, live_nodes
 from backcomp.inits import init_code
 from backcomp.loops import enter_lowering
 from backcomp.ops.registry import get_op
-from backcomp.passes.memory import is_view, plan_memory
+from backcomp.passes.memory import is_view, memory_class, plan_memory
 from backcomp.printer import collect_helpers, use_helper
 from backcomp.runtime import helper_source
 
 #: names the generated functions use themselves
 RESERVED = {"np", "math", "params", "inputs", "dims", "grads", "rng", "dtype", "seed", "state",
-            "forward", "value_and_grad", "init_params", "init_state", "train_step",
+            "forward", "value_and_grad", "init_params", "init_state", "train_step", "_value_and_grad_into",
             "jvp", "hvp", "tangents", "_tangents",
             # random ops and modes: the arguments and the helpers the emissions read
             "train", "_seed", "_random_seed", "_dropout_mask", "buffers", "outputs", "BUFFERS", "init_buffers",
@@ -133,16 +135,18 @@ def _inline_suffix(node: Node, readers: int) -> str | None:
 
 
 def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned: set[Node],
-          check_finite: bool = False) -> list[str]:
+          check_finite: bool = False, into: list[tuple[Node, str]] = (), keep: Node | None = None) -> list[str]:
     """Statements computing ``nodes`` in order, with the memory plan applied.
 
     Backward statements carry a comment naming the forward node (and input) they
     differentiate; a 2-D transpose read once is inlined as ``x.T`` (a view that
     BLAS reads in place) and identities use their input's name; dead temporaries
-    are deleted after their last use.
+    are deleted after their last use.  ``into`` pairs returned nodes with caller-owned
+    arrays (``grads["W1"]``) that their values are written into (``write_into``);
+    ``keep`` is a returned value that must stay an array of its own (the loss).
     """
     with collect_helpers() as used:   # what the printer calls, in any statement it prints
-        lines = _lower(nodes, dict(names), returned, check_finite)
+        lines = _lower(nodes, dict(names), returned, check_finite, into, keep)
     helpers |= used
     draws = {get_op(n.op).random for n in nodes if n.op not in ("input", "param")} - {None}
     if draws:   # one seed per call, drawn only when some random op draws in this mode
@@ -161,12 +165,14 @@ def mode_args(graph: Graph) -> tuple[str, str]:
     return call, passed
 
 
-def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool) -> list[str]:
+def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check_finite: bool,
+           into: list[tuple[Node, str]] = (), keep: Node | None = None) -> list[str]:
     enter_lowering(nodes, names, check_finite)   # what a loop's emission needs to know
     users = consumers(nodes)
     suffix = {n: _inline_suffix(n, len(users[n])) for n in nodes if n not in returned}
     inlined = {n: n.inputs[0] for n, text in suffix.items() if text is not None}
     plan = plan_memory(nodes, returned, _is_elementwise, inlined)
+    targets, copies = _write_targets(into, keep, users, returned, inlined, plan.reuse)
     lines: list[str] = []
     last_comment = None
     for i, node in enumerate(nodes):
@@ -184,16 +190,116 @@ def _lower(nodes: list[Node], names: dict[Node, str], returned: set[Node], check
             args = [names[x] for x in node.inputs]
             opdef = get_op(node.op)
             if node in plan.reuse:
-                lines.extend(opdef.emit(node, args, out, into=names[plan.reuse[node]]))
+                emitted = opdef.emit(node, args, out, into=names[plan.reuse[node]])
             else:
-                lines.extend(opdef.emit(node, args, out))
+                emitted = opdef.emit(node, args, out)
+            lines.extend(write_into(emitted, out, targets[node]) if node in targets else emitted)
             if check_finite and node.dtype == "float":
                 use_helper("finite")
                 lines.append(f'_check_finite("{describe(node, names)}", {out})')
         dead = [names[n] for n in plan.drops.get(i, ()) if n not in inlined]
         if dead:
             lines.append(f"del {', '.join(dead)}")
-    return lines
+    return lines + [f"{buf}[...] = {names[n]}" for n, buf in copies]
+
+
+def _write_targets(into: list[tuple[Node, str]], keep: Node | None, users: dict[Node, list[Node]],
+                   returned: set[Node], inlined: dict[Node, Node],
+                   reuse: dict[Node, Node]) -> tuple[dict[Node, str], list[tuple[Node, str]]]:
+    """Which statement writes each array of ``into``, and the values copied in at the end.
+
+    A value computed by a statement of its own is written by it, and the target moves
+    up to where its memory is made, so no statement fills a temporary that is then
+    copied: through an in-place chain (``W1_bar = np.add(z, 0.001*W1, out=z)``: ``z``
+    is computed into the array, the chain then runs there, as the memory plan had it
+    run in ``z``), and through a reshape of a fresh value read by nothing else (a conv
+    weight's gradient, ``K_bar = cols.reshape(...)``: ``cols`` is computed into the
+    array's reshaped view, a view since the arrays are C-contiguous).  Leaves, inlined
+    views, ``keep``, and a value already written into another array are copied at the end.
+    """
+    from backcomp.ops.structural import shape_code
+    targets: dict[Node, str] = {}
+    copies: list[tuple[Node, str]] = []
+    written: set[Node] = set()
+    for node, buf in into:
+        if node.op in ("input", "param") or node in inlined or node in written or node is keep:
+            copies.append((node, buf))
+            continue
+        written.add(node)
+        while True:
+            src = node.inputs[0] if node.op == "reshape" else reuse.get(node)
+            if src is None or src.op in ("input", "param") or memory_class(src) != "fresh" or src.dtype != "float" \
+                    or src in returned or src in inlined or src in targets:
+                break
+            if node.op == "reshape":
+                if users.get(src) != [node]:
+                    break
+                buf = f"{buf}.reshape({shape_code(src.shape)})"
+            node = src
+        targets[node] = buf
+    return targets, copies
+
+
+_BINARY_UFUNCS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "divide",
+                  ast.Pow: "power", ast.MatMult: "matmul"}
+#: ndarray methods with an ``out=`` keyword that an emission may end with
+_OUT_METHODS = {"sum", "mean", "max", "min", "prod"}
+
+
+def _out_form(rhs: str, buf: str) -> str | None:
+    """``rhs`` as a call writing its value into ``buf``, or None if it has no such form.
+
+    The outermost operation decides: ``a @ b`` and the other binary operators become
+    their ufunc (``np.matmul(a, b, out=buf)``); a ufunc call gets ``out=buf`` (in place
+    of the dead buffer an in-place chain named); ``x.sum(axis=0)`` gets ``out=buf``.
+    Operand text is kept as printed.  The result has the target's shape (it is the
+    value's), and its dtype is cast as NumPy casts ``out=`` (same kind).
+    """
+    try:
+        tree = ast.parse(rhs, mode="eval").body
+    except SyntaxError:
+        return None
+    def seg(e: ast.AST) -> str:
+        return ast.get_source_segment(rhs, e)
+
+    if isinstance(tree, ast.BinOp) and type(tree.op) in _BINARY_UFUNCS:
+        return f"np.{_BINARY_UFUNCS[type(tree.op)]}({seg(tree.left)}, {seg(tree.right)}, out={buf})"
+    if isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.USub):
+        return f"np.negative({seg(tree.operand)}, out={buf})"
+    if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Attribute) or not rhs.endswith(")"):
+        return None
+    if any(isinstance(a, ast.Starred) for a in tree.args) or any(k.arg is None for k in tree.keywords):
+        return None
+    func = tree.func
+    if isinstance(func.value, ast.Name) and func.value.id == "np":
+        ufunc = getattr(np, func.attr, None)
+        if not isinstance(ufunc, np.ufunc) or len(tree.args) != ufunc.nin:
+            return None
+    elif func.attr not in _OUT_METHODS or tree.args:
+        return None
+    given = [k for k in tree.keywords if k.arg == "out"]
+    if given:   # an in-place chain's last call: write the result into buf instead
+        value, raw = given[0].value, rhs.encode()   # ast's column offsets count UTF-8 bytes
+        return (raw[:value.col_offset] + buf.encode() + raw[value.end_col_offset:]).decode()
+    return f"{rhs[:-1]}{', ' if tree.args or tree.keywords else ''}out={buf})"
+
+
+def write_into(lines: list[str], var: str, buf: str) -> list[str]:
+    """A node's statements changed to leave its value ``var`` in the array ``buf``.
+
+    The last top-level assignment to ``var`` is rewritten to write into ``buf``
+    (``_out_form``) when nothing rebinds ``var`` after it; otherwise the value is
+    copied, ``buf[...] = var``.
+    """
+    head = f"{var} = "
+    for k in range(len(lines) - 1, -1, -1):
+        if lines[k].startswith(head):
+            rebound = re.compile(rf"^\s+{re.escape(var)}\s*=(?!=)")
+            call = _out_form(lines[k][len(head):], buf)
+            if call is not None and not any(rebound.match(line) for line in lines[k + 1:]):
+                return lines[:k] + [head + call] + lines[k + 1:]
+            break
+    return lines + [f"{buf}[...] = {var}"]
 
 
 def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tuple],
@@ -313,6 +419,9 @@ class ModuleParts:
     hvp_body: list[str] = field(default_factory=list)
     #: forward(outputs=...) of outputs needing fewer inputs: [{"name", "outputs", "body"}]
     subsets: list[dict] = field(default_factory=list)
+    #: whether the statements check NaN/Inf (``--check-finite``): ``render`` lowers train_step's
+    #: ``_value_and_grad_into`` the same way, and only when an optimizer is asked for
+    check_finite: bool = False
 
 
 def tangent_body(graph: Graph, kind: str, helpers: set[str], check_finite: bool = False) -> list[str]:
@@ -385,7 +494,22 @@ def build_parts(graph: Graph, source: str, check_finite: bool = False, model: Gr
     jvp_body = tangent_body(jvp, "jvp", helpers, check_finite) if jvp is not None else []
     hvp_body = tangent_body(hvp, "hvp", helpers, check_finite) if hvp is not None else []
     return ModuleParts(graph.name, source, forward_body, grad_body, summary_lines, ranges, helpers, validate_body,
-                       unpack, batch, jvp_body, hvp_body, subsets)
+                       unpack, batch, jvp_body, hvp_body, subsets, check_finite)
+
+
+def grad_into_body(graph: Graph, names: dict[Node, str], helpers: set[str], check_finite: bool) -> list[str]:
+    """The body of ``_value_and_grad_into(params, inputs, grads)``: value_and_grad's
+    statements, lowered from the same graph, with each gradient written into the
+    caller's array ``grads[name]`` (same shape and dtype as the param) instead of a
+    fresh one; returns the loss.
+
+    The loss is never one of those arrays (the caller updates them in place).
+    """
+    loss = graph.loss_node
+    roots = [loss, *graph.grads.values()]
+    into = [(n, f'grads["{p}"]') for p, n in graph.grads.items()]
+    body = lower(live_nodes(graph, roots + graph.effects), names, helpers, set(roots), check_finite, into, loss)
+    return body + [f"return {_array_value(loss, names[loss])}"]
 
 
 def needed_inputs(graph: Graph, node: Node) -> tuple[str, ...]:
@@ -520,6 +644,8 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
     if optimizer is not None and graph.loss_node is None:
         raise ValueError("--optimizer needs a model with a loss")
     loss_name = graph.loss_node.name if graph.loss_node is not None else "loss"
+    helpers = set(parts.helpers)
+    into_body = grad_into_body(graph, assign_names(graph), helpers, parts.check_finite) if optimizer else []
     text = _environment().get_template("module.py.jinja").render(
         name=parts.name, version=__version__, source=parts.source,
         summary_lines=parts.summary_lines,
@@ -534,11 +660,11 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),
         init_lines=[f'"{k}": {init_code(graph.inits[k], v.shape)}' for k, v in graph.params.items()],
-        helpers=[helper_source(h) for h in sorted(parts.helpers)],
+        helpers=[helper_source(h) for h in sorted(helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,
         validate_body=parts.validate_body, unpack=parts.unpack, **(parts.batch or {}),
-        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body,
+        jvp_body=parts.jvp_body, hvp_body=parts.hvp_body, grad_into_body=into_body,
         call_args=mode_args(graph)[0], pass_args=mode_args(graph)[1], subsets=parts.subsets,
         has_loss=graph.loss_node is not None,
         forward_pass="".join(f", {a}={a}" for a in ("rng", "train", "buffers") if f" {a}=" in mode_args(graph)[0]),

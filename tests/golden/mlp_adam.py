@@ -382,13 +382,90 @@ def value_and_grad(params, inputs):
     return np.asarray(loss), {"W1": W1_bar.astype(W1.dtype, copy=False), "b1": b1_bar.astype(b1.dtype, copy=False), "W2": W2_bar.astype(W2.dtype, copy=False), "b2": b2_bar.astype(b2.dtype, copy=False)}
 
 
+def _value_and_grad_into(params, inputs, grads):
+    """The 0-d loss, with dloss/dparam written into ``grads[name]`` (train_step's
+    workspace: C-contiguous arrays of the params' shapes and dtypes, none sharing a param's memory)."""
+    x, y, W1, b1, W2, b2, B = _validate(params, inputs)
+    z1_matmul = x @ W1
+    np.add(z1_matmul, b1, out=z1_matmul)
+    h1 = np.maximum(z1_matmul, 0, out=z1_matmul)
+    del z1_matmul
+    logits_matmul = h1 @ W2
+    logits = np.add(logits_matmul, b2, out=logits_matmul)
+    del logits_matmul
+    probs_max = logits.max(axis=1, keepdims=True)
+    probs_exp = np.exp(logits - probs_max)
+    probs_sum = probs_exp.sum(axis=1, keepdims=True)
+    probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
+    del logits, probs_max
+    np.negative(probs_sub, out=probs_sub)
+    loss_neg = np.multiply(probs_sub, y, out=probs_sub)
+    del probs_sub
+    loss_pow = W1**2
+    loss_sum = loss_pow.sum()
+    del loss_pow
+    loss_sum_2 = loss_neg.sum()
+    del loss_neg
+    loss = loss_sum_2/B + 0.0005*loss_sum
+    del loss_sum, loss_sum_2
+    # backward of loss_neg = -y*probs_sub w.r.t. probs_sub
+    loss_bar_dew = -y/B
+    # backward of probs_sub = logits - probs_max - log(probs_sum) w.r.t. probs_sum
+    probs_bar_sum_to = loss_bar_dew.sum(axis=1, keepdims=True)
+    # backward of logits = logits_matmul + b2
+    logits_bar = np.subtract(loss_bar_dew, probs_exp*(probs_bar_sum_to/probs_sum), out=loss_bar_dew)
+    del probs_exp, probs_sum, loss_bar_dew, probs_bar_sum_to
+    # backward of logits = logits_matmul + b2 w.r.t. b2
+    b2_bar = logits_bar.sum(axis=0, out=grads["b2"])
+    # backward of logits_matmul = h1 @ W2 w.r.t. h1
+    h1_bar = logits_bar @ W2.T
+    # backward of logits_matmul = h1 @ W2 w.r.t. W2
+    W2_bar = np.matmul(h1.T, logits_bar, out=grads["W2"])
+    del logits_bar
+    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. z1_matmul
+    h1_bar_dew = np.multiply(h1_bar, (h1 > 0), out=h1_bar)
+    del h1, h1_bar
+    # backward of h1 = maximum(z1_matmul + b1, 0) w.r.t. b1
+    b1_bar = h1_bar_dew.sum(axis=0, out=grads["b1"])
+    # backward of z1_matmul = x @ W1 w.r.t. W1
+    z1_bar_matmul = np.matmul(x.T, h1_bar_dew, out=grads["W1"])
+    del h1_bar_dew
+    # backward of param W1
+    W1_bar = np.add(z1_bar_matmul, 0.001*W1, out=z1_bar_matmul)
+    del z1_bar_matmul
+    return np.asarray(loss)
+
+
+def _new_workspace(params):
+    """train_step's gradient arrays: one per param in WRT, C-contiguous, reused every step."""
+    return {name: np.zeros_like(params[name], order="C") for name in WRT}
+
+
+def _workspace(params, state):
+    """``state["grads"]``, checked against the params it is written for and updated from."""
+    if type(params) is not dict or params.keys() != PARAMS.keys():
+        _check_keys("params", params, PARAMS)
+    grads = state.get("grads")
+    for name in WRT:
+        grad, param = grads.get(name) if type(grads) is dict else None, params[name]
+        if type(param) is not np.ndarray:
+            raise ValueError(f"param '{name}' must be a numpy array: train_step updates it in place")
+        if (type(grad) is not np.ndarray or grad.shape != param.shape or grad.dtype != param.dtype
+                or not grad.flags.c_contiguous or np.may_share_memory(grad, param)):
+            raise ValueError(f"state['grads']['{name}'] is not a workspace for param '{name}': "
+                             "make the state with init_state(params) for these params")
+    return grads
+
+
 def init_state(params):
-    """Adam's first and second moment estimates per param, and the step count."""
+    """Adam's first and second moment estimates per param, the step count, and the
+    gradient workspace (with the scratch arrays: no allocation per step)."""
     return {
         "step": 0,
         "exp_avg": {name: np.zeros_like(params[name]) for name in WRT},
         "exp_avg_sq": {name: np.zeros_like(params[name]) for name in WRT},
-        "scratch": {name: np.zeros_like(params[name]) for name in WRT},  # no allocation per step
+        "scratch": {name: np.zeros_like(params[name]) for name in WRT},
+        "grads": _new_workspace(params),
     }
 
 
@@ -397,8 +474,10 @@ def train_step(params, inputs, state, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8
 
     m = β1 m + (1 − β1) g;  v = β2 v + (1 − β2) g²;
     param -= lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + eps).
+    The gradients are written into the workspace state["grads"] and updated there.
     """
-    loss, grads = value_and_grad(params, inputs)
+    grads = _workspace(params, state)
+    loss = _value_and_grad_into(params, inputs, grads)
     state["step"] += 1
     step = state["step"]
     step_size = lr / (1.0 - beta1 ** step)
