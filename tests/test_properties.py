@@ -29,9 +29,11 @@ from backcomp.check import check_gradients
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 
-GRAPH_SETTINGS = settings(derandomize=True, max_examples=50, deadline=20_000, database=None,
+# No deadlines: these tests check behaviour, and CI must never fail on timing noise
+# (a 5 s deadline failed at 6.3 s on the loaded shared machine).
+GRAPH_SETTINGS = settings(derandomize=True, max_examples=50, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SPEC_SETTINGS = settings(derandomize=True, max_examples=150, deadline=5_000, database=None,
+SPEC_SETTINGS = settings(derandomize=True, max_examples=150, deadline=None, database=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
 
