@@ -5,7 +5,9 @@ copy per window offset, straight from the unpadded input, the padding being the
 zeros of the buffer), laid out so that each direction is one GEMM with no transposed
 copy of a large operand, and so that each copy moves whole image rows.  No Python
 loop over pixels in generated code: scatters back to the input loop over the kh·kw
-window offsets, unrolled into one statement each.  Pools are in ``pool.py``.
+window offsets, unrolled into one statement each.  A conv2d without groups reads its
+columns from an ``im2col`` node, which its weight gradient reads too: a training step
+builds them once.  Pools are in ``pool.py``.
 
 ``conv2d`` is a cross-correlation exactly like ``torch.nn.functional.conv2d``
 (x: N,C,H,W; w: O,C/groups,kh,kw; zero padding; dilation; groups).  Dilation only
@@ -249,8 +251,8 @@ def _check_cols(op: str, x: Node, kernel, grid, cols, attrs) -> None:
 
 def _cols_of(node: Node, args, x: str, out: str, k: int) -> tuple[list[str], str, bool, bool]:
     """(statements, name, channels_first, shared) of the columns a conv2d or its weight
-    gradient reads: the ``im2col`` node it shares (its third input), or its own scratch
-    copy, in the layout that node would have."""
+    gradient reads: the ``im2col`` node it shares (its third input), or else its own
+    scratch copy (batch first for the forward, as grouped convs need)."""
     if len(args) == 3:
         return [], args[2], _channels_first(k), True
     (ho, wo), kernel = _cols_grid(node), _cols_kernel(node)
