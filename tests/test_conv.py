@@ -340,7 +340,7 @@ def test_generated_code_is_numpy_only_without_pixel_loops():
     imports = [line for line in src.splitlines() if re.match(r"\s*(import|from)\s", line)]
     assert imports == ["import numpy as np"]
     # windows are strided views: im2col copies one per window offset, pools reduce over them
-    assert re.search(r"__\w+_cols\[:, (:|\d), \d, (:|\d), \d+:\d+, \d+:\d+\] = \w+\[", src)
+    assert re.search(r"\w*_(cols|im2col)\[:, (:|\d), \d, (:|\d), \d+:\d+, \d+:\d+\] = \w+\[", src)
     body = src.split("def forward")[1]
     assert not re.search(r"^\s+(for|while)\s", body, re.M)
 
@@ -463,3 +463,41 @@ def test_small_cnn_matches_torch():
     np.testing.assert_allclose(ours, loss.item(), rtol=1e-12)
     for k in params:
         np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+# ----- the columns a conv2d shares with its weight gradient ---------------------------------
+def two_conv_graph(name="two_conv"):
+    """The suite CNN's two layouts: 9 rows of columns (batch first) and 36 (channels first)."""
+    g = Graph(name)
+    x = g.input("x", ("B", 1, 8, 8))
+    labels = g.input("labels", ("B",), dtype="int")
+    k1, k2, v = g.param("k1", (4, 1, 3, 3)), g.param("k2", (5, 4, 3, 3)), g.param("v", (80, 3))
+    h1 = ops.max_pool2d(ops.relu(ops.conv2d(x, k1, padding=1)), 2, 2)           # (B, 4, 4, 4)
+    h2 = ops.max_pool2d(ops.relu(ops.conv2d(h1, k2, padding=1)), 2, 2)          # (B, 5, 2, 2)
+    g.loss(ops.mean(ops.softmax_cross_entropy(ops.reshape(h2, (-1, 20)) @ v[:20], labels)))
+    return g
+
+
+def test_columns_are_built_once_per_step_and_match_torch():
+    torch = _torch()
+    m = backcomp.build(two_conv_graph())
+    step = backcomp.compile_source(two_conv_graph()).split("def value_and_grad")[1].split("\ndef ")[0]
+    fills = re.findall(r"^\s+(\w+) = np\.zeros\(", step, re.M)
+    assert len([f for f in fills if "im2col" in f]) == 2, step                 # one im2col per conv,
+    assert not [f for f in fills if f.endswith("_cols")], step                  # none rebuilt
+    assert re.search(r"np\.zeros\(\(4, 3, 3, \w+\.shape\[0\], 4, 4\)", step)  # 36 rows: channels first
+    assert m.BATCH_SEPARABLE, m.BATCH_REFUSAL
+    rng = np.random.default_rng(3)
+    params = {"k1": rng.standard_normal((4, 1, 3, 3)), "k2": rng.standard_normal((5, 4, 3, 3)),
+              "v": rng.standard_normal((80, 3))}
+    x, labels = rng.standard_normal((6, 1, 8, 8)), rng.integers(0, 3, 6)
+    loss, grads = m.value_and_grad(params, {"x": x, "labels": labels})
+    t = {k: torch.tensor(a, requires_grad=True) for k, a in params.items()}
+    F = torch.nn.functional
+    h1 = F.max_pool2d(F.relu(F.conv2d(torch.tensor(x), t["k1"], padding=1)), 2, 2)
+    h2 = F.max_pool2d(F.relu(F.conv2d(h1, t["k2"], padding=1)), 2, 2)
+    tl = F.cross_entropy(h2.reshape(-1, 20) @ t["v"][:20], torch.tensor(labels))
+    tl.backward()
+    np.testing.assert_allclose(loss, tl.item(), rtol=1e-10)
+    for k in params:
+        np.testing.assert_allclose(grads[k], t[k].grad.numpy(), rtol=1e-10, atol=1e-12)

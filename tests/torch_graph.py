@@ -117,6 +117,11 @@ def _op(n: Node, a: list, dims: dict):
         return a[0]
     if op == "take_label":
         return torch.gather(a[0], -1, a[1][..., None])[..., 0]
+    if op == "im2col":   # conv2d's columns, kept so the graph stays whole (conv2d reads x itself)
+        x, (kh, kw) = a[0], at["kernel"]
+        cols = F.unfold(x, (kh, kw), dilation=at.get("dilation", 1), padding=at["padding"], stride=at["stride"])
+        cols = cols.reshape(x.shape[0], x.shape[1], kh, kw, *n.shape[4:])
+        return cols.permute(1, 2, 3, 0, 4, 5) if at.get("channels_first") else cols
     if op == "conv2d":
         return F.conv2d(a[0], a[1], stride=at["stride"], padding=at["padding"], dilation=at.get("dilation", 1),
                         groups=at.get("groups", 1))

@@ -250,8 +250,11 @@ def _structural(node: Node, kinds: list[Kind]) -> Kind:
         if kinds[1].tag == ROW_TAG and kinds[1].axis == k.axis and k.axis < x.ndim - 1:
             return k
         raise _Mixed(node, "picks labels across rows of the batch")
+    if op == "im2col" and k.axis == 0:     # conv2d's columns: the batch is axis 3 channels-first
+        return row(3 if node.attrs.get("channels_first") else 0)
     if op in ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d"):
-        if k.axis == 0 and all(j.tag == "free" for j in rest):
+        weights, cols = rest[:1], rest[1:]      # conv2d's third input: the im2col of x
+        if k.axis == 0 and all(j.tag == "free" for j in weights) and all(j.tag == ROW_TAG for j in cols):
             return k
         raise _Mixed(node, "convolves or pools along the batch axis")
     raise _Mixed(node, f"applies '{op}', which backcomp does not know to keep rows of the batch apart")

@@ -200,14 +200,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     x, labels, K1, c1, D, P, c2, W, b, B = _validate(params, inputs)
     h1_reshape = x.reshape((B, 1, 1, 64))
     h1_reshape_2 = K1.reshape((8, 1, 1, 5))
-    __h1_conv2d_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_conv2d_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_conv2d_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_conv2d_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_conv2d_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ __h1_conv2d_cols.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
-    del __h1_conv2d_cols
+    h1_im2col = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
+    h1_im2col[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
+    h1_im2col[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
+    h1_im2col[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
+    h1_im2col[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
+    h1_im2col[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
+    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ h1_im2col.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
     del h1_reshape_2
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
@@ -230,10 +229,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_reshape = d.reshape((B, 8, 1, 32))
     del d
     h2_reshape_2 = P.reshape((16, 8, 1, 1))
-    __h2_conv2d_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ __h2_conv2d_cols.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
-    del __h2_conv2d_cols
+    h2_im2col = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
+    h2_im2col[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
+    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
     h2 = np.maximum(h2_reshape_3 + c2, 0)
@@ -350,15 +348,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of h2_reshape_3 = reshape(h2_conv2d, shape=('B', 16, 32)) w.r.t. h2_conv2d
     h2_bar_reshape = h2_bar_dew.reshape((B, 16, 1, 32))
     del h2_bar_dew
-    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
+    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, h2_im2col, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
     h2_bar_conv2d_grad_input = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 32)
     del h2_reshape_2
-    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
-    __h2_bar_conv2d_grad_weight_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_bar_conv2d_grad_weight_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_bar_conv2d_grad_weight = (h2_bar_reshape.reshape(-1, 16, 32) @ __h2_bar_conv2d_grad_weight_cols.reshape(-1, 8, 32).transpose(0, 2, 1)).sum(axis=0).reshape(16, 8, 1, 1)
-    del __h2_bar_conv2d_grad_weight_cols
-    del h2_reshape, h2_bar_reshape
+    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, h2_im2col, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
+    h2_bar_conv2d_grad_weight = (h2_bar_reshape.reshape(-1, 16, 32) @ h2_im2col.reshape(-1, 8, 32).transpose(0, 2, 1)).sum(axis=0).reshape(16, 8, 1, 1)
+    del h2_reshape, h2_im2col, h2_bar_reshape
     # backward of h2_reshape_2 = reshape(P, shape=(16, 8, 1, 1)) w.r.t. P
     P_bar = h2_bar_conv2d_grad_weight.reshape((16, 8, 1))
     del h2_bar_conv2d_grad_weight
@@ -418,16 +413,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of h1_reshape_3 = reshape(h1_conv2d, shape=('B', 8, 64)) w.r.t. h1_conv2d
     h1_bar_reshape = h1_bar_dew.reshape((B, 8, 1, 64))
     del h1_bar_dew
-    # backward of h1_conv2d = conv2d(h1_reshape, h1_reshape_2, stride=(1, 1), padding=(0, 2)) w.r.t. h1_reshape_2
-    __h1_bar_conv2d_grad_weight_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_bar_conv2d_grad_weight = (h1_bar_reshape.reshape(-1, 8, 64) @ __h1_bar_conv2d_grad_weight_cols.reshape(-1, 5, 64).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 1, 5)
-    del __h1_bar_conv2d_grad_weight_cols
-    del h1_reshape, h1_bar_reshape
+    # backward of h1_conv2d = conv2d(h1_reshape, h1_reshape_2, h1_im2col, stride=(1, 1), padding=(0, 2)) w.r.t. h1_reshape_2
+    h1_bar_conv2d_grad_weight = (h1_bar_reshape.reshape(-1, 8, 64) @ h1_im2col.reshape(-1, 5, 64).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 1, 5)
+    del h1_reshape, h1_im2col, h1_bar_reshape
     # backward of h1_reshape_2 = reshape(K1, shape=(8, 1, 1, 5)) w.r.t. K1
     K1_bar = h1_bar_conv2d_grad_weight.reshape((8, 1, 5))
     del h1_bar_conv2d_grad_weight
@@ -439,15 +427,14 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     x, labels, K1, c1, D, P, c2, W, b, B = _validate(params, inputs)
     h1_reshape = x.reshape((B, 1, 1, 64))
     h1_reshape_2 = K1.reshape((8, 1, 1, 5))
-    __h1_conv2d_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_conv2d_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_conv2d_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_conv2d_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_conv2d_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ __h1_conv2d_cols.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
-    del __h1_conv2d_cols
-    del h1_reshape, h1_reshape_2
+    h1_im2col = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
+    h1_im2col[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
+    h1_im2col[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
+    h1_im2col[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
+    h1_im2col[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
+    h1_im2col[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
+    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ h1_im2col.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
+    del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
     h1 = np.maximum(h1_reshape_3 + c1, 0)
@@ -473,11 +460,10 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     h2_reshape = d.reshape((B, 8, 1, 32))
     del d
     h2_reshape_2 = P.reshape((16, 8, 1, 1))
-    __h2_conv2d_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ __h2_conv2d_cols.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
-    del __h2_conv2d_cols
-    del h2_reshape, h2_reshape_2
+    h2_im2col = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
+    h2_im2col[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
+    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
+    del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
     h2 = np.maximum(h2_reshape_3 + c2, 0)
@@ -536,15 +522,14 @@ def forward(params, inputs, outputs=None):
     x, labels, K1, c1, D, P, c2, W, b, B = _validate(params, inputs)
     h1_reshape = x.reshape((B, 1, 1, 64))
     h1_reshape_2 = K1.reshape((8, 1, 1, 5))
-    __h1_conv2d_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_conv2d_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_conv2d_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_conv2d_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_conv2d_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ __h1_conv2d_cols.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
-    del __h1_conv2d_cols
-    del h1_reshape, h1_reshape_2
+    h1_im2col = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
+    h1_im2col[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
+    h1_im2col[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
+    h1_im2col[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
+    h1_im2col[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
+    h1_im2col[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
+    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ h1_im2col.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
+    del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
     h1 = np.maximum(h1_reshape_3 + c1, 0)
@@ -570,11 +555,10 @@ def forward(params, inputs, outputs=None):
     h2_reshape = d.reshape((B, 8, 1, 32))
     del d
     h2_reshape_2 = P.reshape((16, 8, 1, 1))
-    __h2_conv2d_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ __h2_conv2d_cols.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
-    del __h2_conv2d_cols
-    del h2_reshape, h2_reshape_2
+    h2_im2col = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
+    h2_im2col[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
+    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
+    del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
     h2 = np.maximum(h2_reshape_3 + c2, 0)
@@ -642,15 +626,14 @@ def _forward_1(params, inputs):
         b = _check_array("param", "b", b, PARAMS["b"], {"B": (B, "x")}, False)
     h1_reshape = x.reshape((B, 1, 1, 64))
     h1_reshape_2 = K1.reshape((8, 1, 1, 5))
-    __h1_conv2d_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_conv2d_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_conv2d_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_conv2d_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_conv2d_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ __h1_conv2d_cols.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
-    del __h1_conv2d_cols
-    del h1_reshape, h1_reshape_2
+    h1_im2col = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
+    h1_im2col[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
+    h1_im2col[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
+    h1_im2col[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
+    h1_im2col[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
+    h1_im2col[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
+    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ h1_im2col.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
+    del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
     h1 = np.maximum(h1_reshape_3 + c1, 0)
@@ -676,11 +659,10 @@ def _forward_1(params, inputs):
     h2_reshape = d.reshape((B, 8, 1, 32))
     del d
     h2_reshape_2 = P.reshape((16, 8, 1, 1))
-    __h2_conv2d_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ __h2_conv2d_cols.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
-    del __h2_conv2d_cols
-    del h2_reshape, h2_reshape_2
+    h2_im2col = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
+    h2_im2col[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
+    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
+    del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
     h2 = np.maximum(h2_reshape_3 + c2, 0)
@@ -706,14 +688,13 @@ def value_and_grad(params, inputs):
     x, labels, K1, c1, D, P, c2, W, b, B = _validate(params, inputs)
     h1_reshape = x.reshape((B, 1, 1, 64))
     h1_reshape_2 = K1.reshape((8, 1, 1, 5))
-    __h1_conv2d_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_conv2d_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_conv2d_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_conv2d_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_conv2d_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ __h1_conv2d_cols.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
-    del __h1_conv2d_cols
+    h1_im2col = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
+    h1_im2col[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
+    h1_im2col[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
+    h1_im2col[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
+    h1_im2col[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
+    h1_im2col[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
+    h1_conv2d = (h1_reshape_2.reshape(8, 5) @ h1_im2col.reshape(-1, 5, 64)).reshape(-1, 8, 1, 64)
     del h1_reshape_2
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
@@ -736,10 +717,9 @@ def value_and_grad(params, inputs):
     h2_reshape = d.reshape((B, 8, 1, 32))
     del d
     h2_reshape_2 = P.reshape((16, 8, 1, 1))
-    __h2_conv2d_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ __h2_conv2d_cols.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
-    del __h2_conv2d_cols
+    h2_im2col = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
+    h2_im2col[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
+    h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
     h2 = np.maximum(h2_reshape_3 + c2, 0)
@@ -853,15 +833,12 @@ def value_and_grad(params, inputs):
     # backward of h2_reshape_3 = reshape(h2_conv2d, shape=('B', 16, 32)) w.r.t. h2_conv2d
     h2_bar_reshape = h2_bar_dew.reshape((B, 16, 1, 32))
     del h2_bar_dew
-    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
+    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, h2_im2col, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape
     h2_bar_conv2d_grad_input = (h2_reshape_2.reshape(16, 8).T @ h2_bar_reshape.reshape(-1, 16, 32)).reshape(-1, 8, 1, 32)
     del h2_reshape_2
-    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
-    __h2_bar_conv2d_grad_weight_cols = np.empty((h2_reshape.shape[0], 8, 1, 1, 1, 32), dtype=h2_reshape.dtype)
-    __h2_bar_conv2d_grad_weight_cols[:, :, 0, 0, 0:1, 0:32] = h2_reshape[:, :, 0:1, 0:32]
-    h2_bar_conv2d_grad_weight = (h2_bar_reshape.reshape(-1, 16, 32) @ __h2_bar_conv2d_grad_weight_cols.reshape(-1, 8, 32).transpose(0, 2, 1)).sum(axis=0).reshape(16, 8, 1, 1)
-    del __h2_bar_conv2d_grad_weight_cols
-    del h2_reshape, h2_bar_reshape
+    # backward of h2_conv2d = conv2d(h2_reshape, h2_reshape_2, h2_im2col, stride=(1, 1), padding=(0, 0)) w.r.t. h2_reshape_2
+    h2_bar_conv2d_grad_weight = (h2_bar_reshape.reshape(-1, 16, 32) @ h2_im2col.reshape(-1, 8, 32).transpose(0, 2, 1)).sum(axis=0).reshape(16, 8, 1, 1)
+    del h2_reshape, h2_im2col, h2_bar_reshape
     # backward of h2_reshape_2 = reshape(P, shape=(16, 8, 1, 1)) w.r.t. P
     P_bar = h2_bar_conv2d_grad_weight.reshape((16, 8, 1))
     del h2_bar_conv2d_grad_weight
@@ -921,16 +898,9 @@ def value_and_grad(params, inputs):
     # backward of h1_reshape_3 = reshape(h1_conv2d, shape=('B', 8, 64)) w.r.t. h1_conv2d
     h1_bar_reshape = h1_bar_dew.reshape((B, 8, 1, 64))
     del h1_bar_dew
-    # backward of h1_conv2d = conv2d(h1_reshape, h1_reshape_2, stride=(1, 1), padding=(0, 2)) w.r.t. h1_reshape_2
-    __h1_bar_conv2d_grad_weight_cols = np.zeros((h1_reshape.shape[0], 1, 1, 5, 1, 64), dtype=h1_reshape.dtype)
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 0, 0:1, 2:64] = h1_reshape[:, :, 0:1, 0:62]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 1, 0:1, 1:64] = h1_reshape[:, :, 0:1, 0:63]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 2, 0:1, 0:64] = h1_reshape[:, :, 0:1, 0:64]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 3, 0:1, 0:63] = h1_reshape[:, :, 0:1, 1:64]
-    __h1_bar_conv2d_grad_weight_cols[:, :, 0, 4, 0:1, 0:62] = h1_reshape[:, :, 0:1, 2:64]
-    h1_bar_conv2d_grad_weight = (h1_bar_reshape.reshape(-1, 8, 64) @ __h1_bar_conv2d_grad_weight_cols.reshape(-1, 5, 64).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 1, 5)
-    del __h1_bar_conv2d_grad_weight_cols
-    del h1_reshape, h1_bar_reshape
+    # backward of h1_conv2d = conv2d(h1_reshape, h1_reshape_2, h1_im2col, stride=(1, 1), padding=(0, 2)) w.r.t. h1_reshape_2
+    h1_bar_conv2d_grad_weight = (h1_bar_reshape.reshape(-1, 8, 64) @ h1_im2col.reshape(-1, 5, 64).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 1, 5)
+    del h1_reshape, h1_im2col, h1_bar_reshape
     # backward of h1_reshape_2 = reshape(K1, shape=(8, 1, 1, 5)) w.r.t. K1
     K1_bar = h1_bar_conv2d_grad_weight.reshape((8, 1, 5))
     del h1_bar_conv2d_grad_weight

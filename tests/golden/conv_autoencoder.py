@@ -201,33 +201,31 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     value_and_grad of the whole.
     """
     x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
-    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
-    del __h_conv2d_cols
+    h_im2col = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    h_im2col[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    h_im2col[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    h_im2col[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    h_im2col[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    h_im2col[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    h_im2col[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    h_im2col[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    h_im2col[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    h_im2col[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ h_im2col.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
     np.add(h_conv2d, e1, out=h_conv2d)
     h = np.maximum(h_conv2d, 0, out=h_conv2d)
     del h_conv2d
-    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
-    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
-    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
-    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
-    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
-    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
-    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
-    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
-    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
-    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
-    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
-    del __code_conv2d_cols
+    code_im2col = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
+    code_im2col[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_conv2d = np.ascontiguousarray((E2.reshape(4, 72) @ code_im2col.reshape(72, -1)).reshape(4, -1, 2, 2).transpose(1, 0, 2, 3))
     code = np.add(code_conv2d, e2, out=code_conv2d)
     del code_conv2d
     __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
@@ -333,7 +331,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del code, u_bar_dew
     # backward of code = code_conv2d + e2 w.r.t. e2
     e2_bar = code_bar.sum(axis=(0, 2, 3), keepdims=True).reshape((4, 1, 1))
-    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. h
+    # backward of code_conv2d = conv2d(h, E2, code_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. h
     __h_bar_cols = (E2.reshape(4, 72).T @ code_bar.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
     h_bar = np.zeros((__h_bar_cols.shape[0], 8, 6, 6), dtype=__h_bar_cols.dtype)
     h_bar[:, :, 0:3:2, 0:3:2] += __h_bar_cols[:, :, 0, 0]
@@ -347,73 +345,50 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h_bar[:, :, 2:5:2, 2:5:2] += __h_bar_cols[:, :, 2, 2]
     del __h_bar_cols
     h_bar = h_bar[:, :, 1:5, 1:5]
-    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. E2
-    __E2_bar_cols = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
-    __E2_bar_cols[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
-    E2_bar = (__E2_bar_cols.reshape(72, -1) @ code_bar.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
-    del __E2_bar_cols
-    del code_bar
+    # backward of code_conv2d = conv2d(h, E2, code_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. E2
+    E2_bar = (code_im2col.reshape(72, -1) @ code_bar.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
+    del code_im2col, code_bar
     # backward of h = maximum(h_conv2d + e1, 0) w.r.t. h_conv2d
     h_bar_dew = np.multiply(h_bar, (h > 0), out=h_bar)
     del h, h_bar
     # backward of h = maximum(h_conv2d + e1, 0) w.r.t. e1
     e1_bar = h_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((8, 1, 1))
-    # backward of h_conv2d = conv2d(x, E1, stride=(2, 2), padding=(1, 1)) w.r.t. E1
-    __E1_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __E1_bar_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __E1_bar_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __E1_bar_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __E1_bar_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __E1_bar_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __E1_bar_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __E1_bar_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __E1_bar_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __E1_bar_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    E1_bar = (h_bar_dew.reshape(-1, 8, 16) @ __E1_bar_cols.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
-    del __E1_bar_cols
-    del h_bar_dew
+    # backward of h_conv2d = conv2d(x, E1, h_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. E1
+    E1_bar = (h_bar_dew.reshape(-1, 8, 16) @ h_im2col.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
+    del h_im2col, h_bar_dew
     return np.asarray(loss), {"E1": E1_bar.astype(E1.dtype, copy=False), "e1": e1_bar.astype(e1.dtype, copy=False), "E2": E2_bar.astype(E2.dtype, copy=False), "e2": e2_bar.astype(e2.dtype, copy=False), "D1": D1_bar.astype(D1.dtype, copy=False), "d1": d1_bar.astype(d1.dtype, copy=False), "D2": D2_bar.astype(D2.dtype, copy=False), "d2": d2_bar.astype(d2.dtype, copy=False)}, B
 
 
 def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
-    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
-    del __h_conv2d_cols
+    h_im2col = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    h_im2col[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    h_im2col[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    h_im2col[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    h_im2col[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    h_im2col[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    h_im2col[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    h_im2col[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    h_im2col[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    h_im2col[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ h_im2col.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
+    del h_im2col
     np.add(h_conv2d, e1, out=h_conv2d)
     h = np.maximum(h_conv2d, 0, out=h_conv2d)
     del h_conv2d
-    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
-    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
-    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
-    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
-    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
-    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
-    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
-    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
-    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
-    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
-    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
-    del __code_conv2d_cols
-    del h
+    code_im2col = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
+    code_im2col[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_conv2d = np.ascontiguousarray((E2.reshape(4, 72) @ code_im2col.reshape(72, -1)).reshape(4, -1, 2, 2).transpose(1, 0, 2, 3))
+    del h, code_im2col
     code = np.add(code_conv2d, e2, out=code_conv2d)
     del code_conv2d
     __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
@@ -476,34 +451,33 @@ def forward(params, inputs, outputs=None):
     if outputs is not None:
         wanted = _wanted_outputs(outputs)
     x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
-    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
-    del __h_conv2d_cols
+    h_im2col = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    h_im2col[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    h_im2col[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    h_im2col[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    h_im2col[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    h_im2col[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    h_im2col[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    h_im2col[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    h_im2col[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    h_im2col[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ h_im2col.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
+    del h_im2col
     np.add(h_conv2d, e1, out=h_conv2d)
     h = np.maximum(h_conv2d, 0, out=h_conv2d)
     del h_conv2d
-    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
-    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
-    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
-    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
-    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
-    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
-    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
-    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
-    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
-    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
-    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
-    del __code_conv2d_cols
-    del h
+    code_im2col = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
+    code_im2col[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_conv2d = np.ascontiguousarray((E2.reshape(4, 72) @ code_im2col.reshape(72, -1)).reshape(4, -1, 2, 2).transpose(1, 0, 2, 3))
+    del h, code_im2col
     code = np.add(code_conv2d, e2, out=code_conv2d)
     del code_conv2d
     __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
@@ -549,33 +523,31 @@ def forward(params, inputs, outputs=None):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, E1, e1, E2, e2, D1, d1, D2, d2, B = _validate(params, inputs)
-    __h_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __h_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __h_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __h_conv2d_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __h_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __h_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __h_conv2d_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __h_conv2d_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __h_conv2d_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __h_conv2d_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    h_conv2d = (E1.reshape(8, 9) @ __h_conv2d_cols.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
-    del __h_conv2d_cols
+    h_im2col = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
+    h_im2col[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
+    h_im2col[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
+    h_im2col[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
+    h_im2col[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
+    h_im2col[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
+    h_im2col[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
+    h_im2col[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
+    h_im2col[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
+    h_im2col[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
+    h_conv2d = (E1.reshape(8, 9) @ h_im2col.reshape(-1, 9, 16)).reshape(-1, 8, 4, 4)
     np.add(h_conv2d, e1, out=h_conv2d)
     h = np.maximum(h_conv2d, 0, out=h_conv2d)
     del h_conv2d
-    __code_conv2d_cols = np.zeros((h.shape[0], 8, 3, 3, 2, 2), dtype=h.dtype)
-    __code_conv2d_cols[:, :, 0, 0, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2]
-    __code_conv2d_cols[:, :, 0, 1, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2]
-    __code_conv2d_cols[:, :, 0, 2, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2]
-    __code_conv2d_cols[:, :, 1, 0, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2]
-    __code_conv2d_cols[:, :, 1, 1, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2]
-    __code_conv2d_cols[:, :, 1, 2, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2]
-    __code_conv2d_cols[:, :, 2, 0, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2]
-    __code_conv2d_cols[:, :, 2, 1, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2]
-    __code_conv2d_cols[:, :, 2, 2, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2]
-    code_conv2d = (E2.reshape(4, 72) @ __code_conv2d_cols.reshape(-1, 72, 4)).reshape(-1, 4, 2, 2)
-    del __code_conv2d_cols
+    code_im2col = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
+    code_im2col[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
+    code_im2col[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
+    code_conv2d = np.ascontiguousarray((E2.reshape(4, 72) @ code_im2col.reshape(72, -1)).reshape(4, -1, 2, 2).transpose(1, 0, 2, 3))
     code = np.add(code_conv2d, e2, out=code_conv2d)
     del code_conv2d
     __u_conv_transpose2d_cols = (D1.reshape(4, 72).T @ code.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
@@ -679,7 +651,7 @@ def value_and_grad(params, inputs):
     del code, u_bar_dew
     # backward of code = code_conv2d + e2 w.r.t. e2
     e2_bar = code_bar.sum(axis=(0, 2, 3), keepdims=True).reshape((4, 1, 1))
-    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. h
+    # backward of code_conv2d = conv2d(h, E2, code_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. h
     __h_bar_cols = (E2.reshape(4, 72).T @ code_bar.reshape(-1, 4, 4)).reshape(-1, 8, 3, 3, 2, 2)
     h_bar = np.zeros((__h_bar_cols.shape[0], 8, 6, 6), dtype=__h_bar_cols.dtype)
     h_bar[:, :, 0:3:2, 0:3:2] += __h_bar_cols[:, :, 0, 0]
@@ -693,37 +665,15 @@ def value_and_grad(params, inputs):
     h_bar[:, :, 2:5:2, 2:5:2] += __h_bar_cols[:, :, 2, 2]
     del __h_bar_cols
     h_bar = h_bar[:, :, 1:5, 1:5]
-    # backward of code_conv2d = conv2d(h, E2, stride=(2, 2), padding=(1, 1)) w.r.t. E2
-    __E2_bar_cols = np.zeros((8, 3, 3, h.shape[0], 2, 2), dtype=h.dtype)
-    __E2_bar_cols[:, 0, 0, :, 1:2, 1:2] = h[:, :, 1:2:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 0, 1, :, 1:2, 0:2] = h[:, :, 1:2:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 0, 2, :, 1:2, 0:2] = h[:, :, 1:2:2, 1:4:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 0, :, 0:2, 1:2] = h[:, :, 0:3:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 1, :, 0:2, 0:2] = h[:, :, 0:3:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 1, 2, :, 0:2, 0:2] = h[:, :, 0:3:2, 1:4:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 0, :, 0:2, 1:2] = h[:, :, 1:4:2, 1:2:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 1, :, 0:2, 0:2] = h[:, :, 1:4:2, 0:3:2].transpose(1, 0, 2, 3)
-    __E2_bar_cols[:, 2, 2, :, 0:2, 0:2] = h[:, :, 1:4:2, 1:4:2].transpose(1, 0, 2, 3)
-    E2_bar = (__E2_bar_cols.reshape(72, -1) @ code_bar.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
-    del __E2_bar_cols
-    del code_bar
+    # backward of code_conv2d = conv2d(h, E2, code_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. E2
+    E2_bar = (code_im2col.reshape(72, -1) @ code_bar.transpose(1, 0, 2, 3).reshape(4, -1).T).T.reshape(4, 8, 3, 3)
+    del code_im2col, code_bar
     # backward of h = maximum(h_conv2d + e1, 0) w.r.t. h_conv2d
     h_bar_dew = np.multiply(h_bar, (h > 0), out=h_bar)
     del h, h_bar
     # backward of h = maximum(h_conv2d + e1, 0) w.r.t. e1
     e1_bar = h_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((8, 1, 1))
-    # backward of h_conv2d = conv2d(x, E1, stride=(2, 2), padding=(1, 1)) w.r.t. E1
-    __E1_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 4, 4), dtype=x.dtype)
-    __E1_bar_cols[:, :, 0, 0, 1:4, 1:4] = x[:, :, 1:6:2, 1:6:2]
-    __E1_bar_cols[:, :, 0, 1, 1:4, 0:4] = x[:, :, 1:6:2, 0:7:2]
-    __E1_bar_cols[:, :, 0, 2, 1:4, 0:4] = x[:, :, 1:6:2, 1:8:2]
-    __E1_bar_cols[:, :, 1, 0, 0:4, 1:4] = x[:, :, 0:7:2, 1:6:2]
-    __E1_bar_cols[:, :, 1, 1, 0:4, 0:4] = x[:, :, 0:7:2, 0:7:2]
-    __E1_bar_cols[:, :, 1, 2, 0:4, 0:4] = x[:, :, 0:7:2, 1:8:2]
-    __E1_bar_cols[:, :, 2, 0, 0:4, 1:4] = x[:, :, 1:8:2, 1:6:2]
-    __E1_bar_cols[:, :, 2, 1, 0:4, 0:4] = x[:, :, 1:8:2, 0:7:2]
-    __E1_bar_cols[:, :, 2, 2, 0:4, 0:4] = x[:, :, 1:8:2, 1:8:2]
-    E1_bar = (h_bar_dew.reshape(-1, 8, 16) @ __E1_bar_cols.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
-    del __E1_bar_cols
-    del h_bar_dew
+    # backward of h_conv2d = conv2d(x, E1, h_im2col, stride=(2, 2), padding=(1, 1)) w.r.t. E1
+    E1_bar = (h_bar_dew.reshape(-1, 8, 16) @ h_im2col.reshape(-1, 9, 16).transpose(0, 2, 1)).sum(axis=0).reshape(8, 1, 3, 3)
+    del h_im2col, h_bar_dew
     return np.asarray(loss), {"E1": E1_bar.astype(E1.dtype, copy=False), "e1": e1_bar.astype(e1.dtype, copy=False), "E2": E2_bar.astype(E2.dtype, copy=False), "e2": e2_bar.astype(e2.dtype, copy=False), "D1": D1_bar.astype(D1.dtype, copy=False), "d1": d1_bar.astype(d1.dtype, copy=False), "D2": D2_bar.astype(D2.dtype, copy=False), "d2": d2_bar.astype(d2.dtype, copy=False)}

@@ -275,18 +275,18 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
             return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, K1, g1, b1, K2, g2, b2, W, b, mean1, var1, mean2, var2, B = _validate(params, inputs, buffers)
     _seed = _random_seed(rng, train)
-    __h1_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __h1_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __h1_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __h1_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __h1_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __h1_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __h1_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __h1_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __h1_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    h1_conv2d = (K1.reshape(16, 9) @ __h1_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
-    del __h1_conv2d_cols
+    h1_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    h1_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    h1_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    h1_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    h1_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    h1_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    h1_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    h1_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    h1_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    h1_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
+    del h1_im2col
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h1_square = (h1_conv2d - h1_mean)**2
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -318,19 +318,18 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     np.maximum(h1, h1_relu[:, :, 1:8:2, 0:7:2], out=h1)
     np.maximum(h1, h1_relu[:, :, 1:8:2, 1:8:2], out=h1)
     del h1_relu
-    __h2_conv2d_cols = np.zeros((h1.shape[0], 16, 3, 3, 4, 4), dtype=h1.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = h1[:, :, 0:3, 0:3]
-    __h2_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = h1[:, :, 0:3, 0:4]
-    __h2_conv2d_cols[:, :, 0, 2, 1:4, 0:3] = h1[:, :, 0:3, 1:4]
-    __h2_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = h1[:, :, 0:4, 0:3]
-    __h2_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = h1[:, :, 0:4, 0:4]
-    __h2_conv2d_cols[:, :, 1, 2, 0:4, 0:3] = h1[:, :, 0:4, 1:4]
-    __h2_conv2d_cols[:, :, 2, 0, 0:3, 1:4] = h1[:, :, 1:4, 0:3]
-    __h2_conv2d_cols[:, :, 2, 1, 0:3, 0:4] = h1[:, :, 1:4, 0:4]
-    __h2_conv2d_cols[:, :, 2, 2, 0:3, 0:3] = h1[:, :, 1:4, 1:4]
-    h2_conv2d = (K2.reshape(32, 144) @ __h2_conv2d_cols.reshape(-1, 144, 16)).reshape(-1, 32, 4, 4)
-    del __h2_conv2d_cols
-    del h1
+    h2_im2col = np.zeros((16, 3, 3, h1.shape[0], 4, 4), dtype=h1.dtype)
+    h2_im2col[:, 0, 0, :, 1:4, 1:4] = h1[:, :, 0:3, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 1, :, 1:4, 0:4] = h1[:, :, 0:3, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 2, :, 1:4, 0:3] = h1[:, :, 0:3, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 0, :, 0:4, 1:4] = h1[:, :, 0:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 1, :, 0:4, 0:4] = h1[:, :, 0:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 2, :, 0:4, 0:3] = h1[:, :, 0:4, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 0, :, 0:3, 1:4] = h1[:, :, 1:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 1, :, 0:3, 0:4] = h1[:, :, 1:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 2, :, 0:3, 0:3] = h1[:, :, 1:4, 1:4].transpose(1, 0, 2, 3)
+    h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
+    del h1, h2_im2col
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h2_square = (h2_conv2d - h2_mean)**2
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -455,18 +454,18 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
         if var2 is not buffers["var2"]:
             raise ValueError("buffer 'var2' must be a float numpy array of its own dtype and shape (it is updated in place)")
     _seed = _random_seed(rng, train)
-    __h1_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __h1_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __h1_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __h1_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __h1_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __h1_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __h1_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __h1_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __h1_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    h1_conv2d = (K1.reshape(16, 9) @ __h1_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
-    del __h1_conv2d_cols
+    h1_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    h1_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    h1_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    h1_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    h1_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    h1_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    h1_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    h1_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    h1_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    h1_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
+    del h1_im2col
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h1_square = (h1_conv2d - h1_mean)**2
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -498,19 +497,18 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
     np.maximum(h1, h1_relu[:, :, 1:8:2, 0:7:2], out=h1)
     np.maximum(h1, h1_relu[:, :, 1:8:2, 1:8:2], out=h1)
     del h1_relu
-    __h2_conv2d_cols = np.zeros((h1.shape[0], 16, 3, 3, 4, 4), dtype=h1.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = h1[:, :, 0:3, 0:3]
-    __h2_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = h1[:, :, 0:3, 0:4]
-    __h2_conv2d_cols[:, :, 0, 2, 1:4, 0:3] = h1[:, :, 0:3, 1:4]
-    __h2_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = h1[:, :, 0:4, 0:3]
-    __h2_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = h1[:, :, 0:4, 0:4]
-    __h2_conv2d_cols[:, :, 1, 2, 0:4, 0:3] = h1[:, :, 0:4, 1:4]
-    __h2_conv2d_cols[:, :, 2, 0, 0:3, 1:4] = h1[:, :, 1:4, 0:3]
-    __h2_conv2d_cols[:, :, 2, 1, 0:3, 0:4] = h1[:, :, 1:4, 0:4]
-    __h2_conv2d_cols[:, :, 2, 2, 0:3, 0:3] = h1[:, :, 1:4, 1:4]
-    h2_conv2d = (K2.reshape(32, 144) @ __h2_conv2d_cols.reshape(-1, 144, 16)).reshape(-1, 32, 4, 4)
-    del __h2_conv2d_cols
-    del h1
+    h2_im2col = np.zeros((16, 3, 3, h1.shape[0], 4, 4), dtype=h1.dtype)
+    h2_im2col[:, 0, 0, :, 1:4, 1:4] = h1[:, :, 0:3, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 1, :, 1:4, 0:4] = h1[:, :, 0:3, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 2, :, 1:4, 0:3] = h1[:, :, 0:3, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 0, :, 0:4, 1:4] = h1[:, :, 0:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 1, :, 0:4, 0:4] = h1[:, :, 0:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 2, :, 0:4, 0:3] = h1[:, :, 0:4, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 0, :, 0:3, 1:4] = h1[:, :, 1:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 1, :, 0:3, 0:4] = h1[:, :, 1:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 2, :, 0:3, 0:3] = h1[:, :, 1:4, 1:4].transpose(1, 0, 2, 3)
+    h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
+    del h1, h2_im2col
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h2_square = (h2_conv2d - h2_mean)**2
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -561,18 +559,17 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, K1, g1, b1, K2, g2, b2, W, b, mean1, var1, mean2, var2, B = _validate(params, inputs, buffers)
     _seed = _random_seed(rng, train)
-    __h1_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __h1_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __h1_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __h1_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __h1_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __h1_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __h1_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __h1_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __h1_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __h1_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    h1_conv2d = (K1.reshape(16, 9) @ __h1_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
-    del __h1_conv2d_cols
+    h1_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    h1_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    h1_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    h1_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    h1_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    h1_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    h1_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    h1_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    h1_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    h1_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h1_square = (h1_conv2d - h1_mean)**2
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -599,18 +596,17 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1 = np.maximum(h1_relu[:, :, 0:7:2, 0:7:2], h1_relu[:, :, 0:7:2, 1:8:2])
     np.maximum(h1, h1_relu[:, :, 1:8:2, 0:7:2], out=h1)
     np.maximum(h1, h1_relu[:, :, 1:8:2, 1:8:2], out=h1)
-    __h2_conv2d_cols = np.zeros((h1.shape[0], 16, 3, 3, 4, 4), dtype=h1.dtype)
-    __h2_conv2d_cols[:, :, 0, 0, 1:4, 1:4] = h1[:, :, 0:3, 0:3]
-    __h2_conv2d_cols[:, :, 0, 1, 1:4, 0:4] = h1[:, :, 0:3, 0:4]
-    __h2_conv2d_cols[:, :, 0, 2, 1:4, 0:3] = h1[:, :, 0:3, 1:4]
-    __h2_conv2d_cols[:, :, 1, 0, 0:4, 1:4] = h1[:, :, 0:4, 0:3]
-    __h2_conv2d_cols[:, :, 1, 1, 0:4, 0:4] = h1[:, :, 0:4, 0:4]
-    __h2_conv2d_cols[:, :, 1, 2, 0:4, 0:3] = h1[:, :, 0:4, 1:4]
-    __h2_conv2d_cols[:, :, 2, 0, 0:3, 1:4] = h1[:, :, 1:4, 0:3]
-    __h2_conv2d_cols[:, :, 2, 1, 0:3, 0:4] = h1[:, :, 1:4, 0:4]
-    __h2_conv2d_cols[:, :, 2, 2, 0:3, 0:3] = h1[:, :, 1:4, 1:4]
-    h2_conv2d = (K2.reshape(32, 144) @ __h2_conv2d_cols.reshape(-1, 144, 16)).reshape(-1, 32, 4, 4)
-    del __h2_conv2d_cols
+    h2_im2col = np.zeros((16, 3, 3, h1.shape[0], 4, 4), dtype=h1.dtype)
+    h2_im2col[:, 0, 0, :, 1:4, 1:4] = h1[:, :, 0:3, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 1, :, 1:4, 0:4] = h1[:, :, 0:3, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 0, 2, :, 1:4, 0:3] = h1[:, :, 0:3, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 0, :, 0:4, 1:4] = h1[:, :, 0:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 1, :, 0:4, 0:4] = h1[:, :, 0:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 1, 2, :, 0:4, 0:3] = h1[:, :, 0:4, 1:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 0, :, 0:3, 1:4] = h1[:, :, 1:4, 0:3].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 1, :, 0:3, 0:4] = h1[:, :, 1:4, 0:4].transpose(1, 0, 2, 3)
+    h2_im2col[:, 2, 2, :, 0:3, 0:3] = h1[:, :, 1:4, 1:4].transpose(1, 0, 2, 3)
+    h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
     h2_square = (h2_conv2d - h2_mean)**2
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
@@ -761,13 +757,13 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_dew_3 = 2*(-h2_conv2d + h2_mean)
     h2_bar_sum_to_3 = h2_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_3
-    # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1))
+    # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1))
     np.multiply(h2_bar_max_pool2d_scatter, (h2_relu > 0), out=h2_bar_max_pool2d_scatter)
     np.multiply(h2_bar_max_pool2d_scatter, (h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), out=h2_bar_max_pool2d_scatter)
     np.add(h2_bar_max_pool2d_scatter, (0.0625)*((h2_bar_mean_vjp*h2_bar_sum_to_3 + h2_bar_mode_select_2)/B), out=h2_bar_max_pool2d_scatter)
     h2_bar_add = np.add(h2_bar_max_pool2d_scatter, 2*h2_bar_mean_vjp*(h2_conv2d - h2_mean), out=h2_bar_max_pool2d_scatter)
     del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_relu, h2_bar_max_pool2d_scatter, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
-    # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1)) w.r.t. h1
+    # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. h1
     __h1_bar_rows = np.zeros((h2_bar_add.shape[0], 32, 4, 6), dtype=h2_bar_add.dtype)
     __h1_bar_rows[:, :, :, :4] = h2_bar_add
     __h1_bar_cols = (K2.reshape(32, 144).T @ __h1_bar_rows.reshape(-1, 32, 24)).reshape(-1, 16, 3, 3, 24)
@@ -784,20 +780,9 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar[:, :, 14:38] += __h1_bar_cols[:, :, 2, 2]
     del __h1_bar_cols
     h1_bar = h1_bar[:, :, :36].reshape(-1, 16, 6, 6)[:, :, 1:5, 1:5]
-    # backward of h2_conv2d = conv2d(h1, K2, stride=(1, 1), padding=(1, 1)) w.r.t. K2
-    __K2_bar_cols = np.zeros((16, 3, 3, h1.shape[0], 4, 4), dtype=h1.dtype)
-    __K2_bar_cols[:, 0, 0, :, 1:4, 1:4] = h1[:, :, 0:3, 0:3].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 0, 1, :, 1:4, 0:4] = h1[:, :, 0:3, 0:4].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 0, 2, :, 1:4, 0:3] = h1[:, :, 0:3, 1:4].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 1, 0, :, 0:4, 1:4] = h1[:, :, 0:4, 0:3].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 1, 1, :, 0:4, 0:4] = h1[:, :, 0:4, 0:4].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 1, 2, :, 0:4, 0:3] = h1[:, :, 0:4, 1:4].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 2, 0, :, 0:3, 1:4] = h1[:, :, 1:4, 0:3].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 2, 1, :, 0:3, 0:4] = h1[:, :, 1:4, 0:4].transpose(1, 0, 2, 3)
-    __K2_bar_cols[:, 2, 2, :, 0:3, 0:3] = h1[:, :, 1:4, 1:4].transpose(1, 0, 2, 3)
-    K2_bar = (__K2_bar_cols.reshape(144, -1) @ h2_bar_add.transpose(1, 0, 2, 3).reshape(32, -1).T).T.reshape(32, 16, 3, 3)
-    del __K2_bar_cols
-    del h2_bar_add
+    # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K2
+    K2_bar = (h2_im2col.reshape(144, -1) @ h2_bar_add.transpose(1, 0, 2, 3).reshape(32, -1).T).T.reshape(32, 16, 3, 3)
+    del h2_im2col, h2_bar_add
     # backward of h1 = max_pool2d(h1_relu, size=(2, 2), stride=(2, 2))
     __h1_bar_max_pool2d_argmax_later = h1_relu[:, :, 0:7:2, 0:7:2] != h1
     h1_bar_max_pool2d_argmax = __h1_bar_max_pool2d_argmax_later.astype(np.int8)
@@ -855,26 +840,15 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_dew_3 = 2*(-h1_conv2d + h1_mean)
     h1_bar_sum_to_3 = h1_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_3
-    # backward of h1_conv2d = conv2d(x, K1, stride=(1, 1), padding=(1, 1))
+    # backward of h1_conv2d = conv2d(x, K1, h1_im2col, stride=(1, 1), padding=(1, 1))
     np.multiply(h1_bar_max_pool2d_scatter, (h1_relu > 0), out=h1_bar_max_pool2d_scatter)
     np.multiply(h1_bar_max_pool2d_scatter, (h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), out=h1_bar_max_pool2d_scatter)
     np.add(h1_bar_max_pool2d_scatter, (0.015625)*((h1_bar_mean_vjp*h1_bar_sum_to_3 + h1_bar_mode_select_2)/B), out=h1_bar_max_pool2d_scatter)
     h1_bar_add = np.add(h1_bar_max_pool2d_scatter, 2*h1_bar_mean_vjp*(h1_conv2d - h1_mean), out=h1_bar_max_pool2d_scatter)
     del h1_conv2d, h1_mean, h1_mode_select_2, h1_reshape_3, h1_relu, h1_bar_max_pool2d_scatter, h1_bar_mode_select_2, h1_bar_mean_vjp, h1_bar_sum_to_3
-    # backward of h1_conv2d = conv2d(x, K1, stride=(1, 1), padding=(1, 1)) w.r.t. K1
-    __K1_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __K1_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __K1_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __K1_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __K1_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __K1_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __K1_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __K1_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __K1_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __K1_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    K1_bar = (h1_bar_add.reshape(-1, 16, 64) @ __K1_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(16, 1, 3, 3)
-    del __K1_bar_cols
-    del h1_bar_add
+    # backward of h1_conv2d = conv2d(x, K1, h1_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K1
+    K1_bar = (h1_bar_add.reshape(-1, 16, 64) @ h1_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(16, 1, 3, 3)
+    del h1_im2col, h1_bar_add
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
     del logits_bar_matmul

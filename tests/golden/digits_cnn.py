@@ -177,18 +177,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     value_and_grad of the whole.
     """
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
+    a_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    a_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    a_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    a_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    a_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    a_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    a_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    a_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -274,20 +273,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del a, a_bar
     # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
     c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
-    # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    __K_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __K_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __K_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __K_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __K_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __K_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __K_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __K_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __K_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __K_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del __K_bar_cols
-    del a_bar_dew
+    # backward of a_conv2d = conv2d(x, K, a_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K
+    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
+    del a_im2col, a_bar_dew
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W*param_terms, out=logits_bar_matmul)
     del logits_bar_matmul
@@ -297,18 +285,18 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
 def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
+    a_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    a_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    a_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    a_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    a_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    a_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    a_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    a_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del a_im2col
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -364,18 +352,18 @@ def forward(params, inputs, outputs=None):
             result = _forward_1(params, inputs)
             return {k: result[k] for k in OUTPUTS if k in wanted}
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
+    a_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    a_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    a_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    a_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    a_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    a_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    a_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    a_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del a_im2col
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -433,18 +421,18 @@ def _forward_1(params, inputs):
     b = params["b"]
     if type(b) is not np.ndarray or b.dtype.kind != "f" or b.shape != (10,):
         b = _check_array("param", "b", b, PARAMS["b"], {"B": (B, "x")}, False)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
+    a_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    a_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    a_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    a_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    a_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    a_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    a_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    a_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
+    del a_im2col
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -464,18 +452,17 @@ def _forward_1(params, inputs):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, labels, K, c, W, b, B = _validate(params, inputs)
-    __a_conv2d_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __a_conv2d_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __a_conv2d_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __a_conv2d_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __a_conv2d_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __a_conv2d_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __a_conv2d_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __a_conv2d_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __a_conv2d_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __a_conv2d_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    a_conv2d = (K.reshape(32, 9) @ __a_conv2d_cols.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    del __a_conv2d_cols
+    a_im2col = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
+    a_im2col[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
+    a_im2col[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
+    a_im2col[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
+    a_im2col[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
+    a_im2col[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
+    a_im2col[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
+    a_im2col[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
+    a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
+    a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
+    a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
     np.add(a_conv2d, c, out=a_conv2d)
     a = np.maximum(a_conv2d, 0, out=a_conv2d)
     del a_conv2d
@@ -561,20 +548,9 @@ def value_and_grad(params, inputs):
     del a, a_bar
     # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
     c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
-    # backward of a_conv2d = conv2d(x, K, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    __K_bar_cols = np.zeros((x.shape[0], 1, 3, 3, 8, 8), dtype=x.dtype)
-    __K_bar_cols[:, :, 0, 0, 1:8, 1:8] = x[:, :, 0:7, 0:7]
-    __K_bar_cols[:, :, 0, 1, 1:8, 0:8] = x[:, :, 0:7, 0:8]
-    __K_bar_cols[:, :, 0, 2, 1:8, 0:7] = x[:, :, 0:7, 1:8]
-    __K_bar_cols[:, :, 1, 0, 0:8, 1:8] = x[:, :, 0:8, 0:7]
-    __K_bar_cols[:, :, 1, 1, 0:8, 0:8] = x[:, :, 0:8, 0:8]
-    __K_bar_cols[:, :, 1, 2, 0:8, 0:7] = x[:, :, 0:8, 1:8]
-    __K_bar_cols[:, :, 2, 0, 0:7, 1:8] = x[:, :, 1:8, 0:7]
-    __K_bar_cols[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
-    __K_bar_cols[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
-    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ __K_bar_cols.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del __K_bar_cols
-    del a_bar_dew
+    # backward of a_conv2d = conv2d(x, K, a_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K
+    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
+    del a_im2col, a_bar_dew
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
     del logits_bar_matmul
