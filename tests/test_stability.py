@@ -394,3 +394,14 @@ def test_sign_analysis_of_a_graph():
     assert got["exp"] == got["sum_exp"] == got["softmax"] == got["shifted_sum_other_axis"] == POSITIVE
     assert not got["exp"].away_from_zero
     assert got["shifted_sum"] == Bound(1.0, True)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_conv_of_nonnegative_operands_is_nonnegative(padding):
+    """conv2d reads its im2col columns: they carry x's bound (and the zero padding's)."""
+    from backcomp.passes.stability import NONNEG, graph_bounds
+    g = backcomp.Graph("st_conv")
+    x = g.input("x", ("B", 2, 6, 6))
+    w = g.param("w", (3, 2, 3, 3))
+    y = ops.conv2d(ops.relu(x), ops.exp(w), padding=padding)
+    assert graph_bounds(g).get(y) == NONNEG

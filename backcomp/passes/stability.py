@@ -247,7 +247,7 @@ def _pow_bound(base: sp.Expr, exponent: sp.Expr, rec) -> Bound | None:
 
 #: ops whose every element is an element, a mean or a maximum of elements of their first input
 _SAME_BOUND = {"reshape", "transpose", "broadcast_to", "getitem", "stop_gradient", "identity", "mean", "max",
-               "take_label", "max_pool2d", "avg_pool2d"}
+               "take_label", "max_pool2d", "avg_pool2d", "im2col"}
 
 
 def node_bound(node: Node, bounds: dict[Node, Bound]) -> Bound | None:
@@ -259,8 +259,8 @@ def node_bound(node: Node, bounds: dict[Node, Bound]) -> Bound | None:
         return expr_bound(node_expr(node), lambda s: bounds.get(symbols[s]) if s in symbols else None)
     ins = [bounds.get(x) for x in node.inputs]
     if node.op in _SAME_BOUND:
-        if node.op == "avg_pool2d" and tuple(node.attrs.get("padding", (0, 0))) != (0, 0):
-            return _meet([ins[0], NONNEG])         # the zero padding is averaged in
+        if node.op in ("avg_pool2d", "im2col") and tuple(node.attrs.get("padding", (0, 0))) != (0, 0):
+            return _meet([ins[0], NONNEG])         # the zero padding is averaged in, or copied
         return ins[0]
     if node.op in ("sum", "sum_to"):
         m = _shifted_exp_max(node.inputs[0]) if node.op == "sum" else None
