@@ -111,7 +111,9 @@ class NumpyExprPrinter(NumPyPrinter):
             if exp == -1:
                 return f"1/{b}"
             if exp.is_Integer and exp < 0:
-                return f"1/{b}**{-int(exp)}"
+                return f"1/{self._print(base ** -exp)}" if -exp in (3, 4) and base.is_Symbol else f"1/{b}**{-int(exp)}"
+            if exp in (3, 4) and base.is_Symbol:   # x**3 is libm pow per element: 60 ns each
+                return "(" + "*".join([b] * int(exp)) + ")"   # parenthesised: y/(x*x*x)
             if exp.is_Integer:
                 return f"{b}**{int(exp)}"
             return f"{b}**{float_literal(exp)}"
@@ -253,6 +255,8 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
                 calls.append(f"np.sqrt({into}, out={into})")
             elif e.exp == -1:
                 calls.append(f"np.divide(1, {into}, out={into})")
+            elif e.exp == 3:
+                calls.append(f"np.multiply({into}, np.square({into}), out={into})")
             else:
                 calls.append(f"np.power({into}, {float_literal(e.exp)}, out={into})")
         elif e.func in _UFUNCS:

@@ -248,3 +248,26 @@ def test_explain_reads_a_double_transpose_as_the_matrix():
     g.loss(ops.sum(ops.tanh(h @ ops.transpose(W, (1, 0)))))
     text = explain(g)
     assert "ᵀᵀ" not in text and "ḡ_h = (ḡ_loss ⊙ (1 - tanh(h · Wᵀ)^2)) · W" in text
+
+
+def test_cubes_print_as_products_of_a_named_base(tmp_path):
+    """x**3 is libm's pow per element (33 ms of a 54 ms tanh-GELU step): cubes and
+    fourth powers are products of their base, named once when it is an expression."""
+    m = spec_module(tmp_path, """\
+        z = "x @ W"
+        loss = "sum(tanh(z + 0.04 * (z + 1) ** 3) + 1 / (z * z + 2) ** 3 + z ** 4)"
+        """, params="W = [3, 3]")
+    source = inspect.getsource(m.value_and_grad)
+    assert "**3" not in source and "**4" not in source, source
+    for dtype in (np.float32, np.float64):
+        x = np.random.default_rng(4).standard_normal((5, 3)).astype(dtype)
+        p = m.init_params(dtype=dtype)
+        z = (x @ p["W"]).astype(np.float64)
+        ref = np.sum(np.tanh(z + 0.04 * (z + 1) ** 3) + 1 / (z * z + 2) ** 3 + z ** 4)
+        d = (1 - np.tanh(z + 0.04 * (z + 1) ** 3) ** 2) * (1 + 0.12 * (z + 1) ** 2) \
+            - 6 * z / (z * z + 2) ** 4 + 4 * z ** 3
+        loss, grads = m.value_and_grad(p, {"x": x})
+        assert loss.dtype == dtype
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(loss, ref, rtol=tol)
+        np.testing.assert_allclose(grads["W"], x.astype(np.float64).T @ d, rtol=tol * 10, atol=tol)

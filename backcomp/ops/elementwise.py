@@ -137,11 +137,30 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         if calls:
             return calls[:-1] + [f"{out} = {calls[-1]}"]
     temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
+    temps, body = _cube_bases_named(temps, body)
     lines = []
     for k, (sym, sub) in enumerate(temps):
         names[sym] = f"{out}_t{k}"
         lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
     return lines + [f"{out} = {_full_shape(node, expr, args, print_expr(body, names))}"]
+
+
+def _cube_bases_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
+    """The base of a cube or fourth power as a temporary of its own, so the power prints
+    as products (t·t·t, two array passes): ``(x + c)**3`` is libm's pow per element,
+    33 ms of a 54 ms step for the tanh-GELU of (16, 64, 512) float32."""
+    pows = sorted({p for e in [body, *(v for _, v in temps)] for p in e.atoms(sp.Pow)
+                   if p.exp in (3, 4, -3, -4) and not p.base.is_Symbol and not p.base.is_number},
+                  key=sp.default_sort_key)
+    if not pows:
+        return temps, body
+    named = {base: sp.Symbol(f"%p{k}") for k, base in enumerate(dict.fromkeys(p.base for p in pows))}
+    swap = {p: named[p.base] ** p.exp for p in pows}
+    out = [(s, v.xreplace(swap)) for s, v in temps]
+    for base, s in named.items():   # right after the last temporary it reads
+        order = [t for t, _ in out]
+        out.insert(max([order.index(t) + 1 for t in base.free_symbols if t in order], default=0), (s, base))
+    return out, body.xreplace(swap)
 
 
 def _common_factors_out(expr: sp.Expr) -> sp.Expr:

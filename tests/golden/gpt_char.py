@@ -518,7 +518,8 @@ def forward(params, inputs, outputs=None):
     del m1_sub, m1_mean_2
     m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3)
+    m1_tanh_t0 = m1_matmul + bf1
+    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
     np.add(m1_matmul, bf1, out=m1_matmul)
     np.multiply(m1_matmul, 0.5, out=m1_matmul)
     m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
@@ -588,7 +589,8 @@ def forward(params, inputs, outputs=None):
     del m2_sub, m2_mean_2
     m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3)
+    m2_tanh_t0 = m2_matmul + bf2
+    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
     np.add(m2_matmul, bf2, out=m2_matmul)
     np.multiply(m2_matmul, 0.5, out=m2_matmul)
     m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
@@ -820,7 +822,8 @@ def _forward_1(params, inputs):
     del m1_sub, m1_mean_2
     m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3)
+    m1_tanh_t0 = m1_matmul + bf1
+    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
     np.add(m1_matmul, bf1, out=m1_matmul)
     np.multiply(m1_matmul, 0.5, out=m1_matmul)
     m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
@@ -890,7 +893,8 @@ def _forward_1(params, inputs):
     del m2_sub, m2_mean_2
     m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3)
+    m2_tanh_t0 = m2_matmul + bf2
+    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
     np.add(m2_matmul, bf2, out=m2_matmul)
     np.multiply(m2_matmul, 0.5, out=m2_matmul)
     m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
@@ -980,7 +984,8 @@ def value_and_grad(params, inputs):
     del m1_mul
     m1_add = b1m + m1_sub*(g1m/np.sqrt(m1_mean_2 + 1e-05))
     m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3)
+    m1_tanh_t0 = m1_matmul + bf1
+    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
     m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1)
     y1_matmul = (m1.reshape(-1, 256) @ Wp1).reshape((B, T, 64))
     np.add(x1, bp1, out=x1)
@@ -1036,7 +1041,8 @@ def value_and_grad(params, inputs):
     del m2_mul
     m2_add = b2m + m2_sub*(g2m/np.sqrt(m2_mean_2 + 1e-05))
     m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3)
+    m2_tanh_t0 = m2_matmul + bf2
+    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
     m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1)
     y2_matmul = (m2.reshape(-1, 256) @ Wp2).reshape((B, T, 64))
     np.add(x2, bp2, out=x2)
