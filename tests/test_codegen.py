@@ -271,3 +271,19 @@ def test_cubes_print_as_products_of_a_named_base(tmp_path):
         tol = 1e-5 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(loss, ref, rtol=tol)
         np.testing.assert_allclose(grads["W"], x.astype(np.float64).T @ d, rtol=tol * 10, atol=tol)
+
+
+def test_rows_times_a_matrix_with_an_empty_inner_dim(tmp_path):
+    """(..., M, K) @ (K, N) is one GEMM over reshape(B*T, K): with K = 0 (a valid input)
+    reshape(-1, 0) cannot infer its rows; the product is zeros, as plain matmul gives."""
+    m = spec_module(tmp_path, """\
+        y = "x @ M"
+        loss = "sum(y * w)"
+        """, inputs='x = ["B", "T", "D"]\nM = ["D", 3]', params="w = [3]")
+    p = m.init_params(dtype=np.float64)
+    loss, grads = m.value_and_grad(p, {"x": np.zeros((2, 5, 0)), "M": np.zeros((0, 3))})
+    assert loss == 0 and np.array_equal(grads["w"], np.zeros(3))
+    x = np.random.default_rng(5).standard_normal((2, 5, 4))
+    M = np.random.default_rng(6).standard_normal((4, 3))
+    out = m.forward(p, {"x": x, "M": M})["loss"]
+    np.testing.assert_allclose(out, np.sum((x @ M) * p["w"]), rtol=1e-12)

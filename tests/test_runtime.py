@@ -89,3 +89,10 @@ def test_sigmoid_in_place_equals_the_fresh_result():
     fresh = _sigmoid(x)
     same = _sigmoid(x, out=x)
     assert same is x and np.array_equal(x, fresh)
+
+
+def test_sigmoid_of_integers_is_float64():
+    from backcomp.runtime import _sigmoid
+    y = _sigmoid(np.array([1, 2, -3]))
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, 1 / (1 + np.exp(-np.array([1.0, 2.0, -3.0]))), rtol=1e-15)

@@ -155,7 +155,8 @@ def _matmul_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     0.79 ms for (16, 64, 128) @ (128, 512) in float32 (a copy when a is not contiguous)."""
     a, b = node.inputs
     if a.ndim >= 3 and b.ndim == 2:
-        return [f"{out} = ({args[0]}.reshape(-1, {a.shape[-1]}) @ {args[1]}).reshape({shape_code(node.shape)})"]
+        rows = _size_code(a.shape[:-1])   # not -1: that cannot be inferred when K is 0
+        return [f"{out} = ({args[0]}.reshape({rows}, {a.shape[-1]}) @ {args[1]}).reshape({shape_code(node.shape)})"]
     return [f"{out} = {args[0]} @ {args[1]}"]
 
 

@@ -172,9 +172,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     value_and_grad of the whole.
     """
     x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = (x.reshape(-1, 8) @ Wq).reshape((B, 5, 8))
-    k = (x.reshape(-1, 8) @ Wk).reshape((B, 5, 8))
-    v = (x.reshape(-1, 8) @ Wv).reshape((B, 5, 8))
+    q = (x.reshape(5*B, 8) @ Wq).reshape((B, 5, 8))
+    k = (x.reshape(5*B, 8) @ Wk).reshape((B, 5, 8))
+    v = (x.reshape(5*B, 8) @ Wv).reshape((B, 5, 8))
     scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
@@ -185,7 +185,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     ctx = attn @ v
-    out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
+    out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     loss_pow = (-target + out_matmul + x)**2
     loss_sum = loss_pow.sum()
     del loss_pow
@@ -198,7 +198,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
     del out_matmul
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = (loss_bar_dew.reshape(-1, 8) @ Wo.T).reshape((B, 5, 8))
+    ctx_bar = (loss_bar_dew.reshape(5*B, 8) @ Wo.T).reshape((B, 5, 8))
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -252,9 +252,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
 def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = (x.reshape(-1, 8) @ Wq).reshape((B, 5, 8))
-    k = (x.reshape(-1, 8) @ Wk).reshape((B, 5, 8))
-    v = (x.reshape(-1, 8) @ Wv).reshape((B, 5, 8))
+    q = (x.reshape(5*B, 8) @ Wq).reshape((B, 5, 8))
+    k = (x.reshape(5*B, 8) @ Wk).reshape((B, 5, 8))
+    v = (x.reshape(5*B, 8) @ Wv).reshape((B, 5, 8))
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
@@ -268,7 +268,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
-    out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
+    out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     del ctx
     np.add(out_matmul, x, out=out_matmul)
     np.subtract(out_matmul, target, out=out_matmul)
@@ -300,9 +300,9 @@ def forward(params, inputs, outputs=None):
             result = _forward_1(params, inputs)
             return {k: result[k] for k in OUTPUTS if k in wanted}
     x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = (x.reshape(-1, 8) @ Wq).reshape((B, 5, 8))
-    k = (x.reshape(-1, 8) @ Wk).reshape((B, 5, 8))
-    v = (x.reshape(-1, 8) @ Wv).reshape((B, 5, 8))
+    q = (x.reshape(5*B, 8) @ Wq).reshape((B, 5, 8))
+    k = (x.reshape(5*B, 8) @ Wk).reshape((B, 5, 8))
+    v = (x.reshape(5*B, 8) @ Wv).reshape((B, 5, 8))
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
@@ -316,7 +316,7 @@ def forward(params, inputs, outputs=None):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
-    out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
+    out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     del ctx
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
@@ -348,9 +348,9 @@ def _forward_1(params, inputs):
     Wo = params["Wo"]
     if type(Wo) is not np.ndarray or Wo.dtype.kind != "f" or Wo.shape != (8, 8):
         Wo = _check_array("param", "Wo", Wo, PARAMS["Wo"], {"B": (B, "x")}, False)
-    q = (x.reshape(-1, 8) @ Wq).reshape((B, 5, 8))
-    k = (x.reshape(-1, 8) @ Wk).reshape((B, 5, 8))
-    v = (x.reshape(-1, 8) @ Wv).reshape((B, 5, 8))
+    q = (x.reshape(5*B, 8) @ Wq).reshape((B, 5, 8))
+    k = (x.reshape(5*B, 8) @ Wk).reshape((B, 5, 8))
+    v = (x.reshape(5*B, 8) @ Wv).reshape((B, 5, 8))
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
@@ -364,7 +364,7 @@ def _forward_1(params, inputs):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
-    out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
+    out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     del ctx
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
@@ -374,9 +374,9 @@ def _forward_1(params, inputs):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     x, target, Wq, Wk, Wv, Wo, B = _validate(params, inputs)
-    q = (x.reshape(-1, 8) @ Wq).reshape((B, 5, 8))
-    k = (x.reshape(-1, 8) @ Wk).reshape((B, 5, 8))
-    v = (x.reshape(-1, 8) @ Wv).reshape((B, 5, 8))
+    q = (x.reshape(5*B, 8) @ Wq).reshape((B, 5, 8))
+    k = (x.reshape(5*B, 8) @ Wk).reshape((B, 5, 8))
+    v = (x.reshape(5*B, 8) @ Wv).reshape((B, 5, 8))
     scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.35355339059327373, out=scores_einsum)
     del scores_einsum
@@ -387,7 +387,7 @@ def value_and_grad(params, inputs):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     ctx = attn @ v
-    out_matmul = (ctx.reshape(-1, 8) @ Wo).reshape((B, 5, 8))
+    out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
     loss_pow = (out - target)**2
@@ -399,7 +399,7 @@ def value_and_grad(params, inputs):
     out_bar = np.divide(out, B, out=out)
     del out
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = (out_bar.reshape(-1, 8) @ Wo.T).reshape((B, 5, 8))
+    ctx_bar = (out_bar.reshape(5*B, 8) @ Wo.T).reshape((B, 5, 8))
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v

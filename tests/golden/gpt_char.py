@@ -465,17 +465,17 @@ def forward(params, inputs, outputs=None):
     np.multiply(a1_sub, (g1a/np.sqrt(a1_mean_2 + 1e-05)), out=a1_sub)
     a1 = np.add(a1_sub, b1a, out=a1_sub)
     del a1_sub, a1_mean_2
-    q1_matmul = (a1.reshape(-1, 64) @ Wq1).reshape((B, T, 64))
+    q1_matmul = (a1.reshape(B*T, 64) @ Wq1).reshape((B, T, 64))
     q1_reshape = q1_matmul.reshape((B, T, 4, 16))
     del q1_matmul
     q1 = np.transpose(q1_reshape, (0, 2, 1, 3))
     del q1_reshape
-    k1_matmul = (a1.reshape(-1, 64) @ Wk1).reshape((B, T, 64))
+    k1_matmul = (a1.reshape(B*T, 64) @ Wk1).reshape((B, T, 64))
     k1_reshape = k1_matmul.reshape((B, T, 4, 16))
     del k1_matmul
     k1 = np.transpose(k1_reshape, (0, 2, 1, 3))
     del k1_reshape
-    v1_matmul = (a1.reshape(-1, 64) @ Wv1).reshape((B, T, 64))
+    v1_matmul = (a1.reshape(B*T, 64) @ Wv1).reshape((B, T, 64))
     del a1
     v1_reshape = v1_matmul.reshape((B, T, 4, 16))
     del v1_matmul
@@ -502,7 +502,7 @@ def forward(params, inputs, outputs=None):
     del c1_matmul
     c1 = c1_transpose.reshape((B, T, 64))
     del c1_transpose
-    x1_matmul = (c1.reshape(-1, 64) @ Wo1).reshape((B, T, 64))
+    x1_matmul = (c1.reshape(B*T, 64) @ Wo1).reshape((B, T, 64))
     del c1
     np.add(x0, bo1, out=x0)
     x1 = np.add(x0, x1_matmul, out=x0)
@@ -516,7 +516,7 @@ def forward(params, inputs, outputs=None):
     np.multiply(m1_sub, (g1m/np.sqrt(m1_mean_2 + 1e-05)), out=m1_sub)
     m1_add = np.add(m1_sub, b1m, out=m1_sub)
     del m1_sub, m1_mean_2
-    m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
+    m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
     m1_tanh_t0 = m1_matmul + bf1
     m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
@@ -524,7 +524,7 @@ def forward(params, inputs, outputs=None):
     np.multiply(m1_matmul, 0.5, out=m1_matmul)
     m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
     del m1_matmul, m1_tanh
-    y1_matmul = (m1.reshape(-1, 256) @ Wp1).reshape((B, T, 64))
+    y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     del m1
     np.add(x1, bp1, out=x1)
     y1 = np.add(x1, y1_matmul, out=x1)
@@ -538,17 +538,17 @@ def forward(params, inputs, outputs=None):
     np.multiply(a2_sub, (g2a/np.sqrt(a2_mean_2 + 1e-05)), out=a2_sub)
     a2 = np.add(a2_sub, b2a, out=a2_sub)
     del a2_sub, a2_mean_2
-    q2_matmul = (a2.reshape(-1, 64) @ Wq2).reshape((B, T, 64))
+    q2_matmul = (a2.reshape(B*T, 64) @ Wq2).reshape((B, T, 64))
     q2_reshape = q2_matmul.reshape((B, T, 4, 16))
     del q2_matmul
     q2 = np.transpose(q2_reshape, (0, 2, 1, 3))
     del q2_reshape
-    k2_matmul = (a2.reshape(-1, 64) @ Wk2).reshape((B, T, 64))
+    k2_matmul = (a2.reshape(B*T, 64) @ Wk2).reshape((B, T, 64))
     k2_reshape = k2_matmul.reshape((B, T, 4, 16))
     del k2_matmul
     k2 = np.transpose(k2_reshape, (0, 2, 1, 3))
     del k2_reshape
-    v2_matmul = (a2.reshape(-1, 64) @ Wv2).reshape((B, T, 64))
+    v2_matmul = (a2.reshape(B*T, 64) @ Wv2).reshape((B, T, 64))
     del a2
     v2_reshape = v2_matmul.reshape((B, T, 4, 16))
     del v2_matmul
@@ -573,7 +573,7 @@ def forward(params, inputs, outputs=None):
     del c2_matmul
     c2 = c2_transpose.reshape((B, T, 64))
     del c2_transpose
-    x2_matmul = (c2.reshape(-1, 64) @ Wo2).reshape((B, T, 64))
+    x2_matmul = (c2.reshape(B*T, 64) @ Wo2).reshape((B, T, 64))
     del c2
     np.add(y1, bo2, out=y1)
     x2 = np.add(y1, x2_matmul, out=y1)
@@ -587,7 +587,7 @@ def forward(params, inputs, outputs=None):
     np.multiply(m2_sub, (g2m/np.sqrt(m2_mean_2 + 1e-05)), out=m2_sub)
     m2_add = np.add(m2_sub, b2m, out=m2_sub)
     del m2_sub, m2_mean_2
-    m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
+    m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
     m2_tanh_t0 = m2_matmul + bf2
     m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
@@ -595,7 +595,7 @@ def forward(params, inputs, outputs=None):
     np.multiply(m2_matmul, 0.5, out=m2_matmul)
     m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
     del m2_matmul, m2_tanh
-    y2_matmul = (m2.reshape(-1, 256) @ Wp2).reshape((B, T, 64))
+    y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     del m2
     np.add(x2, bp2, out=x2)
     y2 = np.add(x2, y2_matmul, out=x2)
@@ -609,7 +609,7 @@ def forward(params, inputs, outputs=None):
     np.multiply(logits_sub, (gf/np.sqrt(logits_mean_2 + 1e-05)), out=logits_sub)
     logits_add = np.add(logits_sub, bf, out=logits_sub)
     del logits_sub, logits_mean_2
-    logits_matmul = (logits_add.reshape(-1, 64) @ Wh).reshape((B, T, 128))
+    logits_matmul = (logits_add.reshape(B*T, 64) @ Wh).reshape((B, T, 128))
     del logits_add
     logits = np.add(logits_matmul, bh, out=logits_matmul)
     del logits_matmul
@@ -769,17 +769,17 @@ def _forward_1(params, inputs):
     np.multiply(a1_sub, (g1a/np.sqrt(a1_mean_2 + 1e-05)), out=a1_sub)
     a1 = np.add(a1_sub, b1a, out=a1_sub)
     del a1_sub, a1_mean_2
-    q1_matmul = (a1.reshape(-1, 64) @ Wq1).reshape((B, T, 64))
+    q1_matmul = (a1.reshape(B*T, 64) @ Wq1).reshape((B, T, 64))
     q1_reshape = q1_matmul.reshape((B, T, 4, 16))
     del q1_matmul
     q1 = np.transpose(q1_reshape, (0, 2, 1, 3))
     del q1_reshape
-    k1_matmul = (a1.reshape(-1, 64) @ Wk1).reshape((B, T, 64))
+    k1_matmul = (a1.reshape(B*T, 64) @ Wk1).reshape((B, T, 64))
     k1_reshape = k1_matmul.reshape((B, T, 4, 16))
     del k1_matmul
     k1 = np.transpose(k1_reshape, (0, 2, 1, 3))
     del k1_reshape
-    v1_matmul = (a1.reshape(-1, 64) @ Wv1).reshape((B, T, 64))
+    v1_matmul = (a1.reshape(B*T, 64) @ Wv1).reshape((B, T, 64))
     del a1
     v1_reshape = v1_matmul.reshape((B, T, 4, 16))
     del v1_matmul
@@ -806,7 +806,7 @@ def _forward_1(params, inputs):
     del c1_matmul
     c1 = c1_transpose.reshape((B, T, 64))
     del c1_transpose
-    x1_matmul = (c1.reshape(-1, 64) @ Wo1).reshape((B, T, 64))
+    x1_matmul = (c1.reshape(B*T, 64) @ Wo1).reshape((B, T, 64))
     del c1
     np.add(x0, bo1, out=x0)
     x1 = np.add(x0, x1_matmul, out=x0)
@@ -820,7 +820,7 @@ def _forward_1(params, inputs):
     np.multiply(m1_sub, (g1m/np.sqrt(m1_mean_2 + 1e-05)), out=m1_sub)
     m1_add = np.add(m1_sub, b1m, out=m1_sub)
     del m1_sub, m1_mean_2
-    m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
+    m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
     m1_tanh_t0 = m1_matmul + bf1
     m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
@@ -828,7 +828,7 @@ def _forward_1(params, inputs):
     np.multiply(m1_matmul, 0.5, out=m1_matmul)
     m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
     del m1_matmul, m1_tanh
-    y1_matmul = (m1.reshape(-1, 256) @ Wp1).reshape((B, T, 64))
+    y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     del m1
     np.add(x1, bp1, out=x1)
     y1 = np.add(x1, y1_matmul, out=x1)
@@ -842,17 +842,17 @@ def _forward_1(params, inputs):
     np.multiply(a2_sub, (g2a/np.sqrt(a2_mean_2 + 1e-05)), out=a2_sub)
     a2 = np.add(a2_sub, b2a, out=a2_sub)
     del a2_sub, a2_mean_2
-    q2_matmul = (a2.reshape(-1, 64) @ Wq2).reshape((B, T, 64))
+    q2_matmul = (a2.reshape(B*T, 64) @ Wq2).reshape((B, T, 64))
     q2_reshape = q2_matmul.reshape((B, T, 4, 16))
     del q2_matmul
     q2 = np.transpose(q2_reshape, (0, 2, 1, 3))
     del q2_reshape
-    k2_matmul = (a2.reshape(-1, 64) @ Wk2).reshape((B, T, 64))
+    k2_matmul = (a2.reshape(B*T, 64) @ Wk2).reshape((B, T, 64))
     k2_reshape = k2_matmul.reshape((B, T, 4, 16))
     del k2_matmul
     k2 = np.transpose(k2_reshape, (0, 2, 1, 3))
     del k2_reshape
-    v2_matmul = (a2.reshape(-1, 64) @ Wv2).reshape((B, T, 64))
+    v2_matmul = (a2.reshape(B*T, 64) @ Wv2).reshape((B, T, 64))
     del a2
     v2_reshape = v2_matmul.reshape((B, T, 4, 16))
     del v2_matmul
@@ -877,7 +877,7 @@ def _forward_1(params, inputs):
     del c2_matmul
     c2 = c2_transpose.reshape((B, T, 64))
     del c2_transpose
-    x2_matmul = (c2.reshape(-1, 64) @ Wo2).reshape((B, T, 64))
+    x2_matmul = (c2.reshape(B*T, 64) @ Wo2).reshape((B, T, 64))
     del c2
     np.add(y1, bo2, out=y1)
     x2 = np.add(y1, x2_matmul, out=y1)
@@ -891,7 +891,7 @@ def _forward_1(params, inputs):
     np.multiply(m2_sub, (g2m/np.sqrt(m2_mean_2 + 1e-05)), out=m2_sub)
     m2_add = np.add(m2_sub, b2m, out=m2_sub)
     del m2_sub, m2_mean_2
-    m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
+    m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
     m2_tanh_t0 = m2_matmul + bf2
     m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
@@ -899,7 +899,7 @@ def _forward_1(params, inputs):
     np.multiply(m2_matmul, 0.5, out=m2_matmul)
     m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
     del m2_matmul, m2_tanh
-    y2_matmul = (m2.reshape(-1, 256) @ Wp2).reshape((B, T, 64))
+    y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     del m2
     np.add(x2, bp2, out=x2)
     y2 = np.add(x2, y2_matmul, out=x2)
@@ -913,7 +913,7 @@ def _forward_1(params, inputs):
     np.multiply(logits_sub, (gf/np.sqrt(logits_mean_2 + 1e-05)), out=logits_sub)
     logits_add = np.add(logits_sub, bf, out=logits_sub)
     del logits_sub, logits_mean_2
-    logits_matmul = (logits_add.reshape(-1, 64) @ Wh).reshape((B, T, 128))
+    logits_matmul = (logits_add.reshape(B*T, 64) @ Wh).reshape((B, T, 128))
     del logits_add
     logits = np.add(logits_matmul, bh, out=logits_matmul)
     del logits_matmul
@@ -939,17 +939,17 @@ def value_and_grad(params, inputs):
     a1_mean_2 = a1_mul.mean(axis=2, keepdims=True)
     del a1_mul
     a1 = b1a + a1_sub*(g1a/np.sqrt(a1_mean_2 + 1e-05))
-    q1_matmul = (a1.reshape(-1, 64) @ Wq1).reshape((B, T, 64))
+    q1_matmul = (a1.reshape(B*T, 64) @ Wq1).reshape((B, T, 64))
     q1_reshape = q1_matmul.reshape((B, T, 4, 16))
     del q1_matmul
     q1 = np.transpose(q1_reshape, (0, 2, 1, 3))
     del q1_reshape
-    k1_matmul = (a1.reshape(-1, 64) @ Wk1).reshape((B, T, 64))
+    k1_matmul = (a1.reshape(B*T, 64) @ Wk1).reshape((B, T, 64))
     k1_reshape = k1_matmul.reshape((B, T, 4, 16))
     del k1_matmul
     k1 = np.transpose(k1_reshape, (0, 2, 1, 3))
     del k1_reshape
-    v1_matmul = (a1.reshape(-1, 64) @ Wv1).reshape((B, T, 64))
+    v1_matmul = (a1.reshape(B*T, 64) @ Wv1).reshape((B, T, 64))
     v1_reshape = v1_matmul.reshape((B, T, 4, 16))
     del v1_matmul
     v1 = np.transpose(v1_reshape, (0, 2, 1, 3))
@@ -972,7 +972,7 @@ def value_and_grad(params, inputs):
     del c1_matmul
     c1 = c1_transpose.reshape((B, T, 64))
     del c1_transpose
-    x1_matmul = (c1.reshape(-1, 64) @ Wo1).reshape((B, T, 64))
+    x1_matmul = (c1.reshape(B*T, 64) @ Wo1).reshape((B, T, 64))
     np.add(x0, bo1, out=x0)
     x1 = np.add(x0, x1_matmul, out=x0)
     del x0, x1_matmul
@@ -983,11 +983,11 @@ def value_and_grad(params, inputs):
     m1_mean_2 = m1_mul.mean(axis=2, keepdims=True)
     del m1_mul
     m1_add = b1m + m1_sub*(g1m/np.sqrt(m1_mean_2 + 1e-05))
-    m1_matmul = (m1_add.reshape(-1, 64) @ Wf1).reshape((B, T, 256))
+    m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     m1_tanh_t0 = m1_matmul + bf1
     m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
     m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1)
-    y1_matmul = (m1.reshape(-1, 256) @ Wp1).reshape((B, T, 64))
+    y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     np.add(x1, bp1, out=x1)
     y1 = np.add(x1, y1_matmul, out=x1)
     del x1, y1_matmul
@@ -998,17 +998,17 @@ def value_and_grad(params, inputs):
     a2_mean_2 = a2_mul.mean(axis=2, keepdims=True)
     del a2_mul
     a2 = b2a + a2_sub*(g2a/np.sqrt(a2_mean_2 + 1e-05))
-    q2_matmul = (a2.reshape(-1, 64) @ Wq2).reshape((B, T, 64))
+    q2_matmul = (a2.reshape(B*T, 64) @ Wq2).reshape((B, T, 64))
     q2_reshape = q2_matmul.reshape((B, T, 4, 16))
     del q2_matmul
     q2 = np.transpose(q2_reshape, (0, 2, 1, 3))
     del q2_reshape
-    k2_matmul = (a2.reshape(-1, 64) @ Wk2).reshape((B, T, 64))
+    k2_matmul = (a2.reshape(B*T, 64) @ Wk2).reshape((B, T, 64))
     k2_reshape = k2_matmul.reshape((B, T, 4, 16))
     del k2_matmul
     k2 = np.transpose(k2_reshape, (0, 2, 1, 3))
     del k2_reshape
-    v2_matmul = (a2.reshape(-1, 64) @ Wv2).reshape((B, T, 64))
+    v2_matmul = (a2.reshape(B*T, 64) @ Wv2).reshape((B, T, 64))
     v2_reshape = v2_matmul.reshape((B, T, 4, 16))
     del v2_matmul
     v2 = np.transpose(v2_reshape, (0, 2, 1, 3))
@@ -1029,7 +1029,7 @@ def value_and_grad(params, inputs):
     del c2_matmul
     c2 = c2_transpose.reshape((B, T, 64))
     del c2_transpose
-    x2_matmul = (c2.reshape(-1, 64) @ Wo2).reshape((B, T, 64))
+    x2_matmul = (c2.reshape(B*T, 64) @ Wo2).reshape((B, T, 64))
     np.add(y1, bo2, out=y1)
     x2 = np.add(y1, x2_matmul, out=y1)
     del y1, x2_matmul
@@ -1040,11 +1040,11 @@ def value_and_grad(params, inputs):
     m2_mean_2 = m2_mul.mean(axis=2, keepdims=True)
     del m2_mul
     m2_add = b2m + m2_sub*(g2m/np.sqrt(m2_mean_2 + 1e-05))
-    m2_matmul = (m2_add.reshape(-1, 64) @ Wf2).reshape((B, T, 256))
+    m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     m2_tanh_t0 = m2_matmul + bf2
     m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
     m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1)
-    y2_matmul = (m2.reshape(-1, 256) @ Wp2).reshape((B, T, 64))
+    y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     np.add(x2, bp2, out=x2)
     y2 = np.add(x2, y2_matmul, out=x2)
     del x2, y2_matmul
@@ -1055,7 +1055,7 @@ def value_and_grad(params, inputs):
     logits_mean_2 = logits_mul.mean(axis=2, keepdims=True)
     del logits_mul
     logits_add = bf + logits_sub*(gf/np.sqrt(logits_mean_2 + 1e-05))
-    logits_matmul = (logits_add.reshape(-1, 64) @ Wh).reshape((B, T, 128))
+    logits_matmul = (logits_add.reshape(B*T, 64) @ Wh).reshape((B, T, 128))
     logits = np.add(logits_matmul, bh, out=logits_matmul)
     del logits_matmul
     loss_unignore_label = np.where(targets == -100, 0, targets)
@@ -1101,7 +1101,7 @@ def value_and_grad(params, inputs):
     # backward of logits = logits_matmul + bh w.r.t. bh
     bh_bar = logits_bar.sum(axis=(0, 1))
     # backward of logits_matmul = logits_add @ Wh w.r.t. logits_add
-    logits_bar_matmul = (logits_bar.reshape(-1, 128) @ Wh.T).reshape((B, T, 64))
+    logits_bar_matmul = (logits_bar.reshape(B*T, 128) @ Wh.T).reshape((B, T, 64))
     # backward of logits_add = bf + gf*logits_sub/sqrt(logits_mean_2 + 1e-05)
     logits_bar_dew = logits_bar_matmul*logits_sub/np.sqrt(logits_mean_2 + 1e-05)
     # backward of logits_add = bf + gf*logits_sub/sqrt(logits_mean_2 + 1e-05) w.r.t. bf
@@ -1126,7 +1126,7 @@ def value_and_grad(params, inputs):
     # backward of y2 = bp2 + x2 + y2_matmul w.r.t. bp2
     bp2_bar = y2_bar.sum(axis=(0, 1))
     # backward of y2_matmul = m2 @ Wp2 w.r.t. m2
-    m2_bar = (y2_bar.reshape(-1, 64) @ Wp2.T).reshape((B, T, 256))
+    m2_bar = (y2_bar.reshape(B*T, 64) @ Wp2.T).reshape((B, T, 256))
     # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. m2_matmul
     m2_bar_dew = (0.5)*m2_bar*(m2_tanh + 1)
     # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. bf2
@@ -1145,7 +1145,7 @@ def value_and_grad(params, inputs):
     m2_bar_add = np.add(m2_bar_dew, m2_bar_dew_2, out=m2_bar_dew)
     del m2_bar_dew, m2_bar_dew_2
     # backward of m2_matmul = m2_add @ Wf2 w.r.t. m2_add
-    m2_bar_matmul = (m2_bar_add.reshape(-1, 256) @ Wf2.T).reshape((B, T, 64))
+    m2_bar_matmul = (m2_bar_add.reshape(B*T, 256) @ Wf2.T).reshape((B, T, 64))
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05)
     m2_bar_dew_3 = m2_bar_matmul*m2_sub/np.sqrt(m2_mean_2 + 1e-05)
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05) w.r.t. b2m
@@ -1171,7 +1171,7 @@ def value_and_grad(params, inputs):
     # backward of x2 = bo2 + y1 + x2_matmul w.r.t. bo2
     bo2_bar = x2_bar.sum(axis=(0, 1))
     # backward of x2_matmul = c2 @ Wo2 w.r.t. c2
-    c2_bar = (x2_bar.reshape(-1, 64) @ Wo2.T).reshape((B, T, 64))
+    c2_bar = (x2_bar.reshape(B*T, 64) @ Wo2.T).reshape((B, T, 64))
     # backward of c2 = reshape(c2_transpose, shape=('B', 'T', 64)) w.r.t. c2_transpose
     c2_bar_reshape = c2_bar.reshape((B, T, 4, 16))
     del c2_bar
@@ -1219,7 +1219,7 @@ def value_and_grad(params, inputs):
     v2_bar_reshape = v2_bar_transpose.reshape((B, T, 64))
     del v2_bar_transpose
     # backward of v2_matmul = a2 @ Wv2 w.r.t. a2
-    v2_bar_matmul = (v2_bar_reshape.reshape(-1, 64) @ Wv2.T).reshape((B, T, 64))
+    v2_bar_matmul = (v2_bar_reshape.reshape(B*T, 64) @ Wv2.T).reshape((B, T, 64))
     # backward of k2 = transpose(k2_reshape, axes=(0, 2, 1, 3)) w.r.t. k2_reshape
     k2_bar_transpose = np.transpose(k2_bar, (0, 2, 1, 3))
     del k2_bar
@@ -1227,7 +1227,7 @@ def value_and_grad(params, inputs):
     k2_bar_reshape = k2_bar_transpose.reshape((B, T, 64))
     del k2_bar_transpose
     # backward of k2_matmul = a2 @ Wk2 w.r.t. a2
-    k2_bar_matmul = (k2_bar_reshape.reshape(-1, 64) @ Wk2.T).reshape((B, T, 64))
+    k2_bar_matmul = (k2_bar_reshape.reshape(B*T, 64) @ Wk2.T).reshape((B, T, 64))
     # backward of q2 = transpose(q2_reshape, axes=(0, 2, 1, 3)) w.r.t. q2_reshape
     q2_bar_transpose = np.transpose(q2_bar, (0, 2, 1, 3))
     del q2_bar
@@ -1235,7 +1235,7 @@ def value_and_grad(params, inputs):
     q2_bar_reshape = q2_bar_transpose.reshape((B, T, 64))
     del q2_bar_transpose
     # backward of q2_matmul = a2 @ Wq2 w.r.t. a2
-    q2_bar_matmul = (q2_bar_reshape.reshape(-1, 64) @ Wq2.T).reshape((B, T, 64))
+    q2_bar_matmul = (q2_bar_reshape.reshape(B*T, 64) @ Wq2.T).reshape((B, T, 64))
     # backward of a2 = b2a + g2a*a2_sub/sqrt(a2_mean_2 + 1e-05)
     np.add(q2_bar_matmul, v2_bar_matmul, out=q2_bar_matmul)
     a2_bar = np.add(q2_bar_matmul, k2_bar_matmul, out=q2_bar_matmul)
@@ -1264,7 +1264,7 @@ def value_and_grad(params, inputs):
     # backward of y1 = bp1 + x1 + y1_matmul w.r.t. bp1
     bp1_bar = y1_bar.sum(axis=(0, 1))
     # backward of y1_matmul = m1 @ Wp1 w.r.t. m1
-    m1_bar = (y1_bar.reshape(-1, 64) @ Wp1.T).reshape((B, T, 256))
+    m1_bar = (y1_bar.reshape(B*T, 64) @ Wp1.T).reshape((B, T, 256))
     # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. m1_matmul
     m1_bar_dew = (0.5)*m1_bar*(m1_tanh + 1)
     # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. bf1
@@ -1283,7 +1283,7 @@ def value_and_grad(params, inputs):
     m1_bar_add = np.add(m1_bar_dew, m1_bar_dew_2, out=m1_bar_dew)
     del m1_bar_dew, m1_bar_dew_2
     # backward of m1_matmul = m1_add @ Wf1 w.r.t. m1_add
-    m1_bar_matmul = (m1_bar_add.reshape(-1, 256) @ Wf1.T).reshape((B, T, 64))
+    m1_bar_matmul = (m1_bar_add.reshape(B*T, 256) @ Wf1.T).reshape((B, T, 64))
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05)
     m1_bar_dew_3 = m1_bar_matmul*m1_sub/np.sqrt(m1_mean_2 + 1e-05)
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05) w.r.t. b1m
@@ -1309,7 +1309,7 @@ def value_and_grad(params, inputs):
     # backward of x1 = bo1 + x0 + x1_matmul w.r.t. bo1
     bo1_bar = x1_bar.sum(axis=(0, 1))
     # backward of x1_matmul = c1 @ Wo1 w.r.t. c1
-    c1_bar = (x1_bar.reshape(-1, 64) @ Wo1.T).reshape((B, T, 64))
+    c1_bar = (x1_bar.reshape(B*T, 64) @ Wo1.T).reshape((B, T, 64))
     # backward of c1 = reshape(c1_transpose, shape=('B', 'T', 64)) w.r.t. c1_transpose
     c1_bar_reshape = c1_bar.reshape((B, T, 4, 16))
     del c1_bar
@@ -1357,7 +1357,7 @@ def value_and_grad(params, inputs):
     v1_bar_reshape = v1_bar_transpose.reshape((B, T, 64))
     del v1_bar_transpose
     # backward of v1_matmul = a1 @ Wv1 w.r.t. a1
-    v1_bar_matmul = (v1_bar_reshape.reshape(-1, 64) @ Wv1.T).reshape((B, T, 64))
+    v1_bar_matmul = (v1_bar_reshape.reshape(B*T, 64) @ Wv1.T).reshape((B, T, 64))
     # backward of k1 = transpose(k1_reshape, axes=(0, 2, 1, 3)) w.r.t. k1_reshape
     k1_bar_transpose = np.transpose(k1_bar, (0, 2, 1, 3))
     del k1_bar
@@ -1365,7 +1365,7 @@ def value_and_grad(params, inputs):
     k1_bar_reshape = k1_bar_transpose.reshape((B, T, 64))
     del k1_bar_transpose
     # backward of k1_matmul = a1 @ Wk1 w.r.t. a1
-    k1_bar_matmul = (k1_bar_reshape.reshape(-1, 64) @ Wk1.T).reshape((B, T, 64))
+    k1_bar_matmul = (k1_bar_reshape.reshape(B*T, 64) @ Wk1.T).reshape((B, T, 64))
     # backward of q1 = transpose(q1_reshape, axes=(0, 2, 1, 3)) w.r.t. q1_reshape
     q1_bar_transpose = np.transpose(q1_bar, (0, 2, 1, 3))
     del q1_bar
@@ -1373,7 +1373,7 @@ def value_and_grad(params, inputs):
     q1_bar_reshape = q1_bar_transpose.reshape((B, T, 64))
     del q1_bar_transpose
     # backward of q1_matmul = a1 @ Wq1 w.r.t. a1
-    q1_bar_matmul = (q1_bar_reshape.reshape(-1, 64) @ Wq1.T).reshape((B, T, 64))
+    q1_bar_matmul = (q1_bar_reshape.reshape(B*T, 64) @ Wq1.T).reshape((B, T, 64))
     # backward of a1 = b1a + g1a*a1_sub/sqrt(a1_mean_2 + 1e-05)
     np.add(q1_bar_matmul, v1_bar_matmul, out=q1_bar_matmul)
     a1_bar = np.add(q1_bar_matmul, k1_bar_matmul, out=q1_bar_matmul)

@@ -211,12 +211,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     value_and_grad of the whole.
     """
     tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = (tokens.reshape(-1, 10) @ E).reshape((B, 8, 32))
+    h_matmul = (tokens.reshape(8*B, 10) @ E).reshape((B, 8, 32))
     h = np.add(h_matmul, P, out=h_matmul)
     del h_matmul
-    q = (h.reshape(-1, 32) @ Wq).reshape((B, 8, 32))
-    k = (h.reshape(-1, 32) @ Wk).reshape((B, 8, 32))
-    v = (h.reshape(-1, 32) @ Wv).reshape((B, 8, 32))
+    q = (h.reshape(8*B, 32) @ Wq).reshape((B, 8, 32))
+    k = (h.reshape(8*B, 32) @ Wk).reshape((B, 8, 32))
+    v = (h.reshape(8*B, 32) @ Wv).reshape((B, 8, 32))
     scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
@@ -227,7 +227,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     ctx = attn @ v
-    logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
+    logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=2, keepdims=True)
@@ -274,7 +274,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of logits = logits_matmul + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=(0, 1))
     # backward of logits_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = (logits_bar.reshape(-1, 10) @ Wo.T).reshape((B, 8, 32))
+    ctx_bar = (logits_bar.reshape(8*B, 10) @ Wo.T).reshape((B, 8, 32))
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -298,11 +298,11 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
     # backward of v = h @ Wv w.r.t. h
-    v_bar_matmul = (v_bar.reshape(-1, 32) @ Wv.T).reshape((B, 8, 32))
+    v_bar_matmul = (v_bar.reshape(8*B, 32) @ Wv.T).reshape((B, 8, 32))
     # backward of k = h @ Wk w.r.t. h
-    k_bar_matmul = (k_bar.reshape(-1, 32) @ Wk.T).reshape((B, 8, 32))
+    k_bar_matmul = (k_bar.reshape(8*B, 32) @ Wk.T).reshape((B, 8, 32))
     # backward of q = h @ Wq w.r.t. h
-    q_bar_matmul = (q_bar.reshape(-1, 32) @ Wq.T).reshape((B, 8, 32))
+    q_bar_matmul = (q_bar.reshape(8*B, 32) @ Wq.T).reshape((B, 8, 32))
     # backward of h = h_matmul + P
     np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
     h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
@@ -347,12 +347,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
 def partial_loss(params, inputs, total_rows, param_terms=True):
     """One chunk's share of the loss, and its rows: (loss, rows); see partial_value_and_grad."""
     tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = (tokens.reshape(-1, 10) @ E).reshape((B, 8, 32))
+    h_matmul = (tokens.reshape(8*B, 10) @ E).reshape((B, 8, 32))
     h = np.add(h_matmul, P, out=h_matmul)
     del h_matmul
-    q = (h.reshape(-1, 32) @ Wq).reshape((B, 8, 32))
-    k = (h.reshape(-1, 32) @ Wk).reshape((B, 8, 32))
-    v = (h.reshape(-1, 32) @ Wv).reshape((B, 8, 32))
+    q = (h.reshape(8*B, 32) @ Wq).reshape((B, 8, 32))
+    k = (h.reshape(8*B, 32) @ Wk).reshape((B, 8, 32))
+    v = (h.reshape(8*B, 32) @ Wv).reshape((B, 8, 32))
     del h
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
@@ -367,7 +367,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v, attn
-    logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
+    logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     del ctx
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
@@ -410,12 +410,12 @@ def forward(params, inputs, outputs=None):
             result = _forward_1(params, inputs)
             return {k: result[k] for k in OUTPUTS if k in wanted}
     tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = (tokens.reshape(-1, 10) @ E).reshape((B, 8, 32))
+    h_matmul = (tokens.reshape(8*B, 10) @ E).reshape((B, 8, 32))
     h = np.add(h_matmul, P, out=h_matmul)
     del h_matmul
-    q = (h.reshape(-1, 32) @ Wq).reshape((B, 8, 32))
-    k = (h.reshape(-1, 32) @ Wk).reshape((B, 8, 32))
-    v = (h.reshape(-1, 32) @ Wv).reshape((B, 8, 32))
+    q = (h.reshape(8*B, 32) @ Wq).reshape((B, 8, 32))
+    k = (h.reshape(8*B, 32) @ Wk).reshape((B, 8, 32))
+    v = (h.reshape(8*B, 32) @ Wv).reshape((B, 8, 32))
     del h
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
@@ -430,7 +430,7 @@ def forward(params, inputs, outputs=None):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v
-    logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
+    logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     del ctx
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
@@ -482,12 +482,12 @@ def _forward_1(params, inputs):
     bo = params["bo"]
     if type(bo) is not np.ndarray or bo.dtype.kind != "f" or bo.shape != (10,):
         bo = _check_array("param", "bo", bo, PARAMS["bo"], {"B": (B, "tokens")}, False)
-    h_matmul = (tokens.reshape(-1, 10) @ E).reshape((B, 8, 32))
+    h_matmul = (tokens.reshape(8*B, 10) @ E).reshape((B, 8, 32))
     h = np.add(h_matmul, P, out=h_matmul)
     del h_matmul
-    q = (h.reshape(-1, 32) @ Wq).reshape((B, 8, 32))
-    k = (h.reshape(-1, 32) @ Wk).reshape((B, 8, 32))
-    v = (h.reshape(-1, 32) @ Wv).reshape((B, 8, 32))
+    q = (h.reshape(8*B, 32) @ Wq).reshape((B, 8, 32))
+    k = (h.reshape(8*B, 32) @ Wk).reshape((B, 8, 32))
+    v = (h.reshape(8*B, 32) @ Wv).reshape((B, 8, 32))
     del h
     scores_einsum = q @ k.transpose(0, 2, 1)
     del q, k
@@ -502,7 +502,7 @@ def _forward_1(params, inputs):
     del attn_exp, attn_sum
     ctx = attn @ v
     del v
-    logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
+    logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     del ctx
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
@@ -512,12 +512,12 @@ def _forward_1(params, inputs):
 def value_and_grad(params, inputs):
     """(loss, grads): the 0-d loss and dloss/dparam for each param in WRT."""
     tokens, target, E, P, Wq, Wk, Wv, Wo, bo, B = _validate(params, inputs)
-    h_matmul = (tokens.reshape(-1, 10) @ E).reshape((B, 8, 32))
+    h_matmul = (tokens.reshape(8*B, 10) @ E).reshape((B, 8, 32))
     h = np.add(h_matmul, P, out=h_matmul)
     del h_matmul
-    q = (h.reshape(-1, 32) @ Wq).reshape((B, 8, 32))
-    k = (h.reshape(-1, 32) @ Wk).reshape((B, 8, 32))
-    v = (h.reshape(-1, 32) @ Wv).reshape((B, 8, 32))
+    q = (h.reshape(8*B, 32) @ Wq).reshape((B, 8, 32))
+    k = (h.reshape(8*B, 32) @ Wk).reshape((B, 8, 32))
+    v = (h.reshape(8*B, 32) @ Wv).reshape((B, 8, 32))
     scores_einsum = q @ k.transpose(0, 2, 1)
     scores = np.multiply(scores_einsum, 0.17677669529663687, out=scores_einsum)
     del scores_einsum
@@ -528,7 +528,7 @@ def value_and_grad(params, inputs):
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
     attn = attn_exp/attn_sum
     ctx = attn @ v
-    logits_matmul = (ctx.reshape(-1, 32) @ Wo).reshape((B, 8, 10))
+    logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=2, keepdims=True)
@@ -572,7 +572,7 @@ def value_and_grad(params, inputs):
     # backward of logits = logits_matmul + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=(0, 1))
     # backward of logits_matmul = ctx @ Wo w.r.t. ctx
-    ctx_bar = (logits_bar.reshape(-1, 10) @ Wo.T).reshape((B, 8, 32))
+    ctx_bar = (logits_bar.reshape(8*B, 10) @ Wo.T).reshape((B, 8, 32))
     # backward of ctx = einsum(attn, v, subscripts='bts,bsd->btd') w.r.t. attn
     attn_bar = ctx_bar @ v.transpose(0, 2, 1)
     del v
@@ -596,11 +596,11 @@ def value_and_grad(params, inputs):
     k_bar = scores_bar_dmul.transpose(0, 2, 1) @ q
     del q, scores_bar_dmul
     # backward of v = h @ Wv w.r.t. h
-    v_bar_matmul = (v_bar.reshape(-1, 32) @ Wv.T).reshape((B, 8, 32))
+    v_bar_matmul = (v_bar.reshape(8*B, 32) @ Wv.T).reshape((B, 8, 32))
     # backward of k = h @ Wk w.r.t. h
-    k_bar_matmul = (k_bar.reshape(-1, 32) @ Wk.T).reshape((B, 8, 32))
+    k_bar_matmul = (k_bar.reshape(8*B, 32) @ Wk.T).reshape((B, 8, 32))
     # backward of q = h @ Wq w.r.t. h
-    q_bar_matmul = (q_bar.reshape(-1, 32) @ Wq.T).reshape((B, 8, 32))
+    q_bar_matmul = (q_bar.reshape(8*B, 32) @ Wq.T).reshape((B, 8, 32))
     # backward of h = h_matmul + P
     np.add(q_bar_matmul, v_bar_matmul, out=q_bar_matmul)
     h_bar = np.add(q_bar_matmul, k_bar_matmul, out=q_bar_matmul)
