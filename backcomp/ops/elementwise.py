@@ -328,9 +328,13 @@ relu = _make("relu", lambda a: sp.Max(a, 0), 1, "max(x, 0); relu'(0) = 0", "relu
 
 
 def _gelu(a, approximate=False):
-    """x·Φ(x) (erf); approximate: ½x(1 + tanh(√(2/π)(x + 0.044715x³))), PyTorch's "tanh"."""
+    """x·Φ(x) (erf); approximate: ½x(1 + tanh(√(2/π)(x + 0.044715x³))), PyTorch's "tanh".
+
+    The tanh form is written √(2/π)·x·(1 + 0.044715x²): a number times a sum is
+    distributed by SymPy (√(2/π)x + √(2/π)·0.044715x³), which hides x from the residual
+    pass and costs passes; a product of three factors is left alone."""
     if approximate:
-        return a * (1 + sp.tanh(_number(math.sqrt(2 / math.pi)) * (a + _number(0.044715) * a ** 3))) / 2
+        return a * (1 + sp.tanh(sp.Mul(_number(math.sqrt(2 / math.pi)), a, 1 + _number(0.044715) * a ** 2))) / 2
     return a * (1 + sp.erf(a / sp.sqrt(2))) / 2
 
 

@@ -35,6 +35,20 @@ def _residuals(node: Node) -> list[sp.Expr]:
     return [f for f in calls if any(d.has(f) for d in derivatives)]
 
 
+def _shared_argument(expr: sp.Expr, f: sp.Expr) -> sp.Expr | None:
+    """What of call ``f``'s argument ``expr`` also reads outside the call, to be kept
+    rather than recomputed: the argument up to constant factors (z in erf(z/√2)), else
+    one of its factors (z in tanh(c·z·(1 + k·z²)), the tanh GELU).  Only call-free
+    values: in nested chains, rebuilding the calls around them is where SymPy's
+    evaluation takes seconds."""
+    outside = expr.xreplace({f: sp.Dummy(real=True)})
+    core = sp.Mul(*[a for a in sp.Mul.make_args(f.args[0]) if not a.is_number])
+    for part in dict.fromkeys((core, *sp.Mul.make_args(core))):
+        if not part.is_Symbol and not part.is_number and not part.has(*TRANSCENDENTAL) and outside.has(part):
+            return part
+    return None
+
+
 def keep_residuals(graph: Graph) -> Graph:
     """Graph -> Graph where transcendental calls the backward reuses are nodes of their own."""
     g, _ = graph.clone()
@@ -61,13 +75,8 @@ def keep_residuals(graph: Graph) -> Graph:
         with g.scoped(node.scope or node.name, node.origin):
             for f in calls:
                 f = f.xreplace(done)   # tanh(n + σ(r)·h) reads the σ(r) kept before it
-                # the call's argument up to constant factors (z in erf(z/√2)): when the
-                # expression reads it outside the call too, it is kept, not recomputed
-                # (only a call-free argument: in nested chains, rebuilding the calls around
-                # it is where SymPy's evaluation takes seconds)
-                core = sp.Mul(*[a for a in sp.Mul.make_args(f.args[0]) if not a.is_number])
-                if not core.is_Symbol and not core.has(*TRANSCENDENTAL) \
-                        and expr.xreplace({f: sp.Dummy(real=True)}).has(core):
+                core = _shared_argument(expr, f)
+                if core is not None:
                     pre = bind(core, "arg")
                     expr, f, done[core] = expr.xreplace({core: pre}), f.xreplace({core: pre}), pre
                 done[f] = bind(f, type(f).__name__)

@@ -48,12 +48,12 @@ The model and the derivative of each node (as `backcomp explain` prints them):
         ḡ_x0 += ḡ_x1
         ḡ_bo1 = Σ_B,T(ḡ_x1)
 
-    m1 = (tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)) + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2    # shape (B, T, 256)
-        ḡ_x1 += g1m ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05) - (x1 - mean[axis=2](x1)) ⊙ Σ[axis=2](g1m ⊙ (x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))/(64·√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) + Σ[axis=2](-g1m ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05) + (x1 - mean[axis=2](x1)) ⊙ Σ[axis=2](g1m ⊙ (x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))/(64·√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)))/64
-        ḡ_g1m = Σ_B,T((x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))
-        ḡ_b1m = Σ_B,T((ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)
-        ḡ_Wf1 = Σ_B((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))ᵀ · (ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)))
-        ḡ_bf1 = Σ_B,T(ḡ_m1 ⊙ ((1 - tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·bf1 + 0.0356774·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^3 + 0.797885·((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2))
+    m1 = (tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)) + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2    # shape (B, T, 256)
+        ḡ_x1 += g1m ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05) - (x1 - mean[axis=2](x1)) ⊙ Σ[axis=2](g1m ⊙ (x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))/(64·√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) + Σ[axis=2](-g1m ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05) + (x1 - mean[axis=2](x1)) ⊙ Σ[axis=2](g1m ⊙ (x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))/(64·√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)))/64
+        ḡ_g1m = Σ_B,T((x1 - mean[axis=2](x1)) ⊙ ((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))
+        ḡ_b1m = Σ_B,T((ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)) · Wf1ᵀ)
+        ḡ_Wf1 = Σ_B((b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05))ᵀ · (ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2)))
+        ḡ_bf1 = Σ_B,T(ḡ_m1 ⊙ ((1 - tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))^2) ⊙ (0.107032·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 0.797885) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)/2 + tanh(0.797885·(0.044715·(bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1)^2 + 1) ⊙ (bf1 + (b1m + g1m ⊙ (x1 - mean[axis=2](x1))/√(mean[axis=2]((x1 - mean[axis=2](x1))^2) + 1e-05)) · Wf1))/2 + 1/2))
 
     y1 = bp1 + x1 + m1 · Wp1    # shape (B, T, 64)
         ḡ_m1 = ḡ_y1 · Wp1ᵀ
@@ -95,12 +95,12 @@ The model and the derivative of each node (as `backcomp explain` prints them):
         ḡ_y1 += ḡ_x2
         ḡ_bo2 = Σ_B,T(ḡ_x2)
 
-    m2 = (tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)) + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2    # shape (B, T, 256)
-        ḡ_x2 += g2m ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05) - (x2 - mean[axis=2](x2)) ⊙ Σ[axis=2](g2m ⊙ (x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))/(64·√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) + Σ[axis=2](-g2m ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05) + (x2 - mean[axis=2](x2)) ⊙ Σ[axis=2](g2m ⊙ (x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))/(64·√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)))/64
-        ḡ_g2m = Σ_B,T((x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))
-        ḡ_b2m = Σ_B,T((ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)
-        ḡ_Wf2 = Σ_B((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))ᵀ · (ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)))
-        ḡ_bf2 = Σ_B,T(ḡ_m2 ⊙ ((1 - tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·bf2 + 0.0356774·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^3 + 0.797885·((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2))
+    m2 = (tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)) + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2    # shape (B, T, 256)
+        ḡ_x2 += g2m ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05) - (x2 - mean[axis=2](x2)) ⊙ Σ[axis=2](g2m ⊙ (x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))/(64·√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) + Σ[axis=2](-g2m ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05) + (x2 - mean[axis=2](x2)) ⊙ Σ[axis=2](g2m ⊙ (x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))/(64·√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)))/64
+        ḡ_g2m = Σ_B,T((x2 - mean[axis=2](x2)) ⊙ ((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))
+        ḡ_b2m = Σ_B,T((ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)) · Wf2ᵀ)
+        ḡ_Wf2 = Σ_B((b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05))ᵀ · (ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2)))
+        ḡ_bf2 = Σ_B,T(ḡ_m2 ⊙ ((1 - tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))^2) ⊙ (0.107032·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 0.797885) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)/2 + tanh(0.797885·(0.044715·(bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2)^2 + 1) ⊙ (bf2 + (b2m + g2m ⊙ (x2 - mean[axis=2](x2))/√(mean[axis=2]((x2 - mean[axis=2](x2))^2) + 1e-05)) · Wf2))/2 + 1/2))
 
     y2 = bp2 + x2 + m2 · Wp2    # shape (B, T, 64)
         ḡ_m2 = ḡ_y2 · Wp2ᵀ
@@ -518,12 +518,12 @@ def forward(params, inputs, outputs=None):
     del m1_sub, m1_mean_2
     m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
-    m1_tanh_t0 = m1_matmul + bf1
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
-    np.add(m1_matmul, bf1, out=m1_matmul)
-    np.multiply(m1_matmul, 0.5, out=m1_matmul)
-    m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
-    del m1_matmul, m1_tanh
+    m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
+    del m1_matmul
+    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
+    np.multiply(m1_arg, 0.5, out=m1_arg)
+    m1 = np.multiply(m1_arg, m1_tanh + 1, out=m1_arg)
+    del m1_arg, m1_tanh
     y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     del m1
     np.add(x1, bp1, out=x1)
@@ -589,12 +589,12 @@ def forward(params, inputs, outputs=None):
     del m2_sub, m2_mean_2
     m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
-    m2_tanh_t0 = m2_matmul + bf2
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
-    np.add(m2_matmul, bf2, out=m2_matmul)
-    np.multiply(m2_matmul, 0.5, out=m2_matmul)
-    m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
-    del m2_matmul, m2_tanh
+    m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
+    del m2_matmul
+    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
+    np.multiply(m2_arg, 0.5, out=m2_arg)
+    m2 = np.multiply(m2_arg, m2_tanh + 1, out=m2_arg)
+    del m2_arg, m2_tanh
     y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     del m2
     np.add(x2, bp2, out=x2)
@@ -822,12 +822,12 @@ def _forward_1(params, inputs):
     del m1_sub, m1_mean_2
     m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     del m1_add
-    m1_tanh_t0 = m1_matmul + bf1
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
-    np.add(m1_matmul, bf1, out=m1_matmul)
-    np.multiply(m1_matmul, 0.5, out=m1_matmul)
-    m1 = np.multiply(m1_matmul, m1_tanh + 1, out=m1_matmul)
-    del m1_matmul, m1_tanh
+    m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
+    del m1_matmul
+    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
+    np.multiply(m1_arg, 0.5, out=m1_arg)
+    m1 = np.multiply(m1_arg, m1_tanh + 1, out=m1_arg)
+    del m1_arg, m1_tanh
     y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     del m1
     np.add(x1, bp1, out=x1)
@@ -893,12 +893,12 @@ def _forward_1(params, inputs):
     del m2_sub, m2_mean_2
     m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     del m2_add
-    m2_tanh_t0 = m2_matmul + bf2
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
-    np.add(m2_matmul, bf2, out=m2_matmul)
-    np.multiply(m2_matmul, 0.5, out=m2_matmul)
-    m2 = np.multiply(m2_matmul, m2_tanh + 1, out=m2_matmul)
-    del m2_matmul, m2_tanh
+    m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
+    del m2_matmul
+    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
+    np.multiply(m2_arg, 0.5, out=m2_arg)
+    m2 = np.multiply(m2_arg, m2_tanh + 1, out=m2_arg)
+    del m2_arg, m2_tanh
     y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     del m2
     np.add(x2, bp2, out=x2)
@@ -984,9 +984,10 @@ def value_and_grad(params, inputs):
     del m1_mul
     m1_add = b1m + m1_sub*(g1m/np.sqrt(m1_mean_2 + 1e-05))
     m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
-    m1_tanh_t0 = m1_matmul + bf1
-    m1_tanh = np.tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_tanh_t0*m1_tanh_t0*m1_tanh_t0))
-    m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1)
+    m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
+    del m1_matmul
+    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
+    m1 = (0.5)*m1_arg*(m1_tanh + 1)
     y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     np.add(x1, bp1, out=x1)
     y1 = np.add(x1, y1_matmul, out=x1)
@@ -1041,9 +1042,10 @@ def value_and_grad(params, inputs):
     del m2_mul
     m2_add = b2m + m2_sub*(g2m/np.sqrt(m2_mean_2 + 1e-05))
     m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
-    m2_tanh_t0 = m2_matmul + bf2
-    m2_tanh = np.tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_tanh_t0*m2_tanh_t0*m2_tanh_t0))
-    m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1)
+    m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
+    del m2_matmul
+    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
+    m2 = (0.5)*m2_arg*(m2_tanh + 1)
     y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     np.add(x2, bp2, out=x2)
     y2 = np.add(x2, y2_matmul, out=x2)
@@ -1127,47 +1129,36 @@ def value_and_grad(params, inputs):
     bp2_bar = y2_bar.sum(axis=(0, 1))
     # backward of y2_matmul = m2 @ Wp2 w.r.t. m2
     m2_bar = (y2_bar.reshape(B*T, 64) @ Wp2.T).reshape((B, T, 256))
-    # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. m2_matmul
-    m2_bar_dew = (0.5)*m2_bar*(m2_tanh + 1)
-    # backward of m2 = (0.5)*(m2_matmul + bf2)*(m2_tanh + 1) w.r.t. bf2
-    m2_bar_sum_to = m2_bar_dew.sum(axis=(0, 1))
-    # backward of m2_tanh = tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3) w.r.t. m2_matmul
-    np.square(m2_tanh, out=m2_tanh)
-    np.subtract(1, m2_tanh, out=m2_tanh)
-    np.multiply(m2_tanh, 0.5, out=m2_tanh)
-    np.multiply(m2_tanh, m2_bar, out=m2_tanh)
-    np.multiply(m2_tanh, 0.10703222440890038*(m2_matmul + bf2)**2 + 0.7978845608028654, out=m2_tanh)
-    m2_bar_dew_2 = np.multiply(m2_tanh, m2_matmul + bf2, out=m2_tanh)
-    del m2_matmul, m2_tanh, m2_bar
-    # backward of m2_tanh = tanh(0.7978845608028654*m2_matmul + 0.7978845608028654*bf2 + 0.035677408136300125*(m2_matmul + bf2)**3) w.r.t. bf2
-    m2_bar_sum_to_2 = m2_bar_dew_2.sum(axis=(0, 1))
-    # backward of m2_matmul = m2_add @ Wf2
-    m2_bar_add = np.add(m2_bar_dew, m2_bar_dew_2, out=m2_bar_dew)
-    del m2_bar_dew, m2_bar_dew_2
+    # backward of m2_arg = m2_matmul + bf2
+    np.multiply(m2_bar, 0.5, out=m2_bar)
+    m2_bar_add = np.multiply(m2_bar, m2_tanh + m2_arg*(1 - m2_tanh**2)*(0.10703222440890038*m2_arg**2 + 0.7978845608028654) + 1, out=m2_bar)
+    del m2_arg, m2_tanh, m2_bar
+    # backward of m2_arg = m2_matmul + bf2 w.r.t. bf2
+    bf2_bar = m2_bar_add.sum(axis=(0, 1))
     # backward of m2_matmul = m2_add @ Wf2 w.r.t. m2_add
     m2_bar_matmul = (m2_bar_add.reshape(B*T, 256) @ Wf2.T).reshape((B, T, 64))
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05)
-    m2_bar_dew_3 = m2_bar_matmul*m2_sub/np.sqrt(m2_mean_2 + 1e-05)
+    m2_bar_dew = m2_bar_matmul*m2_sub/np.sqrt(m2_mean_2 + 1e-05)
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05) w.r.t. b2m
     b2m_bar = m2_bar_matmul.sum(axis=(0, 1))
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05) w.r.t. g2m
-    g2m_bar = m2_bar_dew_3.sum(axis=(0, 1))
-    del m2_bar_dew_3
+    g2m_bar = m2_bar_dew.sum(axis=(0, 1))
+    del m2_bar_dew
     # backward of m2_add = b2m + g2m*m2_sub/sqrt(m2_mean_2 + 1e-05) w.r.t. m2_mean_2
-    m2_bar_dew_4 = m2_bar_matmul*g2m*m2_sub
-    m2_bar_sum_to_3 = m2_bar_dew_4.sum(axis=2, keepdims=True)
-    del m2_bar_dew_4
+    m2_bar_dew_2 = m2_bar_matmul*g2m*m2_sub
+    m2_bar_sum_to = m2_bar_dew_2.sum(axis=2, keepdims=True)
+    del m2_bar_dew_2
     # backward of m2_sub = x2 - m2_mean
     np.multiply(m2_bar_matmul, g2m, out=m2_bar_matmul)
-    np.subtract(m2_bar_matmul, (0.015625)*m2_sub*(m2_bar_sum_to_3/(m2_mean_2 + 1e-05)), out=m2_bar_matmul)
+    np.subtract(m2_bar_matmul, (0.015625)*m2_sub*(m2_bar_sum_to/(m2_mean_2 + 1e-05)), out=m2_bar_matmul)
     m2_bar_add_2 = np.divide(m2_bar_matmul, np.sqrt(m2_mean_2 + 1e-05), out=m2_bar_matmul)
-    del m2_sub, m2_mean_2, m2_bar_matmul, m2_bar_sum_to_3
+    del m2_sub, m2_mean_2, m2_bar_matmul, m2_bar_sum_to
     # backward of m2_sub = x2 - m2_mean w.r.t. m2_mean
-    m2_bar_sum_to_4 = m2_bar_add_2.sum(axis=2, keepdims=True)
+    m2_bar_sum_to_2 = m2_bar_add_2.sum(axis=2, keepdims=True)
     # backward of x2 = bo2 + y1 + x2_matmul
     np.add(m2_bar_add_2, y2_bar, out=m2_bar_add_2)
-    x2_bar = np.subtract(m2_bar_add_2, (0.015625)*m2_bar_sum_to_4, out=m2_bar_add_2)
-    del m2_bar_add_2, m2_bar_sum_to_4
+    x2_bar = np.subtract(m2_bar_add_2, (0.015625)*m2_bar_sum_to_2, out=m2_bar_add_2)
+    del m2_bar_add_2, m2_bar_sum_to_2
     # backward of x2 = bo2 + y1 + x2_matmul w.r.t. bo2
     bo2_bar = x2_bar.sum(axis=(0, 1))
     # backward of x2_matmul = c2 @ Wo2 w.r.t. c2
@@ -1265,47 +1256,36 @@ def value_and_grad(params, inputs):
     bp1_bar = y1_bar.sum(axis=(0, 1))
     # backward of y1_matmul = m1 @ Wp1 w.r.t. m1
     m1_bar = (y1_bar.reshape(B*T, 64) @ Wp1.T).reshape((B, T, 256))
-    # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. m1_matmul
-    m1_bar_dew = (0.5)*m1_bar*(m1_tanh + 1)
-    # backward of m1 = (0.5)*(m1_matmul + bf1)*(m1_tanh + 1) w.r.t. bf1
-    m1_bar_sum_to = m1_bar_dew.sum(axis=(0, 1))
-    # backward of m1_tanh = tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3) w.r.t. m1_matmul
-    np.square(m1_tanh, out=m1_tanh)
-    np.subtract(1, m1_tanh, out=m1_tanh)
-    np.multiply(m1_tanh, 0.5, out=m1_tanh)
-    np.multiply(m1_tanh, m1_bar, out=m1_tanh)
-    np.multiply(m1_tanh, 0.10703222440890038*(m1_matmul + bf1)**2 + 0.7978845608028654, out=m1_tanh)
-    m1_bar_dew_2 = np.multiply(m1_tanh, m1_matmul + bf1, out=m1_tanh)
-    del m1_matmul, m1_tanh, m1_bar
-    # backward of m1_tanh = tanh(0.7978845608028654*m1_matmul + 0.7978845608028654*bf1 + 0.035677408136300125*(m1_matmul + bf1)**3) w.r.t. bf1
-    m1_bar_sum_to_2 = m1_bar_dew_2.sum(axis=(0, 1))
-    # backward of m1_matmul = m1_add @ Wf1
-    m1_bar_add = np.add(m1_bar_dew, m1_bar_dew_2, out=m1_bar_dew)
-    del m1_bar_dew, m1_bar_dew_2
+    # backward of m1_arg = m1_matmul + bf1
+    np.multiply(m1_bar, 0.5, out=m1_bar)
+    m1_bar_add = np.multiply(m1_bar, m1_tanh + m1_arg*(1 - m1_tanh**2)*(0.10703222440890038*m1_arg**2 + 0.7978845608028654) + 1, out=m1_bar)
+    del m1_arg, m1_tanh, m1_bar
+    # backward of m1_arg = m1_matmul + bf1 w.r.t. bf1
+    bf1_bar = m1_bar_add.sum(axis=(0, 1))
     # backward of m1_matmul = m1_add @ Wf1 w.r.t. m1_add
     m1_bar_matmul = (m1_bar_add.reshape(B*T, 256) @ Wf1.T).reshape((B, T, 64))
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05)
-    m1_bar_dew_3 = m1_bar_matmul*m1_sub/np.sqrt(m1_mean_2 + 1e-05)
+    m1_bar_dew = m1_bar_matmul*m1_sub/np.sqrt(m1_mean_2 + 1e-05)
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05) w.r.t. b1m
     b1m_bar = m1_bar_matmul.sum(axis=(0, 1))
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05) w.r.t. g1m
-    g1m_bar = m1_bar_dew_3.sum(axis=(0, 1))
-    del m1_bar_dew_3
+    g1m_bar = m1_bar_dew.sum(axis=(0, 1))
+    del m1_bar_dew
     # backward of m1_add = b1m + g1m*m1_sub/sqrt(m1_mean_2 + 1e-05) w.r.t. m1_mean_2
-    m1_bar_dew_4 = m1_bar_matmul*g1m*m1_sub
-    m1_bar_sum_to_3 = m1_bar_dew_4.sum(axis=2, keepdims=True)
-    del m1_bar_dew_4
+    m1_bar_dew_2 = m1_bar_matmul*g1m*m1_sub
+    m1_bar_sum_to = m1_bar_dew_2.sum(axis=2, keepdims=True)
+    del m1_bar_dew_2
     # backward of m1_sub = x1 - m1_mean
     np.multiply(m1_bar_matmul, g1m, out=m1_bar_matmul)
-    np.subtract(m1_bar_matmul, (0.015625)*m1_sub*(m1_bar_sum_to_3/(m1_mean_2 + 1e-05)), out=m1_bar_matmul)
+    np.subtract(m1_bar_matmul, (0.015625)*m1_sub*(m1_bar_sum_to/(m1_mean_2 + 1e-05)), out=m1_bar_matmul)
     m1_bar_add_2 = np.divide(m1_bar_matmul, np.sqrt(m1_mean_2 + 1e-05), out=m1_bar_matmul)
-    del m1_sub, m1_mean_2, m1_bar_matmul, m1_bar_sum_to_3
+    del m1_sub, m1_mean_2, m1_bar_matmul, m1_bar_sum_to
     # backward of m1_sub = x1 - m1_mean w.r.t. m1_mean
-    m1_bar_sum_to_4 = m1_bar_add_2.sum(axis=2, keepdims=True)
+    m1_bar_sum_to_2 = m1_bar_add_2.sum(axis=2, keepdims=True)
     # backward of x1 = bo1 + x0 + x1_matmul
     np.add(m1_bar_add_2, y1_bar, out=m1_bar_add_2)
-    x1_bar = np.subtract(m1_bar_add_2, (0.015625)*m1_bar_sum_to_4, out=m1_bar_add_2)
-    del m1_bar_add_2, m1_bar_sum_to_4
+    x1_bar = np.subtract(m1_bar_add_2, (0.015625)*m1_bar_sum_to_2, out=m1_bar_add_2)
+    del m1_bar_add_2, m1_bar_sum_to_2
     # backward of x1 = bo1 + x0 + x1_matmul w.r.t. bo1
     bo1_bar = x1_bar.sum(axis=(0, 1))
     # backward of x1_matmul = c1 @ Wo1 w.r.t. c1
@@ -1408,12 +1388,6 @@ def value_and_grad(params, inputs):
     # backward of x0_take = take(E, ids, axis=0) w.r.t. E
     E_bar = _scatter_add(ids.reshape(-1), x0_bar.reshape(ids.size, 64), 128).reshape((128, 64))
     del x0_bar
-    # backward of param bf2
-    bf2_bar = np.add(m2_bar_sum_to, m2_bar_sum_to_2, out=m2_bar_sum_to)
-    del m2_bar_sum_to, m2_bar_sum_to_2
-    # backward of param bf1
-    bf1_bar = np.add(m1_bar_sum_to, m1_bar_sum_to_2, out=m1_bar_sum_to)
-    del m1_bar_sum_to, m1_bar_sum_to_2
     # backward of logits_matmul = logits_add @ Wh w.r.t. Wh
     logits_bar_reshape = logits_add.reshape((B*T, 64))
     del logits_add
