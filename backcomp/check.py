@@ -235,7 +235,7 @@ def held_stop_gradients(graph, params, inputs):
     is the identity there); another takes them as inputs in place of the stop_gradients.
     """
     from backcomp.compiler import build
-    from backcomp.passes.reductions import _toposort
+    from backcomp.graph import toposort
     if not any(n.op == "stop_gradient" and n.dtype == "float" for n in graph.nodes):
         return None
     seen, _ = graph.clone()
@@ -250,7 +250,7 @@ def held_stop_gradients(graph, params, inputs):
         if loss not in g.outputs:
             g.output(loss, g.loss_node)
     held.replace_uses({n: held.input(name, n.shape, n.dtype) for n, name in names.items()})
-    held.nodes = _toposort(held.nodes)
+    held.nodes = toposort(held.nodes)
     values_module, held_module = build(seen), build(held)
     out = values_module.forward(params, inputs, **fixed_draws(values_module))
     values = {name: np.array(out[name]) for name in names.values()}

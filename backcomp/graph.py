@@ -417,6 +417,26 @@ def consumers(nodes: Iterable[Node]) -> dict[Node, list[Node]]:
     return users
 
 
+def toposort(nodes: list[Node]) -> list[Node]:
+    """Stable topological order (inputs before users), iteratively: passes that append
+    new nodes after their users restore the order with it."""
+    placed: set[Node] = set()
+    order: list[Node] = []
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if n in placed:
+                continue
+            if expanded:
+                placed.add(n)
+                order.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((x, False) for x in reversed(n.inputs) if x not in placed)
+    return order
+
+
 def ancestors(roots: Iterable[Node]) -> set[Node]:
     """Every node some root depends on (roots included), found iteratively."""
     seen: set[Node] = set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers, static_size
+from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers, static_size, toposort
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
@@ -100,7 +100,6 @@ def _drop_unused_operands(g: Graph) -> None:
     number becomes a ``full`` constant of its shape in the model's dtype, and an
     operand that only gave the shape or dtype is kept only when nothing else does."""
     from backcomp.ops.constants import full
-    from backcomp.passes.reductions import _toposort
     constants: dict[Node, Node] = {}
     for node in g.nodes:
         if not is_elementwise(node) or node.dtype != "float":
@@ -126,4 +125,4 @@ def _drop_unused_operands(g: Graph) -> None:
             if old.name is not None:
                 new.name = old.name
         g.replace_uses(constants)
-        g.nodes = _toposort(g.nodes)
+        g.nodes = toposort(g.nodes)

@@ -8,9 +8,8 @@ projection.  Rewritten after differentiation, so ``explain`` still reads Î£_B(xá
 """
 from __future__ import annotations
 
-from backcomp.graph import Graph, Node, consumers
+from backcomp.graph import Graph, Node, consumers, toposort
 from backcomp.passes.dce import eliminate_dead_code
-from backcomp.passes.reductions import _toposort
 
 
 def _swapped(t: Node) -> bool:
@@ -38,5 +37,5 @@ def flatten_batched_gemms(graph: Graph) -> Graph:
             flat.name = node.name
     if replace:
         g.replace_uses(replace)
-        g.nodes = _toposort(g.nodes)   # the new nodes were appended after their users
+        g.nodes = toposort(g.nodes)   # the new nodes were appended after their users
     return eliminate_dead_code(g)

@@ -17,11 +17,10 @@ without a rule stay in the loop.
 """
 from __future__ import annotations
 
-from backcomp.graph import Graph, GraphError, Node, ShapeError, dim_factors, product_dim
+from backcomp.graph import Graph, GraphError, Node, ShapeError, dim_factors, product_dim, toposort
 from backcomp.loops import Step, new_leaf, scan_length
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code
-from backcomp.passes.reductions import _toposort
 
 
 def times(a, b):
@@ -91,7 +90,7 @@ def hoist_loops(graph: Graph) -> Graph:
         changed |= _hoist_one(g, node)
     if not changed:
         return g
-    g.nodes = _toposort(g.nodes)
+    g.nodes = toposort(g.nodes)
     return eliminate_dead_code(g)
 
 
@@ -330,6 +329,7 @@ def concatenate_scatters(graph: Graph) -> Graph:
     may feed several such sums (a GRU's r and z gates reach both x_t @ Wx and h @ Wh):
     each becomes its own concatenation, so long as no other node reads the scatter."""
     import sympy as sp
+
     from backcomp.graph import consumers
     from backcomp.ops.elementwise import arg_symbol, node_expr
     g, _ = graph.clone()
@@ -389,5 +389,5 @@ def concatenate_scatters(graph: Graph) -> Graph:
         with g.scoped(n.scope, n.origin):
             replace[n] = g.apply("concatenate", tuple(x.inputs[0] for x in xs), axis=axis)
     g.replace_uses(replace)
-    g.nodes = _toposort(g.nodes)
+    g.nodes = toposort(g.nodes)
     return eliminate_dead_code(g)

@@ -10,10 +10,9 @@ the same arrays (an LSTM's input and forget gates) as one statement on the joine
 """
 from __future__ import annotations
 
-from backcomp.graph import Graph, Node
+from backcomp.graph import Graph, Node, toposort
 from backcomp.loops import Step
 from backcomp.passes.dce import eliminate_dead_code
-from backcomp.passes.reductions import _toposort
 
 _OPTIMIZED: dict[str, Step] = {}
 
@@ -39,7 +38,7 @@ def merge_scans(graph: Graph) -> Graph:
             ext, index_map = replaced[n.inputs[0]]
             n.inputs = (ext,)
             n.attrs = dict(n.attrs, index=index_map[n.attrs["index"]])
-    g.nodes = _toposort(g.nodes)   # the extension was built later than the readers it now feeds
+    g.nodes = toposort(g.nodes)   # the extension was built later than the readers it now feeds
     return eliminate_dead_code(g)
 
 
@@ -149,7 +148,7 @@ def merge_sliced_elementwise(graph: Graph) -> Graph:
         for old, new in views.items():
             new.name, old.name = old.name, None
         g.replace_uses(views)
-        g.nodes = _toposort(g.nodes)
+        g.nodes = toposort(g.nodes)
         g = eliminate_dead_code(g)
         changed = True
     return g if changed else graph

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from backcomp.graph import Graph, Node, consumers
+from backcomp.graph import Graph, Node, consumers, toposort
 from backcomp.ops.elementwise import CT, arg_symbol, ew_from_expr, node_expr
 from backcomp.ops.structural import _count
 from backcomp.passes.dce import eliminate_dead_code, roots
@@ -49,27 +49,8 @@ def merge_reductions(graph: Graph) -> Graph:
             merged.name = node.name
     if replace:
         g.replace_uses(replace)
-        g.nodes = _toposort(g.nodes)   # the merged nodes were appended after their users
+        g.nodes = toposort(g.nodes)   # the merged nodes were appended after their users
     return eliminate_dead_code(g)
-
-
-def _toposort(nodes: list[Node]) -> list[Node]:
-    """Stable topological order (inputs before users), iteratively."""
-    placed: set[Node] = set()
-    order: list[Node] = []
-    for root in nodes:
-        stack = [(root, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if n in placed:
-                continue
-            if expanded:
-                placed.add(n)
-                order.append(n)
-                continue
-            stack.append((n, True))
-            stack.extend((x, False) for x in reversed(n.inputs) if x not in placed)
-    return order
 
 
 def _constant_along(node: Node, axes: tuple[int, ...], out_ndim: int) -> bool:
@@ -127,5 +108,5 @@ def hoist_constant_factors(graph: Graph) -> Graph:
             out.name = node.name
     if replace:
         g.replace_uses(replace)
-        g.nodes = _toposort(g.nodes)
+        g.nodes = toposort(g.nodes)
     return eliminate_dead_code(g)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import sympy as sp
 
-from backcomp.graph import Graph, Node
+from backcomp.graph import Graph, Node, toposort
 from backcomp.ops.elementwise import arg_symbol, ew_from_expr, node_expr
 from backcomp.ops.scalar import fix_step_convention, sigmoid, softplus
 from backcomp.passes.fuse import is_elementwise
-from backcomp.passes.reductions import _toposort
 
 #: calls worth keeping: each costs far more than reading a stored array
 TRANSCENDENTAL = (sp.erf, sp.exp, sp.tanh, sp.log, sigmoid, softplus, sp.sin, sp.cos)
@@ -85,5 +84,5 @@ def keep_residuals(graph: Graph) -> Graph:
         node.op, node.inputs, node.attrs = "ew", tuple(inputs), {"expr": expr, "label": label}
         changed = True
     if changed:
-        g.nodes = _toposort(g.nodes)
+        g.nodes = toposort(g.nodes)
     return g
