@@ -507,6 +507,8 @@ def _write_into(body: list[str], name: str, slot: str) -> bool:
         elif not (isinstance(fn, np.ufunc) and len(value.args) == fn.nin and not value.keywords):
             return False
         call = f"{text[:-1]}, out={name})"
+    elif isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
+        call = f"np.negative({ast.get_source_segment(line, value.operand)}, out={name})"
     elif isinstance(value, ast.BinOp) and type(value.op) in _OUT_BINOPS:
         left = ast.get_source_segment(line, value.left)
         right = ast.get_source_segment(line, value.right)
@@ -539,8 +541,10 @@ def _concatenate_into(body: list[str], y: Node, names: dict[Node, str], stack: s
         uses = [i for i, line in enumerate(body) if re.search(rf"\b{re.escape(part)}\b", line)
                 and not line.startswith(("del ", "#"))]
         defined = [i for i in uses if body[i].startswith(f"{part} = ")]
+        chain = [i for i in uses if body[i].endswith(f"out={part})")]   # in place after its definition
         own = (p not in written and part.isidentifier() and p.op not in ("input", "param")
-               and len(defined) == 1 and set(uses) == {defined[0], at[0]} and defined[0] < at[0])
+               and len(defined) == 1 and set(uses) == {defined[0], at[0], *chain}
+               and all(defined[0] < i < at[0] for i in chain) and defined[0] < at[0])
         if own and _write_into(body, part, f"{stack}[{lead}{start}:{stop}]"):
             written.add(p)
             at[0] += 1   # the part's statement became two

@@ -127,22 +127,153 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
 
     With ``into`` (the variable of a dead input buffer of the node's shape), the
     chain of operations from that input to the result is computed in place.
+    Otherwise each value (the result, a temporary) is computed into one new array
+    (``_into_new``).
     """
     from backcomp.printer import group_small, print_expr, print_into
     names = {arg_symbol(i): a for i, a in enumerate(args)}
     small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
     expr = group_small(_common_factors_out(node_expr(node)), small)
+    # operands a chain may start from; none when an integer operand could widen the
+    # result past the dtype of the array the chain runs in
+    full = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.dtype == "float" and x.shape == node.shape}
+    if node.shape == () or any(x.dtype not in ("float", "bool") for x in node.inputs):
+        full = set()   # (0-d operands give NumPy scalars, which have no out=)
     if into is not None:
-        calls = print_into(expr, names, into, arg_symbol(args.index(into)))
+        buffer = arg_symbol(args.index(into))
+        lines, rest = _calls_in_place(expr, names, out, full, buffer)
+        calls = print_into(rest, names, into, buffer)
         if calls:
-            return calls[:-1] + [f"{out} = {calls[-1]}"]
+            return lines + calls[:-1] + [f"{out} = {calls[-1]}"] + _del(lines.temporaries)
+        names = {arg_symbol(i): a for i, a in enumerate(args)}
     temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
     temps, body = _cube_bases_named(temps, body)
     lines = []
     for k, (sym, sub) in enumerate(temps):
+        lines += _into_new(sub, f"{out}_t{k}", names, full)
         names[sym] = f"{out}_t{k}"
-        lines.append(f"{out}_t{k} = {print_expr(sub, names)}")
-    return lines + [f"{out} = {_full_shape(node, expr, args, print_expr(body, names))}"]
+        if sub.free_symbols & full and not isinstance(sub, sp.logic.boolalg.Boolean):
+            full.add(sym)
+    value = _full_shape(node, expr, args, print_expr(body, names))
+    if value != print_expr(body, names):   # a folded value: written into a new array of its own
+        return lines + [f"{out} = {value}"]
+    return lines + _into_new(body, out, names, full) + _del([f"{out}_t{k}" for k in range(len(temps))])
+
+
+def _del(temporaries: list[str]) -> list[str]:
+    """Temporaries of a statement die with it, not at the function's end: their memory
+    goes back to malloc for the next statement instead of being held (and faulted in
+    again) while the rest of the step runs."""
+    return [f"del {', '.join(temporaries)}"] if temporaries else []
+
+
+def _chain_start(expr: sp.Expr, full: set[sp.Symbol]) -> sp.Expr | None:
+    """Where a chain computing ``expr`` in one array starts: down from the root through
+    computed operands of the full shape, the first operation whose operands are all
+    plain names or numbers (``x**2`` in tanh(c·x·(k·x**2 + 1)), ``y - t`` in (y − t)²)."""
+    def leaf(a, within) -> bool:   # in a sum, −x prints as a subtraction: no operation of its own
+        return a.is_Symbol or a.is_number or within.is_Add and (-a).is_Symbol
+
+    e = expr
+    while True:
+        inner = [a for a in e.args if not leaf(a, e) and a.free_symbols & full]
+        if not inner:
+            break
+        e = inner[0]
+    ok = (e.is_Add or e.is_Mul or e.is_Pow or isinstance(e, sp.Function)) and e.free_symbols & full
+    return e if ok and e != expr else None
+
+
+def _arrays_made(e: sp.Expr, full: set[sp.Symbol]) -> int:
+    """How many new arrays of the full shape ``e`` printed as one NumPy expression makes.
+
+    NumPy reuses a temporary operand for the result (elision) only in an operation
+    between two arrays: a function call, a power, or an operation with a Python
+    number (float32 cannot take a float64 scalar in place) makes a new array.  Sums
+    and products run left to right, numbers first in products and last in sums."""
+    def is_full(a) -> bool:
+        return bool(a.free_symbols & full)
+
+    if e.is_Symbol or e.is_number or not is_full(e):
+        return 0
+    if type(e).__name__ == "Grouped":
+        return _arrays_made(e.args[0], full)
+    made = sum(_arrays_made(a, full) for a in e.args)
+    if not (e.is_Add or e.is_Mul):
+        return made + 1
+    numbers = [a for a in e.args if a.is_number]
+    operands = numbers + [a for a in e.args if not a.is_number] if e.is_Mul \
+        else [a for a in e.args if not a.is_number] + numbers
+    value = operands[0]
+    temporary, wide = not value.is_Symbol and not value.is_number and is_full(value), is_full(value)
+    for a in operands[1:]:
+        a_temporary = not a.is_Symbol and not a.is_number and is_full(a)
+        if not (temporary and not a.is_number or a_temporary and not value.is_number):
+            made += 1 if wide or is_full(a) else 0
+        wide = wide or is_full(a)
+        temporary, value = wide, a
+    return made
+
+
+def _chain_cost(expr: sp.Expr, start: sp.Expr, full: set[sp.Symbol]) -> int:
+    """New full-shape arrays of the chain from ``start``: its own, and those its operands
+    off the chain make as they are printed."""
+    cost, e = 1, expr
+    while e != start:
+        on = next(a for a in e.args if a.has(start))
+        cost += sum(_arrays_made(a, full) for a in e.args if a is not on)
+        e = on
+    return cost
+
+
+def _into_new(expr: sp.Expr, var: str, names: dict, full: set[sp.Symbol]) -> list[str]:
+    """``var = <expr>``, as a chain in one new array where that makes fewer arrays: the
+    first operation allocates it, the rest run in it (``np.multiply(var, 0.5, out=var)``).
+    NumPy reuses a temporary itself only in an operation between arrays, never in a
+    function call or with a Python number and float32 (``0.5*x*(e + 1)`` makes two
+    arrays of x's size, where one does); each array that large is fresh memory from
+    the OS on every call, a page fault per 4 KiB."""
+    from backcomp.printer import print_expr, print_into
+    start = _chain_start(expr, full)
+    if start is not None and _chain_cost(expr, start, full) < _arrays_made(expr, full):
+        here = sp.Symbol("%here")
+        calls = print_into(expr.xreplace({start: here}), {**names, here: var}, var, here)
+        if calls:
+            return [f"{var} = {print_expr(start, names)}"] + calls
+    return [f"{var} = {print_expr(expr, names)}"]
+
+
+class _Temporaries(list):
+    """Statements, with the variables of the temporaries they define."""
+
+    def __init__(self):
+        super().__init__()
+        self.temporaries: list[str] = []
+
+
+def _calls_in_place(expr: sp.Expr, names: dict, out: str, full: set[sp.Symbol],
+                    keep: sp.Symbol) -> tuple[_Temporaries, sp.Expr]:
+    """The function calls off an in-place chain (np.exp(-0.5*x**2) in ḡ·(e + c·x·exp(…))),
+    each computed into a temporary of its own (``_into_new``), innermost first: printed
+    inline, a call takes an array for its argument and another for its value.
+    ``keep`` (the chain's buffer) stays in the expression.  Adds the temporaries'
+    variables to ``names``."""
+    lines, k = _Temporaries(), 0
+    while True:
+        ready = sorted((f for f in expr.atoms(sp.Function)
+                        if _chain_start(f, full) is not None and keep not in f.free_symbols
+                        and not any(_chain_start(g, full) is not None for g in f.args[0].atoms(sp.Function))),
+                       key=sp.default_sort_key)
+        if not ready:
+            return lines, expr
+        for f in ready:
+            var, symbol = f"{out}_c{k}", sp.Symbol(f"%c{k}")
+            lines += _into_new(f, var, names, full)
+            names[symbol] = var
+            lines.temporaries.append(var)
+            full.add(symbol)
+            expr = expr.xreplace({f: symbol})
+            k += 1
 
 
 def _cube_bases_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:

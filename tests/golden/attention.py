@@ -186,7 +186,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn = attn_exp/attn_sum
     ctx = attn @ v
     out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
-    loss_pow = (-target + out_matmul + x)**2
+    loss_pow = -target + out_matmul + x
+    np.square(loss_pow, out=loss_pow)
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.025)*loss_sum/total_rows
@@ -320,7 +321,8 @@ def forward(params, inputs, outputs=None):
     del ctx
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
-    loss_pow = (out - target)**2
+    loss_pow = out - target
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     result = {"out": out, "loss": np.asarray(loss)}
@@ -390,7 +392,8 @@ def value_and_grad(params, inputs):
     out_matmul = (ctx.reshape(5*B, 8) @ Wo).reshape((B, 5, 8))
     out = np.add(out_matmul, x, out=out_matmul)
     del out_matmul
-    loss_pow = (out - target)**2
+    loss_pow = out - target
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (out - target)**2 w.r.t. out

@@ -299,7 +299,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=2, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=2, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -463,7 +464,8 @@ def value_and_grad(params, inputs):
     logits = np.add(logits_matmul, bo, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=2, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=2, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -538,7 +540,10 @@ def value_and_grad(params, inputs):
         h_new_bar_add = h_new_bar_t + h_new_bar
         # backward of h_new.ew = _sigmoid(h_new.getitem) w.r.t. h_new.getitem
         h_new_bar_dew = z_bar_concatenate_seq[t, :, 384:512]
-        np.multiply(h_new_sigmoid*h_new_bar_add*h_new_tanh, 1 - h_new_sigmoid, out=h_new_bar_dew)
+        np.subtract(1, h_new_sigmoid, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_sigmoid, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_bar_add, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_tanh, out=h_new_bar_dew)
         # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
         np.multiply(h_new_bar_add, 1 - h_new_tanh**2, out=h_new_bar_add)

@@ -210,7 +210,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del h1_reshape_2
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
-    h1 = np.maximum(h1_reshape_3 + c1, 0)
+    h1 = h1_reshape_3 + c1
+    np.maximum(h1, 0, out=h1)
     del h1_reshape_3
     p1_reshape = h1.reshape((B, 8, 1, 64))
     p1_max_pool2d = np.maximum(p1_reshape[:, :, 0:1, 0:63:2], p1_reshape[:, :, 0:1, 1:64:2])
@@ -234,7 +235,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
-    h2 = np.maximum(h2_reshape_3 + c2, 0)
+    h2 = h2_reshape_3 + c2
+    np.maximum(h2, 0, out=h2)
     del h2_reshape_3
     g_reshape = h2.reshape((B, 16, 1, 32))
     g_avg_pool2d = np.lib.stride_tricks.sliding_window_view(g_reshape, (1, 32), axis=(2, 3))[:, :, ::1, ::32].transpose(4, 5, 0, 1, 2, 3)
@@ -248,7 +250,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -437,7 +440,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
-    h1 = np.maximum(h1_reshape_3 + c1, 0)
+    h1 = h1_reshape_3 + c1
+    np.maximum(h1, 0, out=h1)
     del h1_reshape_3
     p1_reshape = h1.reshape((B, 8, 1, 64))
     del h1
@@ -466,7 +470,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
-    h2 = np.maximum(h2_reshape_3 + c2, 0)
+    h2 = h2_reshape_3 + c2
+    np.maximum(h2, 0, out=h2)
     del h2_reshape_3
     g_reshape = h2.reshape((B, 16, 1, 32))
     del h2
@@ -482,7 +487,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -532,7 +538,8 @@ def forward(params, inputs, outputs=None):
     del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
-    h1 = np.maximum(h1_reshape_3 + c1, 0)
+    h1 = h1_reshape_3 + c1
+    np.maximum(h1, 0, out=h1)
     del h1_reshape_3
     p1_reshape = h1.reshape((B, 8, 1, 64))
     del h1
@@ -561,7 +568,8 @@ def forward(params, inputs, outputs=None):
     del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
-    h2 = np.maximum(h2_reshape_3 + c2, 0)
+    h2 = h2_reshape_3 + c2
+    np.maximum(h2, 0, out=h2)
     del h2_reshape_3
     g_reshape = h2.reshape((B, 16, 1, 32))
     del h2
@@ -577,7 +585,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -636,7 +645,8 @@ def _forward_1(params, inputs):
     del h1_reshape, h1_reshape_2, h1_im2col
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
-    h1 = np.maximum(h1_reshape_3 + c1, 0)
+    h1 = h1_reshape_3 + c1
+    np.maximum(h1, 0, out=h1)
     del h1_reshape_3
     p1_reshape = h1.reshape((B, 8, 1, 64))
     del h1
@@ -665,7 +675,8 @@ def _forward_1(params, inputs):
     del h2_reshape, h2_reshape_2, h2_im2col
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
-    h2 = np.maximum(h2_reshape_3 + c2, 0)
+    h2 = h2_reshape_3 + c2
+    np.maximum(h2, 0, out=h2)
     del h2_reshape_3
     g_reshape = h2.reshape((B, 16, 1, 32))
     del h2
@@ -698,7 +709,8 @@ def value_and_grad(params, inputs):
     del h1_reshape_2
     h1_reshape_3 = h1_conv2d.reshape((B, 8, 64))
     del h1_conv2d
-    h1 = np.maximum(h1_reshape_3 + c1, 0)
+    h1 = h1_reshape_3 + c1
+    np.maximum(h1, 0, out=h1)
     del h1_reshape_3
     p1_reshape = h1.reshape((B, 8, 1, 64))
     p1_max_pool2d = np.maximum(p1_reshape[:, :, 0:1, 0:63:2], p1_reshape[:, :, 0:1, 1:64:2])
@@ -722,7 +734,8 @@ def value_and_grad(params, inputs):
     h2_conv2d = (h2_reshape_2.reshape(16, 8) @ h2_im2col.reshape(-1, 8, 32)).reshape(-1, 16, 1, 32)
     h2_reshape_3 = h2_conv2d.reshape((B, 16, 32))
     del h2_conv2d
-    h2 = np.maximum(h2_reshape_3 + c2, 0)
+    h2 = h2_reshape_3 + c2
+    np.maximum(h2, 0, out=h2)
     del h2_reshape_3
     g_reshape = h2.reshape((B, 16, 1, 32))
     g_avg_pool2d = np.lib.stride_tricks.sliding_window_view(g_reshape, (1, 32), axis=(2, 3))[:, :, ::1, ::32].transpose(4, 5, 0, 1, 2, 3)
@@ -736,7 +749,8 @@ def value_and_grad(params, inputs):
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max

@@ -262,13 +262,18 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.add(recon_conv_transpose2d, d2, out=recon_conv_transpose2d)
     loss_sigmoid = _sigmoid(recon_conv_transpose2d, out=recon_conv_transpose2d)
     del recon_conv_transpose2d
-    loss_pow = (-x + loss_sigmoid)**2
+    loss_pow = -x + loss_sigmoid
+    np.square(loss_pow, out=loss_pow)
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.015625)*loss_sum/total_rows
     del loss_sum
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
-    loss_bar_dew = (0.03125)*loss_sigmoid*(1 - loss_sigmoid)*(loss_sigmoid - x)/total_rows
+    loss_bar_dew = 1 - loss_sigmoid
+    np.multiply(loss_bar_dew, 0.03125, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, loss_sigmoid, out=loss_bar_dew)
+    np.divide(loss_bar_dew, total_rows, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, loss_sigmoid - x, out=loss_bar_dew)
     del loss_sigmoid
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = loss_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))
@@ -515,7 +520,8 @@ def forward(params, inputs, outputs=None):
     np.add(recon_conv_transpose2d, d2, out=recon_conv_transpose2d)
     recon = _sigmoid(recon_conv_transpose2d, out=recon_conv_transpose2d)
     del recon_conv_transpose2d
-    loss_pow = (recon - x)**2
+    loss_pow = recon - x
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     result = {"code": code, "recon": recon, "loss": np.asarray(loss)}
@@ -584,11 +590,16 @@ def value_and_grad(params, inputs):
     np.add(recon_conv_transpose2d, d2, out=recon_conv_transpose2d)
     recon = _sigmoid(recon_conv_transpose2d, out=recon_conv_transpose2d)
     del recon_conv_transpose2d
-    loss_pow = (recon - x)**2
+    loss_pow = recon - x
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
-    recon_bar_dew = (0.03125)*recon*(1 - recon)*(recon - x)/B
+    recon_bar_dew = 1 - recon
+    np.multiply(recon_bar_dew, 0.03125, out=recon_bar_dew)
+    np.multiply(recon_bar_dew, recon, out=recon_bar_dew)
+    np.divide(recon_bar_dew, B, out=recon_bar_dew)
+    np.multiply(recon_bar_dew, recon - x, out=recon_bar_dew)
     del recon
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = recon_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))

@@ -288,7 +288,8 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
     del h1_im2col
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h1_square = (h1_conv2d - h1_mean)**2
+    h1_square = h1_conv2d - h1_mean
+    np.square(h1_square, out=h1_square)
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
@@ -331,7 +332,8 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
     del h1, h2_im2col
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h2_square = (h2_conv2d - h2_mean)**2
+    h2_square = h2_conv2d - h2_mean
+    np.square(h2_square, out=h2_square)
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
@@ -374,7 +376,8 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True, buffers=None)
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -467,7 +470,8 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
     h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
     del h1_im2col
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h1_square = (h1_conv2d - h1_mean)**2
+    h1_square = h1_conv2d - h1_mean
+    np.square(h1_square, out=h1_square)
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
@@ -510,7 +514,8 @@ def _forward_1(params, inputs, *, rng=None, train=True, buffers=None):
     h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
     del h1, h2_im2col
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h2_square = (h2_conv2d - h2_mean)**2
+    h2_square = h2_conv2d - h2_mean
+    np.square(h2_square, out=h2_square)
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
@@ -571,7 +576,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     h1_conv2d = (K1.reshape(16, 9) @ h1_im2col.reshape(-1, 9, 64)).reshape(-1, 16, 8, 8)
     h1_mean = h1_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h1_square = (h1_conv2d - h1_mean)**2
+    h1_square = h1_conv2d - h1_mean
+    np.square(h1_square, out=h1_square)
     h1_mean_2 = h1_square.mean(axis=(0, 2, 3), keepdims=True)
     del h1_square
     h1_reshape = mean1.reshape((1, 16, 1, 1))
@@ -591,7 +597,10 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del h1_mean_2
     h1_reshape_3 = g1.reshape((1, 16, 1, 1))
     h1_reshape_4 = b1.reshape((1, 16, 1, 1))
-    h1_relu = np.maximum(h1_reshape_4 + (h1_conv2d - h1_mode_select)*(h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), 0)
+    h1_relu = h1_conv2d - h1_mode_select
+    np.multiply(h1_relu, (h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), out=h1_relu)
+    np.add(h1_relu, h1_reshape_4, out=h1_relu)
+    np.maximum(h1_relu, 0, out=h1_relu)
     del h1_reshape_4
     h1 = np.maximum(h1_relu[:, :, 0:7:2, 0:7:2], h1_relu[:, :, 0:7:2, 1:8:2])
     np.maximum(h1, h1_relu[:, :, 1:8:2, 0:7:2], out=h1)
@@ -608,7 +617,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_im2col[:, 2, 2, :, 0:3, 0:3] = h1[:, :, 1:4, 1:4].transpose(1, 0, 2, 3)
     h2_conv2d = np.ascontiguousarray((K2.reshape(32, 144) @ h2_im2col.reshape(144, -1)).reshape(32, -1, 4, 4).transpose(1, 0, 2, 3))
     h2_mean = h2_conv2d.mean(axis=(0, 2, 3), keepdims=True)
-    h2_square = (h2_conv2d - h2_mean)**2
+    h2_square = h2_conv2d - h2_mean
+    np.square(h2_square, out=h2_square)
     h2_mean_2 = h2_square.mean(axis=(0, 2, 3), keepdims=True)
     del h2_square
     h2_reshape = mean2.reshape((1, 32, 1, 1))
@@ -628,7 +638,10 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del h2_mean_2
     h2_reshape_3 = g2.reshape((1, 32, 1, 1))
     h2_reshape_4 = b2.reshape((1, 32, 1, 1))
-    h2_relu = np.maximum(h2_reshape_4 + (h2_conv2d - h2_mode_select)*(h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), 0)
+    h2_relu = h2_conv2d - h2_mode_select
+    np.multiply(h2_relu, (h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), out=h2_relu)
+    np.add(h2_relu, h2_reshape_4, out=h2_relu)
+    np.maximum(h2_relu, 0, out=h2_relu)
     del h2_reshape_4
     h2 = np.maximum(h2_relu[:, :, 0:3:2, 0:3:2], h2_relu[:, :, 0:3:2, 1:4:2])
     np.maximum(h2, h2_relu[:, :, 1:4:2, 0:3:2], out=h2)
@@ -644,7 +657,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     logits = np.add(logits_matmul, b, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -728,7 +742,9 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del h2_mode_select
     h2_bar_sum_to_2 = h2_bar_dew_2.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_2
-    h2_bar_hoisted = h2_bar_sum_to_2/np.sqrt(h2_mode_select_2 + 1e-05)
+    h2_bar_hoisted = h2_mode_select_2 + 1e-05
+    np.power(h2_bar_hoisted, -0.5, out=h2_bar_hoisted)
+    np.multiply(h2_bar_hoisted, h2_bar_sum_to_2, out=h2_bar_hoisted)
     # backward of h2_reshape_3 = reshape(g2, shape=(1, 32, 1, 1)) w.r.t. g2
     g2_bar = h2_bar_hoisted.reshape((32,))
     del h2_bar_hoisted
@@ -743,7 +759,11 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_mode_select = h2_bar_hoisted_2 if train else h2_bar_zeros_like.copy()
     del h2_bar_hoisted_2, h2_bar_zeros_like
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0) w.r.t. h2_mode_select
-    h2_bar_hoisted_3 = -h2_reshape_3*h2_bar_sum_to/np.sqrt(h2_mode_select_2 + 1e-05)
+    h2_bar_hoisted_3 = h2_mode_select_2 + 1e-05
+    np.power(h2_bar_hoisted_3, -0.5, out=h2_bar_hoisted_3)
+    np.negative(h2_bar_hoisted_3, out=h2_bar_hoisted_3)
+    np.multiply(h2_bar_hoisted_3, h2_reshape_3, out=h2_bar_hoisted_3)
+    np.multiply(h2_bar_hoisted_3, h2_bar_sum_to, out=h2_bar_hoisted_3)
     del h2_bar_sum_to
     # backward of h2_mode_select = mode_select(h2_mean, h2_reshape)
     h2_bar_zeros_like_2 = np.zeros_like(h2_bar_hoisted_3)
@@ -754,7 +774,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_mean_vjp = (0.0625)*h2_bar_mode_select/B
     del h2_bar_mode_select
     # backward of h2_square = (h2_conv2d - h2_mean)**2 w.r.t. h2_mean
-    h2_bar_dew_3 = 2*(-h2_conv2d + h2_mean)
+    h2_bar_dew_3 = -h2_conv2d + h2_mean
+    np.multiply(h2_bar_dew_3, 2, out=h2_bar_dew_3)
     h2_bar_sum_to_3 = h2_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_3
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1))
@@ -811,7 +832,9 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del h1_mode_select
     h1_bar_sum_to_2 = h1_bar_dew_2.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_2
-    h1_bar_hoisted = h1_bar_sum_to_2/np.sqrt(h1_mode_select_2 + 1e-05)
+    h1_bar_hoisted = h1_mode_select_2 + 1e-05
+    np.power(h1_bar_hoisted, -0.5, out=h1_bar_hoisted)
+    np.multiply(h1_bar_hoisted, h1_bar_sum_to_2, out=h1_bar_hoisted)
     # backward of h1_reshape_3 = reshape(g1, shape=(1, 16, 1, 1)) w.r.t. g1
     g1_bar = h1_bar_hoisted.reshape((16,))
     del h1_bar_hoisted
@@ -826,7 +849,11 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_mode_select = h1_bar_hoisted_2 if train else h1_bar_zeros_like.copy()
     del h1_bar_hoisted_2, h1_bar_zeros_like
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0) w.r.t. h1_mode_select
-    h1_bar_hoisted_3 = -h1_reshape_3*h1_bar_sum_to/np.sqrt(h1_mode_select_2 + 1e-05)
+    h1_bar_hoisted_3 = h1_mode_select_2 + 1e-05
+    np.power(h1_bar_hoisted_3, -0.5, out=h1_bar_hoisted_3)
+    np.negative(h1_bar_hoisted_3, out=h1_bar_hoisted_3)
+    np.multiply(h1_bar_hoisted_3, h1_reshape_3, out=h1_bar_hoisted_3)
+    np.multiply(h1_bar_hoisted_3, h1_bar_sum_to, out=h1_bar_hoisted_3)
     del h1_bar_sum_to
     # backward of h1_mode_select = mode_select(h1_mean, h1_reshape)
     h1_bar_zeros_like_2 = np.zeros_like(h1_bar_hoisted_3)
@@ -837,7 +864,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_mean_vjp = (0.015625)*h1_bar_mode_select/B
     del h1_bar_mode_select
     # backward of h1_square = (h1_conv2d - h1_mean)**2 w.r.t. h1_mean
-    h1_bar_dew_3 = 2*(-h1_conv2d + h1_mean)
+    h1_bar_dew_3 = -h1_conv2d + h1_mean
+    np.multiply(h1_bar_dew_3, 2, out=h1_bar_dew_3)
     h1_bar_sum_to_3 = h1_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_3
     # backward of h1_conv2d = conv2d(x, K1, h1_im2col, stride=(1, 1), padding=(1, 1))

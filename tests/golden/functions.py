@@ -183,16 +183,36 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h = h_arg*h_sigmoid
     y_matmul = h @ W2
     loss_pow_t0 = y_matmul + b2
-    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
+    loss_pow = loss_pow_t0**2
+    np.add(loss_pow, 0.001, out=loss_pow)
+    np.sqrt(loss_pow, out=loss_pow)
+    np.add(loss_pow, 1, out=loss_pow)
+    np.divide(1, loss_pow, out=loss_pow)
+    np.multiply(loss_pow, 2.0, out=loss_pow)
+    np.multiply(loss_pow, loss_pow_t0, out=loss_pow)
+    np.subtract(loss_pow, t, out=loss_pow)
+    np.square(loss_pow, out=loss_pow)
+    del loss_pow_t0
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.5)*loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. y_matmul
-    loss_bar_dew_t0 = (y_matmul + b2)**2
-    loss_bar_dew_t1 = np.sqrt(loss_bar_dew_t0 + 0.001)
-    loss_bar_dew_t2 = 1/(loss_bar_dew_t1 + 1)
-    loss_bar_dew = 2.0*loss_bar_dew_t2*(-t + loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2))*(-loss_bar_dew_t0*loss_bar_dew_t2/loss_bar_dew_t1 + 1)/total_rows
+    loss_bar_dew_t0 = y_matmul + b2
+    np.square(loss_bar_dew_t0, out=loss_bar_dew_t0)
+    loss_bar_dew_t1 = loss_bar_dew_t0 + 0.001
+    np.sqrt(loss_bar_dew_t1, out=loss_bar_dew_t1)
+    loss_bar_dew_t2 = loss_bar_dew_t1 + 1
+    np.divide(1, loss_bar_dew_t2, out=loss_bar_dew_t2)
+    loss_bar_dew = 1/loss_bar_dew_t1
+    np.multiply(loss_bar_dew, loss_bar_dew_t0, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
+    np.subtract(1, loss_bar_dew, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, 2.0, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
+    np.divide(loss_bar_dew, total_rows, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, -t + loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2), out=loss_bar_dew)
+    del loss_bar_dew_t0, loss_bar_dew_t1, loss_bar_dew_t2
     del y_matmul
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
     b2_bar = loss_bar_dew.sum(axis=0)
@@ -225,7 +245,16 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     y_matmul = h @ W2
     del h
     loss_pow_t0 = y_matmul + b2
-    loss_pow = (-t + 2.0*loss_pow_t0/(np.sqrt(loss_pow_t0**2 + 0.001) + 1))**2
+    loss_pow = loss_pow_t0**2
+    np.add(loss_pow, 0.001, out=loss_pow)
+    np.sqrt(loss_pow, out=loss_pow)
+    np.add(loss_pow, 1, out=loss_pow)
+    np.divide(1, loss_pow, out=loss_pow)
+    np.multiply(loss_pow, 2.0, out=loss_pow)
+    np.multiply(loss_pow, loss_pow_t0, out=loss_pow)
+    np.subtract(loss_pow, t, out=loss_pow)
+    np.square(loss_pow, out=loss_pow)
+    del loss_pow_t0
     del y_matmul
     loss_sum = loss_pow.sum()
     del loss_pow
@@ -262,9 +291,17 @@ def forward(params, inputs, outputs=None):
     y_matmul = h @ W2
     del h
     y_t0 = y_matmul + b2
-    y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)
+    y = y_t0**2
+    np.add(y, 0.001, out=y)
+    np.sqrt(y, out=y)
+    np.add(y, 1, out=y)
+    np.divide(1, y, out=y)
+    np.multiply(y, 2.0, out=y)
+    np.multiply(y, y_t0, out=y)
+    del y_t0
     del y_matmul
-    loss_pow = (y - t)**2
+    loss_pow = y - t
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     result = {"y": y, "loss": np.asarray(loss)}
@@ -301,7 +338,14 @@ def _forward_1(params, inputs):
     y_matmul = h @ W2
     del h
     y_t0 = y_matmul + b2
-    y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)
+    y = y_t0**2
+    np.add(y, 0.001, out=y)
+    np.sqrt(y, out=y)
+    np.add(y, 1, out=y)
+    np.divide(1, y, out=y)
+    np.multiply(y, 2.0, out=y)
+    np.multiply(y, y_t0, out=y)
+    del y_t0
     del y_matmul
     return {"y": y}
 
@@ -316,15 +360,34 @@ def value_and_grad(params, inputs):
     h = h_arg*h_sigmoid
     y_matmul = h @ W2
     y_t0 = y_matmul + b2
-    y = 2.0*y_t0/(np.sqrt(y_t0**2 + 0.001) + 1)
-    loss_pow = (y - t)**2
+    y = y_t0**2
+    np.add(y, 0.001, out=y)
+    np.sqrt(y, out=y)
+    np.add(y, 1, out=y)
+    np.divide(1, y, out=y)
+    np.multiply(y, 2.0, out=y)
+    np.multiply(y, y_t0, out=y)
+    del y_t0
+    loss_pow = y - t
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. y_matmul
-    y_bar_dew_t0 = (y_matmul + b2)**2
-    y_bar_dew_t1 = np.sqrt(y_bar_dew_t0 + 0.001)
-    y_bar_dew_t2 = 1/(y_bar_dew_t1 + 1)
-    y_bar_dew = 2.0*y_bar_dew_t2*(y - t)*(-y_bar_dew_t0*y_bar_dew_t2/y_bar_dew_t1 + 1)/B
+    y_bar_dew_t0 = y_matmul + b2
+    np.square(y_bar_dew_t0, out=y_bar_dew_t0)
+    y_bar_dew_t1 = y_bar_dew_t0 + 0.001
+    np.sqrt(y_bar_dew_t1, out=y_bar_dew_t1)
+    y_bar_dew_t2 = y_bar_dew_t1 + 1
+    np.divide(1, y_bar_dew_t2, out=y_bar_dew_t2)
+    y_bar_dew = 1/y_bar_dew_t1
+    np.multiply(y_bar_dew, y_bar_dew_t0, out=y_bar_dew)
+    np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
+    np.subtract(1, y_bar_dew, out=y_bar_dew)
+    np.multiply(y_bar_dew, 2.0, out=y_bar_dew)
+    np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
+    np.divide(y_bar_dew, B, out=y_bar_dew)
+    np.multiply(y_bar_dew, y - t, out=y_bar_dew)
+    del y_bar_dew_t0, y_bar_dew_t1, y_bar_dew_t2
     del y_matmul, y
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. b2
     b2_bar = y_bar_dew.sum(axis=0)

@@ -257,17 +257,22 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    h1 = h1_erf + 1
+    np.multiply(h1, 0.5, out=h1)
+    np.multiply(h1, h1_arg, out=h1)
     h2_matmul = h1 @ W2
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    h2 = h2_erf + 1
+    np.multiply(h2, 0.5, out=h2)
+    np.multiply(h2, h2_arg, out=h2)
     logits_matmul = h2 @ W3
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -315,8 +320,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
+    h2_bar_add_c0 = h2_arg**2
+    np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
+    np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*np.exp(-0.5*h2_arg**2) + 1, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*h2_bar_add_c0 + 1, out=h2_bar)
+    del h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -326,8 +335,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
+    h1_bar_add_c0 = h1_arg**2
+    np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
+    np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*np.exp(-0.5*h1_arg**2) + 1, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*h1_bar_add_c0 + 1, out=h1_bar)
+    del h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)
@@ -360,7 +373,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -418,7 +432,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -491,17 +506,22 @@ def value_and_grad(params, inputs):
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
     h1_erf = _erf(0.7071067811865476*h1_arg)
-    h1 = (0.5)*h1_arg*(h1_erf + 1)
+    h1 = h1_erf + 1
+    np.multiply(h1, 0.5, out=h1)
+    np.multiply(h1, h1_arg, out=h1)
     h2_matmul = h1 @ W2
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
     h2_erf = _erf(0.7071067811865476*h2_arg)
-    h2 = (0.5)*h2_arg*(h2_erf + 1)
+    h2 = h2_erf + 1
+    np.multiply(h2, 0.5, out=h2)
+    np.multiply(h2, h2_arg, out=h2)
     logits_matmul = h2 @ W3
     logits = np.add(logits_matmul, b3, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -546,8 +566,12 @@ def value_and_grad(params, inputs):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
+    h2_bar_add_c0 = h2_arg**2
+    np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
+    np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*np.exp(-0.5*h2_arg**2) + 1, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*h2_bar_add_c0 + 1, out=h2_bar)
+    del h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -557,8 +581,12 @@ def value_and_grad(params, inputs):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
+    h1_bar_add_c0 = h1_arg**2
+    np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
+    np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*np.exp(-0.5*h1_arg**2) + 1, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*h1_bar_add_c0 + 1, out=h1_bar)
+    del h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)

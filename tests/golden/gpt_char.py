@@ -520,7 +520,12 @@ def forward(params, inputs, outputs=None):
     del m1_add
     m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
     del m1_matmul
-    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
+    m1_tanh = m1_arg**2
+    np.multiply(m1_tanh, 0.044715, out=m1_tanh)
+    np.add(m1_tanh, 1, out=m1_tanh)
+    np.multiply(m1_tanh, 0.7978845608028654, out=m1_tanh)
+    np.multiply(m1_tanh, m1_arg, out=m1_tanh)
+    np.tanh(m1_tanh, out=m1_tanh)
     np.multiply(m1_arg, 0.5, out=m1_arg)
     m1 = np.multiply(m1_arg, m1_tanh + 1, out=m1_arg)
     del m1_arg, m1_tanh
@@ -591,7 +596,12 @@ def forward(params, inputs, outputs=None):
     del m2_add
     m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
     del m2_matmul
-    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
+    m2_tanh = m2_arg**2
+    np.multiply(m2_tanh, 0.044715, out=m2_tanh)
+    np.add(m2_tanh, 1, out=m2_tanh)
+    np.multiply(m2_tanh, 0.7978845608028654, out=m2_tanh)
+    np.multiply(m2_tanh, m2_arg, out=m2_tanh)
+    np.tanh(m2_tanh, out=m2_tanh)
     np.multiply(m2_arg, 0.5, out=m2_arg)
     m2 = np.multiply(m2_arg, m2_tanh + 1, out=m2_arg)
     del m2_arg, m2_tanh
@@ -617,7 +627,8 @@ def forward(params, inputs, outputs=None):
     loss_take_label = np.take_along_axis(logits, loss_unignore_label[..., None], axis=-1)[..., 0]
     del loss_unignore_label
     loss_max = logits.max(axis=2, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=2, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -824,7 +835,12 @@ def _forward_1(params, inputs):
     del m1_add
     m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
     del m1_matmul
-    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
+    m1_tanh = m1_arg**2
+    np.multiply(m1_tanh, 0.044715, out=m1_tanh)
+    np.add(m1_tanh, 1, out=m1_tanh)
+    np.multiply(m1_tanh, 0.7978845608028654, out=m1_tanh)
+    np.multiply(m1_tanh, m1_arg, out=m1_tanh)
+    np.tanh(m1_tanh, out=m1_tanh)
     np.multiply(m1_arg, 0.5, out=m1_arg)
     m1 = np.multiply(m1_arg, m1_tanh + 1, out=m1_arg)
     del m1_arg, m1_tanh
@@ -895,7 +911,12 @@ def _forward_1(params, inputs):
     del m2_add
     m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
     del m2_matmul
-    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
+    m2_tanh = m2_arg**2
+    np.multiply(m2_tanh, 0.044715, out=m2_tanh)
+    np.add(m2_tanh, 1, out=m2_tanh)
+    np.multiply(m2_tanh, 0.7978845608028654, out=m2_tanh)
+    np.multiply(m2_tanh, m2_arg, out=m2_tanh)
+    np.tanh(m2_tanh, out=m2_tanh)
     np.multiply(m2_arg, 0.5, out=m2_arg)
     m2 = np.multiply(m2_arg, m2_tanh + 1, out=m2_arg)
     del m2_arg, m2_tanh
@@ -986,8 +1007,15 @@ def value_and_grad(params, inputs):
     m1_matmul = (m1_add.reshape(B*T, 64) @ Wf1).reshape((B, T, 256))
     m1_arg = np.add(m1_matmul, bf1, out=m1_matmul)
     del m1_matmul
-    m1_tanh = np.tanh(0.7978845608028654*m1_arg*(0.044715*m1_arg**2 + 1))
-    m1 = (0.5)*m1_arg*(m1_tanh + 1)
+    m1_tanh = m1_arg**2
+    np.multiply(m1_tanh, 0.044715, out=m1_tanh)
+    np.add(m1_tanh, 1, out=m1_tanh)
+    np.multiply(m1_tanh, 0.7978845608028654, out=m1_tanh)
+    np.multiply(m1_tanh, m1_arg, out=m1_tanh)
+    np.tanh(m1_tanh, out=m1_tanh)
+    m1 = m1_tanh + 1
+    np.multiply(m1, 0.5, out=m1)
+    np.multiply(m1, m1_arg, out=m1)
     y1_matmul = (m1.reshape(B*T, 256) @ Wp1).reshape((B, T, 64))
     np.add(x1, bp1, out=x1)
     y1 = np.add(x1, y1_matmul, out=x1)
@@ -1044,8 +1072,15 @@ def value_and_grad(params, inputs):
     m2_matmul = (m2_add.reshape(B*T, 64) @ Wf2).reshape((B, T, 256))
     m2_arg = np.add(m2_matmul, bf2, out=m2_matmul)
     del m2_matmul
-    m2_tanh = np.tanh(0.7978845608028654*m2_arg*(0.044715*m2_arg**2 + 1))
-    m2 = (0.5)*m2_arg*(m2_tanh + 1)
+    m2_tanh = m2_arg**2
+    np.multiply(m2_tanh, 0.044715, out=m2_tanh)
+    np.add(m2_tanh, 1, out=m2_tanh)
+    np.multiply(m2_tanh, 0.7978845608028654, out=m2_tanh)
+    np.multiply(m2_tanh, m2_arg, out=m2_tanh)
+    np.tanh(m2_tanh, out=m2_tanh)
+    m2 = m2_tanh + 1
+    np.multiply(m2, 0.5, out=m2)
+    np.multiply(m2, m2_arg, out=m2)
     y2_matmul = (m2.reshape(B*T, 256) @ Wp2).reshape((B, T, 64))
     np.add(x2, bp2, out=x2)
     y2 = np.add(x2, y2_matmul, out=x2)

@@ -214,10 +214,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del d_bar_broadcast_to
     d_bar_transpose = W3.T
     d_bar_matmul = d_bar_reshape @ d_bar_transpose
-    h2_bar_dtanh = d_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, d_bar_matmul, out=h2_bar_dtanh)
     h2_bar_transpose = W2.T
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     h1_bar_transpose = W1.T
     dx = h1_bar_dtanh @ h1_bar_transpose
     gnorm_mul = dx**2
@@ -235,6 +239,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_mul_2 = gp*(where((gnorm_sum > 0), sqrt(gnorm_sum), 0) - 1)**2 w.r.t. gnorm_sum
     loss_bar_dew_t0 = np.sqrt(gnorm_sum)
     loss_bar_dew = np.where((gnorm_sum > 0), gp*(loss_bar_dew_t0 - 1)/loss_bar_dew_t0, 0)
+    del loss_bar_dew_t0
     del gnorm_sum
     # backward of loss_mul = sign*d w.r.t. d
     d_bar = sign
@@ -252,14 +257,18 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     dx_bar_matmul_2 = h1_bar_dtanh.T @ dx_bar
     del h1_bar_dtanh, dx_bar
     # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew = dx_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, dx_bar_matmul, out=h1_bar_bar_dew)
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_2 = h2_bar_dtanh.T @ h1_bar_bar_dew
     del h2_bar_dtanh, h1_bar_bar_dew
     # backward of h2_bar_dtanh = d_bar_matmul*(1 - h2**2) w.r.t. d_bar_matmul
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     # backward of d_bar_matmul = d_bar_reshape @ d_bar_transpose w.r.t. d_bar_transpose
     d_bar_bar_matmul = d_bar_reshape.T @ h2_bar_bar_dew
     del d_bar_reshape, h2_bar_bar_dew
@@ -273,7 +282,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     d_bar_matmul_3 = h2.T @ d_bar_reshape_2
     del d_bar_reshape_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2)
+    h2_bar_dew = h2**2
+    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, -2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2, out=h2_bar_dew)
     del h2, d_bar_matmul, h2_bar_bar_matmul, d_bar_matmul_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -284,7 +295,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_matmul_3 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew = (1 - h1**2)*(-2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dew = h1**2
+    np.subtract(1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, -2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dew)
     del h1, h2_bar_matmul, dx_bar_matmul, h2_bar_matmul_2
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
@@ -420,7 +433,9 @@ def forward(params, inputs, outputs=None):
     loss_mul = sign*d
     loss_sum = loss_mul.sum()
     del loss_mul
-    loss_mul_2 = gp*(gnorm - 1)**2
+    loss_mul_2 = gnorm - 1
+    np.square(loss_mul_2, out=loss_mul_2)
+    np.multiply(loss_mul_2, gp, out=loss_mul_2)
     loss_sum_2 = loss_mul_2.sum()
     del loss_mul_2
     loss = loss_sum + loss_sum_2
@@ -533,13 +548,17 @@ def value_and_grad(params, inputs):
     # backward of d_matmul = h2 @ W3 w.r.t. h2
     d_bar_matmul = d_bar_reshape @ d_bar_transpose
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh = d_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, d_bar_matmul, out=h2_bar_dtanh)
     # backward of h2_matmul = h1 @ W2
     h2_bar_transpose = W2.T
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     # backward of h1_matmul = x @ W1
     h1_bar_transpose = W1.T
     # backward of h1_matmul = x @ W1 w.r.t. x
@@ -552,7 +571,9 @@ def value_and_grad(params, inputs):
     del d
     loss_sum = loss_mul.sum()
     del loss_mul
-    loss_mul_2 = gp*(gnorm - 1)**2
+    loss_mul_2 = gnorm - 1
+    np.square(loss_mul_2, out=loss_mul_2)
+    np.multiply(loss_mul_2, gp, out=loss_mul_2)
     loss_sum_2 = loss_mul_2.sum()
     del loss_mul_2
     loss = loss_sum + loss_sum_2
@@ -576,14 +597,18 @@ def value_and_grad(params, inputs):
     dx_bar_matmul_2 = h1_bar_dtanh.T @ dx_bar
     del h1_bar_dtanh, dx_bar
     # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew = dx_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, dx_bar_matmul, out=h1_bar_bar_dew)
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_2 = h2_bar_dtanh.T @ h1_bar_bar_dew
     del h2_bar_dtanh, h1_bar_bar_dew
     # backward of h2_bar_dtanh = d_bar_matmul*(1 - h2**2) w.r.t. d_bar_matmul
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     # backward of d_bar_matmul = d_bar_reshape @ d_bar_transpose w.r.t. d_bar_transpose
     d_bar_bar_matmul = d_bar_reshape.T @ h2_bar_bar_dew
     del d_bar_reshape, h2_bar_bar_dew
@@ -597,7 +622,9 @@ def value_and_grad(params, inputs):
     d_bar_matmul_3 = h2.T @ d_bar_reshape_2
     del d_bar_reshape_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2)
+    h2_bar_dew = h2**2
+    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, -2*h2*h2_bar_bar_matmul*d_bar_matmul + d_bar_matmul_2, out=h2_bar_dew)
     del h2, d_bar_matmul, h2_bar_bar_matmul, d_bar_matmul_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -608,7 +635,9 @@ def value_and_grad(params, inputs):
     h2_bar_matmul_3 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew = (1 - h1**2)*(-2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dew = h1**2
+    np.subtract(1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, -2*h1*dx_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dew)
     del h1, h2_bar_matmul, dx_bar_matmul, h2_bar_matmul_2
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)

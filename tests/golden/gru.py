@@ -252,10 +252,13 @@ def forward(params, inputs, outputs=None):
         n_getitem_2 = gh[:, 32:]
         h_new_getitem_2 = gh[:, 0:32]
         del gh
-        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        h_new_sigmoid = h_new_getitem + h_new_getitem_2
+        _sigmoid(h_new_sigmoid, out=h_new_sigmoid)
         del h_new_getitem_2
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
-        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        h_new_tanh = n_getitem_2*h_new_getitem_3
+        np.add(h_new_tanh, n_getitem, out=h_new_tanh)
+        np.tanh(h_new_tanh, out=h_new_tanh)
         del n_getitem_2, h_new_getitem_3
         u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
@@ -334,10 +337,13 @@ def _forward_1(params, inputs):
         n_getitem_2 = gh[:, 32:]
         h_new_getitem_2 = gh[:, 0:32]
         del gh
-        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        h_new_sigmoid = h_new_getitem + h_new_getitem_2
+        _sigmoid(h_new_sigmoid, out=h_new_sigmoid)
         del h_new_getitem_2
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
-        h_new_tanh = np.tanh(n_getitem + n_getitem_2*h_new_getitem_3)
+        h_new_tanh = n_getitem_2*h_new_getitem_3
+        np.add(h_new_tanh, n_getitem, out=h_new_tanh)
+        np.tanh(h_new_tanh, out=h_new_tanh)
         del n_getitem_2, h_new_getitem_3
         u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
@@ -385,11 +391,15 @@ def value_and_grad(params, inputs):
         del gh_matmul
         n_getitem_2 = gh[:, 32:]
         h_new_getitem_2 = gh[:, 0:32]
-        h_new_sigmoid = _sigmoid(h_new_getitem + h_new_getitem_2)
+        h_new_sigmoid = h_new_sigmoid_seq_2[t]
+        np.add(h_new_getitem, h_new_getitem_2, out=h_new_sigmoid)
+        _sigmoid(h_new_sigmoid, out=h_new_sigmoid)
         del h_new_getitem_2
         h_new_getitem_3 = h_new_sigmoid[:, 0:16]
         h_new_tanh = h_new_tanh_seq_2[t]
-        np.tanh(n_getitem + n_getitem_2*h_new_getitem_3, out=h_new_tanh)
+        np.multiply(n_getitem_2, h_new_getitem_3, out=h_new_tanh)
+        np.add(h_new_tanh, n_getitem, out=h_new_tanh)
+        np.tanh(h_new_tanh, out=h_new_tanh)
         del n_getitem_2, h_new_getitem_3
         u = h_new_sigmoid[:, 16:32]
         h_new = h_new_seq[t]
@@ -397,7 +407,6 @@ def value_and_grad(params, inputs):
         del u
         h_seq_2[t] = h
         gh_seq_2[t] = gh
-        h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h = h_new
     run = (np.array(h), h_new_seq, h_seq_2, gh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_getitem, run_getitem_2
@@ -405,7 +414,8 @@ def value_and_grad(params, inputs):
     hs = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
     pred_matmul = (hs.reshape(B*T, 16) @ Wo).reshape((B, T, 1))
-    loss_pow = (-y + pred_matmul + bo)**2
+    loss_pow = -y + pred_matmul + bo
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (-y + pred_matmul + bo)**2 w.r.t. pred_matmul
@@ -453,12 +463,18 @@ def value_and_grad(params, inputs):
         h_new_bar_dew = h_new_bar_add*(h - h_new_tanh)
         # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. h_new.ew
         h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
-        np.multiply(h_new_bar_add, 1 - u, out=h_new_bar_dew_2)
+        np.subtract(1, u, out=h_new_bar_dew_2)
+        np.multiply(h_new_bar_dew_2, h_new_bar_add, out=h_new_bar_dew_2)
         # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
-        h_new_bar_dew_3 = gh_bar_concatenate_seq[t, :, 32:48]
-        np.multiply(h_new_bar_dew_2*h_new_getitem, 1 - h_new_tanh**2, out=h_new_bar_dew_3)
+        h_new_bar_dew_3 = h_new_tanh**2
+        np.subtract(1, h_new_bar_dew_3, out=h_new_bar_dew_3)
+        np.multiply(h_new_bar_dew_3, h_new_bar_dew_2, out=h_new_bar_dew_3)
+        np.multiply(h_new_bar_dew_3, h_new_getitem, out=h_new_bar_dew_3)
         # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. h_new.getitem
-        h_new_bar_dew_4 = h_new_bar_dew_2*n_getitem*(1 - h_new_tanh**2)
+        h_new_bar_dew_4 = h_new_tanh**2
+        np.subtract(1, h_new_bar_dew_4, out=h_new_bar_dew_4)
+        np.multiply(h_new_bar_dew_4, h_new_bar_dew_2, out=h_new_bar_dew_4)
+        np.multiply(h_new_bar_dew_4, n_getitem, out=h_new_bar_dew_4)
         # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem)
         h_new_bar_concatenate = np.concatenate((h_new_bar_dew_4, h_new_bar_dew,), axis=1)
         del h_new_bar_dew, h_new_bar_dew_4
@@ -468,7 +484,7 @@ def value_and_grad(params, inputs):
         del h_new_bar_concatenate
         # backward of gh = gh.matmul + bh
         gh_bar_concatenate = gh_bar_concatenate_seq[t]
-        gh_bar_concatenate[:, 0:32] = h_new_bar_dew_5
+        np.concatenate((h_new_bar_dew_5, h_new_bar_dew_3,), axis=1, out=gh_bar_concatenate)
         del h_new_bar_dew_3
         # backward of gh.matmul = h @ Wh w.r.t. h
         gh_bar_matmul = gh_bar_concatenate @ WhT

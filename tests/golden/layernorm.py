@@ -167,7 +167,10 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     v_pow = xc**2
     v = v_pow.mean(axis=1, keepdims=True)
     del v_pow
-    loss_pow = (-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))**2
+    loss_pow = xc*(gamma/np.sqrt(v + 1e-05))
+    np.add(loss_pow, beta, out=loss_pow)
+    np.subtract(loss_pow, t, out=loss_pow)
+    np.square(loss_pow, out=loss_pow)
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.1)*loss_sum/total_rows
@@ -175,7 +178,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2
     loss_bar_dew = (0.2)*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
     loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
-    loss_bar_dew_2 = (0.2)*xc*(-t + beta + xc*(gamma*loss_bar_dew_2_t0))*(loss_bar_dew_2_t0/total_rows)
+    loss_bar_dew_2 = xc*(gamma*loss_bar_dew_2_t0)
+    np.add(loss_bar_dew_2, beta, out=loss_bar_dew_2)
+    np.subtract(loss_bar_dew_2, t, out=loss_bar_dew_2)
+    np.multiply(loss_bar_dew_2, 0.2, out=loss_bar_dew_2)
+    np.multiply(loss_bar_dew_2, xc, out=loss_bar_dew_2)
+    np.multiply(loss_bar_dew_2, (loss_bar_dew_2_t0/total_rows), out=loss_bar_dew_2)
+    del loss_bar_dew_2_t0
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. beta
     beta_bar = loss_bar_dew.sum(axis=0)
     del loss_bar_dew
@@ -183,13 +192,21 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss_bar_sum_to = loss_bar_dew_2.sum(axis=0)
     del loss_bar_dew_2
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. v
-    loss_bar_dew_3 = gamma*xc*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))
+    loss_bar_dew_3 = xc*(gamma/np.sqrt(v + 1e-05))
+    np.add(loss_bar_dew_3, beta, out=loss_bar_dew_3)
+    np.subtract(loss_bar_dew_3, t, out=loss_bar_dew_3)
+    np.multiply(loss_bar_dew_3, gamma, out=loss_bar_dew_3)
+    np.multiply(loss_bar_dew_3, xc, out=loss_bar_dew_3)
     loss_bar_sum_to_2 = loss_bar_dew_3.sum(axis=1, keepdims=True)
     del loss_bar_dew_3
     # backward of xc = mu_mul - mu
     xc_bar_t0 = v + 1e-05
     xc_bar_t1 = 1/np.sqrt(xc_bar_t0)
-    xc_bar = (0.02)*(10*gamma*(-t + beta + xc*(gamma*xc_bar_t1)) - xc*(loss_bar_sum_to_2/xc_bar_t0))*(xc_bar_t1/total_rows)
+    xc_bar = -xc*(loss_bar_sum_to_2/xc_bar_t0)
+    np.add(xc_bar, 10*gamma*(-t + beta + xc*(gamma*xc_bar_t1)), out=xc_bar)
+    np.multiply(xc_bar, 0.02, out=xc_bar)
+    np.multiply(xc_bar, (xc_bar_t1/total_rows), out=xc_bar)
+    del xc_bar_t0, xc_bar_t1
     del xc, v, loss_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
@@ -257,7 +274,8 @@ def forward(params, inputs, outputs=None):
     np.multiply(xc, (gamma/np.sqrt(v + 1e-05)), out=xc)
     y = np.add(xc, beta, out=xc)
     del xc, v
-    loss_pow = (y - t)**2
+    loss_pow = y - t
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     result = {"y": y, "loss": np.asarray(loss)}
@@ -303,7 +321,8 @@ def value_and_grad(params, inputs):
     v = v_pow.mean(axis=1, keepdims=True)
     del v_pow
     y = beta + xc*(gamma/np.sqrt(v + 1e-05))
-    loss_pow = (y - t)**2
+    loss_pow = y - t
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (y - t)**2 w.r.t. y

@@ -243,7 +243,8 @@ def forward(params, inputs, outputs=None):
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
-    loss_pow = (hs - y)**2
+    loss_pow = hs - y
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     result = {"hs": hs, "loss": np.asarray(loss)}
@@ -374,11 +375,14 @@ def value_and_grad(params, inputs):
     run_scan_out = run[2]
     hs = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
-    loss_pow = (hs - y)**2
+    loss_pow = hs - y
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (hs - y)**2 w.r.t. hs
-    hs_bar = (0.125)*(hs - y)*(1/(B*T))
+    hs_bar = hs - y
+    np.multiply(hs_bar, 0.125, out=hs_bar)
+    np.multiply(hs_bar, (1/(B*T)), out=hs_bar)
     del hs
     # backward of hs = transpose(run_scan_out, axes=(1, 0, 2)) w.r.t. run.scan_out
     hs_bar_transpose = np.transpose(hs_bar, (1, 0, 2))
@@ -414,7 +418,10 @@ def value_and_grad(params, inputs):
         h_new_bar_add = h_new_bar_t + h_new_bar
         # backward of h_new.ew = _sigmoid(h_new.getitem) w.r.t. h_new.getitem
         h_new_bar_dew = z_bar_concatenate_seq[t, :, 48:64]
-        np.multiply(h_new_sigmoid*h_new_bar_add*h_new_tanh, 1 - h_new_sigmoid, out=h_new_bar_dew)
+        np.subtract(1, h_new_sigmoid, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_sigmoid, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_bar_add, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_tanh, out=h_new_bar_dew)
         # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
         np.multiply(h_new_bar_add, 1 - h_new_tanh**2, out=h_new_bar_add)

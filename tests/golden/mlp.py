@@ -173,7 +173,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
     loss_neg = np.multiply(logits, y, out=logits)
@@ -225,7 +226,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
@@ -269,7 +271,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
@@ -319,7 +322,8 @@ def _forward_1(params, inputs):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
@@ -340,7 +344,8 @@ def value_and_grad(params, inputs):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
     del logits, probs_max

@@ -197,7 +197,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
     loss_neg = np.multiply(logits, y, out=logits)
@@ -249,7 +250,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     np.subtract((probs_max + np.log(probs_sum)), logits, out=logits)
@@ -293,7 +295,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
@@ -343,7 +346,8 @@ def _forward_1(params, inputs):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     del probs_exp
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
@@ -364,7 +368,8 @@ def value_and_grad(params, inputs):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
     del logits, probs_max
@@ -419,7 +424,8 @@ def jvp(params, inputs, tangents):
     logits = np.add(logits_matmul, b2, out=logits_matmul)
     del logits_matmul
     probs_max = logits.max(axis=1, keepdims=True)
-    probs_exp = np.exp(logits - probs_max)
+    probs_exp = logits - probs_max
+    np.exp(probs_exp, out=probs_exp)
     probs_sum = probs_exp.sum(axis=1, keepdims=True)
     probs_sub = np.add(logits, (-probs_max - np.log(probs_sum)), out=logits)
     del logits, probs_max
@@ -500,7 +506,9 @@ def hvp(params, inputs, v):
     loss_bar_dew = -y/B
     # backward of probs.ew = logits - probs.stop_gradient - log(probs.sum) w.r.t. probs_sum
     probs_bar_sum_to = loss_bar_dew.sum(axis=1, keepdims=True)
-    probs_bar_hoisted = -probs_bar_sum_to/probs_sum
+    probs_bar_hoisted = 1/probs_sum
+    np.negative(probs_bar_hoisted, out=probs_bar_hoisted)
+    np.multiply(probs_bar_hoisted, probs_bar_sum_to, out=probs_bar_hoisted)
     # backward of logits = logits_matmul + b2
     logits_bar = np.add(loss_bar_dew, probs_bar_hoisted*probs_exp, out=loss_bar_dew)
     del loss_bar_dew

@@ -189,10 +189,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_dmul_2 = x*u_sub
     u_bar_transpose = W3.T
     u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, u_bar_matmul, out=h2_bar_dtanh)
     h2_bar_transpose = W2.T
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     h1_bar_transpose = W1.T
     h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
     del h1_bar_dtanh
@@ -209,23 +213,37 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del d2u_bar_reshape
     h1_bar_bar_transpose = h1_bar_transpose.T
     h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, h1_bar_bar_matmul, out=h1_bar_bar_dew)
     h2_bar_bar_transpose = h2_bar_transpose.T
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     u_bar_bar_transpose = u_bar_transpose.T
     u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose
     u_bar_bar_dew = u_bar_bar_matmul
     del u_bar_bar_matmul
     u_bar_bar_dew_2 = -x + u_sub
     u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    h2_bar_dtanh_2 = h2**2
+    np.subtract(1, h2_bar_dtanh_2, out=h2_bar_dtanh_2)
+    np.multiply(h2_bar_dtanh_2, -2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2, out=h2_bar_dtanh_2)
     h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dtanh_2 = h1**2
+    np.subtract(1, h1_bar_dtanh_2, out=h1_bar_dtanh_2)
+    np.multiply(h1_bar_dtanh_2, -2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dtanh_2)
     h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
     del h1_bar_transpose
-    loss_sin = np.sin(3.141592653589793*x)
-    loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2
+    loss_sin = 3.141592653589793*x
+    np.sin(loss_sin, out=loss_sin)
+    loss_pow = -2*u_bar_dmul
+    np.add(loss_pow, h1_bar_matmul_2, out=loss_pow)
+    np.add(loss_pow, 9.869604401089358*loss_sin, out=loss_pow)
+    np.add(loss_pow, u_bar_bar_dew*u_sub, out=loss_pow)
+    np.subtract(loss_pow, u_bar_bar_dew*x, out=loss_pow)
+    np.square(loss_pow, out=loss_pow)
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = loss_sum/total_rows
@@ -233,6 +251,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. h1_bar_matmul_2
     loss_bar_dew_t0 = 2*u_bar_bar_dew
     loss_bar_dew = (2*h1_bar_matmul_2 - 4*u_bar_dmul + u_sub*loss_bar_dew_t0 - x*loss_bar_dew_t0 + 19.739208802178716*loss_sin)/total_rows
+    del loss_bar_dew_t0
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_dmul
     loss_bar_dew_2 = (-4*h1_bar_matmul_2 + 8*u_bar_dmul - 4*u_bar_bar_dew*u_sub + 4*u_bar_bar_dew*x - 39.47841760435743*loss_sin)/total_rows
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_bar_dew
@@ -251,16 +270,25 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h1_bar_bar_matmul_3 = h1_bar_dtanh_2.T @ loss_bar_dew
     del h1_bar_dtanh_2, loss_bar_dew
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul_2
-    h1_bar_bar_dew_2 = h1_bar_bar_matmul_2*(1 - h1**2)
+    h1_bar_bar_dew_2 = h1**2
+    np.subtract(1, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_2)
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew_3 = -2*h1_bar_bar_matmul_2*h1*h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew_3 = h1**2
+    np.subtract(1, h1_bar_bar_dew_3, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, -2, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul, out=h1_bar_bar_dew_3)
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
     del h2_bar_dtanh_2, h1_bar_bar_dew_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
-    h2_bar_bar_dew_2 = h2_bar_bar_matmul_2*(1 - h2**2)
+    h2_bar_bar_dew_2 = h2**2
+    np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew_2.T @ h2_bar_bar_dew_2
     del u_bar_bar_dew_2, h2_bar_bar_dew_2
@@ -271,14 +299,18 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ loss_bar_dew_3
     del h2_bar_bar_dew, loss_bar_dew_3
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul)
+    h2_bar_bar_bar_add = h2**2
+    np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add = (1 - h1**2)*(-2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul)
+    h1_bar_bar_bar_add = h1**2
+    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
+    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -296,7 +328,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4)
+    u_bar_bar_add = h2**2
+    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
+    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -311,10 +345,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_matmul_4 = h2.T @ loss_bar_dew_2
     del loss_bar_dew_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew_t0 = 1 - h2**2
+    h2_bar_dew_t0 = h2**2
+    np.subtract(1, h2_bar_dew_t0, out=h2_bar_dew_t0)
     h2_bar_dew_t1 = 2*h2
     h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2) + h2_bar_dew_t0*h2_bar_dew_t2) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
+    h2_bar_dew = h2_bar_dew_t0*h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2), out=h2_bar_dew)
+    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_dew_t0, out=h2_bar_dew)
+    del h2_bar_dew_t0, h2_bar_dew_t1, h2_bar_dew_t2
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -325,10 +366,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew_t0 = 1 - h1**2
+    h1_bar_dew_t0 = h1**2
+    np.subtract(1, h1_bar_dew_t0, out=h1_bar_dew_t0)
     h1_bar_dew_t1 = 2*h1
     h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2) + h1_bar_dew_t0*h1_bar_dew_t2) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
+    h1_bar_dew = h1_bar_dew_t0*h1_bar_dew_t2
+    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2), out=h1_bar_dew)
+    np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
+    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, h1_bar_dew_t0, out=h1_bar_dew)
+    del h1_bar_dew_t0, h1_bar_dew_t1, h1_bar_dew_t2
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
@@ -366,11 +414,15 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     u_bar_transpose = W3.T
     u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
     del u_bar_dmul_2
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, u_bar_matmul, out=h2_bar_dtanh)
     h2_bar_transpose = W2.T
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
     del h2_bar_dtanh
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     h1_bar_transpose = W1.T
     h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
     del h1_bar_dtanh
@@ -387,10 +439,14 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del d2u_bar_reshape
     h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_transpose.T
     del h1_bar_bar_broadcast_to
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, h1_bar_bar_matmul, out=h1_bar_bar_dew)
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
     del h1_bar_bar_dew
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_transpose.T
     del h2_bar_bar_dew
     u_bar_bar_dew = u_bar_bar_matmul
@@ -398,15 +454,20 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     u_bar_bar_dew_2 = -x + u_sub
     u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose
     del u_bar_transpose, u_bar_bar_dew_2
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    h2_bar_dtanh_2 = h2**2
+    np.subtract(1, h2_bar_dtanh_2, out=h2_bar_dtanh_2)
+    np.multiply(h2_bar_dtanh_2, -2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2, out=h2_bar_dtanh_2)
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2
     h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
     del h2_bar_transpose, h2_bar_dtanh_2
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dtanh_2 = h1**2
+    np.subtract(1, h1_bar_dtanh_2, out=h1_bar_dtanh_2)
+    np.multiply(h1_bar_dtanh_2, -2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dtanh_2)
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2
     h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
     del h1_bar_transpose, h1_bar_dtanh_2
-    loss_sin = np.sin(3.141592653589793*x)
+    loss_sin = 3.141592653589793*x
+    np.sin(loss_sin, out=loss_sin)
     np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
     np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
     np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
@@ -460,14 +521,18 @@ def forward(params, inputs, outputs=None):
     u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
     del u_bar_dmul_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, u_bar_matmul, out=h2_bar_dtanh)
     # backward of h2_matmul = h1 @ W2
     h2_bar_transpose = W2.T
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
     del h2_bar_dtanh
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     # backward of h1_matmul = x @ W1
     h1_bar_transpose = W1.T
     # backward of h1_matmul = x @ W1 w.r.t. x
@@ -492,12 +557,16 @@ def forward(params, inputs, outputs=None):
     h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_transpose.T
     del h1_bar_bar_broadcast_to
     # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, h1_bar_bar_matmul, out=h1_bar_bar_dew)
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_transpose.T
     del h1_bar_bar_dew
     # backward of h2_bar_dtanh = u_bar_matmul*(1 - h2**2) w.r.t. u_bar_matmul
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_dmul_2
     u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_transpose.T
     del h2_bar_bar_dew
@@ -507,13 +576,17 @@ def forward(params, inputs, outputs=None):
     u_bar_matmul_2 = u_bar_bar_dew @ u_bar_transpose
     del u_bar_transpose, u_bar_bar_dew
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    h2_bar_dtanh_2 = h2**2
+    np.subtract(1, h2_bar_dtanh_2, out=h2_bar_dtanh_2)
+    np.multiply(h2_bar_dtanh_2, -2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2, out=h2_bar_dtanh_2)
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
     del h2_bar_transpose, h2_bar_dtanh_2
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dtanh_2 = h1**2
+    np.subtract(1, h1_bar_dtanh_2, out=h1_bar_dtanh_2)
+    np.multiply(h1_bar_dtanh_2, -2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dtanh_2)
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2
     # backward of h1_matmul = x @ W1 w.r.t. x
     h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
@@ -523,7 +596,8 @@ def forward(params, inputs, outputs=None):
     np.add(h1_bar_matmul_2, u_sub*u_bar_bar_matmul, out=h1_bar_matmul_2)
     d2u = np.subtract(h1_bar_matmul_2, x*u_bar_bar_matmul, out=h1_bar_matmul_2)
     del u_sub, u_bar_dmul, u_bar_bar_matmul, h1_bar_matmul_2
-    loss_sin = np.sin(3.141592653589793*x)
+    loss_sin = 3.141592653589793*x
+    np.sin(loss_sin, out=loss_sin)
     np.multiply(loss_sin, 9.869604401089358, out=loss_sin)
     np.add(loss_sin, d2u, out=loss_sin)
     loss_pow = np.square(loss_sin, out=loss_sin)
@@ -559,13 +633,17 @@ def value_and_grad(params, inputs):
     # backward of u_matmul = h2 @ W3 w.r.t. h2
     u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh = u_bar_matmul*(1 - h2**2)
+    h2_bar_dtanh = h2**2
+    np.subtract(1, h2_bar_dtanh, out=h2_bar_dtanh)
+    np.multiply(h2_bar_dtanh, u_bar_matmul, out=h2_bar_dtanh)
     # backward of h2_matmul = h1 @ W2
     h2_bar_transpose = W2.T
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh = h2_bar_matmul*(1 - h1**2)
+    h1_bar_dtanh = h1**2
+    np.subtract(1, h1_bar_dtanh, out=h1_bar_dtanh)
+    np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     # backward of h1_matmul = x @ W1
     h1_bar_transpose = W1.T
     # backward of h1_matmul = x @ W1 w.r.t. x
@@ -590,13 +668,17 @@ def value_and_grad(params, inputs):
     # backward of h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose w.r.t. h1_bar_dtanh
     h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
     # backward of h1_bar_dtanh = h2_bar_matmul*(1 - h1**2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew = h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew = h1**2
+    np.subtract(1, h1_bar_bar_dew, out=h1_bar_bar_dew)
+    np.multiply(h1_bar_bar_dew, h1_bar_bar_matmul, out=h1_bar_bar_dew)
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose
     h2_bar_bar_transpose = h2_bar_transpose.T
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_dtanh
     h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
     # backward of h2_bar_dtanh = u_bar_matmul*(1 - h2**2) w.r.t. u_bar_matmul
-    h2_bar_bar_dew = h2_bar_bar_matmul*(1 - h2**2)
+    h2_bar_bar_dew = h2**2
+    np.subtract(1, h2_bar_bar_dew, out=h2_bar_bar_dew)
+    np.multiply(h2_bar_bar_dew, h2_bar_bar_matmul, out=h2_bar_bar_dew)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
     u_bar_bar_transpose = u_bar_transpose.T
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_dmul_2
@@ -606,11 +688,15 @@ def value_and_grad(params, inputs):
     # backward of u_matmul = h2 @ W3 w.r.t. h2
     u_bar_matmul_2 = u_bar_bar_dew @ u_bar_transpose
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2)
+    h2_bar_dtanh_2 = h2**2
+    np.subtract(1, h2_bar_dtanh_2, out=h2_bar_dtanh_2)
+    np.multiply(h2_bar_dtanh_2, -2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2, out=h2_bar_dtanh_2)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2)
+    h1_bar_dtanh_2 = h1**2
+    np.subtract(1, h1_bar_dtanh_2, out=h1_bar_dtanh_2)
+    np.multiply(h1_bar_dtanh_2, -2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2, out=h1_bar_dtanh_2)
     # backward of h1_matmul = x @ W1 w.r.t. x
     h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose
     del h1_bar_transpose
@@ -619,8 +705,11 @@ def value_and_grad(params, inputs):
     np.add(h1_bar_matmul_2, u_sub*u_bar_bar_matmul, out=h1_bar_matmul_2)
     d2u = np.subtract(h1_bar_matmul_2, x*u_bar_bar_matmul, out=h1_bar_matmul_2)
     del u_bar_dmul, u_bar_bar_matmul, h1_bar_matmul_2
-    loss_sin = np.sin(3.141592653589793*x)
-    loss_pow = (d2u + 9.869604401089358*loss_sin)**2
+    loss_sin = 3.141592653589793*x
+    np.sin(loss_sin, out=loss_sin)
+    loss_pow = 9.869604401089358*loss_sin
+    np.add(loss_pow, d2u, out=loss_pow)
+    np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of loss_pow = (d2u + 9.869604401089358*loss_sin)**2 w.r.t. d2u
@@ -641,16 +730,25 @@ def value_and_grad(params, inputs):
     h1_bar_bar_matmul_3 = h1_bar_dtanh_2.T @ d2u_bar
     del h1_bar_dtanh_2, d2u_bar
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul_2
-    h1_bar_bar_dew_2 = h1_bar_bar_matmul_2*(1 - h1**2)
+    h1_bar_bar_dew_2 = h1**2
+    np.subtract(1, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_2)
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew_3 = -2*h1_bar_bar_matmul_2*h1*h1_bar_bar_matmul*(1 - h1**2)
+    h1_bar_bar_dew_3 = h1**2
+    np.subtract(1, h1_bar_bar_dew_3, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, -2, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1, out=h1_bar_bar_dew_3)
+    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul, out=h1_bar_bar_dew_3)
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
     del h2_bar_dtanh_2, h1_bar_bar_dew_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
-    h2_bar_bar_dew_2 = h2_bar_bar_matmul_2*(1 - h2**2)
+    h2_bar_bar_dew_2 = h2**2
+    np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew.T @ h2_bar_bar_dew_2
     del u_bar_bar_dew, h2_bar_bar_dew_2
@@ -661,14 +759,18 @@ def value_and_grad(params, inputs):
     u_bar_bar_bar_matmul_2 = h2_bar_bar_dew.T @ d2u_bar_dew_2
     del h2_bar_bar_dew, d2u_bar_dew_2
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
-    h2_bar_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul)
+    h2_bar_bar_bar_add = h2**2
+    np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add = (1 - h1**2)*(-2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul)
+    h1_bar_bar_bar_add = h1**2
+    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
+    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -686,7 +788,9 @@ def value_and_grad(params, inputs):
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add = (1 - h2**2)*(-2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4)
+    u_bar_bar_add = h2**2
+    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
+    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -701,10 +805,17 @@ def value_and_grad(params, inputs):
     u_bar_matmul_4 = h2.T @ d2u_bar_dew
     del d2u_bar_dew
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew_t0 = 1 - h2**2
+    h2_bar_dew_t0 = h2**2
+    np.subtract(1, h2_bar_dew_t0, out=h2_bar_dew_t0)
     h2_bar_dew_t1 = 2*h2
     h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*(u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2) + h2_bar_dew_t0*h2_bar_dew_t2) - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1)
+    h2_bar_dew = h2_bar_dew_t0*h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2), out=h2_bar_dew)
+    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_dew_t0, out=h2_bar_dew)
+    del h2_bar_dew_t0, h2_bar_dew_t1, h2_bar_dew_t2
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -715,10 +826,17 @@ def value_and_grad(params, inputs):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew_t0 = 1 - h1**2
+    h1_bar_dew_t0 = h1**2
+    np.subtract(1, h1_bar_dew_t0, out=h1_bar_dew_t0)
     h1_bar_dew_t1 = 2*h1
     h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*(h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2) + h1_bar_dew_t0*h1_bar_dew_t2) - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1)
+    h1_bar_dew = h1_bar_dew_t0*h1_bar_dew_t2
+    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2), out=h1_bar_dew)
+    np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
+    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, h1_bar_dew_t0, out=h1_bar_dew)
+    del h1_bar_dew_t0, h1_bar_dew_t1, h1_bar_dew_t2
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)

@@ -217,7 +217,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b_out, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -314,7 +315,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     logits = np.add(logits_matmul, b_out, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -370,7 +372,8 @@ def forward(params, inputs, outputs=None):
     logits = np.add(logits_matmul, b_out, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -459,7 +462,8 @@ def value_and_grad(params, inputs):
     logits = np.add(logits_matmul, b_out, out=logits_matmul)
     del logits_matmul
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max

@@ -207,7 +207,8 @@ def forward(params, inputs, outputs=None):
     logits = run_scan_out @ Wo
     del run_scan_out
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     del loss_exp
     np.log(loss_sum, out=loss_sum)
@@ -254,7 +255,8 @@ def value_and_grad(params, inputs):
     run_scan_out = run[0]
     logits = run_scan_out @ Wo
     loss_max = logits.max(axis=1, keepdims=True)
-    loss_exp = np.exp(logits - loss_max)
+    loss_exp = logits - loss_max
+    np.exp(loss_exp, out=loss_exp)
     loss_sum = loss_exp.sum(axis=1, keepdims=True)
     loss_add = loss_max + np.log(loss_sum)
     del loss_max
@@ -308,10 +310,12 @@ def value_and_grad(params, inputs):
     for t in range(T - 1, -1, -1):
         h_new = h_new_seq[t]
         # backward of h_new = tanh(b + h_new.matmul + h_new.matmul)
-        h_new_bar_dew = h_new_bar_dew_seq[t]
-        np.multiply(h_new_bar, 1 - h_new**2, out=h_new_bar_dew)
+        h_new_bar_dew = h_new**2
+        np.subtract(1, h_new_bar_dew, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_bar, out=h_new_bar_dew)
         # backward of h_new.matmul = h @ Wh w.r.t. h
         h_new_bar_matmul = h_new_bar_dew @ WhT
+        h_new_bar_dew_seq[t] = h_new_bar_dew
         h_new_bar = h_new_bar_matmul
     run_bar_scan = (h_new_bar, h_new_bar_dew_seq,)
     del run_transpose, logits_bar_matmul, h_new_seq

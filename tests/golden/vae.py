@@ -280,7 +280,8 @@ def forward(params, inputs, outputs=None, *, rng=None, train=True):
     logvar = np.add(logvar_matmul, blv, out=logvar_matmul)
     del logvar_matmul
     z_random = np.random.default_rng([_seed, 0]).standard_normal((B, 8), dtype=We.dtype)
-    z_exp = np.exp(0.5*logvar)
+    z_exp = 0.5*logvar
+    np.exp(z_exp, out=z_exp)
     np.multiply(z_random, z_exp, out=z_random)
     z = np.add(z_random, mu, out=z_random)
     del z_random, z_exp
@@ -338,7 +339,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True):
     logvar = np.add(logvar_matmul, blv, out=logvar_matmul)
     del logvar_matmul
     z_random = np.random.default_rng([_seed, 0]).standard_normal((B, 8), dtype=We.dtype)
-    z_exp = np.exp(0.5*logvar)
+    z_exp = 0.5*logvar
+    np.exp(z_exp, out=z_exp)
     z = mu + z_random*z_exp
     logits_matmul = z @ Wd
     np.add(logits_matmul, bd, out=logits_matmul)
