@@ -482,8 +482,9 @@ _OUT_BINOPS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Di
 def _write_into(body: list[str], name: str, slot: str) -> bool:
     """Rewrite the statement ``name = <value>`` of ``body`` to compute the value into
     ``slot`` (a row of a preallocated stack) and bind ``name`` to that row, when the
-    value is one call that takes ``out=`` (a ufunc, ``np.concatenate``) or one binary
-    arithmetic operator: the row is then written once, with no temporary and no copy."""
+    value is one call that takes ``out=`` (a ufunc, ``np.concatenate``), one binary
+    arithmetic operator, a square or a negation (the first statement of an in-place
+    chain): the row is then written once, with no temporary and no copy."""
     prefix = f"{name} = "
     for i, line in enumerate(body):
         if line.startswith(prefix):
@@ -509,6 +510,9 @@ def _write_into(body: list[str], name: str, slot: str) -> bool:
         call = f"{text[:-1]}, out={name})"
     elif isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
         call = f"np.negative({ast.get_source_segment(line, value.operand)}, out={name})"
+    elif isinstance(value, ast.BinOp) and isinstance(value.op, ast.Pow) and \
+            isinstance(value.right, ast.Constant) and value.right.value == 2:
+        call = f"np.square({ast.get_source_segment(line, value.left)}, out={name})"
     elif isinstance(value, ast.BinOp) and type(value.op) in _OUT_BINOPS:
         left = ast.get_source_segment(line, value.left)
         right = ast.get_source_segment(line, value.right)

@@ -223,6 +223,10 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
             return
         spine = next(a for a in e.args if a.has(buffer))
         others = [a for a in e.args if a is not spine]
+        if (e.is_Add or e.is_Mul) and sum(map(_scalar, others)) > 1:
+            # the numbers and dims among them as one: a pass over the array each otherwise
+            scalars = [o for o in others if _scalar(o)]
+            others = [o for o in others if not _scalar(o)] + [e.func(*scalars)]
         if e.is_Mul and sp.S.NegativeOne in others and spine.is_Add:
             # -(a - b) = b - a: fold the sign into the sum instead of a pass of its own
             rest = [o for o in others if o != -1]
@@ -281,6 +285,11 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
     except _NotInPlace:
         return None
     return calls
+
+
+def _scalar(e: sp.Expr) -> bool:
+    """A number, or an expression of dims (B, T): a Python scalar at run time."""
+    return all(not s.name.startswith("%") for s in e.free_symbols)
 
 
 class Grouped(sp.Function):

@@ -128,9 +128,9 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     With ``into`` (the variable of a dead input buffer of the node's shape), the
     chain of operations from that input to the result is computed in place.
     Otherwise each value (the result, a temporary) is computed into one new array
-    (``_into_new``).
+    where that makes fewer arrays (``_Chains``).
     """
-    from backcomp.printer import group_small, print_expr, print_into
+    from backcomp.printer import group_small, print_expr
     names = {arg_symbol(i): a for i, a in enumerate(args)}
     small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
     expr = group_small(_common_factors_out(node_expr(node)), small)
@@ -140,24 +140,23 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     if node.shape == () or any(x.dtype not in ("float", "bool") for x in node.inputs):
         full = set()   # (0-d operands give NumPy scalars, which have no out=)
     if into is not None:
-        buffer = arg_symbol(args.index(into))
-        lines, rest = _calls_in_place(expr, names, out, full, buffer)
-        calls = print_into(rest, names, into, buffer)
+        chains = _Chains(out, dict(names), set(full))
+        calls = chains.into(expr, into, arg_symbol(args.index(into)))
         if calls:
-            return lines + calls[:-1] + [f"{out} = {calls[-1]}"] + _del(lines.temporaries)
-        names = {arg_symbol(i): a for i, a in enumerate(args)}
+            return chains.lines + calls[:-1] + [f"{out} = {calls[-1]}"] + _del(chains.temporaries)
     temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
     temps, body = _cube_bases_named(temps, body)
-    lines = []
+    chains = _Chains(out, names, full)
     for k, (sym, sub) in enumerate(temps):
-        lines += _into_new(sub, f"{out}_t{k}", names, full)
+        chains.new(sub, f"{out}_t{k}")
         names[sym] = f"{out}_t{k}"
         if sub.free_symbols & full and not isinstance(sub, sp.logic.boolalg.Boolean):
             full.add(sym)
     value = _full_shape(node, expr, args, print_expr(body, names))
     if value != print_expr(body, names):   # a folded value: written into a new array of its own
-        return lines + [f"{out} = {value}"]
-    return lines + _into_new(body, out, names, full) + _del([f"{out}_t{k}" for k in range(len(temps))])
+        return chains.lines + [f"{out} = {value}"]
+    chains.new(body, out)
+    return chains.lines + _del([f"{out}_t{k}" for k in range(len(temps))] + chains.temporaries)
 
 
 def _del(temporaries: list[str]) -> list[str]:
@@ -198,16 +197,19 @@ def _arrays_made(e: sp.Expr, full: set[sp.Symbol]) -> int:
         return 0
     if type(e).__name__ == "Grouped":
         return _arrays_made(e.args[0], full)
-    made = sum(_arrays_made(a, full) for a in e.args)
+    def leaf(a) -> bool:   # in a sum, −x prints as a subtraction: no operation of its own
+        return a.is_Symbol or a.is_number or e.is_Add and (-a).is_Symbol
+
+    made = sum(_arrays_made(a, full) for a in e.args if not leaf(a))
     if not (e.is_Add or e.is_Mul):
         return made + 1
     numbers = [a for a in e.args if a.is_number]
     operands = numbers + [a for a in e.args if not a.is_number] if e.is_Mul \
         else [a for a in e.args if not a.is_number] + numbers
     value = operands[0]
-    temporary, wide = not value.is_Symbol and not value.is_number and is_full(value), is_full(value)
+    temporary, wide = not leaf(value) and is_full(value), is_full(value)
     for a in operands[1:]:
-        a_temporary = not a.is_Symbol and not a.is_number and is_full(a)
+        a_temporary = not leaf(a) and is_full(a)
         if not (temporary and not a.is_number or a_temporary and not value.is_number):
             made += 1 if wide or is_full(a) else 0
         wide = wide or is_full(a)
@@ -226,54 +228,59 @@ def _chain_cost(expr: sp.Expr, start: sp.Expr, full: set[sp.Symbol]) -> int:
     return cost
 
 
-def _into_new(expr: sp.Expr, var: str, names: dict, full: set[sp.Symbol]) -> list[str]:
-    """``var = <expr>``, as a chain in one new array where that makes fewer arrays: the
-    first operation allocates it, the rest run in it (``np.multiply(var, 0.5, out=var)``).
-    NumPy reuses a temporary itself only in an operation between arrays, never in a
-    function call or with a Python number and float32 (``0.5*x*(e + 1)`` makes two
-    arrays of x's size, where one does); each array that large is fresh memory from
-    the OS on every call, a page fault per 4 KiB."""
-    from backcomp.printer import print_expr, print_into
-    start = _chain_start(expr, full)
-    if start is not None and _chain_cost(expr, start, full) < _arrays_made(expr, full):
-        here = sp.Symbol("%here")
-        calls = print_into(expr.xreplace({start: here}), {**names, here: var}, var, here)
-        if calls:
-            return [f"{var} = {print_expr(start, names)}"] + calls
-    return [f"{var} = {print_expr(expr, names)}"]
+class _Chains:
+    """Prints values as chains of operations in one array each (``np.multiply(v, 0.5,
+    out=v)``) where that makes fewer arrays than one NumPy expression.
 
+    NumPy reuses a temporary itself only in an operation between two arrays, never in
+    a function call or with a Python number and float32: ``0.5*x*(e + 1)`` makes two
+    arrays of x's size where one does, ``tanh(c*x*(k*x**2 + 1))`` five.  Each array
+    that large is fresh memory from the OS on every call, a page fault per 4 KiB.
+    ``lines`` collects the statements; ``temporaries`` the variables they define for
+    operands off a chain (``{out}_c0``), which the statement deletes at its end.
+    """
 
-class _Temporaries(list):
-    """Statements, with the variables of the temporaries they define."""
-
-    def __init__(self):
-        super().__init__()
+    def __init__(self, out: str, names: dict, full: set[sp.Symbol]):
+        self.out, self.names, self.full = out, names, full
+        self.lines: list[str] = []
         self.temporaries: list[str] = []
 
+    def new(self, expr: sp.Expr, var: str) -> None:
+        """``var = <expr>``: a chain from its first operation when that makes fewer arrays."""
+        from backcomp.printer import print_expr
+        start = _chain_start(expr, self.full)
+        if start is not None and _chain_cost(expr, start, self.full) < _arrays_made(expr, self.full):
+            here = sp.Symbol("%here")
+            first = f"{var} = {print_expr(start, self.names)}"
+            calls = self.into(expr.xreplace({start: here}), var, here)
+            if calls:
+                self.lines += [first] + calls
+                return
+            expr = expr.xreplace({here: start})
+        self.lines.append(f"{var} = {print_expr(expr, self.names)}")
 
-def _calls_in_place(expr: sp.Expr, names: dict, out: str, full: set[sp.Symbol],
-                    keep: sp.Symbol) -> tuple[_Temporaries, sp.Expr]:
-    """The function calls off an in-place chain (np.exp(-0.5*x**2) in ḡ·(e + c·x·exp(…))),
-    each computed into a temporary of its own (``_into_new``), innermost first: printed
-    inline, a call takes an array for its argument and another for its value.
-    ``keep`` (the chain's buffer) stays in the expression.  Adds the temporaries'
-    variables to ``names``."""
-    lines, k = _Temporaries(), 0
-    while True:
-        ready = sorted((f for f in expr.atoms(sp.Function)
-                        if _chain_start(f, full) is not None and keep not in f.free_symbols
-                        and not any(_chain_start(g, full) is not None for g in f.args[0].atoms(sp.Function))),
-                       key=sp.default_sort_key)
-        if not ready:
-            return lines, expr
-        for f in ready:
-            var, symbol = f"{out}_c{k}", sp.Symbol(f"%c{k}")
-            lines += _into_new(f, var, names, full)
-            names[symbol] = var
-            lines.temporaries.append(var)
-            full.add(symbol)
-            expr = expr.xreplace({f: symbol})
-            k += 1
+    def into(self, expr: sp.Expr, buf: str, buffer: sp.Symbol) -> list[str] | None:
+        """The calls computing ``expr`` in ``buf``, which holds ``buffer`` (``print_into``),
+        or None; each operand off the chain that would make two arrays or more is
+        computed first, into a temporary of its own (the exp in ḡ·(e + c·x·exp(−x²/2)))."""
+        from backcomp.printer import print_into
+        heavy = set()
+
+        def visit(e):
+            for a in e.args:
+                if a.has(buffer):
+                    visit(a)
+                elif _arrays_made(a, self.full) >= 2:
+                    heavy.add(a)
+        visit(expr)
+        for a in sorted(heavy, key=sp.default_sort_key):
+            var, symbol = f"{self.out}_c{len(self.temporaries)}", sp.Symbol(f"%c{len(self.temporaries)}")
+            self.temporaries.append(var)   # before new(): its own operands take the next names
+            self.new(a, var)
+            self.names[symbol] = var
+            self.full.add(symbol)
+            expr = expr.xreplace({a: symbol})
+        return print_into(expr, {**self.names, buffer: buf}, buf, buffer)
 
 
 def _cube_bases_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:

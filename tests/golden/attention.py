@@ -195,8 +195,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of loss_pow = (-target + out_matmul + x)**2 w.r.t. out_matmul
     np.add(out_matmul, x, out=out_matmul)
     np.subtract(out_matmul, target, out=out_matmul)
-    np.multiply(out_matmul, 0.05, out=out_matmul)
-    loss_bar_dew = np.divide(out_matmul, total_rows, out=out_matmul)
+    loss_bar_dew = np.multiply(out_matmul, (0.05)/total_rows, out=out_matmul)
     del out_matmul
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = (loss_bar_dew.reshape(5*B, 8) @ Wo.T).reshape((B, 5, 8))
@@ -398,8 +397,7 @@ def value_and_grad(params, inputs):
     del loss_pow
     # backward of loss_pow = (out - target)**2 w.r.t. out
     np.subtract(out, target, out=out)
-    np.multiply(out, 0.05, out=out)
-    out_bar = np.divide(out, B, out=out)
+    out_bar = np.multiply(out, (0.05)/B, out=out)
     del out
     # backward of out_matmul = ctx @ Wo w.r.t. ctx
     ctx_bar = (out_bar.reshape(5*B, 8) @ Wo.T).reshape((B, 5, 8))

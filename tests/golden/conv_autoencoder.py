@@ -270,10 +270,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del loss_sum
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
     loss_bar_dew = 1 - loss_sigmoid
-    np.multiply(loss_bar_dew, 0.03125, out=loss_bar_dew)
     np.multiply(loss_bar_dew, loss_sigmoid, out=loss_bar_dew)
-    np.divide(loss_bar_dew, total_rows, out=loss_bar_dew)
     np.multiply(loss_bar_dew, loss_sigmoid - x, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, (0.03125)/total_rows, out=loss_bar_dew)
     del loss_sigmoid
     # backward of loss_sigmoid = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = loss_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))
@@ -596,10 +595,9 @@ def value_and_grad(params, inputs):
     del loss_pow
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. recon_conv_transpose2d
     recon_bar_dew = 1 - recon
-    np.multiply(recon_bar_dew, 0.03125, out=recon_bar_dew)
     np.multiply(recon_bar_dew, recon, out=recon_bar_dew)
-    np.divide(recon_bar_dew, B, out=recon_bar_dew)
     np.multiply(recon_bar_dew, recon - x, out=recon_bar_dew)
+    np.multiply(recon_bar_dew, (0.03125)/B, out=recon_bar_dew)
     del recon
     # backward of recon = _sigmoid(recon_conv_transpose2d + d2) w.r.t. d2
     d2_bar = recon_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((1, 1, 1))

@@ -208,10 +208,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.multiply(loss_bar_dew, loss_bar_dew_t0, out=loss_bar_dew)
     np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
     np.subtract(1, loss_bar_dew, out=loss_bar_dew)
-    np.multiply(loss_bar_dew, 2.0, out=loss_bar_dew)
     np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
-    np.divide(loss_bar_dew, total_rows, out=loss_bar_dew)
     np.multiply(loss_bar_dew, -t + loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2), out=loss_bar_dew)
+    np.multiply(loss_bar_dew, 2.0/total_rows, out=loss_bar_dew)
     del loss_bar_dew_t0, loss_bar_dew_t1, loss_bar_dew_t2
     del y_matmul
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
@@ -222,8 +221,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h.T @ loss_bar_dew
     del h, loss_bar_dew
     # backward of h_arg = h_matmul + b1
-    np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_arg*(1 - h_sigmoid) + 1, out=h_bar)
+    h_bar_add_c0 = 1 - h_sigmoid
+    np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
+    np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
+    np.multiply(h_bar, h_bar_add_c0, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_sigmoid, out=h_bar)
+    del h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)
@@ -383,10 +386,9 @@ def value_and_grad(params, inputs):
     np.multiply(y_bar_dew, y_bar_dew_t0, out=y_bar_dew)
     np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
     np.subtract(1, y_bar_dew, out=y_bar_dew)
-    np.multiply(y_bar_dew, 2.0, out=y_bar_dew)
     np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
-    np.divide(y_bar_dew, B, out=y_bar_dew)
     np.multiply(y_bar_dew, y - t, out=y_bar_dew)
+    np.multiply(y_bar_dew, 2.0/B, out=y_bar_dew)
     del y_bar_dew_t0, y_bar_dew_t1, y_bar_dew_t2
     del y_matmul, y
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. b2
@@ -397,8 +399,12 @@ def value_and_grad(params, inputs):
     W2_bar = h.T @ y_bar_dew
     del h, y_bar_dew
     # backward of h_arg = h_matmul + b1
-    np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_arg*(1 - h_sigmoid) + 1, out=h_bar)
+    h_bar_add_c0 = 1 - h_sigmoid
+    np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
+    np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
+    np.multiply(h_bar, h_bar_add_c0, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_sigmoid, out=h_bar)
+    del h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)

@@ -323,8 +323,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_add_c0 = h2_arg**2
     np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
     np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
+    np.multiply(h2_bar_add_c0, h2_arg, out=h2_bar_add_c0)
+    np.multiply(h2_bar_add_c0, 0.7978845608028654, out=h2_bar_add_c0)
+    np.add(h2_bar_add_c0, 1, out=h2_bar_add_c0)
+    np.add(h2_bar_add_c0, h2_erf, out=h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*h2_bar_add_c0 + 1, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_bar_add_c0, out=h2_bar)
     del h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
@@ -338,8 +342,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h1_bar_add_c0 = h1_arg**2
     np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
     np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
+    np.multiply(h1_bar_add_c0, h1_arg, out=h1_bar_add_c0)
+    np.multiply(h1_bar_add_c0, 0.7978845608028654, out=h1_bar_add_c0)
+    np.add(h1_bar_add_c0, 1, out=h1_bar_add_c0)
+    np.add(h1_bar_add_c0, h1_erf, out=h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*h1_bar_add_c0 + 1, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_bar_add_c0, out=h1_bar)
     del h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
@@ -569,8 +577,12 @@ def value_and_grad(params, inputs):
     h2_bar_add_c0 = h2_arg**2
     np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
     np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
+    np.multiply(h2_bar_add_c0, h2_arg, out=h2_bar_add_c0)
+    np.multiply(h2_bar_add_c0, 0.7978845608028654, out=h2_bar_add_c0)
+    np.add(h2_bar_add_c0, 1, out=h2_bar_add_c0)
+    np.add(h2_bar_add_c0, h2_erf, out=h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_erf + 0.7978845608028654*h2_arg*h2_bar_add_c0 + 1, out=h2_bar)
+    h2_bar_add = np.multiply(h2_bar, h2_bar_add_c0, out=h2_bar)
     del h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
@@ -584,8 +596,12 @@ def value_and_grad(params, inputs):
     h1_bar_add_c0 = h1_arg**2
     np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
     np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
+    np.multiply(h1_bar_add_c0, h1_arg, out=h1_bar_add_c0)
+    np.multiply(h1_bar_add_c0, 0.7978845608028654, out=h1_bar_add_c0)
+    np.add(h1_bar_add_c0, 1, out=h1_bar_add_c0)
+    np.add(h1_bar_add_c0, h1_erf, out=h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_erf + 0.7978845608028654*h1_arg*h1_bar_add_c0 + 1, out=h1_bar)
+    h1_bar_add = np.multiply(h1_bar, h1_bar_add_c0, out=h1_bar)
     del h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1

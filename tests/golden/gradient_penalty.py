@@ -341,11 +341,17 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del d_bar_broadcast_to
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
-    h2_bar_dtanh = np.multiply(d_bar_matmul, 1 - h2**2, out=d_bar_matmul)
+    h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
+    del h2_bar_dtanh_c0
     del h2, d_bar_matmul
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, 1 - h1**2, out=h2_bar_matmul)
+    h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     dx = h1_bar_dtanh @ W1.T
     del h1_bar_dtanh
@@ -413,13 +419,19 @@ def forward(params, inputs, outputs=None):
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh = np.multiply(d_bar_matmul, 1 - h2**2, out=d_bar_matmul)
+    h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
+    del h2_bar_dtanh_c0
     del h2, d_bar_matmul
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, 1 - h1**2, out=h2_bar_matmul)
+    h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     # backward of h1_matmul = x @ W1 w.r.t. x
     dx = h1_bar_dtanh @ W1.T
@@ -496,13 +508,19 @@ def _forward_1(params, inputs):
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh = np.multiply(d_bar_matmul, 1 - h2**2, out=d_bar_matmul)
+    h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
+    del h2_bar_dtanh_c0
     del h2, d_bar_matmul
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, 1 - h1**2, out=h2_bar_matmul)
+    h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     # backward of h1_matmul = x @ W1 w.r.t. x
     dx = h1_bar_dtanh @ W1.T

@@ -463,10 +463,10 @@ def value_and_grad(params, inputs):
         h_new_bar_dew = h_new_bar_add*(h - h_new_tanh)
         # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. h_new.ew
         h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
-        np.subtract(1, u, out=h_new_bar_dew_2)
-        np.multiply(h_new_bar_dew_2, h_new_bar_add, out=h_new_bar_dew_2)
+        np.multiply(h_new_bar_add, 1 - u, out=h_new_bar_dew_2)
         # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
-        h_new_bar_dew_3 = h_new_tanh**2
+        h_new_bar_dew_3 = gh_bar_concatenate_seq[t, :, 32:48]
+        np.square(h_new_tanh, out=h_new_bar_dew_3)
         np.subtract(1, h_new_bar_dew_3, out=h_new_bar_dew_3)
         np.multiply(h_new_bar_dew_3, h_new_bar_dew_2, out=h_new_bar_dew_3)
         np.multiply(h_new_bar_dew_3, h_new_getitem, out=h_new_bar_dew_3)
@@ -484,7 +484,7 @@ def value_and_grad(params, inputs):
         del h_new_bar_concatenate
         # backward of gh = gh.matmul + bh
         gh_bar_concatenate = gh_bar_concatenate_seq[t]
-        np.concatenate((h_new_bar_dew_5, h_new_bar_dew_3,), axis=1, out=gh_bar_concatenate)
+        gh_bar_concatenate[:, 0:32] = h_new_bar_dew_5
         del h_new_bar_dew_3
         # backward of gh.matmul = h @ Wh w.r.t. h
         gh_bar_matmul = gh_bar_concatenate @ WhT
@@ -499,7 +499,10 @@ def value_and_grad(params, inputs):
     run_bar_scan_out_2 = run_bar_scan[2]
     run_bar_scan_out_3 = run_bar_scan[3]
     del run_bar_scan
-    run_bar_dew = np.multiply(run_bar_scan_out, 1 - h_new_tanh_seq**2, out=run_bar_scan_out)
+    run_bar_dew_c0 = h_new_tanh_seq**2
+    np.subtract(1, run_bar_dew_c0, out=run_bar_dew_c0)
+    run_bar_dew = np.multiply(run_bar_scan_out, run_bar_dew_c0, out=run_bar_scan_out)
+    del run_bar_dew_c0
     del h_new_tanh_seq, run_bar_scan_out
     run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_dew,), axis=2)
     del run_bar_scan_out_2, run_bar_dew

@@ -202,11 +202,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of xc = mu_mul - mu
     xc_bar_t0 = v + 1e-05
     xc_bar_t1 = 1/np.sqrt(xc_bar_t0)
+    xc_bar_c0 = 10*gamma*(-t + beta + xc*(gamma*xc_bar_t1))
     xc_bar = -xc*(loss_bar_sum_to_2/xc_bar_t0)
-    np.add(xc_bar, 10*gamma*(-t + beta + xc*(gamma*xc_bar_t1)), out=xc_bar)
+    np.add(xc_bar, xc_bar_c0, out=xc_bar)
     np.multiply(xc_bar, 0.02, out=xc_bar)
     np.multiply(xc_bar, (xc_bar_t1/total_rows), out=xc_bar)
-    del xc_bar_t0, xc_bar_t1
+    del xc_bar_t0, xc_bar_t1, xc_bar_c0
     del xc, v, loss_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)
@@ -327,8 +328,7 @@ def value_and_grad(params, inputs):
     del loss_pow
     # backward of loss_pow = (y - t)**2 w.r.t. y
     np.subtract(y, t, out=y)
-    np.multiply(y, 0.2, out=y)
-    y_bar = np.divide(y, B, out=y)
+    y_bar = np.multiply(y, (0.2)/B, out=y)
     del y
     # backward of y = beta + gamma*xc/sqrt(v + 1e-05)
     y_bar_dew = y_bar*xc/np.sqrt(v + 1e-05)

@@ -259,9 +259,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.add(h1_bar_matmul_2, 9.869604401089358*loss_sin, out=h1_bar_matmul_2)
     np.add(h1_bar_matmul_2, u_bar_bar_dew*u_sub, out=h1_bar_matmul_2)
     np.subtract(h1_bar_matmul_2, u_bar_bar_dew*x, out=h1_bar_matmul_2)
-    np.multiply(h1_bar_matmul_2, 2, out=h1_bar_matmul_2)
-    np.divide(h1_bar_matmul_2, total_rows, out=h1_bar_matmul_2)
-    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, u_sub - x, out=h1_bar_matmul_2)
+    np.multiply(h1_bar_matmul_2, u_sub - x, out=h1_bar_matmul_2)
+    loss_bar_dew_3 = np.multiply(h1_bar_matmul_2, 2/total_rows, out=h1_bar_matmul_2)
     del u_sub, u_bar_dmul, u_bar_bar_dew, h1_bar_matmul_2, loss_sin
     # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_dtanh_2
     h1_bar_bar_matmul_2 = loss_bar_dew @ h1_bar_bar_transpose

@@ -310,12 +310,12 @@ def value_and_grad(params, inputs):
     for t in range(T - 1, -1, -1):
         h_new = h_new_seq[t]
         # backward of h_new = tanh(b + h_new.matmul + h_new.matmul)
-        h_new_bar_dew = h_new**2
+        h_new_bar_dew = h_new_bar_dew_seq[t]
+        np.square(h_new, out=h_new_bar_dew)
         np.subtract(1, h_new_bar_dew, out=h_new_bar_dew)
         np.multiply(h_new_bar_dew, h_new_bar, out=h_new_bar_dew)
         # backward of h_new.matmul = h @ Wh w.r.t. h
         h_new_bar_matmul = h_new_bar_dew @ WhT
-        h_new_bar_dew_seq[t] = h_new_bar_dew
         h_new_bar = h_new_bar_matmul
     run_bar_scan = (h_new_bar, h_new_bar_dew_seq,)
     del run_transpose, logits_bar_matmul, h_new_seq
