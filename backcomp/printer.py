@@ -273,6 +273,10 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
             write(spine)
             p.use_helper("sigmoid")   # not exp(-logaddexp(0, -x)): ten times slower
             calls.append(f"_sigmoid({into}, out={into})")
+        elif isinstance(e, sp.erf):
+            write(spine)
+            p.use_helper("erf")
+            calls.append(f"_erf({into}, out={into})")
         elif isinstance(e, (sp.Max, sp.Min)) and len(e.args) == 2:
             write(spine)
             fn = "maximum" if isinstance(e, sp.Max) else "minimum"
@@ -285,6 +289,13 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
     except _NotInPlace:
         return None
     return calls
+
+
+def in_place(e: sp.Expr) -> bool:
+    """Whether ``print_into`` can compute ``e`` in the array of one of its operands."""
+    return bool(e.is_Add or e.is_Mul or e.is_Pow and e.exp.is_Number or e.func in _UFUNCS
+                or isinstance(e, (sigmoid, softplus, sp.erf))
+                or isinstance(e, (sp.Max, sp.Min)) and len(e.args) == 2)
 
 
 def _scalar(e: sp.Expr) -> bool:
@@ -332,4 +343,4 @@ def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | N
     return text
 
 
-__all__ = ["NumpyExprPrinter", "collect_helpers", "use_helper", "print_expr", "float_literal", "sigmoid", "softplus"]
+__all__ = ["NumpyExprPrinter", "collect_helpers", "use_helper", "print_expr", "in_place", "float_literal", "sigmoid", "softplus"]

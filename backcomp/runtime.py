@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def _erf(x):
-    """erf in the dtype of x, vectorised, in blocks.
+def _erf(x, out=None):
+    """erf in the dtype of x, vectorised, in blocks; into ``out`` if given (x itself
+    may be it: each block is read before it is written).
 
     Every temporary of a block stays in cache and in malloc's free lists, where
     whole-array float64 temporaries cost a page fault per 4 KiB each call (3.5× slower
@@ -21,15 +22,20 @@ def _erf(x):
     """
     x = np.asarray(x)
     flat = x.reshape(-1)
-    out = np.empty(flat.shape, x.dtype if x.dtype.kind == "f" else np.float64)
-    if out.dtype == np.float32:
+    result = np.empty(x.shape, x.dtype if x.dtype.kind == "f" else np.float64) \
+        if out is None or not out.flags.c_contiguous else out
+    values = result.reshape(-1)   # a view: result is C-contiguous
+    if values.dtype == np.float32:
         with np.errstate(over="ignore", under="ignore"):   # huge |x|: see _erf_block32
             for start in range(0, flat.size, 65536):
-                _erf_block32(flat[start:start + 65536], out[start:start + 65536])
+                _erf_block32(flat[start:start + 65536], values[start:start + 65536])
     else:
         for start in range(0, flat.size, 16384):
-            out[start:start + 16384] = _erf_block(flat[start:start + 16384])
-    return out.reshape(x.shape)
+            values[start:start + 16384] = _erf_block(flat[start:start + 16384])
+    if out is not None and result is not out:
+        out[...] = result
+        return out
+    return result
 
 
 def _erf_block32(x, out):

@@ -134,3 +134,17 @@ def test_sigmoid_of_integers_is_float64():
     y = _sigmoid(np.array([1, 2, -3]))
     assert y.dtype == np.float64
     np.testing.assert_allclose(y, 1 / (1 + np.exp(-np.array([1.0, 2.0, -3.0]))), rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_erf_into_out_even_in_place_equals_the_fresh_result(dtype):
+    """Chains compute erf in the array of its argument: _erf(x, out=x)."""
+    from backcomp.runtime import _erf
+    x = (np.random.default_rng(3).standard_normal((7, 70000 // 7)) * 2).astype(dtype)
+    fresh = _erf(x)
+    same = x.copy()
+    assert _erf(same, out=same) is same
+    np.testing.assert_array_equal(same, fresh)
+    strided = np.empty((x.shape[1], x.shape[0]), dtype).T   # not C-contiguous: copied in
+    assert _erf(x, out=strided) is strided
+    np.testing.assert_array_equal(strided, fresh)

@@ -166,54 +166,67 @@ def _del(temporaries: list[str]) -> list[str]:
     return [f"del {', '.join(temporaries)}"] if temporaries else []
 
 
+def _negated_name(a: sp.Expr) -> bool:
+    """−x for a name x (without building −a: on a derivative's sum that is costly)."""
+    return a.is_Mul and len(a.args) == 2 and a.args[0] == -1 and a.args[1].is_Symbol
+
+
 def _chain_start(expr: sp.Expr, full: set[sp.Symbol]) -> sp.Expr | None:
     """Where a chain computing ``expr`` in one array starts: down from the root through
     computed operands of the full shape, the first operation whose operands are all
     plain names or numbers (``x**2`` in tanh(c·x·(k·x**2 + 1)), ``y - t`` in (y − t)²)."""
     def leaf(a, within) -> bool:   # in a sum, −x prints as a subtraction: no operation of its own
-        return a.is_Symbol or a.is_number or within.is_Add and (-a).is_Symbol
+        return a.is_Symbol or a.is_number or within.is_Add and _negated_name(a)
 
+    from backcomp.printer import in_place
     e = expr
-    while True:
-        inner = [a for a in e.args if not leaf(a, e) and a.free_symbols & full]
+    while in_place(e):
+        inner = [a for a in e.args if isinstance(a, sp.Expr) and not leaf(a, e) and a.free_symbols & full]
         if not inner:
             break
         e = inner[0]
-    ok = (e.is_Add or e.is_Mul or e.is_Pow or isinstance(e, sp.Function)) and e.free_symbols & full
-    return e if ok and e != expr else None
+    return e if e != expr and isinstance(e, sp.Expr) and e.free_symbols & full else None
 
 
-def _arrays_made(e: sp.Expr, full: set[sp.Symbol]) -> int:
+def _arrays_made(e: sp.Expr, full: set[sp.Symbol], memo: dict | None = None) -> int:
     """How many new arrays of the full shape ``e`` printed as one NumPy expression makes.
 
     NumPy reuses a temporary operand for the result (elision) only in an operation
     between two arrays: a function call, a power, or an operation with a Python
     number (float32 cannot take a float64 scalar in place) makes a new array.  Sums
-    and products run left to right, numbers first in products and last in sums."""
+    and products run left to right, numbers first in products and last in sums.
+    (``memo``: a derivative's tree repeats subexpressions, exponentially many times.)"""
+    memo = {} if memo is None else memo
+    if e in memo:
+        return memo[e]
+
     def is_full(a) -> bool:
         return bool(a.free_symbols & full)
 
-    if e.is_Symbol or e.is_number or not is_full(e):
-        return 0
-    if type(e).__name__ == "Grouped":
-        return _arrays_made(e.args[0], full)
     def leaf(a) -> bool:   # in a sum, −x prints as a subtraction: no operation of its own
-        return a.is_Symbol or a.is_number or e.is_Add and (-a).is_Symbol
+        return a.is_Symbol or a.is_number or e.is_Add and _negated_name(a)
 
-    made = sum(_arrays_made(a, full) for a in e.args if not leaf(a))
-    if not (e.is_Add or e.is_Mul):
-        return made + 1
-    numbers = [a for a in e.args if a.is_number]
-    operands = numbers + [a for a in e.args if not a.is_number] if e.is_Mul \
-        else [a for a in e.args if not a.is_number] + numbers
-    value = operands[0]
-    temporary, wide = not leaf(value) and is_full(value), is_full(value)
-    for a in operands[1:]:
-        a_temporary = not leaf(a) and is_full(a)
-        if not (temporary and not a.is_number or a_temporary and not value.is_number):
-            made += 1 if wide or is_full(a) else 0
-        wide = wide or is_full(a)
-        temporary, value = wide, a
+    if e.is_Symbol or e.is_number or not is_full(e):
+        made = 0
+    elif type(e).__name__ == "Grouped":
+        made = _arrays_made(e.args[0], full, memo)
+    else:
+        made = sum(_arrays_made(a, full, memo) for a in e.args if not leaf(a))
+        if not (e.is_Add or e.is_Mul):
+            made += 1
+        else:
+            numbers = [a for a in e.args if a.is_number]
+            operands = numbers + [a for a in e.args if not a.is_number] if e.is_Mul \
+                else [a for a in e.args if not a.is_number] + numbers
+            value = operands[0]
+            temporary, wide = not leaf(value) and is_full(value), is_full(value)
+            for a in operands[1:]:
+                a_temporary = not leaf(a) and is_full(a)
+                if not (temporary and not a.is_number or a_temporary and not value.is_number):
+                    made += 1 if wide or is_full(a) else 0
+                wide = wide or is_full(a)
+                temporary, value = wide, a
+    memo[e] = made
     return made
 
 
@@ -226,6 +239,14 @@ def _chain_cost(expr: sp.Expr, start: sp.Expr, full: set[sp.Symbol]) -> int:
         cost += sum(_arrays_made(a, full) for a in e.args if a is not on)
         e = on
     return cost
+
+
+def _replace(expr: sp.Expr, mapping: dict) -> sp.Expr:
+    """``expr.xreplace(mapping)`` without evaluating what it rebuilds: a name in place of
+    a subexpression changes no value, and re-evaluating sin(tanh(sin(…))) a hundred
+    levels deep takes SymPy minutes."""
+    with sp.evaluate(False):
+        return expr.xreplace(mapping)
 
 
 class _Chains:
@@ -252,25 +273,27 @@ class _Chains:
         if start is not None and _chain_cost(expr, start, self.full) < _arrays_made(expr, self.full):
             here = sp.Symbol("%here")
             first = f"{var} = {print_expr(start, self.names)}"
-            calls = self.into(expr.xreplace({start: here}), var, here)
+            calls = self.into(_replace(expr, {start: here}), var, here)
             if calls:
                 self.lines += [first] + calls
                 return
-            expr = expr.xreplace({here: start})
+            expr = _replace(expr, {here: start})
         self.lines.append(f"{var} = {print_expr(expr, self.names)}")
 
     def into(self, expr: sp.Expr, buf: str, buffer: sp.Symbol) -> list[str] | None:
         """The calls computing ``expr`` in ``buf``, which holds ``buffer`` (``print_into``),
         or None; each operand off the chain that would make two arrays or more is
         computed first, into a temporary of its own (the exp in ḡ·(e + c·x·exp(−x²/2)))."""
-        from backcomp.printer import print_into
+        from backcomp.printer import in_place, print_into
         heavy = set()
 
         def visit(e):
+            if not in_place(e):
+                return
             for a in e.args:
                 if a.has(buffer):
                     visit(a)
-                elif _arrays_made(a, self.full) >= 2:
+                elif isinstance(a, sp.Expr) and _arrays_made(a, self.full) >= 2:
                     heavy.add(a)
         visit(expr)
         for a in sorted(heavy, key=sp.default_sort_key):
@@ -279,7 +302,7 @@ class _Chains:
             self.new(a, var)
             self.names[symbol] = var
             self.full.add(symbol)
-            expr = expr.xreplace({a: symbol})
+            expr = _replace(expr, {a: symbol})
         return print_into(expr, {**self.names, buffer: buf}, buf, buffer)
 
 

@@ -752,8 +752,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_hoisted_2_c0 = h2_mode_select_2 + 1e-05
     np.power(h2_bar_hoisted_2_c0, -1.5, out=h2_bar_hoisted_2_c0)
     np.multiply(h2_bar_sum_to_2, -0.5, out=h2_bar_sum_to_2)
-    np.multiply(h2_bar_sum_to_2, h2_bar_hoisted_2_c0, out=h2_bar_sum_to_2)
-    h2_bar_hoisted_2 = np.multiply(h2_bar_sum_to_2, h2_reshape_3, out=h2_bar_sum_to_2)
+    np.multiply(h2_bar_sum_to_2, h2_reshape_3, out=h2_bar_sum_to_2)
+    h2_bar_hoisted_2 = np.multiply(h2_bar_sum_to_2, h2_bar_hoisted_2_c0, out=h2_bar_sum_to_2)
     del h2_bar_hoisted_2_c0
     del h2_bar_sum_to_2
     # backward of h2_mode_select_2 = mode_select(h2_mean_2, h2_reshape_2)
@@ -845,8 +845,8 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_hoisted_2_c0 = h1_mode_select_2 + 1e-05
     np.power(h1_bar_hoisted_2_c0, -1.5, out=h1_bar_hoisted_2_c0)
     np.multiply(h1_bar_sum_to_2, -0.5, out=h1_bar_sum_to_2)
-    np.multiply(h1_bar_sum_to_2, h1_bar_hoisted_2_c0, out=h1_bar_sum_to_2)
-    h1_bar_hoisted_2 = np.multiply(h1_bar_sum_to_2, h1_reshape_3, out=h1_bar_sum_to_2)
+    np.multiply(h1_bar_sum_to_2, h1_reshape_3, out=h1_bar_sum_to_2)
+    h1_bar_hoisted_2 = np.multiply(h1_bar_sum_to_2, h1_bar_hoisted_2_c0, out=h1_bar_sum_to_2)
     del h1_bar_hoisted_2_c0
     del h1_bar_sum_to_2
     # backward of h1_mode_select_2 = mode_select(h1_mean_2, h1_reshape_2)

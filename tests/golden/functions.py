@@ -224,8 +224,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h_bar_add_c0 = 1 - h_sigmoid
     np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
     np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
-    np.multiply(h_bar, h_bar_add_c0, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_sigmoid, out=h_bar)
+    np.multiply(h_bar, h_sigmoid, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_bar_add_c0, out=h_bar)
     del h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
@@ -402,8 +402,8 @@ def value_and_grad(params, inputs):
     h_bar_add_c0 = 1 - h_sigmoid
     np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
     np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
-    np.multiply(h_bar, h_bar_add_c0, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_sigmoid, out=h_bar)
+    np.multiply(h_bar, h_sigmoid, out=h_bar)
+    h_bar_add = np.multiply(h_bar, h_bar_add_c0, out=h_bar)
     del h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1

@@ -167,8 +167,9 @@ def _validate(params, inputs):
     return x, labels, W1, b1, W2, b2, W3, b3, B
 
 
-def _erf(x):
-    """erf in the dtype of x, vectorised, in blocks.
+def _erf(x, out=None):
+    """erf in the dtype of x, vectorised, in blocks; into ``out`` if given (x itself
+    may be it: each block is read before it is written).
 
     Every temporary of a block stays in cache and in malloc's free lists, where
     whole-array float64 temporaries cost a page fault per 4 KiB each call (3.5× slower
@@ -179,15 +180,20 @@ def _erf(x):
     """
     x = np.asarray(x)
     flat = x.reshape(-1)
-    out = np.empty(flat.shape, x.dtype if x.dtype.kind == "f" else np.float64)
-    if out.dtype == np.float32:
+    result = np.empty(x.shape, x.dtype if x.dtype.kind == "f" else np.float64) \
+        if out is None or not out.flags.c_contiguous else out
+    values = result.reshape(-1)   # a view: result is C-contiguous
+    if values.dtype == np.float32:
         with np.errstate(over="ignore", under="ignore"):   # huge |x|: see _erf_block32
             for start in range(0, flat.size, 65536):
-                _erf_block32(flat[start:start + 65536], out[start:start + 65536])
+                _erf_block32(flat[start:start + 65536], values[start:start + 65536])
     else:
         for start in range(0, flat.size, 16384):
-            out[start:start + 16384] = _erf_block(flat[start:start + 16384])
-    return out.reshape(x.shape)
+            values[start:start + 16384] = _erf_block(flat[start:start + 16384])
+    if out is not None and result is not out:
+        out[...] = result
+        return out
+    return result
 
 
 def _erf_block(x):
@@ -270,14 +276,16 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h1_matmul = x @ W1
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
-    h1_erf = _erf(0.7071067811865476*h1_arg)
+    h1_erf = 0.7071067811865476*h1_arg
+    _erf(h1_erf, out=h1_erf)
     h1 = h1_erf + 1
     np.multiply(h1, 0.5, out=h1)
     np.multiply(h1, h1_arg, out=h1)
     h2_matmul = h1 @ W2
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
-    h2_erf = _erf(0.7071067811865476*h2_arg)
+    h2_erf = 0.7071067811865476*h2_arg
+    _erf(h2_erf, out=h2_erf)
     h2 = h2_erf + 1
     np.multiply(h2, 0.5, out=h2)
     np.multiply(h2, h2_arg, out=h2)
@@ -378,7 +386,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     h1_matmul = x @ W1
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
-    h1_erf = _erf(0.7071067811865476*h1_arg)
+    h1_erf = 0.7071067811865476*h1_arg
+    _erf(h1_erf, out=h1_erf)
     np.multiply(h1_arg, 0.5, out=h1_arg)
     h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
     del h1_arg, h1_erf
@@ -386,7 +395,8 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del h1
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
-    h2_erf = _erf(0.7071067811865476*h2_arg)
+    h2_erf = 0.7071067811865476*h2_arg
+    _erf(h2_erf, out=h2_erf)
     np.multiply(h2_arg, 0.5, out=h2_arg)
     h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
     del h2_arg, h2_erf
@@ -437,7 +447,8 @@ def forward(params, inputs, outputs=None):
     h1_matmul = x @ W1
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
-    h1_erf = _erf(0.7071067811865476*h1_arg)
+    h1_erf = 0.7071067811865476*h1_arg
+    _erf(h1_erf, out=h1_erf)
     np.multiply(h1_arg, 0.5, out=h1_arg)
     h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
     del h1_arg, h1_erf
@@ -445,7 +456,8 @@ def forward(params, inputs, outputs=None):
     del h1
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
-    h2_erf = _erf(0.7071067811865476*h2_arg)
+    h2_erf = 0.7071067811865476*h2_arg
+    _erf(h2_erf, out=h2_erf)
     np.multiply(h2_arg, 0.5, out=h2_arg)
     h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
     del h2_arg, h2_erf
@@ -502,7 +514,8 @@ def _forward_1(params, inputs):
     h1_matmul = x @ W1
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
-    h1_erf = _erf(0.7071067811865476*h1_arg)
+    h1_erf = 0.7071067811865476*h1_arg
+    _erf(h1_erf, out=h1_erf)
     np.multiply(h1_arg, 0.5, out=h1_arg)
     h1 = np.multiply(h1_arg, h1_erf + 1, out=h1_arg)
     del h1_arg, h1_erf
@@ -510,7 +523,8 @@ def _forward_1(params, inputs):
     del h1
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
-    h2_erf = _erf(0.7071067811865476*h2_arg)
+    h2_erf = 0.7071067811865476*h2_arg
+    _erf(h2_erf, out=h2_erf)
     np.multiply(h2_arg, 0.5, out=h2_arg)
     h2 = np.multiply(h2_arg, h2_erf + 1, out=h2_arg)
     del h2_arg, h2_erf
@@ -527,14 +541,16 @@ def value_and_grad(params, inputs):
     h1_matmul = x @ W1
     h1_arg = np.add(h1_matmul, b1, out=h1_matmul)
     del h1_matmul
-    h1_erf = _erf(0.7071067811865476*h1_arg)
+    h1_erf = 0.7071067811865476*h1_arg
+    _erf(h1_erf, out=h1_erf)
     h1 = h1_erf + 1
     np.multiply(h1, 0.5, out=h1)
     np.multiply(h1, h1_arg, out=h1)
     h2_matmul = h1 @ W2
     h2_arg = np.add(h2_matmul, b2, out=h2_matmul)
     del h2_matmul
-    h2_erf = _erf(0.7071067811865476*h2_arg)
+    h2_erf = 0.7071067811865476*h2_arg
+    _erf(h2_erf, out=h2_erf)
     h2 = h2_erf + 1
     np.multiply(h2, 0.5, out=h2)
     np.multiply(h2, h2_arg, out=h2)

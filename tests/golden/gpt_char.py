@@ -1170,8 +1170,8 @@ def value_and_grad(params, inputs):
     np.add(m2_bar_add_c1, 0.7978845608028654, out=m2_bar_add_c1)
     m2_bar_add_c0 = m2_tanh**2
     np.subtract(1, m2_bar_add_c0, out=m2_bar_add_c0)
-    np.multiply(m2_bar_add_c0, m2_bar_add_c1, out=m2_bar_add_c0)
     np.multiply(m2_bar_add_c0, m2_arg, out=m2_bar_add_c0)
+    np.multiply(m2_bar_add_c0, m2_bar_add_c1, out=m2_bar_add_c0)
     np.add(m2_bar_add_c0, 1, out=m2_bar_add_c0)
     np.add(m2_bar_add_c0, m2_tanh, out=m2_bar_add_c0)
     np.multiply(m2_bar, 0.5, out=m2_bar)
@@ -1307,8 +1307,8 @@ def value_and_grad(params, inputs):
     np.add(m1_bar_add_c1, 0.7978845608028654, out=m1_bar_add_c1)
     m1_bar_add_c0 = m1_tanh**2
     np.subtract(1, m1_bar_add_c0, out=m1_bar_add_c0)
-    np.multiply(m1_bar_add_c0, m1_bar_add_c1, out=m1_bar_add_c0)
     np.multiply(m1_bar_add_c0, m1_arg, out=m1_bar_add_c0)
+    np.multiply(m1_bar_add_c0, m1_bar_add_c1, out=m1_bar_add_c0)
     np.add(m1_bar_add_c0, 1, out=m1_bar_add_c0)
     np.add(m1_bar_add_c0, m1_tanh, out=m1_bar_add_c0)
     np.multiply(m1_bar, 0.5, out=m1_bar)
