@@ -150,7 +150,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     for k, (sym, sub) in enumerate(temps):
         chains.new(sub, f"{out}_t{k}")
         names[sym] = f"{out}_t{k}"
-        if sub.free_symbols & full and not isinstance(sub, sp.logic.boolalg.Boolean):
+        if _float_array(sub, full):
             full.add(sym)
     value = _full_shape(node, expr, args, print_expr(body, names))
     if value != print_expr(body, names):   # a folded value: written into a new array of its own
@@ -180,12 +180,24 @@ def _chain_start(expr: sp.Expr, full: set[sp.Symbol]) -> sp.Expr | None:
 
     from backcomp.printer import in_place
     e = expr
-    while in_place(e):
+    while True:
         inner = [a for a in e.args if isinstance(a, sp.Expr) and not leaf(a, e) and a.free_symbols & full]
-        if not inner:
+        if not inner or not in_place(inner[0]):   # (x > 0, a select: not necessarily float)
             break
         e = inner[0]
-    return e if e != expr and isinstance(e, sp.Expr) and e.free_symbols & full else None
+    return e if e != expr and in_place(expr) and _float_array(e, full) else None
+
+
+def _float_array(e: sp.Expr, full: set[sp.Symbol]) -> bool:
+    """Whether ``e`` is computed as an array of the model's float dtype: it has an
+    operand of ``full`` outside any comparison or select (0.5*(x > 0) is float64, and
+    exp of a boolean float16), so a chain started by it keeps the dtype."""
+    if e.is_Symbol:
+        return e in full
+    if e.is_Add or e.is_Mul:
+        return any(_float_array(a, full) for a in e.args)
+    from backcomp.printer import in_place
+    return in_place(e) and _float_array(e.args[0], full)
 
 
 def _arrays_made(e: sp.Expr, full: set[sp.Symbol], memo: dict | None = None) -> int:
@@ -301,7 +313,8 @@ class _Chains:
             self.temporaries.append(var)   # before new(): its own operands take the next names
             self.new(a, var)
             self.names[symbol] = var
-            self.full.add(symbol)
+            if _float_array(a, self.full):
+                self.full.add(symbol)
             expr = _replace(expr, {a: symbol})
         return print_into(expr, {**self.names, buffer: buf}, buf, buffer)
 

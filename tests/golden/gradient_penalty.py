@@ -231,10 +231,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del d
     loss_sum = loss_mul.sum()
     del loss_mul
-    loss_mul_2 = np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0)
-    np.subtract(loss_mul_2, 1, out=loss_mul_2)
-    np.square(loss_mul_2, out=loss_mul_2)
-    np.multiply(loss_mul_2, gp, out=loss_mul_2)
+    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
     loss_sum_2 = loss_mul_2.sum()
     del loss_mul_2
     loss = loss_sum + loss_sum_2
@@ -366,10 +363,7 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del d
     loss_sum = loss_mul.sum()
     del loss_mul
-    loss_mul_2 = np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0)
-    np.subtract(loss_mul_2, 1, out=loss_mul_2)
-    np.square(loss_mul_2, out=loss_mul_2)
-    np.multiply(loss_mul_2, gp, out=loss_mul_2)
+    loss_mul_2 = gp*(np.where((gnorm_sum > 0), np.sqrt(gnorm_sum), 0) - 1)**2
     del gnorm_sum
     loss_sum_2 = loss_mul_2.sum()
     del loss_mul_2
