@@ -373,62 +373,88 @@ def _grad_input_infer(inputs, attrs):
 
 
 def _col2im_emit(node, args, out):
-    """col2im: columns wᵀḡ of shape (N, C, kh, kw, ·), one GEMM (batched over the groups;
-    an outer product when each group has one channel of ḡ) with no transposed copies;
-    then each window offset (a, b) adds its columns at rows a·dh, a·dh + sh, ... of the
-    padded input, all in NCHW order, and the padding is cropped (a view).  Stride 1
-    adds on flat images (``_flat_col2im``); other strides add strided (Ho, Wo) views.
-    Rows the forward dropped ((H + 2p − reach) % s of them) are never written: they
-    stay zero.  The result (N, C, H, W) is the node's shape, so conv_transpose2d (whose
-    output padding is such rows) shares this emission."""
+    """x̄ = wᵀḡ gathered back onto the input, cropped to it.  Stride 1 with more than
+    one window offset: ``_shifted_col2im`` (no columns at all).  Otherwise col2im:
+    columns wᵀḡ of shape (N, C, kh, kw, ·), one GEMM (batched over the groups; an
+    outer product when each group has one channel of ḡ) with no transposed copies;
+    then each window offset (a, b) adds its columns at rows a·dh, a·dh + sh, ... of
+    the padded input, all in NCHW order, and the padding is cropped (a view).  Rows the
+    forward dropped ((H + 2p − reach) % s of them) are never written: they stay zero.
+    The result (N, C, H, W) is the node's shape, so conv_transpose2d (whose output
+    padding is such rows) shares this emission."""
     ct, w = args
     (o, cg, kh, kw), ((sh, sw), (ph, pw), (dh, dw), groups) = node.inputs[1].shape, _geometry(node.attrs)
     (c, h, wd), (ho, wo) = node.shape[1:], node.inputs[0].shape[2:]
     (hp, wp), flat = (h + 2 * ph, wd + 2 * pw), (sh, sw) == (1, 1)
+    if flat and kh * kw > 1:
+        return _shifted_col2im(node, ct, w, out)
     k, cols = cg * kh * kw, scratch(out, "cols")
-    lines, g, length = [], ct, ho * wo
-    if flat and wp > wo:    # ḡ as rows of the padded width, zero past Wo
-        g, length = scratch(out, "rows"), ho * wp
-        lines = [f"{g} = np.zeros(({ct}.shape[0], {o}, {ho}, {wp}), dtype={ct}.dtype)",
-                 f"{g}[:, :, :, :{wo}] = {ct}"]
+    length = ho * wo
     if groups == 1:
-        gemm = f"{w}.reshape({o}, {k}).T @ {g}.reshape(-1, {o}, {length})"
+        gemm = f"{w}.reshape({o}, {k}).T @ {ct}.reshape(-1, {o}, {length})"
     elif o == groups:       # one channel of ḡ per group (depthwise): an outer product
-        gemm = f"{w}.reshape({o}, {k}, 1) * {g}.reshape(-1, {o}, 1, {length})"
+        gemm = f"{w}.reshape({o}, {k}, 1) * {ct}.reshape(-1, {o}, 1, {length})"
     else:
         gemm = (f"{w}.reshape({groups}, {o // groups}, {k}).transpose(0, 2, 1) @ "
-                f"{g}.reshape(-1, {groups}, {o // groups}, {length})")
+                f"{ct}.reshape(-1, {groups}, {o // groups}, {length})")
     crop = "" if (ph, pw) == (0, 0) else f"[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]"
-    if flat and kh * kw == 1:   # one window offset: the columns are the padded input
-        return lines + [f"{out} = ({gemm}).reshape(-1, {c}, {hp}, {wp}){crop}"] + ([f"del {g}"] if g != ct else [])
-    if flat:
-        lines += [f"{cols} = ({gemm}).reshape(-1, {c}, {kh}, {kw}, {length})"] + ([f"del {g}"] if g != ct else [])
-        tail = f"[:, :, :{hp * wp}]" if kw > 1 else ""
-        return lines + _flat_col2im(cols, out, c, (kh, kw), (dh, dw), (hp, wp), length) + \
-            [f"{out} = {out}{tail}.reshape(-1, {c}, {hp}, {wp}){crop}"]
-    lines += [f"{cols} = ({gemm}).reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
-              f"{out} = np.zeros(({cols}.shape[0], {c}, {hp}, {wp}), dtype={cols}.dtype)"]
+    if flat:                # a 1x1 kernel: the columns are the padded input
+        return [f"{out} = ({gemm}).reshape(-1, {c}, {hp}, {wp}){crop}"]
+    lines = [f"{cols} = ({gemm}).reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
+             f"{out} = np.zeros(({cols}.shape[0], {c}, {hp}, {wp}), dtype={cols}.dtype)"]
     lines += [f"{out}[:, :, {_strided(a * dh, ho, sh)}, {_strided(b * dw, wo, sw)}] += {cols}[:, :, {a}, {b}]"
               for a in range(kh) for b in range(kw)]
     return lines + [f"del {cols}"] + ([f"{out} = {out}{crop}"] if crop else [])
 
 
-def _flat_col2im(cols: str, out: str, c: int, kernel, dilation, padded, length: int) -> list[str]:
-    """col2im of a stride-1 convolution on flat images: with ḡ laid out in rows of the
-    padded width Wp (zero past Wo), window offset (a, b) adds its columns at the flat
-    shift a·dh·Wp + b·dw of the padded input, one contiguous run of Ho·Wp per image and
-    channel.  NumPy then loops over N·C runs of Ho·Wp instead of N·C·Ho rows of Wo: the
-    nine adds of the suite CNN's second conv take 2.2 ms instead of 4.9 (one thread);
-    the GEMM's extra zero columns cost no measurable time there.  The buffer is
-    (kw − 1)·dw longer than Hp·Wp so that the last run fits; the zeros past Wo land
-    there and in the padding."""
-    (kh, kw), (dh, dw), (hp, wp) = kernel, dilation, padded
-    lines = [f"{out} = np.zeros(({cols}.shape[0], {c}, {hp * wp + (kw - 1) * dw}), dtype={cols}.dtype)"]
-    for a in range(kh):
-        for b in range(kw):
-            s = a * dh * wp + b * dw
-            lines.append(f"{out}[:, :, {s}:{s + length}] += {cols}[:, :, {a}, {b}]")
-    return lines + [f"del {cols}"]
+def _shifted_col2im(node, ct: str, w: str, out: str) -> list[str]:
+    """The input gradient of a stride-1 convolution as kh·kw GEMMs on shifted views of
+    ḡ, summed, with no columns.  ḡ is copied once, channel-major, into images of the
+    padded input's size Hp·Wp laid end to end ((O, 1 + N, Hp, Wp), ḡ at [:, 1:, :Ho,
+    :Wo], zero elsewhere, a zero image in front).  Flat, window offset (a, b) is the
+    shift s = a·dh·Wp + b·dw: padded-input position i gets w[:, :, a, b]ᵀ ḡ[i − s], and
+    where i − s crosses a row or image edge it lands on the zeros past Wo, past Ho or
+    in the front image, so each offset is one GEMM (C, O) @ (O, N·Hp·Wp) reading a
+    strided view of the copy (BLAS takes its row stride as is).  The result is a
+    channel-major (C, N, Hp, Wp) buffer; the node's value is its cropped, transposed
+    view.  Measured on the suite CNN's second conv (B 64, float32, minima of
+    interleaved runs): 2.4 ms against 4.4 for one batched GEMM into (N, C·kh·kw, Ho·Wp)
+    columns plus nine strided adds, 3.4 for the columns as one 2-D GEMM over
+    channel-major rows, 2.5 for the shifted GEMMs against an unshifted copy with the
+    adds shifted; and 3.2 ms against 3.4 at one thread.  Groups: one GEMM per group
+    (batched), or with one channel of ḡ per group (depthwise) a broadcast product."""
+    (o, cg, kh, kw), (_, (ph, pw), (dh, dw), groups) = node.inputs[1].shape, _geometry(node.attrs)
+    (c, h, wd), (ho, wo) = node.shape[1:], node.inputs[0].shape[2:]
+    (hp, wp), og = (h + 2 * ph, wd + 2 * pw), o // groups
+    size = hp * wp
+    rows, wt, part = scratch(out, "rows"), scratch(out, "w"), scratch(out, "part")
+    lines = [f"{rows} = np.zeros(({o}, {ct}.shape[0] + 1, {hp}, {wp}), dtype={ct}.dtype)",
+             f"{rows}[:, 1:, {_upto(ho, hp)}, {_upto(wo, wp)}] = {ct}.transpose(1, 0, 2, 3)"]
+    if groups == 1:     # wt[a, b] = w[:, :, a, b]ᵀ, (C, O)
+        lines += [f"{rows} = {rows}.reshape({o}, -1)",
+                  f"{wt} = np.ascontiguousarray({w}.transpose(2, 3, 1, 0))"]
+        form = "np.matmul"
+    else:               # wt[a, b] = (G, C/G, O/G); depthwise (O/G = 1) multiplies
+        lines += [f"{rows} = {rows}.reshape({groups}, {og}, -1)",
+                  f"{wt} = np.ascontiguousarray({w}.reshape({groups}, {og}, {cg}, {kh}, {kw}).transpose(3, 4, 0, 2, 1))"]
+        form = "np.multiply" if og == 1 else "np.matmul"
+    offsets = [(a, b, a * dh * wp + b * dw) for a in range(kh) for b in range(kw)]
+    for i, (a, b, s) in enumerate(offsets):
+        view = f"{rows}[..., {size - s}:{-s}]" if s else f"{rows}[..., {size}:]"
+        if i == 0:
+            lines.append(f"{out} = {form}({wt}[{a}, {b}], {view})")
+        elif i == 1:
+            lines += [f"{part} = {form}({wt}[{a}, {b}], {view})", f"{out} += {part}"]
+        else:
+            lines += [f"{form}({wt}[{a}, {b}], {view}, out={part})", f"{out} += {part}"]
+    crop = f"[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]" if (ph, pw) != (0, 0) else ""
+    return lines + [f"del {rows}, {wt}, {part}",
+                    f"{out} = {out}.reshape({c}, -1, {hp}, {wp}){crop}.transpose(1, 0, 2, 3)"]
+
+
+def _upto(n: int, size: int) -> str:
+    """Slice code for the first ``n`` of ``size`` positions."""
+    return ":" if n == size else f":{n}"
 
 
 def _grad_input_vjp(node, ct):

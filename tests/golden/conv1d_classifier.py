@@ -367,16 +367,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     d_bar_reshape = d_bar.reshape((B, 8, 1, 32))
     del d_bar
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape
-    __d_bar_conv2d_grad_input_rows = np.zeros((d_bar_reshape.shape[0], 8, 1, 36), dtype=d_bar_reshape.dtype)
-    __d_bar_conv2d_grad_input_rows[:, :, :, :32] = d_bar_reshape
-    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * __d_bar_conv2d_grad_input_rows.reshape(-1, 8, 1, 36)).reshape(-1, 8, 1, 3, 36)
-    del __d_bar_conv2d_grad_input_rows
-    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 40), dtype=__d_bar_conv2d_grad_input_cols.dtype)
-    d_bar_conv2d_grad_input[:, :, 0:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    d_bar_conv2d_grad_input[:, :, 2:38] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
-    d_bar_conv2d_grad_input[:, :, 4:40] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
-    del __d_bar_conv2d_grad_input_cols
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, :36].reshape(-1, 8, 1, 36)[:, :, 0:1, 2:34]
+    __d_bar_conv2d_grad_input_rows = np.zeros((8, d_bar_reshape.shape[0] + 1, 1, 36), dtype=d_bar_reshape.dtype)
+    __d_bar_conv2d_grad_input_rows[:, 1:, :, :32] = d_bar_reshape.transpose(1, 0, 2, 3)
+    __d_bar_conv2d_grad_input_rows = __d_bar_conv2d_grad_input_rows.reshape(8, 1, -1)
+    __d_bar_conv2d_grad_input_w = np.ascontiguousarray(d_reshape_2.reshape(8, 1, 1, 1, 3).transpose(3, 4, 0, 2, 1))
+    d_bar_conv2d_grad_input = np.multiply(__d_bar_conv2d_grad_input_w[0, 0], __d_bar_conv2d_grad_input_rows[..., 36:])
+    __d_bar_conv2d_grad_input_part = np.multiply(__d_bar_conv2d_grad_input_w[0, 1], __d_bar_conv2d_grad_input_rows[..., 34:-2])
+    d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
+    np.multiply(__d_bar_conv2d_grad_input_w[0, 2], __d_bar_conv2d_grad_input_rows[..., 32:-4], out=__d_bar_conv2d_grad_input_part)
+    d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
+    del __d_bar_conv2d_grad_input_rows, __d_bar_conv2d_grad_input_w, __d_bar_conv2d_grad_input_part
+    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3)
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)
@@ -863,16 +864,17 @@ def value_and_grad(params, inputs):
     d_bar_reshape = d_bar.reshape((B, 8, 1, 32))
     del d_bar
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape
-    __d_bar_conv2d_grad_input_rows = np.zeros((d_bar_reshape.shape[0], 8, 1, 36), dtype=d_bar_reshape.dtype)
-    __d_bar_conv2d_grad_input_rows[:, :, :, :32] = d_bar_reshape
-    __d_bar_conv2d_grad_input_cols = (d_reshape_2.reshape(8, 3, 1) * __d_bar_conv2d_grad_input_rows.reshape(-1, 8, 1, 36)).reshape(-1, 8, 1, 3, 36)
-    del __d_bar_conv2d_grad_input_rows
-    d_bar_conv2d_grad_input = np.zeros((__d_bar_conv2d_grad_input_cols.shape[0], 8, 40), dtype=__d_bar_conv2d_grad_input_cols.dtype)
-    d_bar_conv2d_grad_input[:, :, 0:36] += __d_bar_conv2d_grad_input_cols[:, :, 0, 0]
-    d_bar_conv2d_grad_input[:, :, 2:38] += __d_bar_conv2d_grad_input_cols[:, :, 0, 1]
-    d_bar_conv2d_grad_input[:, :, 4:40] += __d_bar_conv2d_grad_input_cols[:, :, 0, 2]
-    del __d_bar_conv2d_grad_input_cols
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input[:, :, :36].reshape(-1, 8, 1, 36)[:, :, 0:1, 2:34]
+    __d_bar_conv2d_grad_input_rows = np.zeros((8, d_bar_reshape.shape[0] + 1, 1, 36), dtype=d_bar_reshape.dtype)
+    __d_bar_conv2d_grad_input_rows[:, 1:, :, :32] = d_bar_reshape.transpose(1, 0, 2, 3)
+    __d_bar_conv2d_grad_input_rows = __d_bar_conv2d_grad_input_rows.reshape(8, 1, -1)
+    __d_bar_conv2d_grad_input_w = np.ascontiguousarray(d_reshape_2.reshape(8, 1, 1, 1, 3).transpose(3, 4, 0, 2, 1))
+    d_bar_conv2d_grad_input = np.multiply(__d_bar_conv2d_grad_input_w[0, 0], __d_bar_conv2d_grad_input_rows[..., 36:])
+    __d_bar_conv2d_grad_input_part = np.multiply(__d_bar_conv2d_grad_input_w[0, 1], __d_bar_conv2d_grad_input_rows[..., 34:-2])
+    d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
+    np.multiply(__d_bar_conv2d_grad_input_w[0, 2], __d_bar_conv2d_grad_input_rows[..., 32:-4], out=__d_bar_conv2d_grad_input_part)
+    d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
+    del __d_bar_conv2d_grad_input_rows, __d_bar_conv2d_grad_input_w, __d_bar_conv2d_grad_input_part
+    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3)
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)

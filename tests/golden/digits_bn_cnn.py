@@ -788,22 +788,29 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_add = np.add(h2_bar_max_pool2d_scatter, 2*h2_bar_mean_vjp*(h2_conv2d - h2_mean), out=h2_bar_max_pool2d_scatter)
     del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_relu, h2_bar_max_pool2d_scatter, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. h1
-    __h1_bar_rows = np.zeros((h2_bar_add.shape[0], 32, 4, 6), dtype=h2_bar_add.dtype)
-    __h1_bar_rows[:, :, :, :4] = h2_bar_add
-    __h1_bar_cols = (K2.reshape(32, 144).T @ __h1_bar_rows.reshape(-1, 32, 24)).reshape(-1, 16, 3, 3, 24)
-    del __h1_bar_rows
-    h1_bar = np.zeros((__h1_bar_cols.shape[0], 16, 38), dtype=__h1_bar_cols.dtype)
-    h1_bar[:, :, 0:24] += __h1_bar_cols[:, :, 0, 0]
-    h1_bar[:, :, 1:25] += __h1_bar_cols[:, :, 0, 1]
-    h1_bar[:, :, 2:26] += __h1_bar_cols[:, :, 0, 2]
-    h1_bar[:, :, 6:30] += __h1_bar_cols[:, :, 1, 0]
-    h1_bar[:, :, 7:31] += __h1_bar_cols[:, :, 1, 1]
-    h1_bar[:, :, 8:32] += __h1_bar_cols[:, :, 1, 2]
-    h1_bar[:, :, 12:36] += __h1_bar_cols[:, :, 2, 0]
-    h1_bar[:, :, 13:37] += __h1_bar_cols[:, :, 2, 1]
-    h1_bar[:, :, 14:38] += __h1_bar_cols[:, :, 2, 2]
-    del __h1_bar_cols
-    h1_bar = h1_bar[:, :, :36].reshape(-1, 16, 6, 6)[:, :, 1:5, 1:5]
+    __h1_bar_rows = np.zeros((32, h2_bar_add.shape[0] + 1, 6, 6), dtype=h2_bar_add.dtype)
+    __h1_bar_rows[:, 1:, :4, :4] = h2_bar_add.transpose(1, 0, 2, 3)
+    __h1_bar_rows = __h1_bar_rows.reshape(32, -1)
+    __h1_bar_w = np.ascontiguousarray(K2.transpose(2, 3, 1, 0))
+    h1_bar = np.matmul(__h1_bar_w[0, 0], __h1_bar_rows[..., 36:])
+    __h1_bar_part = np.matmul(__h1_bar_w[0, 1], __h1_bar_rows[..., 35:-1])
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[0, 2], __h1_bar_rows[..., 34:-2], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[1, 0], __h1_bar_rows[..., 30:-6], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[1, 1], __h1_bar_rows[..., 29:-7], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[1, 2], __h1_bar_rows[..., 28:-8], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[2, 0], __h1_bar_rows[..., 24:-12], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[2, 1], __h1_bar_rows[..., 23:-13], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    np.matmul(__h1_bar_w[2, 2], __h1_bar_rows[..., 22:-14], out=__h1_bar_part)
+    h1_bar += __h1_bar_part
+    del __h1_bar_rows, __h1_bar_w, __h1_bar_part
+    h1_bar = h1_bar.reshape(16, -1, 6, 6)[:, :, 1:5, 1:5].transpose(1, 0, 2, 3)
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K2
     K2_bar = (h2_im2col.reshape(144, -1) @ h2_bar_add.transpose(1, 0, 2, 3).reshape(32, -1).T).T.reshape(32, 16, 3, 3)
     del h2_im2col, h2_bar_add
