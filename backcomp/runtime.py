@@ -22,8 +22,9 @@ def _erf(x, out=None):
     """
     x = np.asarray(x)
     flat = x.reshape(-1)
-    result = np.empty(x.shape, x.dtype if x.dtype.kind == "f" else np.float64) \
-        if out is None or not out.flags.c_contiguous else out
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    result = out if out is not None and out.flags.c_contiguous and out.dtype == dtype \
+        else np.empty(x.shape, dtype)
     values = result.reshape(-1)   # a view: result is C-contiguous
     if values.dtype == np.float32:
         with np.errstate(over="ignore", under="ignore"):   # huge |x|: see _erf_block32

@@ -148,3 +148,12 @@ def test_erf_into_out_even_in_place_equals_the_fresh_result(dtype):
     strided = np.empty((x.shape[1], x.shape[0]), dtype).T   # not C-contiguous: copied in
     assert _erf(x, out=strided) is strided
     np.testing.assert_array_equal(strided, fresh)
+
+
+def test_erf_into_an_out_of_another_dtype_is_cast_as_numpy_casts():
+    """(review) float64 x into a float32 out: computed in float64, then cast."""
+    from backcomp.runtime import _erf
+    x = np.linspace(-3, 3, 7)
+    out = np.empty(7, np.float32)
+    assert _erf(x, out=out) is out
+    np.testing.assert_array_equal(out, _erf(x).astype(np.float32))

@@ -148,15 +148,21 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     temps, body = _cube_bases_named(temps, body)
     chains = _Chains(out, names, full)
     for k, (sym, sub) in enumerate(temps):
-        chains.new(sub, f"{out}_t{k}")
-        names[sym] = f"{out}_t{k}"
+        chains.new(sub, _temporary(out, f"t{k}"))
+        names[sym] = _temporary(out, f"t{k}")
         if _float_array(sub, full):
             full.add(sym)
     value = _full_shape(node, expr, args, print_expr(body, names))
     if value != print_expr(body, names):   # a folded value: written into a new array of its own
         return chains.lines + [f"{out} = {value}"]
     chains.new(body, out)
-    return chains.lines + _del([f"{out}_t{k}" for k in range(len(temps))] + chains.temporaries)
+    return chains.lines + _del([_temporary(out, f"t{k}") for k in range(len(temps))] + chains.temporaries)
+
+
+def _temporary(out: str, what: str) -> str:
+    """A temporary's variable: node names never start with two underscores, so it
+    cannot be a live value's name (it is deleted at the statement's end)."""
+    return f"__{out}_{what}"
 
 
 def _del(temporaries: list[str]) -> list[str]:
@@ -270,7 +276,7 @@ class _Chains:
     arrays of x's size where one does, ``tanh(c*x*(k*x**2 + 1))`` five.  Each array
     that large is fresh memory from the OS on every call, a page fault per 4 KiB.
     ``lines`` collects the statements; ``temporaries`` the variables they define for
-    operands off a chain (``{out}_c0``), which the statement deletes at its end.
+    operands off a chain (``__{out}_c0``), which the statement deletes at its end.
     """
 
     def __init__(self, out: str, names: dict, full: set[sp.Symbol]):
@@ -309,7 +315,7 @@ class _Chains:
                     heavy.add(a)
         visit(expr)
         for a in sorted(heavy, key=sp.default_sort_key):
-            var, symbol = f"{self.out}_c{len(self.temporaries)}", sp.Symbol(f"%c{len(self.temporaries)}")
+            var, symbol = _temporary(self.out, f"c{len(self.temporaries)}"), sp.Symbol(f"%c{len(self.temporaries)}")
             self.temporaries.append(var)   # before new(): its own operands take the next names
             self.new(a, var)
             self.names[symbol] = var

@@ -749,12 +749,12 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     g2_bar = h2_bar_hoisted.reshape((32,))
     del h2_bar_hoisted
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0) w.r.t. h2_mode_select_2
-    h2_bar_hoisted_2_c0 = h2_mode_select_2 + 1e-05
-    np.power(h2_bar_hoisted_2_c0, -1.5, out=h2_bar_hoisted_2_c0)
+    __h2_bar_hoisted_2_c0 = h2_mode_select_2 + 1e-05
+    np.power(__h2_bar_hoisted_2_c0, -1.5, out=__h2_bar_hoisted_2_c0)
     np.multiply(h2_bar_sum_to_2, -0.5, out=h2_bar_sum_to_2)
     np.multiply(h2_bar_sum_to_2, h2_reshape_3, out=h2_bar_sum_to_2)
-    h2_bar_hoisted_2 = np.multiply(h2_bar_sum_to_2, h2_bar_hoisted_2_c0, out=h2_bar_sum_to_2)
-    del h2_bar_hoisted_2_c0
+    h2_bar_hoisted_2 = np.multiply(h2_bar_sum_to_2, __h2_bar_hoisted_2_c0, out=h2_bar_sum_to_2)
+    del __h2_bar_hoisted_2_c0
     del h2_bar_sum_to_2
     # backward of h2_mode_select_2 = mode_select(h2_mean_2, h2_reshape_2)
     h2_bar_zeros_like = np.zeros_like(h2_bar_hoisted_2)
@@ -849,12 +849,12 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     g1_bar = h1_bar_hoisted.reshape((16,))
     del h1_bar_hoisted
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0) w.r.t. h1_mode_select_2
-    h1_bar_hoisted_2_c0 = h1_mode_select_2 + 1e-05
-    np.power(h1_bar_hoisted_2_c0, -1.5, out=h1_bar_hoisted_2_c0)
+    __h1_bar_hoisted_2_c0 = h1_mode_select_2 + 1e-05
+    np.power(__h1_bar_hoisted_2_c0, -1.5, out=__h1_bar_hoisted_2_c0)
     np.multiply(h1_bar_sum_to_2, -0.5, out=h1_bar_sum_to_2)
     np.multiply(h1_bar_sum_to_2, h1_reshape_3, out=h1_bar_sum_to_2)
-    h1_bar_hoisted_2 = np.multiply(h1_bar_sum_to_2, h1_bar_hoisted_2_c0, out=h1_bar_sum_to_2)
-    del h1_bar_hoisted_2_c0
+    h1_bar_hoisted_2 = np.multiply(h1_bar_sum_to_2, __h1_bar_hoisted_2_c0, out=h1_bar_sum_to_2)
+    del __h1_bar_hoisted_2_c0
     del h1_bar_sum_to_2
     # backward of h1_mode_select_2 = mode_select(h1_mean_2, h1_reshape_2)
     h1_bar_zeros_like = np.zeros_like(h1_bar_hoisted_2)

@@ -182,36 +182,36 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h_sigmoid = _sigmoid(h_arg)
     h = h_arg*h_sigmoid
     y_matmul = h @ W2
-    loss_pow_t0 = y_matmul + b2
-    loss_pow = loss_pow_t0**2
+    __loss_pow_t0 = y_matmul + b2
+    loss_pow = __loss_pow_t0**2
     np.add(loss_pow, 0.001, out=loss_pow)
     np.sqrt(loss_pow, out=loss_pow)
     np.add(loss_pow, 1, out=loss_pow)
     np.divide(1, loss_pow, out=loss_pow)
     np.multiply(loss_pow, 2.0, out=loss_pow)
-    np.multiply(loss_pow, loss_pow_t0, out=loss_pow)
+    np.multiply(loss_pow, __loss_pow_t0, out=loss_pow)
     np.subtract(loss_pow, t, out=loss_pow)
     np.square(loss_pow, out=loss_pow)
-    del loss_pow_t0
+    del __loss_pow_t0
     loss_sum = loss_pow.sum()
     del loss_pow
     loss = (0.5)*loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. y_matmul
-    loss_bar_dew_t0 = y_matmul + b2
-    np.square(loss_bar_dew_t0, out=loss_bar_dew_t0)
-    loss_bar_dew_t1 = loss_bar_dew_t0 + 0.001
-    np.sqrt(loss_bar_dew_t1, out=loss_bar_dew_t1)
-    loss_bar_dew_t2 = loss_bar_dew_t1 + 1
-    np.divide(1, loss_bar_dew_t2, out=loss_bar_dew_t2)
-    loss_bar_dew = 1/loss_bar_dew_t1
-    np.multiply(loss_bar_dew, loss_bar_dew_t0, out=loss_bar_dew)
-    np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
+    __loss_bar_dew_t0 = y_matmul + b2
+    np.square(__loss_bar_dew_t0, out=__loss_bar_dew_t0)
+    __loss_bar_dew_t1 = __loss_bar_dew_t0 + 0.001
+    np.sqrt(__loss_bar_dew_t1, out=__loss_bar_dew_t1)
+    __loss_bar_dew_t2 = __loss_bar_dew_t1 + 1
+    np.divide(1, __loss_bar_dew_t2, out=__loss_bar_dew_t2)
+    loss_bar_dew = 1/__loss_bar_dew_t1
+    np.multiply(loss_bar_dew, __loss_bar_dew_t0, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, __loss_bar_dew_t2, out=loss_bar_dew)
     np.subtract(1, loss_bar_dew, out=loss_bar_dew)
-    np.multiply(loss_bar_dew, loss_bar_dew_t2, out=loss_bar_dew)
-    np.multiply(loss_bar_dew, -t + loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2), out=loss_bar_dew)
+    np.multiply(loss_bar_dew, __loss_bar_dew_t2, out=loss_bar_dew)
+    np.multiply(loss_bar_dew, -t + __loss_bar_dew_t2*(2.0*y_matmul + 2.0*b2), out=loss_bar_dew)
     np.multiply(loss_bar_dew, 2.0/total_rows, out=loss_bar_dew)
-    del loss_bar_dew_t0, loss_bar_dew_t1, loss_bar_dew_t2
+    del __loss_bar_dew_t0, __loss_bar_dew_t1, __loss_bar_dew_t2
     del y_matmul
     # backward of loss_pow = (-t + 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1))**2 w.r.t. b2
     b2_bar = loss_bar_dew.sum(axis=0)
@@ -221,12 +221,12 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h.T @ loss_bar_dew
     del h, loss_bar_dew
     # backward of h_arg = h_matmul + b1
-    h_bar_add_c0 = 1 - h_sigmoid
-    np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
-    np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
+    __h_bar_add_c0 = 1 - h_sigmoid
+    np.multiply(__h_bar_add_c0, h_arg, out=__h_bar_add_c0)
+    np.add(__h_bar_add_c0, 1, out=__h_bar_add_c0)
     np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_bar_add_c0, out=h_bar)
-    del h_bar_add_c0
+    h_bar_add = np.multiply(h_bar, __h_bar_add_c0, out=h_bar)
+    del __h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)
@@ -247,17 +247,17 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
-    loss_pow_t0 = y_matmul + b2
-    loss_pow = loss_pow_t0**2
+    __loss_pow_t0 = y_matmul + b2
+    loss_pow = __loss_pow_t0**2
     np.add(loss_pow, 0.001, out=loss_pow)
     np.sqrt(loss_pow, out=loss_pow)
     np.add(loss_pow, 1, out=loss_pow)
     np.divide(1, loss_pow, out=loss_pow)
     np.multiply(loss_pow, 2.0, out=loss_pow)
-    np.multiply(loss_pow, loss_pow_t0, out=loss_pow)
+    np.multiply(loss_pow, __loss_pow_t0, out=loss_pow)
     np.subtract(loss_pow, t, out=loss_pow)
     np.square(loss_pow, out=loss_pow)
-    del loss_pow_t0
+    del __loss_pow_t0
     del y_matmul
     loss_sum = loss_pow.sum()
     del loss_pow
@@ -293,15 +293,15 @@ def forward(params, inputs, outputs=None):
     del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
-    y_t0 = y_matmul + b2
-    y = y_t0**2
+    __y_t0 = y_matmul + b2
+    y = __y_t0**2
     np.add(y, 0.001, out=y)
     np.sqrt(y, out=y)
     np.add(y, 1, out=y)
     np.divide(1, y, out=y)
     np.multiply(y, 2.0, out=y)
-    np.multiply(y, y_t0, out=y)
-    del y_t0
+    np.multiply(y, __y_t0, out=y)
+    del __y_t0
     del y_matmul
     loss_pow = y - t
     np.square(loss_pow, out=loss_pow)
@@ -340,15 +340,15 @@ def _forward_1(params, inputs):
     del h_arg, h_sigmoid
     y_matmul = h @ W2
     del h
-    y_t0 = y_matmul + b2
-    y = y_t0**2
+    __y_t0 = y_matmul + b2
+    y = __y_t0**2
     np.add(y, 0.001, out=y)
     np.sqrt(y, out=y)
     np.add(y, 1, out=y)
     np.divide(1, y, out=y)
     np.multiply(y, 2.0, out=y)
-    np.multiply(y, y_t0, out=y)
-    del y_t0
+    np.multiply(y, __y_t0, out=y)
+    del __y_t0
     del y_matmul
     return {"y": y}
 
@@ -362,34 +362,34 @@ def value_and_grad(params, inputs):
     h_sigmoid = _sigmoid(h_arg)
     h = h_arg*h_sigmoid
     y_matmul = h @ W2
-    y_t0 = y_matmul + b2
-    y = y_t0**2
+    __y_t0 = y_matmul + b2
+    y = __y_t0**2
     np.add(y, 0.001, out=y)
     np.sqrt(y, out=y)
     np.add(y, 1, out=y)
     np.divide(1, y, out=y)
     np.multiply(y, 2.0, out=y)
-    np.multiply(y, y_t0, out=y)
-    del y_t0
+    np.multiply(y, __y_t0, out=y)
+    del __y_t0
     loss_pow = y - t
     np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
     del loss_pow
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. y_matmul
-    y_bar_dew_t0 = y_matmul + b2
-    np.square(y_bar_dew_t0, out=y_bar_dew_t0)
-    y_bar_dew_t1 = y_bar_dew_t0 + 0.001
-    np.sqrt(y_bar_dew_t1, out=y_bar_dew_t1)
-    y_bar_dew_t2 = y_bar_dew_t1 + 1
-    np.divide(1, y_bar_dew_t2, out=y_bar_dew_t2)
-    y_bar_dew = 1/y_bar_dew_t1
-    np.multiply(y_bar_dew, y_bar_dew_t0, out=y_bar_dew)
-    np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
+    __y_bar_dew_t0 = y_matmul + b2
+    np.square(__y_bar_dew_t0, out=__y_bar_dew_t0)
+    __y_bar_dew_t1 = __y_bar_dew_t0 + 0.001
+    np.sqrt(__y_bar_dew_t1, out=__y_bar_dew_t1)
+    __y_bar_dew_t2 = __y_bar_dew_t1 + 1
+    np.divide(1, __y_bar_dew_t2, out=__y_bar_dew_t2)
+    y_bar_dew = 1/__y_bar_dew_t1
+    np.multiply(y_bar_dew, __y_bar_dew_t0, out=y_bar_dew)
+    np.multiply(y_bar_dew, __y_bar_dew_t2, out=y_bar_dew)
     np.subtract(1, y_bar_dew, out=y_bar_dew)
-    np.multiply(y_bar_dew, y_bar_dew_t2, out=y_bar_dew)
+    np.multiply(y_bar_dew, __y_bar_dew_t2, out=y_bar_dew)
     np.multiply(y_bar_dew, y - t, out=y_bar_dew)
     np.multiply(y_bar_dew, 2.0/B, out=y_bar_dew)
-    del y_bar_dew_t0, y_bar_dew_t1, y_bar_dew_t2
+    del __y_bar_dew_t0, __y_bar_dew_t1, __y_bar_dew_t2
     del y_matmul, y
     # backward of y = 2.0*(y_matmul + b2)/(sqrt((y_matmul + b2)**2 + 0.001) + 1) w.r.t. b2
     b2_bar = y_bar_dew.sum(axis=0)
@@ -399,12 +399,12 @@ def value_and_grad(params, inputs):
     W2_bar = h.T @ y_bar_dew
     del h, y_bar_dew
     # backward of h_arg = h_matmul + b1
-    h_bar_add_c0 = 1 - h_sigmoid
-    np.multiply(h_bar_add_c0, h_arg, out=h_bar_add_c0)
-    np.add(h_bar_add_c0, 1, out=h_bar_add_c0)
+    __h_bar_add_c0 = 1 - h_sigmoid
+    np.multiply(__h_bar_add_c0, h_arg, out=__h_bar_add_c0)
+    np.add(__h_bar_add_c0, 1, out=__h_bar_add_c0)
     np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, h_bar_add_c0, out=h_bar)
-    del h_bar_add_c0
+    h_bar_add = np.multiply(h_bar, __h_bar_add_c0, out=h_bar)
+    del __h_bar_add_c0
     del h_arg, h_sigmoid, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)

@@ -180,8 +180,9 @@ def _erf(x, out=None):
     """
     x = np.asarray(x)
     flat = x.reshape(-1)
-    result = np.empty(x.shape, x.dtype if x.dtype.kind == "f" else np.float64) \
-        if out is None or not out.flags.c_contiguous else out
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    result = out if out is not None and out.flags.c_contiguous and out.dtype == dtype \
+        else np.empty(x.shape, dtype)
     values = result.reshape(-1)   # a view: result is C-contiguous
     if values.dtype == np.float32:
         with np.errstate(over="ignore", under="ignore"):   # huge |x|: see _erf_block32
@@ -342,16 +343,16 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add_c0 = h2_arg**2
-    np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
-    np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
-    np.multiply(h2_bar_add_c0, h2_arg, out=h2_bar_add_c0)
-    np.multiply(h2_bar_add_c0, 0.7978845608028654, out=h2_bar_add_c0)
-    np.add(h2_bar_add_c0, 1, out=h2_bar_add_c0)
-    np.add(h2_bar_add_c0, h2_erf, out=h2_bar_add_c0)
+    __h2_bar_add_c0 = h2_arg**2
+    np.multiply(__h2_bar_add_c0, -0.5, out=__h2_bar_add_c0)
+    np.exp(__h2_bar_add_c0, out=__h2_bar_add_c0)
+    np.multiply(__h2_bar_add_c0, h2_arg, out=__h2_bar_add_c0)
+    np.multiply(__h2_bar_add_c0, 0.7978845608028654, out=__h2_bar_add_c0)
+    np.add(__h2_bar_add_c0, 1, out=__h2_bar_add_c0)
+    np.add(__h2_bar_add_c0, h2_erf, out=__h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_bar_add_c0, out=h2_bar)
-    del h2_bar_add_c0
+    h2_bar_add = np.multiply(h2_bar, __h2_bar_add_c0, out=h2_bar)
+    del __h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -361,16 +362,16 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add_c0 = h1_arg**2
-    np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
-    np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
-    np.multiply(h1_bar_add_c0, h1_arg, out=h1_bar_add_c0)
-    np.multiply(h1_bar_add_c0, 0.7978845608028654, out=h1_bar_add_c0)
-    np.add(h1_bar_add_c0, 1, out=h1_bar_add_c0)
-    np.add(h1_bar_add_c0, h1_erf, out=h1_bar_add_c0)
+    __h1_bar_add_c0 = h1_arg**2
+    np.multiply(__h1_bar_add_c0, -0.5, out=__h1_bar_add_c0)
+    np.exp(__h1_bar_add_c0, out=__h1_bar_add_c0)
+    np.multiply(__h1_bar_add_c0, h1_arg, out=__h1_bar_add_c0)
+    np.multiply(__h1_bar_add_c0, 0.7978845608028654, out=__h1_bar_add_c0)
+    np.add(__h1_bar_add_c0, 1, out=__h1_bar_add_c0)
+    np.add(__h1_bar_add_c0, h1_erf, out=__h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_bar_add_c0, out=h1_bar)
-    del h1_bar_add_c0
+    h1_bar_add = np.multiply(h1_bar, __h1_bar_add_c0, out=h1_bar)
+    del __h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)
@@ -604,16 +605,16 @@ def value_and_grad(params, inputs):
     W3_bar = h2.T @ logits_bar
     del h2, logits_bar
     # backward of h2_arg = h2_matmul + b2
-    h2_bar_add_c0 = h2_arg**2
-    np.multiply(h2_bar_add_c0, -0.5, out=h2_bar_add_c0)
-    np.exp(h2_bar_add_c0, out=h2_bar_add_c0)
-    np.multiply(h2_bar_add_c0, h2_arg, out=h2_bar_add_c0)
-    np.multiply(h2_bar_add_c0, 0.7978845608028654, out=h2_bar_add_c0)
-    np.add(h2_bar_add_c0, 1, out=h2_bar_add_c0)
-    np.add(h2_bar_add_c0, h2_erf, out=h2_bar_add_c0)
+    __h2_bar_add_c0 = h2_arg**2
+    np.multiply(__h2_bar_add_c0, -0.5, out=__h2_bar_add_c0)
+    np.exp(__h2_bar_add_c0, out=__h2_bar_add_c0)
+    np.multiply(__h2_bar_add_c0, h2_arg, out=__h2_bar_add_c0)
+    np.multiply(__h2_bar_add_c0, 0.7978845608028654, out=__h2_bar_add_c0)
+    np.add(__h2_bar_add_c0, 1, out=__h2_bar_add_c0)
+    np.add(__h2_bar_add_c0, h2_erf, out=__h2_bar_add_c0)
     np.multiply(h2_bar, 0.5, out=h2_bar)
-    h2_bar_add = np.multiply(h2_bar, h2_bar_add_c0, out=h2_bar)
-    del h2_bar_add_c0
+    h2_bar_add = np.multiply(h2_bar, __h2_bar_add_c0, out=h2_bar)
+    del __h2_bar_add_c0
     del h2_arg, h2_erf, h2_bar
     # backward of h2_arg = h2_matmul + b2 w.r.t. b2
     b2_bar = h2_bar_add.sum(axis=0)
@@ -623,16 +624,16 @@ def value_and_grad(params, inputs):
     W2_bar = h1.T @ h2_bar_add
     del h1, h2_bar_add
     # backward of h1_arg = h1_matmul + b1
-    h1_bar_add_c0 = h1_arg**2
-    np.multiply(h1_bar_add_c0, -0.5, out=h1_bar_add_c0)
-    np.exp(h1_bar_add_c0, out=h1_bar_add_c0)
-    np.multiply(h1_bar_add_c0, h1_arg, out=h1_bar_add_c0)
-    np.multiply(h1_bar_add_c0, 0.7978845608028654, out=h1_bar_add_c0)
-    np.add(h1_bar_add_c0, 1, out=h1_bar_add_c0)
-    np.add(h1_bar_add_c0, h1_erf, out=h1_bar_add_c0)
+    __h1_bar_add_c0 = h1_arg**2
+    np.multiply(__h1_bar_add_c0, -0.5, out=__h1_bar_add_c0)
+    np.exp(__h1_bar_add_c0, out=__h1_bar_add_c0)
+    np.multiply(__h1_bar_add_c0, h1_arg, out=__h1_bar_add_c0)
+    np.multiply(__h1_bar_add_c0, 0.7978845608028654, out=__h1_bar_add_c0)
+    np.add(__h1_bar_add_c0, 1, out=__h1_bar_add_c0)
+    np.add(__h1_bar_add_c0, h1_erf, out=__h1_bar_add_c0)
     np.multiply(h1_bar, 0.5, out=h1_bar)
-    h1_bar_add = np.multiply(h1_bar, h1_bar_add_c0, out=h1_bar)
-    del h1_bar_add_c0
+    h1_bar_add = np.multiply(h1_bar, __h1_bar_add_c0, out=h1_bar)
+    del __h1_bar_add_c0
     del h1_arg, h1_erf, h1_bar
     # backward of h1_arg = h1_matmul + b1 w.r.t. b1
     b1_bar = h1_bar_add.sum(axis=0)

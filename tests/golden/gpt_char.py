@@ -1165,18 +1165,18 @@ def value_and_grad(params, inputs):
     # backward of y2_matmul = m2 @ Wp2 w.r.t. m2
     m2_bar = (y2_bar.reshape(B*T, 64) @ Wp2.T).reshape((B, T, 256))
     # backward of m2_arg = m2_matmul + bf2
-    m2_bar_add_c1 = m2_arg**2
-    np.multiply(m2_bar_add_c1, 0.10703222440890038, out=m2_bar_add_c1)
-    np.add(m2_bar_add_c1, 0.7978845608028654, out=m2_bar_add_c1)
-    m2_bar_add_c0 = m2_tanh**2
-    np.subtract(1, m2_bar_add_c0, out=m2_bar_add_c0)
-    np.multiply(m2_bar_add_c0, m2_arg, out=m2_bar_add_c0)
-    np.multiply(m2_bar_add_c0, m2_bar_add_c1, out=m2_bar_add_c0)
-    np.add(m2_bar_add_c0, 1, out=m2_bar_add_c0)
-    np.add(m2_bar_add_c0, m2_tanh, out=m2_bar_add_c0)
+    __m2_bar_add_c1 = m2_arg**2
+    np.multiply(__m2_bar_add_c1, 0.10703222440890038, out=__m2_bar_add_c1)
+    np.add(__m2_bar_add_c1, 0.7978845608028654, out=__m2_bar_add_c1)
+    __m2_bar_add_c0 = m2_tanh**2
+    np.subtract(1, __m2_bar_add_c0, out=__m2_bar_add_c0)
+    np.multiply(__m2_bar_add_c0, m2_arg, out=__m2_bar_add_c0)
+    np.multiply(__m2_bar_add_c0, __m2_bar_add_c1, out=__m2_bar_add_c0)
+    np.add(__m2_bar_add_c0, 1, out=__m2_bar_add_c0)
+    np.add(__m2_bar_add_c0, m2_tanh, out=__m2_bar_add_c0)
     np.multiply(m2_bar, 0.5, out=m2_bar)
-    m2_bar_add = np.multiply(m2_bar, m2_bar_add_c0, out=m2_bar)
-    del m2_bar_add_c0, m2_bar_add_c1
+    m2_bar_add = np.multiply(m2_bar, __m2_bar_add_c0, out=m2_bar)
+    del __m2_bar_add_c0, __m2_bar_add_c1
     del m2_arg, m2_tanh, m2_bar
     # backward of m2_arg = m2_matmul + bf2 w.r.t. bf2
     bf2_bar = m2_bar_add.sum(axis=(0, 1))
@@ -1302,18 +1302,18 @@ def value_and_grad(params, inputs):
     # backward of y1_matmul = m1 @ Wp1 w.r.t. m1
     m1_bar = (y1_bar.reshape(B*T, 64) @ Wp1.T).reshape((B, T, 256))
     # backward of m1_arg = m1_matmul + bf1
-    m1_bar_add_c1 = m1_arg**2
-    np.multiply(m1_bar_add_c1, 0.10703222440890038, out=m1_bar_add_c1)
-    np.add(m1_bar_add_c1, 0.7978845608028654, out=m1_bar_add_c1)
-    m1_bar_add_c0 = m1_tanh**2
-    np.subtract(1, m1_bar_add_c0, out=m1_bar_add_c0)
-    np.multiply(m1_bar_add_c0, m1_arg, out=m1_bar_add_c0)
-    np.multiply(m1_bar_add_c0, m1_bar_add_c1, out=m1_bar_add_c0)
-    np.add(m1_bar_add_c0, 1, out=m1_bar_add_c0)
-    np.add(m1_bar_add_c0, m1_tanh, out=m1_bar_add_c0)
+    __m1_bar_add_c1 = m1_arg**2
+    np.multiply(__m1_bar_add_c1, 0.10703222440890038, out=__m1_bar_add_c1)
+    np.add(__m1_bar_add_c1, 0.7978845608028654, out=__m1_bar_add_c1)
+    __m1_bar_add_c0 = m1_tanh**2
+    np.subtract(1, __m1_bar_add_c0, out=__m1_bar_add_c0)
+    np.multiply(__m1_bar_add_c0, m1_arg, out=__m1_bar_add_c0)
+    np.multiply(__m1_bar_add_c0, __m1_bar_add_c1, out=__m1_bar_add_c0)
+    np.add(__m1_bar_add_c0, 1, out=__m1_bar_add_c0)
+    np.add(__m1_bar_add_c0, m1_tanh, out=__m1_bar_add_c0)
     np.multiply(m1_bar, 0.5, out=m1_bar)
-    m1_bar_add = np.multiply(m1_bar, m1_bar_add_c0, out=m1_bar)
-    del m1_bar_add_c0, m1_bar_add_c1
+    m1_bar_add = np.multiply(m1_bar, __m1_bar_add_c0, out=m1_bar)
+    del __m1_bar_add_c0, __m1_bar_add_c1
     del m1_arg, m1_tanh, m1_bar
     # backward of m1_arg = m1_matmul + bf1 w.r.t. bf1
     bf1_bar = m1_bar_add.sum(axis=(0, 1))

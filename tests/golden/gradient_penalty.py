@@ -237,9 +237,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = loss_sum + loss_sum_2
     del loss_sum, loss_sum_2
     # backward of loss_mul_2 = gp*(where((gnorm_sum > 0), sqrt(gnorm_sum), 0) - 1)**2 w.r.t. gnorm_sum
-    loss_bar_dew_t0 = np.sqrt(gnorm_sum)
-    loss_bar_dew = np.where((gnorm_sum > 0), gp*(loss_bar_dew_t0 - 1)/loss_bar_dew_t0, 0)
-    del loss_bar_dew_t0
+    __loss_bar_dew_t0 = np.sqrt(gnorm_sum)
+    loss_bar_dew = np.where((gnorm_sum > 0), gp*(__loss_bar_dew_t0 - 1)/__loss_bar_dew_t0, 0)
+    del __loss_bar_dew_t0
     del gnorm_sum
     # backward of loss_mul = sign*d w.r.t. d
     d_bar = sign
@@ -341,17 +341,17 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     del d_bar_broadcast_to
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
-    h2_bar_dtanh_c0 = h2**2
-    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
-    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
-    del h2_bar_dtanh_c0
+    __h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, __h2_bar_dtanh_c0, out=__h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, __h2_bar_dtanh_c0, out=d_bar_matmul)
+    del __h2_bar_dtanh_c0
     del h2, d_bar_matmul
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
-    h1_bar_dtanh_c0 = h1**2
-    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
-    del h1_bar_dtanh_c0
+    __h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, __h1_bar_dtanh_c0, out=__h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, __h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del __h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     dx = h1_bar_dtanh @ W1.T
     del h1_bar_dtanh
@@ -419,19 +419,19 @@ def forward(params, inputs, outputs=None):
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh_c0 = h2**2
-    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
-    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
-    del h2_bar_dtanh_c0
+    __h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, __h2_bar_dtanh_c0, out=__h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, __h2_bar_dtanh_c0, out=d_bar_matmul)
+    del __h2_bar_dtanh_c0
     del h2, d_bar_matmul
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh_c0 = h1**2
-    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
-    del h1_bar_dtanh_c0
+    __h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, __h1_bar_dtanh_c0, out=__h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, __h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del __h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     # backward of h1_matmul = x @ W1 w.r.t. x
     dx = h1_bar_dtanh @ W1.T
@@ -508,19 +508,19 @@ def _forward_1(params, inputs):
     d_bar_matmul = d_bar_reshape @ W3.T
     del d_bar_reshape
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2.add
-    h2_bar_dtanh_c0 = h2**2
-    np.subtract(1, h2_bar_dtanh_c0, out=h2_bar_dtanh_c0)
-    h2_bar_dtanh = np.multiply(d_bar_matmul, h2_bar_dtanh_c0, out=d_bar_matmul)
-    del h2_bar_dtanh_c0
+    __h2_bar_dtanh_c0 = h2**2
+    np.subtract(1, __h2_bar_dtanh_c0, out=__h2_bar_dtanh_c0)
+    h2_bar_dtanh = np.multiply(d_bar_matmul, __h2_bar_dtanh_c0, out=d_bar_matmul)
+    del __h2_bar_dtanh_c0
     del h2, d_bar_matmul
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
     h2_bar_matmul = h2_bar_dtanh @ W2.T
     del h2_bar_dtanh
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1.add
-    h1_bar_dtanh_c0 = h1**2
-    np.subtract(1, h1_bar_dtanh_c0, out=h1_bar_dtanh_c0)
-    h1_bar_dtanh = np.multiply(h2_bar_matmul, h1_bar_dtanh_c0, out=h2_bar_matmul)
-    del h1_bar_dtanh_c0
+    __h1_bar_dtanh_c0 = h1**2
+    np.subtract(1, __h1_bar_dtanh_c0, out=__h1_bar_dtanh_c0)
+    h1_bar_dtanh = np.multiply(h2_bar_matmul, __h1_bar_dtanh_c0, out=h2_bar_matmul)
+    del __h1_bar_dtanh_c0
     del h1, h2_bar_matmul
     # backward of h1_matmul = x @ W1 w.r.t. x
     dx = h1_bar_dtanh @ W1.T

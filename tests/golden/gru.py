@@ -499,10 +499,10 @@ def value_and_grad(params, inputs):
     run_bar_scan_out_2 = run_bar_scan[2]
     run_bar_scan_out_3 = run_bar_scan[3]
     del run_bar_scan
-    run_bar_dew_c0 = h_new_tanh_seq**2
-    np.subtract(1, run_bar_dew_c0, out=run_bar_dew_c0)
-    run_bar_dew = np.multiply(run_bar_scan_out, run_bar_dew_c0, out=run_bar_scan_out)
-    del run_bar_dew_c0
+    __run_bar_dew_c0 = h_new_tanh_seq**2
+    np.subtract(1, __run_bar_dew_c0, out=__run_bar_dew_c0)
+    run_bar_dew = np.multiply(run_bar_scan_out, __run_bar_dew_c0, out=run_bar_scan_out)
+    del __run_bar_dew_c0
     del h_new_tanh_seq, run_bar_scan_out
     run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_dew,), axis=2)
     del run_bar_scan_out_2, run_bar_dew

@@ -177,14 +177,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del loss_sum
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2
     loss_bar_dew = (0.2)*(-t + beta + xc*(gamma/np.sqrt(v + 1e-05)))/total_rows
-    loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
-    loss_bar_dew_2 = xc*(gamma*loss_bar_dew_2_t0)
+    __loss_bar_dew_2_t0 = 1/np.sqrt(v + 1e-05)
+    loss_bar_dew_2 = xc*(gamma*__loss_bar_dew_2_t0)
     np.add(loss_bar_dew_2, beta, out=loss_bar_dew_2)
     np.subtract(loss_bar_dew_2, t, out=loss_bar_dew_2)
     np.multiply(loss_bar_dew_2, 0.2, out=loss_bar_dew_2)
     np.multiply(loss_bar_dew_2, xc, out=loss_bar_dew_2)
-    np.multiply(loss_bar_dew_2, (loss_bar_dew_2_t0/total_rows), out=loss_bar_dew_2)
-    del loss_bar_dew_2_t0
+    np.multiply(loss_bar_dew_2, (__loss_bar_dew_2_t0/total_rows), out=loss_bar_dew_2)
+    del __loss_bar_dew_2_t0
     # backward of loss_pow = (-t + beta + gamma*xc/sqrt(v + 1e-05))**2 w.r.t. beta
     beta_bar = loss_bar_dew.sum(axis=0)
     del loss_bar_dew
@@ -200,14 +200,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss_bar_sum_to_2 = loss_bar_dew_3.sum(axis=1, keepdims=True)
     del loss_bar_dew_3
     # backward of xc = mu_mul - mu
-    xc_bar_t0 = v + 1e-05
-    xc_bar_t1 = 1/np.sqrt(xc_bar_t0)
-    xc_bar_c0 = 10*gamma*(-t + beta + xc*(gamma*xc_bar_t1))
-    xc_bar = -xc*(loss_bar_sum_to_2/xc_bar_t0)
-    np.add(xc_bar, xc_bar_c0, out=xc_bar)
+    __xc_bar_t0 = v + 1e-05
+    __xc_bar_t1 = 1/np.sqrt(__xc_bar_t0)
+    __xc_bar_c0 = 10*gamma*(-t + beta + xc*(gamma*__xc_bar_t1))
+    xc_bar = -xc*(loss_bar_sum_to_2/__xc_bar_t0)
+    np.add(xc_bar, __xc_bar_c0, out=xc_bar)
     np.multiply(xc_bar, 0.02, out=xc_bar)
-    np.multiply(xc_bar, (xc_bar_t1/total_rows), out=xc_bar)
-    del xc_bar_t0, xc_bar_t1, xc_bar_c0
+    np.multiply(xc_bar, (__xc_bar_t1/total_rows), out=xc_bar)
+    del __xc_bar_t0, __xc_bar_t1, __xc_bar_c0
     del xc, v, loss_bar_sum_to_2
     # backward of xc = mu_mul - mu w.r.t. mu
     xc_bar_sum_to = xc_bar.sum(axis=1, keepdims=True)

@@ -422,12 +422,12 @@ def value_and_grad(params, inputs):
         np.multiply(h_new_bar_dew, h_new_bar_add, out=h_new_bar_dew)
         np.multiply(h_new_bar_dew, h_new_tanh, out=h_new_bar_dew)
         # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
-        c_new_bar_add_c0 = h_new_tanh**2
-        np.subtract(1, c_new_bar_add_c0, out=c_new_bar_add_c0)
+        __c_new_bar_add_c0 = h_new_tanh**2
+        np.subtract(1, __c_new_bar_add_c0, out=__c_new_bar_add_c0)
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
-        np.multiply(h_new_bar_add, c_new_bar_add_c0, out=h_new_bar_add)
+        np.multiply(h_new_bar_add, __c_new_bar_add_c0, out=h_new_bar_add)
         c_new_bar_add = np.add(h_new_bar_add, c_new_bar, out=h_new_bar_add)
-        del c_new_bar_add_c0
+        del __c_new_bar_add_c0
         del h_new_bar_add
         # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew w.r.t. c
         c_new_bar_dew = c_new_bar_add*c_new_getitem
@@ -442,11 +442,11 @@ def value_and_grad(params, inputs):
         c_new_bar_dew_4 = np.multiply(c_new_bar_concatenate, 1 - c_new_sigmoid, out=c_new_bar_concatenate)
         del c_new_bar_concatenate
         # backward of c_new.ew = tanh(c_new.getitem) w.r.t. c_new.getitem
-        c_new_bar_dew_5_c0 = c_new_tanh**2
-        np.subtract(1, c_new_bar_dew_5_c0, out=c_new_bar_dew_5_c0)
+        __c_new_bar_dew_5_c0 = c_new_tanh**2
+        np.subtract(1, __c_new_bar_dew_5_c0, out=__c_new_bar_dew_5_c0)
         np.multiply(c_new_bar_add, input, out=c_new_bar_add)
-        c_new_bar_dew_5 = np.multiply(c_new_bar_add, c_new_bar_dew_5_c0, out=c_new_bar_add)
-        del c_new_bar_dew_5_c0
+        c_new_bar_dew_5 = np.multiply(c_new_bar_add, __c_new_bar_dew_5_c0, out=c_new_bar_add)
+        del __c_new_bar_dew_5_c0
         del c_new_bar_add
         # backward of z = b + z.matmul + z.matmul
         z_bar_concatenate = z_bar_concatenate_seq[t]

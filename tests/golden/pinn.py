@@ -249,9 +249,9 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     loss = loss_sum/total_rows
     del loss_sum
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. h1_bar_matmul_2
-    loss_bar_dew_t0 = 2*u_bar_bar_dew
-    loss_bar_dew = (2*h1_bar_matmul_2 - 4*u_bar_dmul + u_sub*loss_bar_dew_t0 - x*loss_bar_dew_t0 + 19.739208802178716*loss_sin)/total_rows
-    del loss_bar_dew_t0
+    __loss_bar_dew_t0 = 2*u_bar_bar_dew
+    loss_bar_dew = (2*h1_bar_matmul_2 - 4*u_bar_dmul + u_sub*__loss_bar_dew_t0 - x*__loss_bar_dew_t0 + 19.739208802178716*loss_sin)/total_rows
+    del __loss_bar_dew_t0
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_dmul
     loss_bar_dew_2 = (-4*h1_bar_matmul_2 + 8*u_bar_dmul - 4*u_bar_bar_dew*u_sub + 4*u_bar_bar_dew*x - 39.47841760435743*loss_sin)/total_rows
     # backward of loss_pow = (h1_bar_matmul_2 - 2*u_bar_dmul + u_bar_bar_dew*u_sub - u_bar_bar_dew*x + 9.869604401089358*loss_sin)**2 w.r.t. u_bar_bar_dew
@@ -344,17 +344,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_matmul_4 = h2.T @ loss_bar_dew_2
     del loss_bar_dew_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew_t0 = h2**2
-    np.subtract(1, h2_bar_dew_t0, out=h2_bar_dew_t0)
-    h2_bar_dew_t1 = 2*h2
-    h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*h2_bar_dew_t2
-    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2), out=h2_bar_dew)
+    __h2_bar_dew_t0 = h2**2
+    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
+    __h2_bar_dew_t1 = 2*h2
+    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
+    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
     np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
     np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
-    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, h2_bar_dew_t0, out=h2_bar_dew)
-    del h2_bar_dew_t0, h2_bar_dew_t1, h2_bar_dew_t2
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -365,17 +365,17 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew_t0 = h1**2
-    np.subtract(1, h1_bar_dew_t0, out=h1_bar_dew_t0)
-    h1_bar_dew_t1 = 2*h1
-    h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*h1_bar_dew_t2
-    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2), out=h1_bar_dew)
+    __h1_bar_dew_t0 = h1**2
+    np.subtract(1, __h1_bar_dew_t0, out=__h1_bar_dew_t0)
+    __h1_bar_dew_t1 = 2*h1
+    __h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
+    h1_bar_dew = __h1_bar_dew_t0*__h1_bar_dew_t2
+    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - __h1_bar_dew_t1*__h1_bar_dew_t2), out=h1_bar_dew)
     np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
     np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
-    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, h1_bar_dew_t0, out=h1_bar_dew)
-    del h1_bar_dew_t0, h1_bar_dew_t1, h1_bar_dew_t2
+    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*__h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, __h1_bar_dew_t0, out=h1_bar_dew)
+    del __h1_bar_dew_t0, __h1_bar_dew_t1, __h1_bar_dew_t2
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
@@ -804,17 +804,17 @@ def value_and_grad(params, inputs):
     u_bar_matmul_4 = h2.T @ d2u_bar_dew
     del d2u_bar_dew
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    h2_bar_dew_t0 = h2**2
-    np.subtract(1, h2_bar_dew_t0, out=h2_bar_dew_t0)
-    h2_bar_dew_t1 = 2*h2
-    h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = h2_bar_dew_t0*h2_bar_dew_t2
-    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - h2_bar_dew_t1*h2_bar_dew_t2), out=h2_bar_dew)
+    __h2_bar_dew_t0 = h2**2
+    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
+    __h2_bar_dew_t1 = 2*h2
+    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
+    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
     np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
     np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
-    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, h2_bar_dew_t0, out=h2_bar_dew)
-    del h2_bar_dew_t0, h2_bar_dew_t1, h2_bar_dew_t2
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
     del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
@@ -825,17 +825,17 @@ def value_and_grad(params, inputs):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    h1_bar_dew_t0 = h1**2
-    np.subtract(1, h1_bar_dew_t0, out=h1_bar_dew_t0)
-    h1_bar_dew_t1 = 2*h1
-    h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = h1_bar_dew_t0*h1_bar_dew_t2
-    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - h1_bar_dew_t1*h1_bar_dew_t2), out=h1_bar_dew)
+    __h1_bar_dew_t0 = h1**2
+    np.subtract(1, __h1_bar_dew_t0, out=__h1_bar_dew_t0)
+    __h1_bar_dew_t1 = 2*h1
+    __h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
+    h1_bar_dew = __h1_bar_dew_t0*__h1_bar_dew_t2
+    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - __h1_bar_dew_t1*__h1_bar_dew_t2), out=h1_bar_dew)
     np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
     np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
-    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, h1_bar_dew_t0, out=h1_bar_dew)
-    del h1_bar_dew_t0, h1_bar_dew_t1, h1_bar_dew_t2
+    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*__h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, __h1_bar_dew_t0, out=h1_bar_dew)
+    del __h1_bar_dew_t0, __h1_bar_dew_t1, __h1_bar_dew_t2
     del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
