@@ -342,3 +342,78 @@ def test_constant_calls_are_not_residuals():
     x = g.input("x", (3,))
     g.loss(ops.sum(2.0 ** x))
     assert [n.op for n in keep_residuals(g).nodes].count("ew") == 0
+
+
+# ----- pool before activation ------------------------------------------------------------
+@pytest.mark.parametrize("expr, monotone", [
+    (lambda x, c: sp.Max(x + c, 0), True), (lambda x, c: sigmoid(x + c), True), (lambda x, c: sp.tanh(x), True),
+    (lambda x, c: 2 * sp.exp(x) - c, True), (lambda x, c: sp.erf(x) + softplus(x), True),
+    (lambda x, c: sp.Max(x, c), True), (lambda x, c: (x + c) ** 3, True), (lambda x, c: 0.1 * sp.Min(x, 0) + sp.Max(x, 0), True),
+    (lambda x, c: x * c, False), (lambda x, c: -x, False), (lambda x, c: sp.log(x), False), (lambda x, c: sp.sqrt(x), False),
+    (lambda x, c: x * sigmoid(x), False), (lambda x, c: x ** 2, False), (lambda x, c: sp.Max(-x, 0), False),
+], ids=lambda v: "" if callable(v) else str(v))
+def test_nondecreasing_is_read_off_the_expression(expr, monotone):
+    from backcomp.passes.pools import nondecreasing
+    x, c = arg_symbol(0), arg_symbol(1)
+    assert nondecreasing(expr(x, c), x) is monotone
+
+
+def _conv_pool(act=ops.relu, bias_shape=(4, 1, 1), also_output=False, pool_padding=0):
+    g = backcomp.Graph("cp")
+    x = g.input("x", ("B", 2, 8, 8))
+    K = g.param("K", (4, 2, 3, 3))
+    c = g.param("c", bias_shape)
+    h = act(ops.conv2d(x, K, padding=1) + c)
+    h.name = "h"
+    p = ops.max_pool2d(h, 2, padding=pool_padding)
+    p.name = "p"
+    if also_output:
+        g.output("h", h)
+    g.loss(ops.sum(ops.tanh(p) * p))
+    return g
+
+
+@pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus], ids=["relu", "sigmoid", "tanh", "softplus"])
+def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchanged(act):
+    g = _conv_pool(act)
+    text = compile_source(g)
+    fwd = text.split("def value_and_grad")[1].split("_bar")[0]
+    pool = re.search(r"(\w+) = np\.maximum\((\w+)\[:, :, 0:7:2, 0:7:2\]", fwd)
+    assert pool and pool.group(2).endswith("conv2d"), fwd          # the pool reads the convolution itself
+    assert re.search(rf"\bp = .*\b{pool.group(1)}\b.* \+ c|\bp = .*\bc \+ {pool.group(1)}\b", fwd), fwd
+    fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
+    rng = np.random.default_rng(0)
+    p = {"K": rng.standard_normal((4, 2, 3, 3)), "c": rng.standard_normal((4, 1, 1))}
+    x = rng.standard_normal((3, 2, 8, 8))
+    x[0, :, :4, :4] = 0.0     # exact ties in every pool window there: still the first maximum
+    l1, g1 = fast.value_and_grad(p, {"x": x})
+    l0, g0 = slow.value_and_grad(p, {"x": x})
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("case", ["silu", "log", "bias varies over the window", "activation is an output"])
+def test_max_pool_stays_after_what_it_does_not_commute_with(case):
+    kwargs = {"silu": dict(act=lambda z: z * ops.sigmoid(z)), "log": dict(act=ops.log),
+              "bias varies over the window": dict(bias_shape=(4, 8, 8)),
+              "activation is an output": dict(also_output=True)}[case]
+    g = _conv_pool(**kwargs)
+    from backcomp.passes import prepare_forward
+    prepared = prepare_forward(g)
+    (pool,) = [n for n in prepared.nodes if n.op == "max_pool2d"]
+    assert pool.inputs[0].op != "conv2d", case
+
+
+def test_padded_max_pool_commutes_too():
+    g = _conv_pool(pool_padding=1)
+    from backcomp.passes import prepare_forward
+    (pool,) = [n for n in prepare_forward(g).nodes if n.op == "max_pool2d"]
+    assert pool.inputs[0].op == "conv2d"
+    fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
+    p, i = random_params(fast, seed=1, scale=0.5), random_inputs(fast, batch=2, seed=1)
+    l1, g1 = fast.value_and_grad(p, i)
+    l0, g0 = slow.value_and_grad(p, i)
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)

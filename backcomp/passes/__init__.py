@@ -9,6 +9,7 @@ from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
 from backcomp.passes.gemm import flatten_batched_gemms
 from backcomp.passes.loops import optimize_loops
+from backcomp.passes.pools import pool_before_activation
 from backcomp.passes.reductions import hoist_constant_factors, merge_reductions
 from backcomp.passes.residuals import keep_residuals
 from backcomp.passes.stability import Finding, stabilize
@@ -21,8 +22,10 @@ def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Grap
     sees ``softplus(z) − y·z`` rather than pieces, and stable rewrites such as
     ``log(1 + exp(u))`` → ``softplus(u)`` reach the backward too.  Last, calls the
     backward would repeat (erf in GELU) become nodes of their own (``keep_residuals``).
+    A max pool goes before the activation it commutes with, so the activation and its
+    backward run on the pooled values (``pool_before_activation``).
     """
-    for run in (eliminate_common_subexpressions, merge_reductions, fuse_elementwise,
+    for run in (eliminate_common_subexpressions, merge_reductions, fuse_elementwise, pool_before_activation,
                 partial(stabilize, findings=findings), keep_residuals):
         graph = run(graph)
     return graph

@@ -188,12 +188,11 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
     a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
-    del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
+    p_max_pool2d = np.maximum(a_conv2d[:, :, 0:7:2, 0:7:2], a_conv2d[:, :, 0:7:2, 1:8:2])
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 0:7:2], out=p_max_pool2d)
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 1:8:2], out=p_max_pool2d)
+    p = p_max_pool2d + c
+    np.maximum(p, 0, out=p)
     f = p.reshape((B, 512))
     logits_matmul = f @ W
     logits = np.add(logits_matmul, b, out=logits_matmul)
@@ -253,30 +252,30 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of f = reshape(p, shape=('B', 512)) w.r.t. p
     p_bar = f_bar.reshape((B, 32, 4, 4))
     del f_bar
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    __p_bar_max_pool2d_argmax_later = a[:, :, 0:7:2, 0:7:2] != p
+    # backward of p = maximum(p_max_pool2d + c, 0) w.r.t. p_max_pool2d
+    p_bar_dew = p_bar*(p > 0)
+    del p, p_bar
+    # backward of p = maximum(p_max_pool2d + c, 0) w.r.t. c
+    c_bar = p_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
+    # backward of p_max_pool2d = max_pool2d(a_conv2d, size=(2, 2), stride=(2, 2))
+    __p_bar_max_pool2d_argmax_later = a_conv2d[:, :, 0:7:2, 0:7:2] != p_max_pool2d
     p_bar_max_pool2d_argmax = __p_bar_max_pool2d_argmax_later.astype(np.int8)
-    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 0:7:2, 1:8:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a_conv2d[:, :, 0:7:2, 1:8:2] != p_max_pool2d, out=__p_bar_max_pool2d_argmax_later)
     p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
-    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 1:8:2, 0:7:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a_conv2d[:, :, 1:8:2, 0:7:2] != p_max_pool2d, out=__p_bar_max_pool2d_argmax_later)
     p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
     del __p_bar_max_pool2d_argmax_later
-    del p
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
-    a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
-    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar, out=a_bar[:, :, 0:7:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar, out=a_bar[:, :, 0:7:2, 1:8:2])
-    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar, out=a_bar[:, :, 1:8:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar, out=a_bar[:, :, 1:8:2, 1:8:2])
-    del p_bar, p_bar_max_pool2d_argmax
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. a_conv2d
-    a_bar_dew = np.multiply(a_bar, (a > 0), out=a_bar)
-    del a, a_bar
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
-    c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
+    del a_conv2d, p_max_pool2d
+    # backward of p_max_pool2d = max_pool2d(a_conv2d, size=(2, 2), stride=(2, 2)) w.r.t. a_conv2d
+    p_bar_max_pool2d_scatter = np.empty((p_bar_dew.shape[0], 32, 8, 8), dtype=p_bar_dew.dtype)
+    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 0:7:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 0:7:2, 1:8:2])
+    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 1:8:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 1:8:2, 1:8:2])
+    del p_bar_dew, p_bar_max_pool2d_argmax
     # backward of a_conv2d = conv2d(x, K, a_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del a_im2col, a_bar_dew
+    K_bar = (p_bar_max_pool2d_scatter.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
+    del a_im2col, p_bar_max_pool2d_scatter
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W*param_terms, out=logits_bar_matmul)
     del logits_bar_matmul
@@ -298,13 +297,13 @@ def partial_loss(params, inputs, total_rows, param_terms=True):
     a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
     del a_im2col
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    p_max_pool2d = np.maximum(a_conv2d[:, :, 0:7:2, 0:7:2], a_conv2d[:, :, 0:7:2, 1:8:2])
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 0:7:2], out=p_max_pool2d)
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 1:8:2], out=p_max_pool2d)
     del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
-    del a
+    np.add(p_max_pool2d, c, out=p_max_pool2d)
+    p = np.maximum(p_max_pool2d, 0, out=p_max_pool2d)
+    del p_max_pool2d
     f = p.reshape((B, 512))
     del p
     logits_matmul = f @ W
@@ -366,13 +365,13 @@ def forward(params, inputs, outputs=None):
     a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
     del a_im2col
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    p_max_pool2d = np.maximum(a_conv2d[:, :, 0:7:2, 0:7:2], a_conv2d[:, :, 0:7:2, 1:8:2])
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 0:7:2], out=p_max_pool2d)
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 1:8:2], out=p_max_pool2d)
     del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
-    del a
+    np.add(p_max_pool2d, c, out=p_max_pool2d)
+    p = np.maximum(p_max_pool2d, 0, out=p_max_pool2d)
+    del p_max_pool2d
     f = p.reshape((B, 512))
     del p
     logits_matmul = f @ W
@@ -436,13 +435,13 @@ def _forward_1(params, inputs):
     a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
     del a_im2col
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
+    p_max_pool2d = np.maximum(a_conv2d[:, :, 0:7:2, 0:7:2], a_conv2d[:, :, 0:7:2, 1:8:2])
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 0:7:2], out=p_max_pool2d)
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 1:8:2], out=p_max_pool2d)
     del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
-    del a
+    np.add(p_max_pool2d, c, out=p_max_pool2d)
+    p = np.maximum(p_max_pool2d, 0, out=p_max_pool2d)
+    del p_max_pool2d
     f = p.reshape((B, 512))
     del p
     logits_matmul = f @ W
@@ -466,12 +465,11 @@ def value_and_grad(params, inputs):
     a_im2col[:, :, 2, 1, 0:7, 0:8] = x[:, :, 1:8, 0:8]
     a_im2col[:, :, 2, 2, 0:7, 0:7] = x[:, :, 1:8, 1:8]
     a_conv2d = (K.reshape(32, 9) @ a_im2col.reshape(-1, 9, 64)).reshape(-1, 32, 8, 8)
-    np.add(a_conv2d, c, out=a_conv2d)
-    a = np.maximum(a_conv2d, 0, out=a_conv2d)
-    del a_conv2d
-    p = np.maximum(a[:, :, 0:7:2, 0:7:2], a[:, :, 0:7:2, 1:8:2])
-    np.maximum(p, a[:, :, 1:8:2, 0:7:2], out=p)
-    np.maximum(p, a[:, :, 1:8:2, 1:8:2], out=p)
+    p_max_pool2d = np.maximum(a_conv2d[:, :, 0:7:2, 0:7:2], a_conv2d[:, :, 0:7:2, 1:8:2])
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 0:7:2], out=p_max_pool2d)
+    np.maximum(p_max_pool2d, a_conv2d[:, :, 1:8:2, 1:8:2], out=p_max_pool2d)
+    p = p_max_pool2d + c
+    np.maximum(p, 0, out=p)
     f = p.reshape((B, 512))
     logits_matmul = f @ W
     logits = np.add(logits_matmul, b, out=logits_matmul)
@@ -531,30 +529,30 @@ def value_and_grad(params, inputs):
     # backward of f = reshape(p, shape=('B', 512)) w.r.t. p
     p_bar = f_bar.reshape((B, 32, 4, 4))
     del f_bar
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2))
-    __p_bar_max_pool2d_argmax_later = a[:, :, 0:7:2, 0:7:2] != p
+    # backward of p = maximum(p_max_pool2d + c, 0) w.r.t. p_max_pool2d
+    p_bar_dew = p_bar*(p > 0)
+    del p, p_bar
+    # backward of p = maximum(p_max_pool2d + c, 0) w.r.t. c
+    c_bar = p_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
+    # backward of p_max_pool2d = max_pool2d(a_conv2d, size=(2, 2), stride=(2, 2))
+    __p_bar_max_pool2d_argmax_later = a_conv2d[:, :, 0:7:2, 0:7:2] != p_max_pool2d
     p_bar_max_pool2d_argmax = __p_bar_max_pool2d_argmax_later.astype(np.int8)
-    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 0:7:2, 1:8:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a_conv2d[:, :, 0:7:2, 1:8:2] != p_max_pool2d, out=__p_bar_max_pool2d_argmax_later)
     p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
-    np.logical_and(__p_bar_max_pool2d_argmax_later, a[:, :, 1:8:2, 0:7:2] != p, out=__p_bar_max_pool2d_argmax_later)
+    np.logical_and(__p_bar_max_pool2d_argmax_later, a_conv2d[:, :, 1:8:2, 0:7:2] != p_max_pool2d, out=__p_bar_max_pool2d_argmax_later)
     p_bar_max_pool2d_argmax += __p_bar_max_pool2d_argmax_later
     del __p_bar_max_pool2d_argmax_later
-    del p
-    # backward of p = max_pool2d(a, size=(2, 2), stride=(2, 2)) w.r.t. a
-    a_bar = np.empty((p_bar.shape[0], 32, 8, 8), dtype=p_bar.dtype)
-    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar, out=a_bar[:, :, 0:7:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar, out=a_bar[:, :, 0:7:2, 1:8:2])
-    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar, out=a_bar[:, :, 1:8:2, 0:7:2])
-    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar, out=a_bar[:, :, 1:8:2, 1:8:2])
-    del p_bar, p_bar_max_pool2d_argmax
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. a_conv2d
-    a_bar_dew = np.multiply(a_bar, (a > 0), out=a_bar)
-    del a, a_bar
-    # backward of a = maximum(a_conv2d + c, 0) w.r.t. c
-    c_bar = a_bar_dew.sum(axis=(0, 2, 3), keepdims=True).reshape((32, 1, 1))
+    del a_conv2d, p_max_pool2d
+    # backward of p_max_pool2d = max_pool2d(a_conv2d, size=(2, 2), stride=(2, 2)) w.r.t. a_conv2d
+    p_bar_max_pool2d_scatter = np.empty((p_bar_dew.shape[0], 32, 8, 8), dtype=p_bar_dew.dtype)
+    np.multiply(p_bar_max_pool2d_argmax == 0, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 0:7:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 1, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 0:7:2, 1:8:2])
+    np.multiply(p_bar_max_pool2d_argmax == 2, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 1:8:2, 0:7:2])
+    np.multiply(p_bar_max_pool2d_argmax == 3, p_bar_dew, out=p_bar_max_pool2d_scatter[:, :, 1:8:2, 1:8:2])
+    del p_bar_dew, p_bar_max_pool2d_argmax
     # backward of a_conv2d = conv2d(x, K, a_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K
-    K_bar = (a_bar_dew.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
-    del a_im2col, a_bar_dew
+    K_bar = (p_bar_max_pool2d_scatter.reshape(-1, 32, 64) @ a_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(32, 1, 3, 3)
+    del a_im2col, p_bar_max_pool2d_scatter
     # backward of param W
     W_bar = np.add(logits_bar_matmul, 0.0001*W, out=logits_bar_matmul)
     del logits_bar_matmul
