@@ -395,9 +395,9 @@ def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchange
 
 @pytest.mark.parametrize("case", ["silu", "log", "bias varies over the window", "activation is an output"])
 def test_max_pool_stays_after_what_it_does_not_commute_with(case):
-    kwargs = {"silu": dict(act=lambda z: z * ops.sigmoid(z)), "log": dict(act=ops.log),
-              "bias varies over the window": dict(bias_shape=(4, 8, 8)),
-              "activation is an output": dict(also_output=True)}[case]
+    kwargs = {"silu": {"act": lambda z: z * ops.sigmoid(z)}, "log": {"act": ops.log},
+              "bias varies over the window": {"bias_shape": (4, 8, 8)},
+              "activation is an output": {"also_output": True}}[case]
     g = _conv_pool(**kwargs)
     from backcomp.passes import prepare_forward
     prepared = prepare_forward(g)
