@@ -527,3 +527,45 @@ def test_build_cache_sees_a_changed_user_op_rule():
         assert (float(first), float(second)) == (6.0, 4.0)
     finally:
         ops.unregister_op("times_k")
+
+
+_FAULTS = """
+import importlib.util, resource, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("m", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+p = m.init_params(seed=0)
+i = {"x": np.ones((8192, 64), np.float32), "y": np.zeros((8192, 64), np.float32)}
+for _ in range(3):
+    m.value_and_grad(p, i)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    m.value_and_grad(p, i)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's dynamic mmap threshold")
+def test_large_temporaries_reuse_memory_instead_of_page_faulting(tmp_path):
+    """A step whose temporaries are 2 MiB each: with the module's import-time warm-up,
+    glibc recycles them (a few page faults per step); without it, every step faults
+    each of them in afresh (about 512 per MiB)."""
+    g = backcomp.Graph("wide")
+    x, y = g.input("x", (8192, 64)), g.input("y", (8192, 64))
+    h = ops.tanh(x @ g.param("W1", (64, 64)))
+    g.loss(ops.mean((ops.tanh(h @ g.param("W2", (64, 64))) - y) ** 2))
+    text = compiler.compile_source(g)
+    warm = "np.empty(30 << 20, np.uint8)\n"
+    assert warm in text
+    (tmp_path / "warm.py").write_text(text)
+    (tmp_path / "cold.py").write_text(text.replace(warm, ""))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {}
+    for name in ("warm", "cold"):
+        run = subprocess.run([sys.executable, "-c", _FAULTS, str(tmp_path / f"{name}.py")],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        faults[name] = float(run.stdout)
+    assert faults["warm"] < 100 and faults["cold"] > 1000, faults

@@ -39,6 +39,13 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 """
 import numpy as np
 
+# One 30 MiB array made and freed: glibc's dynamic threshold (set by any program that
+# frees an array that large) then keeps blocks up to 30 MiB in its heap, so each call's
+# large temporaries reuse memory instead of being mapped and page-faulted afresh (a
+# third of a transformer step's time). Nothing changes where MALLOC_MMAP_THRESHOLD_ is
+# set or the C library is not glibc.
+np.empty(30 << 20, np.uint8)
+
 #: param name -> shape
 PARAMS = {
     'E': (96, 32),
