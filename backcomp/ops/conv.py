@@ -421,7 +421,10 @@ def _shifted_col2im(node, ct: str, w: str, out: str) -> list[str]:
     interleaved runs): 2.4 ms against 4.4 for one batched GEMM into (N, C·kh·kw, Ho·Wp)
     columns plus nine strided adds, 3.4 for the columns as one 2-D GEMM over
     channel-major rows, 2.5 for the shifted GEMMs against an unshifted copy with the
-    adds shifted; and 3.2 ms against 3.4 at one thread.  Groups: one GEMM per group
+    adds shifted; and 3.2 ms against 3.4 at one thread.  The view is copied out in NCHW
+    order at the end: a relu mask, a bias sum and a pool's scatter read it next, and on
+    the strided view each of those passes took up to five times as long (the CNN step
+    0.97 of its time with the copy, one thread).  Groups: one GEMM per group
     (batched), or with one channel of ḡ per group (depthwise) a broadcast product."""
     (o, cg, kh, kw), (_, (ph, pw), (dh, dw), groups) = node.inputs[1].shape, _geometry(node.attrs)
     (c, h, wd), (ho, wo) = node.shape[1:], node.inputs[0].shape[2:]
@@ -449,7 +452,7 @@ def _shifted_col2im(node, ct: str, w: str, out: str) -> list[str]:
             lines += [f"{form}({wt}[{a}, {b}], {view}, out={part})", f"{out} += {part}"]
     crop = f"[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]" if (ph, pw) != (0, 0) else ""
     return lines + [f"del {rows}, {wt}, {part}",
-                    f"{out} = {out}.reshape({c}, -1, {hp}, {wp}){crop}.transpose(1, 0, 2, 3)"]
+                    f"{out} = np.ascontiguousarray({out}.reshape({c}, -1, {hp}, {wp}){crop}.transpose(1, 0, 2, 3))"]
 
 
 def _upto(n: int, size: int) -> str:

@@ -384,7 +384,7 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.multiply(__d_bar_conv2d_grad_input_w[0, 2], __d_bar_conv2d_grad_input_rows[..., 32:-4], out=__d_bar_conv2d_grad_input_part)
     d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
     del __d_bar_conv2d_grad_input_rows, __d_bar_conv2d_grad_input_w, __d_bar_conv2d_grad_input_part
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3)
+    d_bar_conv2d_grad_input = np.ascontiguousarray(d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3))
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)
@@ -881,7 +881,7 @@ def value_and_grad(params, inputs):
     np.multiply(__d_bar_conv2d_grad_input_w[0, 2], __d_bar_conv2d_grad_input_rows[..., 32:-4], out=__d_bar_conv2d_grad_input_part)
     d_bar_conv2d_grad_input += __d_bar_conv2d_grad_input_part
     del __d_bar_conv2d_grad_input_rows, __d_bar_conv2d_grad_input_w, __d_bar_conv2d_grad_input_part
-    d_bar_conv2d_grad_input = d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3)
+    d_bar_conv2d_grad_input = np.ascontiguousarray(d_bar_conv2d_grad_input.reshape(8, -1, 1, 36)[:, :, 0:1, 2:34].transpose(1, 0, 2, 3))
     del d_reshape_2
     # backward of d_conv2d = conv2d(d_reshape, d_reshape_2, stride=(1, 1), padding=(0, 2), dilation=(1, 2), groups=8) w.r.t. d_reshape_2
     __d_bar_conv2d_grad_weight_cols = np.zeros((d_reshape.shape[0], 8, 1, 3, 1, 32), dtype=d_reshape.dtype)

@@ -817,7 +817,7 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     np.matmul(__h1_bar_w[2, 2], __h1_bar_rows[..., 22:-14], out=__h1_bar_part)
     h1_bar += __h1_bar_part
     del __h1_bar_rows, __h1_bar_w, __h1_bar_part
-    h1_bar = h1_bar.reshape(16, -1, 6, 6)[:, :, 1:5, 1:5].transpose(1, 0, 2, 3)
+    h1_bar = np.ascontiguousarray(h1_bar.reshape(16, -1, 6, 6)[:, :, 1:5, 1:5].transpose(1, 0, 2, 3))
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K2
     K2_bar = (h2_im2col.reshape(144, -1) @ h2_bar_add.transpose(1, 0, 2, 3).reshape(32, -1).T).T.reshape(32, 16, 3, 3)
     del h2_im2col, h2_bar_add
