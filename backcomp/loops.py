@@ -477,12 +477,15 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
 
 
 _OUT_BINOPS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "true_divide"}
+#: the module's own helpers that take ``out=`` (backcomp/runtime.py)
+_OUT_HELPERS = ("_sigmoid", "_erf")
 
 
 def _write_into(body: list[str], name: str, slot: str) -> bool:
     """Rewrite the statement ``name = <value>`` of ``body`` to compute the value into
     ``slot`` (a row of a preallocated stack) and bind ``name`` to that row, when the
-    value is one call that takes ``out=`` (a ufunc, ``np.concatenate``), one binary
+    value is one call that takes ``out=`` (a ufunc, ``np.concatenate``, the module's
+    ``_sigmoid`` and ``_erf``), one binary
     arithmetic operator, a square or a negation (the first statement of an in-place
     chain): the row is then written once, with no temporary and no copy."""
     prefix = f"{name} = "
@@ -507,6 +510,9 @@ def _write_into(body: list[str], name: str, slot: str) -> bool:
                 return False
         elif not (isinstance(fn, np.ufunc) and len(value.args) == fn.nin and not value.keywords):
             return False
+        call = f"{text[:-1]}, out={name})"
+    elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in _OUT_HELPERS \
+            and len(value.args) == 1 and not value.keywords and not isinstance(value.args[0], ast.Starred):
         call = f"{text[:-1]}, out={name})"
     elif isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
         call = f"np.negative({ast.get_source_segment(line, value.operand)}, out={name})"

@@ -641,3 +641,14 @@ def test_gru_backward_reads_the_stored_tanh_instead_of_recomputing_it():
     forward_loop = grad[grad.index("for t in range(T):"):grad.index("for t in range(T - 1")]
     assert forward_loop.count("np.tanh(") == 1 and re.search(r"np\.tanh\(.*, out=\w+\)", forward_loop)
     assert "np.tanh(" not in grad[grad.index("for t in range(T - 1"):]
+
+
+def test_the_carry_free_terms_of_a_step_sum_are_computed_before_the_loop():
+    """z = x_t @ Wx + h @ Wh + bx + bh: x_t @ Wx + bx + bh is one pass over (T, B, 4H)
+    before the loop, and the loop adds it to h @ Wh in one statement; σ of the gates is
+    computed straight into its residual stack."""
+    text = backcomp.compile_source(parse_spec(LSTM_SPEC, "lstm.toml"))
+    loop = text.split("\ndef value_and_grad(")[1].split("for t in range(T):")[1].split("run = (")[0]
+    assert "bx" not in loop and "bh" not in loop, loop
+    assert re.search(r"z = np\.add\(\w+, \w+, out=\w+\)", loop), loop
+    assert "_sigmoid(c_new_getitem_2, out=c_new_sigmoid)" in loop and "c_new_sigmoid_seq_2[t] = " not in loop, loop

@@ -212,17 +212,18 @@ def forward(params, inputs, outputs=None):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 64))
     del run_matmul
+    run_add = b + run_reshape_2
+    del run_reshape_2
     # scan lstm: loop over T steps
-    dtype_ = np.result_type(run_full, run_full, run_transpose, run_reshape_2, Wx, Wh, b)
+    dtype_ = np.result_type(run_full, run_full, run_transpose, run_add, Wx, Wh, b)
     h = run_full
     c = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        z_matmul = run_reshape_2[t]
-        z_matmul_2 = h @ Wh
-        np.add(z_matmul_2, b, out=z_matmul_2)
-        z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
-        del z_matmul_2
+        z_ew = run_add[t]
+        z_matmul = h @ Wh
+        z = np.add(z_matmul, z_ew, out=z_matmul)
+        del z_matmul
         c_new_getitem = z[:, 32:48]
         c_new_tanh = np.tanh(c_new_getitem)
         del c_new_getitem
@@ -245,7 +246,7 @@ def forward(params, inputs, outputs=None):
         h_new_seq[t] = h_new
         h, c = h_new, c_new
     run = (h, c, h_new_seq, None, None, None, None, None, None,)
-    del run_full, run_transpose, run_reshape_2
+    del run_full, run_transpose, run_add
     run_scan_out = run[2]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -284,17 +285,18 @@ def _forward_1(params, inputs):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 64))
     del run_matmul
+    run_add = b + run_reshape_2
+    del run_reshape_2
     # scan lstm: loop over T steps
-    dtype_ = np.result_type(run_full, run_full, run_transpose, run_reshape_2, Wx, Wh, b)
+    dtype_ = np.result_type(run_full, run_full, run_transpose, run_add, Wx, Wh, b)
     h = run_full
     c = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        z_matmul = run_reshape_2[t]
-        z_matmul_2 = h @ Wh
-        np.add(z_matmul_2, b, out=z_matmul_2)
-        z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
-        del z_matmul_2
+        z_ew = run_add[t]
+        z_matmul = h @ Wh
+        z = np.add(z_matmul, z_ew, out=z_matmul)
+        del z_matmul
         c_new_getitem = z[:, 32:48]
         c_new_tanh = np.tanh(c_new_getitem)
         del c_new_getitem
@@ -317,7 +319,7 @@ def _forward_1(params, inputs):
         h_new_seq[t] = h_new
         h, c = h_new, c_new
     run = (h, c, h_new_seq, None, None, None, None, None, None,)
-    del run_full, run_transpose, run_reshape_2
+    del run_full, run_transpose, run_add
     run_scan_out = run[2]
     del run
     hs = np.transpose(run_scan_out, (1, 0, 2))
@@ -334,8 +336,10 @@ def value_and_grad(params, inputs):
     run_matmul = run_reshape @ Wx
     run_reshape_2 = run_matmul.reshape((T, B, 64))
     del run_matmul
+    run_add = b + run_reshape_2
+    del run_reshape_2
     # scan lstm: loop over T steps
-    dtype_ = np.result_type(run_full, run_full, run_transpose, run_reshape_2, Wx, Wh, b)
+    dtype_ = np.result_type(run_full, run_full, run_transpose, run_add, Wx, Wh, b)
     h = run_full
     c = run_full
     h_new_seq = np.empty((T, B, 16), dtype=dtype_)
@@ -348,17 +352,17 @@ def value_and_grad(params, inputs):
     h_new_sigmoid_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     h_new_tanh_seq_2 = np.empty((T, B, 16), dtype=dtype_)
     for t in range(T):
-        z_matmul = run_reshape_2[t]
-        z_matmul_2 = h @ Wh
-        np.add(z_matmul_2, b, out=z_matmul_2)
-        z = np.add(z_matmul_2, z_matmul, out=z_matmul_2)
-        del z_matmul_2
+        z_ew = run_add[t]
+        z_matmul = h @ Wh
+        z = np.add(z_matmul, z_ew, out=z_matmul)
+        del z_matmul
         c_new_getitem = z[:, 32:48]
         c_new_tanh = c_new_tanh_seq_2[t]
         np.tanh(c_new_getitem, out=c_new_tanh)
         del c_new_getitem
         c_new_getitem_2 = z[:, 0:32]
-        c_new_sigmoid = _sigmoid(c_new_getitem_2)
+        c_new_sigmoid = c_new_sigmoid_seq_2[t]
+        _sigmoid(c_new_getitem_2, out=c_new_sigmoid)
         del c_new_getitem_2
         c_new_getitem_3 = c_new_sigmoid[:, 16:32]
         c_new_getitem_4 = c_new_sigmoid[:, 0:16]
@@ -367,18 +371,17 @@ def value_and_grad(params, inputs):
         del c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 48:]
         del z
-        h_new_sigmoid = _sigmoid(h_new_getitem)
+        h_new_sigmoid = h_new_sigmoid_seq_2[t]
+        _sigmoid(h_new_getitem, out=h_new_sigmoid)
         del h_new_getitem
         h_new_tanh = h_new_tanh_seq_2[t]
         np.tanh(c_new, out=h_new_tanh)
         h_new = h_new_seq[t]
         np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         h_seq_2[t] = h
-        c_new_sigmoid_seq_2[t] = c_new_sigmoid
-        h_new_sigmoid_seq_2[t] = h_new_sigmoid
         h, c = h_new, c_new
     run = (np.array(h), np.array(c), h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
-    del run_reshape_2
+    del run_add
     run_scan_out = run[2]
     hs = np.transpose(run_scan_out, (1, 0, 2))
     del run_scan_out
