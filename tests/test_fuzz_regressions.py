@@ -66,3 +66,17 @@ def test_a_sum_of_steps_adds_numbers_not_booleans():
     check(spec('loss = "sum(relu(p) + relu(p - 0.5) + 0.5 * p)"'),
           np.sum(np.maximum(P, 0) + np.maximum(P - 0.5, 0) + 0.5 * P),
           {"p": (P > 0) * 1.0 + (P > 0.5) + 0.5, "q": 0 * Q})
+
+
+def test_the_seed_stays_when_it_is_the_only_float_operand():
+    """At -O1 the loss seed 1 replaced ones_like(loss), leaving np.where(p > 0.5 | p < −0.5, 0, 0.5):
+    float64 in a float32 model (the p0_bar of the fuzzing report)."""
+    check(spec('loss = "sum(clip(p, -0.5, 0.5)) * 0.5"'),
+          0.5 * np.sum(np.clip(P, -0.5, 0.5)),
+          {"p": 0.5 * ((P >= -0.5) & (P <= 0.5)), "q": 0 * Q})
+
+
+def test_a_seed_selected_by_an_integer_mask_keeps_the_dtype():
+    """With only the int input left, -O1 wrote np.full((B, 3), np.where(k > 0, 0.5, -0.5), dtype=float)."""
+    graph = spec('loss = "0.5 * sum(where(k > 0, p, -p))"', inputs='k = { shape = ["B", 3], dtype = "int64" }\n')
+    check(graph, 0.5 * np.sum(np.where(K > 0, P, -P)), {"p": 0.5 * np.sum(np.where(K > 0, 1, -1), axis=0), "q": 0 * Q})

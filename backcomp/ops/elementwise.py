@@ -363,7 +363,7 @@ def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> s
     """
     used = [i for i, x in enumerate(node.inputs) if arg_symbol(i) in expr.free_symbols]
     shape = broadcast_shapes(*(node.inputs[i].shape for i in used)) if used else ()
-    typed = node.dtype != "float" or any(node.inputs[i].dtype == "float" for i in used)
+    typed = node.dtype != "float" or any(x.dtype == "float" for x in typing_operands(node, expr))
     if shape == node.shape and typed:
         return value
     floats = [a for a, x in zip(args, node.inputs) if x.dtype == "float"]
@@ -375,6 +375,14 @@ def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> s
         return f"np.full_like({same[0]}, {value})"
     from backcomp.ops.structural import shape_code
     return f"np.full({shape_code(node.shape)}, {value}, dtype={dtype})"
+
+
+def typing_operands(node: Node, expr: sp.Expr | None = None) -> list[Node]:
+    """The inputs whose values (not only comparisons of them) make the node's value:
+    NumPy takes its dtype from these, so a float node needs a float one among them."""
+    from backcomp.printer import value_symbols
+    values = value_symbols(node_expr(node) if expr is None else expr)
+    return [x for i, x in enumerate(node.inputs) if arg_symbol(i) in values]
 
 
 def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sympy as sp
 
 from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers, static_size, toposort
-from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.elementwise import arg_symbol, node_expr, typing_operands
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
 
@@ -54,11 +54,17 @@ def _shape_without(node: Node, old: Node, extra: list[Node]):
     return broadcast_shapes(*shapes) if shapes else None
 
 
+def _typed_without(node: Node, x: Node) -> bool:
+    """Whether ``node`` keeps a float operand that gives its value's dtype once ``x``
+    is gone (the loss seed ḡ = 1 may be the only one: np.where(p > 0, 0.5, 0) is float64)."""
+    return node.dtype != "float" or any(y.dtype == "float" for y in typing_operands(node) if y is not x)
+
+
 def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]) -> bool:
     """Apply the first applicable rewrite to one input of ``node``."""
     for x in node.inputs:
         unit = static_size(x.shape) == 1
-        if x.op == "ones_like" and unit and _shape_without(node, x, []) == node.shape:
+        if x.op == "ones_like" and unit and _shape_without(node, x, []) == node.shape and _typed_without(node, x):
             _substitute(node, x, [], sp.Integer(1))
         elif x.op in ("broadcast_to", "reshape") and (x.op == "broadcast_to" or static_size(x.shape) == 1) \
                 and _shape_without(node, x, [x.inputs[0]]) == node.shape:
@@ -117,7 +123,7 @@ def _drop_unused_operands(g: Graph) -> None:
                     pass
             continue
         shapes = [node.inputs[i].shape for i in used]
-        if broadcast_shapes(*shapes) == node.shape and any(node.inputs[i].dtype == "float" for i in used):
+        if broadcast_shapes(*shapes) == node.shape and any(x.dtype == "float" for x in typing_operands(node)):
             _set_expr(node, [node.inputs[i] for i in used],
                       expr.xreplace({arg_symbol(i): arg_symbol(k) for k, i in enumerate(used)}))
     if constants:
