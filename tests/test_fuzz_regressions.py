@@ -80,3 +80,31 @@ def test_a_seed_selected_by_an_integer_mask_keeps_the_dtype():
     """With only the int input left, -O1 wrote np.full((B, 3), np.where(k > 0, 0.5, -0.5), dtype=float)."""
     graph = spec('loss = "0.5 * sum(where(k > 0, p, -p))"', inputs='k = { shape = ["B", 3], dtype = "int64" }\n')
     check(graph, 0.5 * np.sum(np.where(K > 0, P, -P)), {"p": 0.5 * np.sum(np.where(K > 0, 1, -1), axis=0), "q": 0 * Q})
+
+
+def test_a_select_of_numbers_has_the_model_dtype():
+    """where(x > 0, 1.0, 0.0) was np.where(x > 0, 1, 0), an int64 array: y and the loss were
+    float64 at -O0 (and at -O1) in a float32 model."""
+    mask = (X > 0) * 1.0
+    y = mask * P
+    graph = spec('y = "where(x > 0, 1.0, 0.0) * p"\nloss = "mean(y * y)"', outputs='["y", "loss"]')
+    check(graph, np.mean(y * y), {"p": np.sum(2 * y * mask, axis=0) / y.size, "q": 0 * Q})
+    for level in (0, 1):
+        np.testing.assert_array_equal(evaluate(graph, level, np.float32)[2]["y"], y.astype(np.float32))
+
+
+def test_a_select_of_numbers_is_no_in_place_buffer():
+    """m = np.where(p > 0, 1, 0) was an int64 array, dead after its last use, so -O1
+    multiplied into it in place: UFuncTypeError (float64 output into int64), even in float64."""
+    m = (P > 0) * 1.0
+    check(spec('m = "where(p > 0, 1.0, 0.0)"\nloss = "sum((q * m) ** 3) + sum(p * m)"'),
+          np.sum((Q * m) ** 3) + np.sum(P * m), {"p": m, "q": 3 * (Q * m) ** 2 * m})
+
+
+def test_a_select_of_numbers_added_to_an_array_keeps_its_dtype():
+    """g + np.where(q < p, 1.0, 0): the select of numbers (the seed folded into 2·0.5) was a
+    float64 temporary; it is folded into the select, np.where(q < p, g + 1.0, g)."""
+    graph = spec('a = "where(p > q, p * 2, q)"\nloss = "sum(tanh(where(x > 0, p, 0.0))) + sum(a) * 0.5"')
+    t = np.tanh(np.where(X > 0, P, 0.0))
+    check(graph, np.sum(t) + 0.5 * np.sum(np.where(P > Q, 2 * P, Q)),
+          {"p": np.sum((1 - t ** 2) * (X > 0), axis=0) + (P > Q), "q": 0.5 * (P <= Q)})

@@ -133,7 +133,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     from backcomp.printer import group_small, print_expr
     names = {arg_symbol(i): a for i, a in enumerate(args)}
     small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
-    expr = group_small(_common_factors_out(node_expr(node)), small)
+    expr = group_small(_common_factors_out(_fold_number_selects(node_expr(node))), small)
     # operands a chain may start from; none when an integer operand could widen the
     # result past the dtype of the array the chain runs in
     full = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.dtype == "float" and x.shape == node.shape}
@@ -157,6 +157,18 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         return chains.lines + [f"{out} = {value}"]
     chains.new(body, out)
     return chains.lines + _del([_temporary(out, f"t{k}") for k in range(len(temps))] + chains.temporaries)
+
+
+def _fold_number_selects(expr: sp.Expr) -> sp.Expr:
+    """A select between numbers inside arithmetic on arrays, folded into it:
+    ``np.where(c, 1.0, 0)`` is a float64 array and makes ``g + np.where(c, 1.0, 0)``
+    float64 too; ``np.where(c, g + 1.0, g)`` keeps g's dtype."""
+    from backcomp.printer import value_symbols
+    if not isinstance(expr, sp.Expr) or not value_symbols(expr):
+        return expr
+    if all(value_symbols(p) for p in expr.atoms(sp.Piecewise)):
+        return expr
+    return sp.piecewise_fold(expr)
 
 
 def _temporary(out: str, what: str) -> str:
@@ -607,4 +619,9 @@ def where(cond, a, b):
     """a where cond else b; cond is a boolean node (e.g. ``x > 0``)."""
     if not isinstance(cond, Node) or cond.dtype != "bool":
         raise GraphError("where() needs a comparison (such as x > 0) as its first argument")
+    if not any(isinstance(v, Node) and v.dtype == "float" for v in (a, b)):
+        # two numbers: no array to take the dtype from (np.where(c, 1.0, 0.0) is float64),
+        # so they become 0-d constants in the model's dtype
+        from backcomp.ops.constants import full
+        a, b = (v if isinstance(v, Node) else full((), v, graph=cond.graph) for v in (a, b))
     return _where(cond, a, b)
