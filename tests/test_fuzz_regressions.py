@@ -108,3 +108,30 @@ def test_a_select_of_numbers_added_to_an_array_keeps_its_dtype():
     t = np.tanh(np.where(X > 0, P, 0.0))
     check(graph, np.sum(t) + 0.5 * np.sum(np.where(P > Q, 2 * P, Q)),
           {"p": np.sum((1 - t ** 2) * (X > 0), axis=0) + (P > Q), "q": 0.5 * (P <= Q)})
+
+
+def test_a_select_compared_keeps_both_branches():
+    """where(a > 0.1, …) with a = where(p <= 0.3, q, −p) on a shared condition: SymPy folded
+    the comparison into the select and took the bare condition for "always", so -O1
+    computed where(q > 0.1, …) and the loss differed from -O0."""
+    graph = spec('a = "where(p <= 0.3, q, -p)"\nb = "where(p <= 0.3, p, -p)"\nloss = "sum(where(a > 0.1, b, 0.0))"')
+    a, b = np.where(P <= 0.3, Q, -P), np.where(P <= 0.3, P, -P)
+    check(graph, np.sum(np.where(a > 0.1, b, 0.0)), {"p": np.where(a > 0.1, np.where(P <= 0.3, 1.0, -1.0), 0.0),
+                                                     "q": 0 * Q})
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_comparison_times_an_array_compiles(level):
+    """a * (b > 0.1) from the builder: fusion put the relational inside a Mul and SymPy
+    raised TypeError ("Relational cannot be used in Mul")."""
+    g = backcomp.Graph("mask")
+    a, b = g.param("a", (3,)), g.input("b", ("B", 3))
+    g.loss(ops.sum(ops.tanh(a * (b > 0.1))))
+    m = backcomp.build(g, opt_level=level)
+    b_value = X.astype(np.float32)
+    (loss, grads), _ = traced(m, m.value_and_grad, {"a": P.astype(np.float32)}, {"b": b_value})
+    mask = b_value > 0.1
+    np.testing.assert_allclose(loss, np.sum(np.tanh(P * mask)), rtol=1e-6)
+    np.testing.assert_allclose(grads["a"], np.sum((1 - np.tanh(P * mask) ** 2) * mask, axis=0), rtol=1e-6)
+    assert grads["a"].dtype == np.float32
+

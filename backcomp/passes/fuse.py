@@ -16,6 +16,7 @@ from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers,
 from backcomp.ops.elementwise import arg_symbol, node_expr, typing_operands
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
+from backcomp.printer import value_symbols
 
 
 #: Fused groups stay small SymPy kernels: the derivative of a chain of n nested
@@ -60,6 +61,22 @@ def _typed_without(node: Node, x: Node) -> bool:
     return node.dtype != "float" or any(y.dtype == "float" for y in typing_operands(node) if y is not x)
 
 
+def _fusible(node: Node, x: Node) -> bool:
+    """Whether ``x``'s expression may replace its symbol in ``node``'s.
+
+    A comparison is merged only into a select's condition: SymPy refuses a
+    relational inside arithmetic (``a * (b > 0.1)``).  A select is not merged into
+    a comparison: SymPy folds the comparison into the select's branches, and for a
+    select on a boolean operand its rewrite takes the bare condition for "always"
+    and drops a branch (``where(c, p, q) > 0.1`` became ``p > 0.1``).
+    """
+    expr, symbol = node_expr(node), arg_symbol(node.inputs.index(x))
+    if x.dtype == "bool" and symbol in value_symbols(expr):
+        return False
+    compared = any(symbol in r.free_symbols for r in expr.atoms(sp.core.relational.Relational))
+    return not (compared and node_expr(x).has(sp.Piecewise))
+
+
 def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]) -> bool:
     """Apply the first applicable rewrite to one input of ``node``."""
     for x in node.inputs:
@@ -74,7 +91,7 @@ def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]
                 continue
             if _size(node) + _size(x) > MAX_FUSED_OPS:
                 continue
-            if _shape_without(node, x, list(x.inputs)) != node.shape:
+            if _shape_without(node, x, list(x.inputs)) != node.shape or not _fusible(node, x):
                 continue
             _substitute(node, x, list(x.inputs), node_expr(x))
         else:
