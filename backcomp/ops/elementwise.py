@@ -619,9 +619,12 @@ def where(cond, a, b):
     """a where cond else b; cond is a boolean node (e.g. ``x > 0``)."""
     if not isinstance(cond, Node) or cond.dtype != "bool":
         raise GraphError("where() needs a comparison (such as x > 0) as its first argument")
-    if not any(isinstance(v, Node) and v.dtype == "float" for v in (a, b)):
-        # two numbers: no array to take the dtype from (np.where(c, 1.0, 0.0) is float64),
-        # so they become 0-d constants in the model's dtype
+    if not isinstance(a, Node) and not isinstance(b, Node):
+        # two numbers have no array to take the dtype from (np.where(c, 1.0, 0.0) is
+        # float64): one becomes a 0-d constant in the model's dtype, the other follows it
         from backcomp.ops.constants import full
-        a, b = (v if isinstance(v, Node) else full((), v, graph=cond.graph) for v in (a, b))
+        if a != 0 or b == 0:
+            a = full((), a, graph=cond.graph)
+        else:
+            b = full((), b, graph=cond.graph)
     return _where(cond, a, b)
