@@ -24,6 +24,7 @@ from backcomp.notation import FORMATS, Fmt, lit, opaque
 from backcomp.ops import sum as op_sum
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
+from backcomp.printer import value_symbols
 from backcomp.vjp import differentiate
 from backcomp.explain_loops import explain_step, loop_cluster, loop_lines, loop_math, steps_of
 
@@ -57,10 +58,19 @@ class _Reader:
             return sp.Symbol(n.name or f"%{n.id}", real=True)
         opdef = get_op(n.op)
         if opdef.elementwise:
-            return node_expr(n).xreplace({arg_symbol(i): a for i, a in enumerate(args)})
+            expr = node_expr(n)
+            values = value_symbols(expr)
+            return expr.xreplace({arg_symbol(i): _as_number(a) if x.dtype == "bool" and arg_symbol(i) in values else a
+                                  for i, (x, a) in enumerate(zip(n.inputs, args))})
         if opdef.explain is not None:
             return opdef.explain(n, args, self.scalars)
         return notation.call(n, args)
+
+
+def _as_number(cond: sp.Basic) -> sp.Expr:
+    """A comparison used as a number (``a * (b > 0.1)``) is 1 or 0: SymPy refuses a
+    relational inside arithmetic."""
+    return sp.Piecewise((1, cond), (0, True))
 
 
 def _tidy(expr: sp.Expr) -> sp.Expr:

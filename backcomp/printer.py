@@ -43,6 +43,25 @@ def use_helper(name: str) -> None:
         used.add(name)
 
 
+def value_symbols(expr: sp.Basic, memo: dict | None = None) -> set[sp.Symbol]:
+    """The symbols whose values flow into ``expr``'s result, not only into a comparison
+    or a select's condition: NumPy takes the result's dtype from these alone
+    (``np.where(p > 0, 0, 0.5)`` is float64 whatever p is)."""
+    memo = {} if memo is None else memo
+    if expr in memo:
+        return memo[expr]
+    if expr.is_Symbol:
+        out = {expr}
+    elif isinstance(expr, sp.Piecewise):
+        out = set().union(*(value_symbols(e, memo) for e, _ in expr.args))
+    elif isinstance(expr, sp.logic.boolalg.Boolean) and not isinstance(expr, sp.Expr):
+        out = set()
+    else:
+        out = set().union(set(), *(value_symbols(a, memo) for a in expr.args))
+    memo[expr] = out
+    return out
+
+
 def float_literal(value) -> str:
     """A Python float literal: Python scalars never upcast float32 arrays (NEP 50)."""
     return repr(float(value))
@@ -92,7 +111,14 @@ class NumpyExprPrinter(NumPyPrinter):
 
     def _print_Mul(self, expr):
         """The number factors of a product as one float: 0.3989422804014327*x, not
-        (0.5)*1.4142135623730951*x/1.772453850905516 — each factor would be an array pass."""
+        (0.5)*1.4142135623730951*x/1.772453850905516 — each factor would be an array pass.
+        Steps multiply last, as boolean masks, when another factor is an array
+        (``0.5*g*(x > 0)``): ``0.5*(x > 0)`` first would be float64."""
+        steps = [a for a in expr.args if isinstance(a, sp.Heaviside)]
+        rest = [a for a in expr.args if not isinstance(a, sp.Heaviside)]
+        if steps and any(not _scalar(s) for s in value_symbols(sp.Mul(*rest))):
+            return "*".join([self.parenthesize(sp.Mul(*rest), sp.printing.precedence.PRECEDENCE["Mul"], strict=True)]
+                            + [self.mask(a) for a in steps])
         numbers = [a for a in expr.args if a.is_number]
         if len(numbers) > 1 and all(a.is_real and a.is_finite for a in numbers):
             coeff = sp.Float(sp.Mul(*numbers).evalf(17), 17)
@@ -138,7 +164,12 @@ class NumpyExprPrinter(NumPyPrinter):
         return out
 
     def _print_Heaviside(self, expr):
-        """H(x) with H(0) = 0 (relu' at 0 is 0, as PyTorch): a boolean mask."""
+        """H(x) with H(0) = 0 (relu' at 0 is 0, as PyTorch), as a number in x's dtype:
+        a boolean mask would add as logical or and refuse to subtract (H(x) − H(x − 1))."""
+        return f"np.heaviside({self._print(expr.args[0])}, 0)"
+
+    def mask(self, expr):
+        """H(x) as a boolean mask, for a factor of a product with a float array."""
         return f"({self._print(expr.args[0])} > 0)"
 
     def _print_Piecewise(self, expr):
@@ -247,6 +278,8 @@ def print_into(expr: sp.Expr, names: dict[sp.Symbol, str], into: str, buffer: sp
             for o in others:
                 if o == -1:
                     calls.append(f"np.negative({into}, out={into})")
+                elif isinstance(o, sp.Heaviside):
+                    calls.append(f"np.multiply({into}, {p.mask(o)}, out={into})")
                 elif o.is_Pow and o.exp.is_Number and o.exp < 0:
                     calls.append(f"np.divide({into}, {p.doprint(1 / o)}, out={into})")
                 else:
@@ -343,4 +376,5 @@ def print_expr(expr: sp.Expr, names: dict[sp.Symbol, str], helpers: set[str] | N
     return text
 
 
-__all__ = ["NumpyExprPrinter", "collect_helpers", "use_helper", "print_expr", "in_place", "float_literal", "sigmoid", "softplus"]
+__all__ = ["NumpyExprPrinter", "collect_helpers", "use_helper", "print_expr", "in_place", "float_literal", "sigmoid", "softplus",
+           "value_symbols"]

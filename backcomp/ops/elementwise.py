@@ -133,7 +133,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     from backcomp.printer import group_small, print_expr
     names = {arg_symbol(i): a for i, a in enumerate(args)}
     small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
-    expr = group_small(_common_factors_out(node_expr(node)), small)
+    expr = group_small(_common_factors_out(_fold_number_selects(node_expr(node))), small)
     # operands a chain may start from; none when an integer operand could widen the
     # result past the dtype of the array the chain runs in
     full = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.dtype == "float" and x.shape == node.shape}
@@ -157,6 +157,18 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         return chains.lines + [f"{out} = {value}"]
     chains.new(body, out)
     return chains.lines + _del([_temporary(out, f"t{k}") for k in range(len(temps))] + chains.temporaries)
+
+
+def _fold_number_selects(expr: sp.Expr) -> sp.Expr:
+    """A select between numbers inside arithmetic on arrays, folded into it:
+    ``np.where(c, 1.0, 0)`` is a float64 array and makes ``g + np.where(c, 1.0, 0)``
+    float64 too; ``np.where(c, g + 1.0, g)`` keeps g's dtype."""
+    from backcomp.printer import value_symbols
+    if not isinstance(expr, sp.Expr) or not value_symbols(expr):
+        return expr
+    if all(value_symbols(p) for p in expr.atoms(sp.Piecewise)):
+        return expr
+    return sp.piecewise_fold(expr)
 
 
 def _temporary(out: str, what: str) -> str:
@@ -363,7 +375,7 @@ def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> s
     """
     used = [i for i, x in enumerate(node.inputs) if arg_symbol(i) in expr.free_symbols]
     shape = broadcast_shapes(*(node.inputs[i].shape for i in used)) if used else ()
-    typed = node.dtype != "float" or any(node.inputs[i].dtype == "float" for i in used)
+    typed = node.dtype != "float" or any(x.dtype == "float" for x in typing_operands(node, expr))
     if shape == node.shape and typed:
         return value
     floats = [a for a, x in zip(args, node.inputs) if x.dtype == "float"]
@@ -375,6 +387,14 @@ def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> s
         return f"np.full_like({same[0]}, {value})"
     from backcomp.ops.structural import shape_code
     return f"np.full({shape_code(node.shape)}, {value}, dtype={dtype})"
+
+
+def typing_operands(node: Node, expr: sp.Expr | None = None) -> list[Node]:
+    """The inputs whose values (not only comparisons of them) make the node's value:
+    NumPy takes its dtype from these, so a float node needs a float one among them."""
+    from backcomp.printer import value_symbols
+    values = value_symbols(node_expr(node) if expr is None else expr)
+    return [x for i, x in enumerate(node.inputs) if arg_symbol(i) in values]
 
 
 def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
@@ -599,4 +619,12 @@ def where(cond, a, b):
     """a where cond else b; cond is a boolean node (e.g. ``x > 0``)."""
     if not isinstance(cond, Node) or cond.dtype != "bool":
         raise GraphError("where() needs a comparison (such as x > 0) as its first argument")
+    if not isinstance(a, Node) and not isinstance(b, Node):
+        # two numbers have no array to take the dtype from (np.where(c, 1.0, 0.0) is
+        # float64): one becomes a 0-d constant in the model's dtype, the other follows it
+        from backcomp.ops.constants import full
+        if a != 0 or b == 0:
+            a = full((), a, graph=cond.graph)
+        else:
+            b = full((), b, graph=cond.graph)
     return _where(cond, a, b)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import sympy as sp
 
 from backcomp.graph import Graph, GraphError, Node, broadcast_shapes, consumers, static_size, toposort
-from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.ops.elementwise import arg_symbol, node_expr, typing_operands
 from backcomp.ops.registry import get_op
 from backcomp.passes.dce import eliminate_dead_code, roots
+from backcomp.printer import value_symbols
 
 
 #: Fused groups stay small SymPy kernels: the derivative of a chain of n nested
@@ -54,11 +55,33 @@ def _shape_without(node: Node, old: Node, extra: list[Node]):
     return broadcast_shapes(*shapes) if shapes else None
 
 
+def _typed_without(node: Node, x: Node) -> bool:
+    """Whether ``node`` keeps a float operand that gives its value's dtype once ``x``
+    is gone (the loss seed ḡ = 1 may be the only one: np.where(p > 0, 0.5, 0) is float64)."""
+    return node.dtype != "float" or any(y.dtype == "float" for y in typing_operands(node) if y is not x)
+
+
+def _fusible(node: Node, x: Node) -> bool:
+    """Whether ``x``'s expression may replace its symbol in ``node``'s.
+
+    A comparison is merged only into a select's condition: SymPy refuses a
+    relational inside arithmetic (``a * (b > 0.1)``).  A select is not merged into
+    a comparison: SymPy folds the comparison into the select's branches, and for a
+    select on a boolean operand its rewrite takes the bare condition for "always"
+    and drops a branch (``where(c, p, q) > 0.1`` became ``p > 0.1``).
+    """
+    expr, symbol = node_expr(node), arg_symbol(node.inputs.index(x))
+    if x.dtype == "bool" and symbol in value_symbols(expr):
+        return False
+    compared = any(symbol in r.free_symbols for r in expr.atoms(sp.core.relational.Relational))
+    return not (compared and node_expr(x).has(sp.Piecewise))
+
+
 def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]) -> bool:
     """Apply the first applicable rewrite to one input of ``node``."""
     for x in node.inputs:
         unit = static_size(x.shape) == 1
-        if x.op == "ones_like" and unit and _shape_without(node, x, []) == node.shape:
+        if x.op == "ones_like" and unit and _shape_without(node, x, []) == node.shape and _typed_without(node, x):
             _substitute(node, x, [], sp.Integer(1))
         elif x.op in ("broadcast_to", "reshape") and (x.op == "broadcast_to" or static_size(x.shape) == 1) \
                 and _shape_without(node, x, [x.inputs[0]]) == node.shape:
@@ -68,7 +91,7 @@ def _rewrite_one(node: Node, users: dict[Node, list[Node]], protected: set[Node]
                 continue
             if _size(node) + _size(x) > MAX_FUSED_OPS:
                 continue
-            if _shape_without(node, x, list(x.inputs)) != node.shape:
+            if _shape_without(node, x, list(x.inputs)) != node.shape or not _fusible(node, x):
                 continue
             _substitute(node, x, list(x.inputs), node_expr(x))
         else:
@@ -117,7 +140,7 @@ def _drop_unused_operands(g: Graph) -> None:
                     pass
             continue
         shapes = [node.inputs[i].shape for i in used]
-        if broadcast_shapes(*shapes) == node.shape and any(node.inputs[i].dtype == "float" for i in used):
+        if broadcast_shapes(*shapes) == node.shape and any(x.dtype == "float" for x in typing_operands(node)):
             _set_expr(node, [node.inputs[i] for i in used],
                       expr.xreplace({arg_symbol(i): arg_symbol(k) for k, i in enumerate(used)}))
     if constants:

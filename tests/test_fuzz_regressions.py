@@ -1,0 +1,137 @@
+"""Regressions found by tests/test_fuzz_elementwise.py, each reduced to a minimal spec.
+
+Each is checked at -O0 and -O1, in float64 against the gradient worked out by hand
+and in float32 for the dtype of everything the module computes (``traced``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import backcomp
+from backcomp import ops
+from backcomp.spec import parse_spec
+
+from test_fuzz_elementwise import traced
+
+
+def spec(graph: str, outputs: str = '["loss"]', inputs: str = "") -> backcomp.Graph:
+    text = (f'[model]\nname = "r"\nloss = "loss"\noutputs = {outputs}\n[inputs]\nx = ["B", 3]\n{inputs}'
+            f'[params]\np = [3]\nq = [3]\n[graph]\n{graph}\n')
+    return parse_spec(text, "r.toml")
+
+
+P = np.array([1.0, 0.2, -1.0])
+Q = np.array([1.0, 1.0, -1.0])
+X = np.array([[0.5, -0.5, 1.5], [-1.0, 2.0, 0.1]])
+K = np.array([[1, 0, 1], [1, 1, 0]])
+
+
+def evaluate(graph, level, dtype):
+    """(loss, grads, outputs) at P, Q, X (and K), asserting that every float array the
+    module holds on the way, and what it returns, has the dtype of the params."""
+    module = backcomp.build(graph, opt_level=level)
+    params = {"p": P.astype(dtype), "q": Q.astype(dtype)}
+    inputs = {"x": X.astype(dtype), **({"k": K} if "k" in module.INPUTS else {})}
+    (loss, grads), seen = traced(module, module.value_and_grad, params, inputs)
+    out, seen_forward = traced(module, module.forward, params, inputs)
+    want = np.dtype(dtype).name
+    wrong = {k: v for k, v in {**seen, **seen_forward}.items() if v != {want}}
+    assert not wrong, f"-O{level}: a {want} model computes in another dtype: {wrong}"
+    for name, value in [("loss", loss), *grads.items(), *out.items()]:
+        assert value.dtype == dtype, f"-O{level}: {name} is {value.dtype}"
+    return loss, grads, out
+
+
+def check(graph, loss, grads):
+    for level in (0, 1):
+        for dtype in (np.float64, np.float32):
+            got_loss, got, _ = evaluate(graph, level, dtype)
+            tol = 1e-12 if dtype is np.float64 else 1e-6
+            np.testing.assert_allclose(got_loss, loss, rtol=tol, atol=tol, err_msg=f"-O{level} loss")
+            for name, g in grads.items():
+                np.testing.assert_allclose(got[name], g, rtol=tol, atol=tol, err_msg=f"-O{level} grad {name}")
+
+
+def test_a_step_minus_a_step_subtracts_numbers_not_booleans():
+    """d/dp (relu(p) − relu(p − 0.5)) = H(p) − H(p − 0.5): boolean masks refused to subtract
+    (TypeError: numpy boolean subtract)."""
+    check(spec('loss = "sum(relu(p) - relu(p - 0.5))"'),
+          np.sum(np.maximum(P, 0) - np.maximum(P - 0.5, 0)),
+          {"p": (P > 0) * 1.0 - (P > 0.5), "q": 0 * Q})
+
+
+def test_a_sum_of_steps_adds_numbers_not_booleans():
+    """H(p) + H(p − 0.5) as masks was a logical or: the gradient 1.5 where it is 2.5."""
+    check(spec('loss = "sum(relu(p) + relu(p - 0.5) + 0.5 * p)"'),
+          np.sum(np.maximum(P, 0) + np.maximum(P - 0.5, 0) + 0.5 * P),
+          {"p": (P > 0) * 1.0 + (P > 0.5) + 0.5, "q": 0 * Q})
+
+
+def test_the_seed_stays_when_it_is_the_only_float_operand():
+    """At -O1 the loss seed 1 replaced ones_like(loss), leaving np.where(p > 0.5 | p < −0.5, 0, 0.5):
+    float64 in a float32 model (the p0_bar of the fuzzing report)."""
+    check(spec('loss = "sum(clip(p, -0.5, 0.5)) * 0.5"'),
+          0.5 * np.sum(np.clip(P, -0.5, 0.5)),
+          {"p": 0.5 * ((P >= -0.5) & (P <= 0.5)), "q": 0 * Q})
+
+
+def test_a_seed_selected_by_an_integer_mask_keeps_the_dtype():
+    """With only the int input left, -O1 wrote np.full((B, 3), np.where(k > 0, 0.5, -0.5), dtype=float)."""
+    graph = spec('loss = "0.5 * sum(where(k > 0, p, -p))"', inputs='k = { shape = ["B", 3], dtype = "int64" }\n')
+    check(graph, 0.5 * np.sum(np.where(K > 0, P, -P)), {"p": 0.5 * np.sum(np.where(K > 0, 1, -1), axis=0), "q": 0 * Q})
+
+
+def test_a_select_of_numbers_has_the_model_dtype():
+    """where(x > 0, 1.0, 0.0) was np.where(x > 0, 1, 0), an int64 array: y and the loss were
+    float64 at -O0 (and at -O1) in a float32 model."""
+    mask = (X > 0) * 1.0
+    y = mask * P
+    graph = spec('y = "where(x > 0, 1.0, 0.0) * p"\nloss = "mean(y * y)"', outputs='["y", "loss"]')
+    check(graph, np.mean(y * y), {"p": np.sum(2 * y * mask, axis=0) / y.size, "q": 0 * Q})
+    for level in (0, 1):
+        np.testing.assert_array_equal(evaluate(graph, level, np.float32)[2]["y"], y.astype(np.float32))
+
+
+def test_a_select_of_numbers_is_no_in_place_buffer():
+    """m = np.where(p > 0, 1, 0) was an int64 array, dead after its last use, so -O1
+    multiplied into it in place: UFuncTypeError (float64 output into int64), even in float64."""
+    m = (P > 0) * 1.0
+    check(spec('m = "where(p > 0, 1.0, 0.0)"\nloss = "sum((q * m) ** 3) + sum(p * m)"'),
+          np.sum((Q * m) ** 3) + np.sum(P * m), {"p": m, "q": 3 * (Q * m) ** 2 * m})
+
+
+def test_a_select_of_numbers_added_to_an_array_keeps_its_dtype():
+    """g + np.where(q < p, 1.0, 0): the select of numbers (the seed folded into 2·0.5) was a
+    float64 temporary; it is folded into the select, np.where(q < p, g + 1.0, g)."""
+    graph = spec('a = "where(p > q, p * 2, q)"\nloss = "sum(tanh(where(x > 0, p, 0.0))) + sum(a) * 0.5"')
+    t = np.tanh(np.where(X > 0, P, 0.0))
+    check(graph, np.sum(t) + 0.5 * np.sum(np.where(P > Q, 2 * P, Q)),
+          {"p": np.sum((1 - t ** 2) * (X > 0), axis=0) + (P > Q), "q": 0.5 * (P <= Q)})
+
+
+def test_a_select_compared_keeps_both_branches():
+    """where(a > 0.1, …) with a = where(p <= 0.3, q, −p) on a shared condition: SymPy folded
+    the comparison into the select and took the bare condition for "always", so -O1
+    computed where(q > 0.1, …) and the loss differed from -O0."""
+    graph = spec('a = "where(p <= 0.3, q, -p)"\nb = "where(p <= 0.3, p, -p)"\nloss = "sum(where(a > 0.1, b, 0.0))"')
+    a, b = np.where(P <= 0.3, Q, -P), np.where(P <= 0.3, P, -P)
+    check(graph, np.sum(np.where(a > 0.1, b, 0.0)), {"p": np.where(a > 0.1, np.where(P <= 0.3, 1.0, -1.0), 0.0),
+                                                     "q": 0 * Q})
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_comparison_times_an_array_compiles(level):
+    """a * (b > 0.1) from the builder: fusion put the relational inside a Mul and SymPy
+    raised TypeError ("Relational cannot be used in Mul")."""
+    g = backcomp.Graph("mask")
+    a, b = g.param("a", (3,)), g.input("b", ("B", 3))
+    g.loss(ops.sum(ops.tanh(a * (b > 0.1))))
+    m = backcomp.build(g, opt_level=level)
+    b_value = X.astype(np.float32)
+    (loss, grads), _ = traced(m, m.value_and_grad, {"a": P.astype(np.float32)}, {"b": b_value})
+    mask = b_value > 0.1
+    np.testing.assert_allclose(loss, np.sum(np.tanh(P * mask)), rtol=1e-6)
+    np.testing.assert_allclose(grads["a"], np.sum((1 - np.tanh(P * mask) ** 2) * mask, axis=0), rtol=1e-6)
+    assert grads["a"].dtype == np.float32
+
