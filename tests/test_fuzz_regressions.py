@@ -135,22 +135,3 @@ def test_a_comparison_times_an_array_compiles(level):
     np.testing.assert_allclose(grads["a"], np.sum((1 - np.tanh(P * mask) ** 2) * mask, axis=0), rtol=1e-6)
     assert grads["a"].dtype == np.float32
 
-
-
-@pytest.mark.parametrize("graph, grad_p, grad_q", [
-    # minimum(leaky_relu(p), p): equal where p > 0, p below it elsewhere; b takes a tie
-    ('loss = "sum(minimum(leaky_relu(p, alpha=0.1), p))"', np.ones(3), np.zeros(3)),
-    # maximum(p, q) ties at P = Q = 1 and -1: the whole gradient goes to q there
-    ('loss = "sum(maximum(p, q))"', (P > Q) * 1.0, (P <= Q) * 1.0),
-    ('loss = "sum(minimum(p, q))"', (P < Q) * 1.0, (P >= Q) * 1.0),
-    # fused: tanh(maximum(p, q)), the tanh reused from the forward
-    ('loss = "sum(tanh(maximum(2 * p, 2 * q)))"', 2 * (1 - np.tanh(2 * np.maximum(P, Q)) ** 2) * (P > Q),
-     2 * (1 - np.tanh(2 * np.maximum(P, Q)) ** 2) * (P <= Q)),
-], ids=["minimum of equals", "maximum tie", "minimum tie", "fused maximum tie"])
-def test_maximum_and_minimum_send_a_tie_whole_to_one_operand(graph, grad_p, grad_q):
-    """SymPy's d max(u, v) = H(u − v)·du + H(v − u)·dv, with relu's H(0) = 0, gave both
-    operands 0 at an exact tie: the gradient of sum(minimum(leaky_relu(p), p)) was 0
-    where p > 0 instead of 1."""
-    g = spec(graph)
-    value = evaluate(g, 0, np.float64)[0]
-    check(g, value, {"p": grad_p, "q": grad_q})

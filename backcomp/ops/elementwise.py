@@ -412,56 +412,11 @@ def reuse_output(d: sp.Expr, expr: sp.Expr) -> sp.Expr:
     return d
 
 
-class _TieMax(sp.Function):
-    """max(u, v) to be differentiated: ∂/∂u = H(u − v), ∂/∂v = 1 − H(u − v), so at a
-    tie the gradient goes to v whole (SymPy's H(u − v), H(v − u) with relu's H(0) = 0
-    would drop it)."""
-
-    def fdiff(self, argindex=1):
-        u, v = self.args
-        step = sp.Heaviside(u - v, 0)
-        return step if argindex == 1 else 1 - step
-
-
-class _TieMin(sp.Function):
-    """min(u, v) to be differentiated: ∂/∂u = H(v − u), ∂/∂v = 1 − H(v − u)."""
-
-    def fdiff(self, argindex=1):
-        u, v = self.args
-        step = sp.Heaviside(v - u, 0)
-        return step if argindex == 1 else 1 - step
-
-
-def _ties_to_last(expr: sp.Expr) -> sp.Expr:
-    """Max/Min of two or more non-constant operands as nested _TieMax/_TieMin (the last
-    operand takes the gradient at a tie: b for maximum(a, b), as documented); max(x, 0)
-    and max(x, c) stay (a constant gets no gradient, so no tie can lose any)."""
-    def rewrite(e):
-        if not e.args:
-            return e
-        args = [rewrite(a) for a in e.args]
-        if isinstance(e, (sp.Max, sp.Min)) and sum(not a.is_number for a in args) >= 2:
-            tie = _TieMax if isinstance(e, sp.Max) else _TieMin
-            constants = [a for a in args if a.is_number]
-            varying = [a for a in args if not a.is_number]
-            acc = varying[0]
-            for a in varying[1:]:
-                acc = tie(acc, a)
-            return e.func(acc, *constants) if constants else acc
-        return e.func(*args) if args != list(e.args) else e
-    return rewrite(expr) if expr.has(sp.Max, sp.Min) else expr
-
-
-def _untie(expr: sp.Expr) -> sp.Expr:
-    return expr.replace(lambda e: isinstance(e, _TieMax), lambda e: sp.Max(*e.args)) \
-               .replace(lambda e: isinstance(e, _TieMin), lambda e: sp.Min(*e.args))
-
-
 @lru_cache(maxsize=4096)
 def partial(expr: sp.Expr, i: int) -> sp.Expr:
     """∂expr/∂%i, written over the node's output ``OUT`` where it can be (shared by
     the VJP and the JVP: the same derivative, applied on either side)."""
-    d = fix_step_convention(_untie(sp.diff(_ties_to_last(expr), arg_symbol(i))))
+    d = fix_step_convention(sp.diff(expr, arg_symbol(i)))
     if d != 0 and not expr.is_Atom:
         d = reuse_output(d, expr)
     return d
