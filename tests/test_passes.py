@@ -393,16 +393,29 @@ def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchange
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("case", ["silu", "log", "bias varies over the window", "activation is an output"])
+@pytest.mark.parametrize("case", ["silu", "log", "bias (C, H, W)", "bias (H, W)", "bias (W,)", "bias (1, W)",
+                                  "bias (H, 1)", "activation is an output"])
 def test_max_pool_stays_after_what_it_does_not_commute_with(case):
+    """Not monotone, not total, or an operand that varies over a window: NumPy aligns
+    shapes from the right, so a (W,) or (H, W) bias varies over H or W."""
     kwargs = {"silu": {"act": lambda z: z * ops.sigmoid(z)}, "log": {"act": ops.log},
-              "bias varies over the window": {"bias_shape": (4, 8, 8)},
+              "bias (C, H, W)": {"bias_shape": (4, 8, 8)}, "bias (H, W)": {"bias_shape": (8, 8)},
+              "bias (W,)": {"bias_shape": (8,)}, "bias (1, W)": {"bias_shape": (1, 8)},
+              "bias (H, 1)": {"bias_shape": (8, 1)},
               "activation is an output": {"also_output": True}}[case]
     g = _conv_pool(**kwargs)
     from backcomp.passes import prepare_forward
     prepared = prepare_forward(g)
     (pool,) = [n for n in prepared.nodes if n.op == "max_pool2d"]
     assert pool.inputs[0].op != "conv2d", case
+    if case.startswith("bias"):    # and the values are -O0's (they were not, for (W,) and (H, W))
+        fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
+        p, i = random_params(fast, seed=4, scale=1.0), random_inputs(fast, batch=2, seed=4)
+        l1, g1 = fast.value_and_grad(p, i)
+        l0, g0 = slow.value_and_grad(p, i)
+        np.testing.assert_allclose(l1, l0, rtol=1e-12)
+        for k in g0:
+            np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
 def test_padded_max_pool_commutes_too():

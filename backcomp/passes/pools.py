@@ -58,8 +58,8 @@ def _pooled_operand(f: Node) -> int | None:
     full = [i for i, x in enumerate(f.inputs) if x.shape == f.shape and x.dtype == "float"]
     if len(full) != 1:
         return None
-    for i, x in enumerate(f.inputs):
-        if i != full[0] and (x.ndim > f.ndim - 2 and any(d != 1 for d in x.shape[-2:]) or x.dtype != "float"):
+    for i, x in enumerate(f.inputs):   # NumPy aligns shapes from the right: (W,) and (H, W) vary too
+        if i != full[0] and (any(d != 1 for d in x.shape[-2:]) or x.dtype != "float"):
             return None
     return full[0] if nondecreasing(node_expr(f), arg_symbol(full[0])) else None
 
