@@ -58,7 +58,8 @@ print(json.dumps({{"faults": faults, "wall": statistics.median(wall), "cpu": sta
 def measure(model: str, module: Path, steps: int, threads: int) -> dict:
     code = RUN.format(paths=[HERE, os.path.dirname(HERE)], threads=threads, module=str(module),
                       model=model, steps=steps)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

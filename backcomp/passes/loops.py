@@ -164,7 +164,9 @@ def split_carried_sums(graph: Graph, carried: int) -> Graph:
     terms as a node of their own: ``x_t @ Wx + h @ Wh + bx + bh`` becomes
     ``h @ Wh + u`` with ``u = x_t @ Wx + bx + bh``, which hoisting computes for all steps
     at once before the loop (one pass over (T, B, 4H)) instead of two additions per step.
-    A lone slice or const is left in place: there is nothing to hoist."""
+    A lone slice or const is left in place: there is nothing to hoist.  Only a sum that
+    is a node of its own splits: in an RNN's ``tanh(x_t @ Wx + h @ Wh + b)`` the sum is
+    fused inside the tanh and stays in the loop."""
     import sympy as sp
 
     from backcomp.ops.elementwise import arg_symbol, ew_from_expr, node_expr

@@ -32,11 +32,14 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 """
 import numpy as np
 
-# One 30 MiB array made and freed: glibc's dynamic threshold (set by any program that
-# frees an array that large) then keeps blocks up to 30 MiB in its heap, so each call's
-# large temporaries reuse memory instead of being mapped and page-faulted afresh (a
-# third of a transformer step's time). Nothing changes where MALLOC_MMAP_THRESHOLD_ is
-# set or the C library is not glibc.
+# One 30 MiB array made and freed: glibc's dynamic thresholds (which any program that
+# frees an array that large sets) become 30 MiB for mmap and 60 MiB for trimming, so each
+# call's large temporaries come from the heap and the freed top of the heap is not handed
+# back to the OS, to be page-faulted in again by the next call (a third of a transformer
+# step alone in a process). Memory freed by arrays up to 30 MiB then stays in the process
+# for reuse. Nothing changes where MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+# MALLOC_TOP_PAD_ or MALLOC_MMAP_MAX_ is set (glibc then keeps fixed thresholds), or where
+# the C library is not glibc.
 np.empty(30 << 20, np.uint8)
 
 #: param name -> shape
