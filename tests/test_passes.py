@@ -14,6 +14,7 @@ from backcomp.check import fixed_draws, random_inputs, random_params
 from backcomp.compiler import compile_source, lower_graph, stability_report
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.scalar import log1p, sigmoid, softplus
+from backcomp.passes import prepare_forward
 from backcomp.passes.cse import eliminate_common_subexpressions
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import fuse_elementwise
@@ -373,6 +374,24 @@ def _conv_pool(act=ops.relu, bias_shape=(4, 1, 1), also_output=False, pool_paddi
     return g
 
 
+def _pool_input(g):
+    """What the max pool reads once the forward is prepared (pools move there)."""
+    (pool,) = [n for n in prepare_forward(g).nodes if n.op == "max_pool2d"]
+    return pool.inputs[0]
+
+
+def _same_at_O1_as_at_O0(g, params=None, inputs=None, seed=0, scale=0.5):
+    """Loss and gradients of ``g`` at -O1 equal -O0's (random draws unless given)."""
+    fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
+    params = params or random_params(fast, seed=seed, scale=scale)
+    inputs = inputs or random_inputs(fast, batch=2, seed=seed)
+    l1, g1 = fast.value_and_grad(params, inputs)
+    l0, g0 = slow.value_and_grad(params, inputs)
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 @pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus], ids=["relu", "sigmoid", "tanh", "softplus"])
 def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchanged(act):
     g = _conv_pool(act)
@@ -381,16 +400,11 @@ def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchange
     pool = re.search(r"(\w+) = np\.maximum\((\w+)\[:, :, 0:7:2, 0:7:2\]", fwd)
     assert pool and pool.group(2).endswith("conv2d"), fwd          # the pool reads the convolution itself
     assert re.search(rf"\bp = .*\b{pool.group(1)}\b.* \+ c|\bp = .*\bc \+ {pool.group(1)}\b", fwd), fwd
-    fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
     rng = np.random.default_rng(0)
     p = {"K": rng.standard_normal((4, 2, 3, 3)), "c": rng.standard_normal((4, 1, 1))}
     x = rng.standard_normal((3, 2, 8, 8))
     x[0, :, :4, :4] = 0.0     # exact ties in every pool window there: still the first maximum
-    l1, g1 = fast.value_and_grad(p, {"x": x})
-    l0, g0 = slow.value_and_grad(p, {"x": x})
-    np.testing.assert_allclose(l1, l0, rtol=1e-12)
-    for k in g0:
-        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    _same_at_O1_as_at_O0(g, p, {"x": x})
 
 
 @pytest.mark.parametrize("case", ["silu", "log", "bias (C, H, W)", "bias (H, W)", "bias (W,)", "bias (1, W)",
@@ -404,29 +418,12 @@ def test_max_pool_stays_after_what_it_does_not_commute_with(case):
               "bias (H, 1)": {"bias_shape": (8, 1)},
               "activation is an output": {"also_output": True}}[case]
     g = _conv_pool(**kwargs)
-    from backcomp.passes import prepare_forward
-    prepared = prepare_forward(g)
-    (pool,) = [n for n in prepared.nodes if n.op == "max_pool2d"]
-    assert pool.inputs[0].op != "conv2d", case
+    assert _pool_input(g).op != "conv2d", case
     if case.startswith("bias"):    # and the values are -O0's (they were not, for (W,) and (H, W))
-        fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
-        p, i = random_params(fast, seed=4, scale=1.0), random_inputs(fast, batch=2, seed=4)
-        l1, g1 = fast.value_and_grad(p, i)
-        l0, g0 = slow.value_and_grad(p, i)
-        np.testing.assert_allclose(l1, l0, rtol=1e-12)
-        for k in g0:
-            np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
+        _same_at_O1_as_at_O0(g, seed=4, scale=1.0)
 
 
 def test_padded_max_pool_commutes_too():
     g = _conv_pool(pool_padding=1)
-    from backcomp.passes import prepare_forward
-    (pool,) = [n for n in prepare_forward(g).nodes if n.op == "max_pool2d"]
-    assert pool.inputs[0].op == "conv2d"
-    fast, slow = backcomp.build(g, opt_level=1), backcomp.build(g, opt_level=0)
-    p, i = random_params(fast, seed=1, scale=0.5), random_inputs(fast, batch=2, seed=1)
-    l1, g1 = fast.value_and_grad(p, i)
-    l0, g0 = slow.value_and_grad(p, i)
-    np.testing.assert_allclose(l1, l0, rtol=1e-12)
-    for k in g0:
-        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    assert _pool_input(g).op == "conv2d"
+    _same_at_O1_as_at_O0(g, seed=1, scale=0.5)
