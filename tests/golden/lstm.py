@@ -171,22 +171,22 @@ def _validate(params, inputs):
 
 
 def _sigmoid(x, out=None):
-    """σ(x) = max(t, [x >= 0]) / (1 + t) with t = exp(−|x|): 1/(1 + e^−x) for x >= 0
-    and e^x/(1 + e^x) below, so nothing overflows and both tails keep full relative
-    precision.  One exp and no np.where: 1.2–1.7× faster than exp(min(x, 0))/(1 + t)
-    with its second exp (an LSTM's (32, 384) gates, (16, 64, 512)), which was itself
-    2.2× faster than the select and far faster than exp(−logaddexp(0, −x))."""
+    """σ(x) = 1/(1 + e^−x): four passes (negate, exp, add, divide).  e^−x overflows to
+    inf for x < −88.7 (float32; −709.8 in float64) and 1/inf = 0, so nothing turns NaN;
+    relative precision holds down to the smallest normal result, and below it σ is 0 or a
+    subnormal within half a subnormal step.  1.45–1.6× faster than the one-exp
+    max(e^−|x|, [x >= 0])/(1 + e^−|x|), whose bool-to-float maximum is a slow pass (an
+    LSTM's (32, 256) gates, (16, 64, 256), float32)."""
     x = np.asarray(x)
     if x.dtype.kind != "f":   # integer ids, booleans: σ of them as float64
         x = x.astype(np.float64)
-    t = np.abs(x, out=np.empty_like(x))   # out= keeps 0-d values arrays
-    np.negative(t, out=t)
-    np.exp(t, out=t)
-    # out may be x itself: x >= 0 is taken before out is written
-    out = np.maximum(t, x >= 0, out=np.empty_like(x) if out is None else out)
-    t += 1
-    out /= t
-    return out
+    # out= keeps 0-d values arrays; out may be x itself (each pass is elementwise)
+    out = np.empty_like(x) if out is None else out
+    with np.errstate(over="ignore", under="ignore"):
+        np.negative(x, out=out)
+        np.exp(out, out=out)
+        out += 1
+        return np.divide(1, out, out=out)
 
 
 def _wanted_outputs(outputs):
