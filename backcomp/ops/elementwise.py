@@ -159,6 +159,20 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     return chains.lines + _del([_temporary(out, f"t{k}") for k in range(len(temps))] + chains.temporaries)
 
 
+def fold_selects(expr: sp.Basic) -> sp.Basic:
+    """``sp.piecewise_fold`` that cannot blow up: it folds at most three selects at a
+    time, recursing into the arguments of anything holding more.  Folding a sum of n
+    selects makes one select of 2^n branches (ten ``where(x > i, 1.0, 0.0) * p`` took
+    minutes to compile); term by term it stays n selects, each still folded into the
+    arithmetic around it (which is what keeps a number select from making float64)."""
+    if not isinstance(expr, sp.Basic) or not expr.args:
+        return expr
+    selects = expr.atoms(sp.Piecewise)
+    if len(selects) <= 3:
+        return sp.piecewise_fold(expr) if selects else expr
+    return expr.func(*[fold_selects(a) for a in expr.args])
+
+
 def _fold_number_selects(expr: sp.Expr) -> sp.Expr:
     """A select between numbers inside arithmetic on arrays, folded into it:
     ``np.where(c, 1.0, 0)`` is a float64 array and makes ``g + np.where(c, 1.0, 0)``
@@ -168,7 +182,7 @@ def _fold_number_selects(expr: sp.Expr) -> sp.Expr:
         return expr
     if all(value_symbols(p) for p in expr.atoms(sp.Piecewise)):
         return expr
-    return sp.piecewise_fold(expr)
+    return fold_selects(expr)
 
 
 def _temporary(out: str, what: str) -> str:
@@ -432,7 +446,7 @@ def elementwise_vjp(node: Node, ct: Node) -> list[Node | None]:
             cts.append(None)
             continue
         bindings = {CT: ct, OUT: node, **{arg_symbol(j): n for j, n in enumerate(node.inputs)}}
-        cts.append(ew_from_expr(sp.piecewise_fold(CT * d), bindings, label=f"d{node.op}"))
+        cts.append(ew_from_expr(fold_selects(CT * d), bindings, label=f"d{node.op}"))
     return cts
 
 
@@ -450,7 +464,7 @@ def elementwise_jvp(node: Node, tangents: Sequence[Node | None]) -> Node | None:
             total += d * tangent_symbol(i)
     if total == 0:
         return None
-    return ew_from_expr(sp.piecewise_fold(total), bindings, label=f"t{node.op}")
+    return ew_from_expr(fold_selects(total), bindings, label=f"t{node.op}")
 
 
 # ----- the generic node that fusion and the backward create ---------------------
