@@ -138,10 +138,31 @@ def test_a_comparison_times_an_array_compiles(level):
     assert grads["a"].dtype == np.float32
 
 
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("case", ["one_minus_mask", "mask_minus_mask", "exp_of_mask"])
+def test_a_comparison_as_a_number_keeps_the_model_dtype(case, level):
+    """1 - (b > 0) from the builder was int64 (so a·(1 - m) and the loss were float64 in a
+    float32 model), m1 - m2 was NumPy's "boolean subtract" TypeError, exp(m) float16."""
+    make, value = {
+        "one_minus_mask": (lambda a, b: a * (1 - (b > 0)), lambda m0, m1: 1.0 - m0),
+        "mask_minus_mask": (lambda a, b: a * ((b > 0) - (b > 1)), lambda m0, m1: m0 - m1),
+        "exp_of_mask": (lambda a, b: a * ops.exp(b > 0), lambda m0, m1: np.exp(m0)),
+    }[case]
+    g = backcomp.Graph("mask_number")
+    a, b = g.param("a", (3,)), g.input("b", ("B", 3))
+    g.loss(ops.sum(make(a, b)))
+    m = backcomp.build(g, opt_level=level)
+    b_value = np.array([[1.5, -1.0, 0.5], [0.2, 2.0, -0.3]], np.float32)
+    (loss, grads), seen = traced(m, m.value_and_grad, {"a": P.astype(np.float32)}, {"b": b_value})
+    factor = value((b_value > 0).astype(np.float64), (b_value > 1).astype(np.float64))
+    np.testing.assert_allclose(loss, np.sum(P * factor), rtol=1e-6)
+    np.testing.assert_allclose(grads["a"], factor.sum(axis=0), rtol=1e-6)
+    assert loss.dtype == grads["a"].dtype == np.float32
+    assert all(v == {"float32"} for v in seen.values()), seen
 
 def test_a_sum_of_many_number_selects_compiles_in_linear_size():
     """Σ_i where(x > c_i, 1.0, 0.0)·p: SymPy's piecewise_fold of the sum made one select of
-    2^n branches (n = 10 took 40 s to compile, n = 12 over a minute); folded term by term,
+    2^n branches (n = 10 took 40 s to compile, n = 12 70 s); folded term by term,
     the module holds one np.where per select in the forward and one in the backward."""
     n = 12
     cuts = np.linspace(-1.5, 1.5, n)

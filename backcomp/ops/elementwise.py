@@ -501,6 +501,13 @@ def _make(name: str, scalar: Callable[..., sp.Expr], nargs: int, doc: str,
                 pattern.append(_number(a))
         if not nodes:
             raise GraphError(f"{name}() needs at least one array argument")
+        if dtype == "float" and name != "where" and not any(n.dtype == "float" for n in nodes) \
+                and any(n.dtype == "bool" for n in nodes):
+            # a comparison as a number with no float array beside it (1 - (x > 0)):
+            # NumPy would make it int64 (or refuse mask - mask); as where(c, 1.0, 0.0)
+            # it is a select in the model's dtype
+            return build(*[where(a, 1.0, 0.0) if isinstance(a, Node) and a.dtype == "bool" else a
+                           for a in args], **attrs)
         return nodes[0].graph.apply(name, nodes, pattern=tuple(pattern), **attrs)
 
     build.__name__ = name
