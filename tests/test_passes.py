@@ -352,6 +352,15 @@ def test_constant_calls_are_not_residuals():
     (lambda x, c: sp.Max(x, c), True), (lambda x, c: (x + c) ** 3, True), (lambda x, c: 0.1 * sp.Min(x, 0) + sp.Max(x, 0), True),
     (lambda x, c: x * c, False), (lambda x, c: -x, False), (lambda x, c: sp.log(x), False), (lambda x, c: sp.sqrt(x), False),
     (lambda x, c: x * sigmoid(x), False), (lambda x, c: x ** 2, False), (lambda x, c: sp.Max(-x, 0), False),
+    # selects: continuous at a threshold on x (leaky_relu of x + c, elu, clip), or not
+    (lambda x, c: sp.Piecewise((x + c, x + c > 0), (0.01 * (x + c), True)), True),
+    (lambda x, c: sp.Piecewise((x, x > 0), (sp.exp(x) - 1, True)), True),
+    (lambda x, c: sp.Piecewise((-1, x < -1), (6, x > 6), (x, True)), True),
+    (lambda x, c: sp.Piecewise((0.1 * x, -x > 0), (x, True)), True),
+    (lambda x, c: sp.Piecewise((x - 1, x > 0), (x, True)), False),          # jumps down at 0
+    (lambda x, c: sp.Piecewise((x, x > 0), (-0.5 * x, True)), False),       # a negative slope
+    (lambda x, c: sp.Piecewise((x, x > c), (x - 1, True)), False),          # a jump up: only continuity is proved
+    (lambda x, c: sp.Piecewise((x, x * x > 1), (0, True)), False),          # not a threshold on x
 ], ids=lambda v: "" if callable(v) else str(v))
 def test_nondecreasing_is_read_off_the_expression(expr, monotone):
     from backcomp.passes.pools import nondecreasing
@@ -392,7 +401,9 @@ def _same_at_O1_as_at_O0(g, params=None, inputs=None, seed=0, scale=0.5):
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus], ids=["relu", "sigmoid", "tanh", "softplus"])
+@pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus, lambda z: ops.leaky_relu(z, 0.1),
+                                 lambda z: ops.clip(z, -0.5, 0.5)],
+                         ids=["relu", "sigmoid", "tanh", "softplus", "leaky_relu", "clip"])
 def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchanged(act):
     g = _conv_pool(act)
     text = compile_source(g)

@@ -11,7 +11,8 @@ the maximum of a window is unique; where ``f`` makes a tie that ``x`` does not h
 (relu clamping negatives to 0), the tied positions get a zero gradient either way.
 
 Monotonicity is read off the SymPy expression by composition (sums, positive
-multiples, max/min and increasing functions defined on all reals), never guessed:
+multiples, max/min, increasing functions defined on all reals, and selects continuous
+at a threshold on ``x``, as leaky_relu, elu and clip), never guessed:
 ``log`` or ``sqrt``, undefined below zero, and ``x·sigmoid(x)``, not monotonic, stay
 where they are.
 """
@@ -48,7 +49,29 @@ def nondecreasing(expr: sp.Expr, x: sp.Symbol) -> bool:
         return x not in e.free_symbols and e.is_Integer and e > 0 and e % 2 == 1 and nondecreasing(base, x)
     if isinstance(expr, _INCREASING):
         return nondecreasing(expr.args[0], x)
+    if isinstance(expr, sp.Piecewise):
+        return _nondecreasing_select(expr, x)
     return False
+
+
+def _nondecreasing_select(expr: sp.Piecewise, x: sp.Symbol) -> bool:
+    """A select (leaky_relu, elu, clip) is non-decreasing in ``x`` when its first branch and
+    the select of the rest both are, the first condition puts a threshold on ``x`` (a
+    linear comparison), and the two agree at that threshold: continuous, no jump down."""
+    (first, cond), rest = expr.args[0], expr.args[1:]
+    rest = rest[0].expr if len(rest) == 1 and rest[0].cond == sp.true else sp.Piecewise(*rest)
+    if cond == sp.true:
+        return nondecreasing(first, x)
+    if not isinstance(cond, (sp.StrictGreaterThan, sp.GreaterThan, sp.StrictLessThan, sp.LessThan)):
+        return False
+    gap = cond.lhs - cond.rhs
+    slope = sp.diff(gap, x)
+    if not (slope.is_number and slope != 0):
+        return False
+    threshold = x - gap / slope   # where gap = 0: gap is slope·x + (free of x)
+    if x in threshold.free_symbols or not (nondecreasing(first, x) and nondecreasing(rest, x)):
+        return False
+    return sp.simplify(first.subs(x, threshold) - rest.subs(x, threshold)) == 0
 
 
 def _pooled_operand(f: Node) -> int | None:
