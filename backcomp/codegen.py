@@ -244,16 +244,21 @@ _BINARY_UFUNCS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast
                   ast.Pow: "power", ast.MatMult: "matmul"}
 #: ndarray methods with an ``out=`` keyword that an emission may end with
 _OUT_METHODS = {"sum", "mean", "max", "min", "prod"}
+#: the module's own helpers that take ``out=`` (backcomp/runtime.py)
+_OUT_HELPERS = {"_sigmoid", "_erf"}
 
 
 def _out_form(rhs: str, buf: str) -> str | None:
     """``rhs`` as a call writing its value into ``buf``, or None if it has no such form.
 
     The outermost operation decides: ``a @ b`` and the other binary operators become
-    their ufunc (``np.matmul(a, b, out=buf)``); a ufunc call gets ``out=buf`` (in place
-    of the dead buffer an in-place chain named); ``x.sum(axis=0)`` gets ``out=buf``.
-    Operand text is kept as printed.  The result has the target's shape (it is the
-    value's), and its dtype is cast as NumPy casts ``out=`` (same kind).
+    their ufunc (``np.matmul(a, b, out=buf)``; ``x**2`` is ``np.square``, a multiply
+    where ``np.power`` is a pow per element); a ufunc, ``np.concatenate`` or one of the
+    module's helpers gets ``out=buf`` (in place of the dead buffer an in-place chain
+    named); ``x.sum(axis=0)`` gets ``out=buf``.  Operand text is kept as printed.  The
+    result has the target's shape (it is the value's), and its dtype is cast as NumPy
+    casts ``out=`` (same kind).  Used by the straight-line code and by the loops, which
+    write a step's value into its row of a stack.
     """
     try:
         tree = ast.parse(rhs, mode="eval").body
@@ -262,16 +267,29 @@ def _out_form(rhs: str, buf: str) -> str | None:
     def seg(e: ast.AST) -> str:
         return ast.get_source_segment(rhs, e)
 
+    if seg(tree) != rhs:   # a comment, or more than the one expression
+        return None
+    if isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.Pow) and \
+            isinstance(tree.right, ast.Constant) and tree.right.value == 2:
+        return f"np.square({seg(tree.left)}, out={buf})"
     if isinstance(tree, ast.BinOp) and type(tree.op) in _BINARY_UFUNCS:
         return f"np.{_BINARY_UFUNCS[type(tree.op)]}({seg(tree.left)}, {seg(tree.right)}, out={buf})"
     if isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.USub):
         return f"np.negative({seg(tree.operand)}, out={buf})"
-    if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Attribute) or not rhs.endswith(")"):
+    if not isinstance(tree, ast.Call):
         return None
     if any(isinstance(a, ast.Starred) for a in tree.args) or any(k.arg is None for k in tree.keywords):
         return None
     func = tree.func
-    if isinstance(func.value, ast.Name) and func.value.id == "np":
+    if isinstance(func, ast.Name):
+        if func.id not in _OUT_HELPERS or len(tree.args) != 1 or tree.keywords:
+            return None
+    elif not isinstance(func, ast.Attribute):
+        return None
+    elif isinstance(func.value, ast.Name) and func.value.id == "np" and func.attr == "concatenate":
+        if len(tree.args) != 1 or any(k.arg != "axis" for k in tree.keywords):
+            return None
+    elif isinstance(func.value, ast.Name) and func.value.id == "np":
         ufunc = getattr(np, func.attr, None)
         if not isinstance(ufunc, np.ufunc) or len(tree.args) != ufunc.nin:
             return None

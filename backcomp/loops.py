@@ -21,14 +21,11 @@ Both steps are built by the ordinary VJP/JVP passes run on the step graph.
 """
 from __future__ import annotations
 
-import ast
 import contextvars
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from backcomp.graph import Graph, GraphError, Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
@@ -476,57 +473,21 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     return lines
 
 
-_OUT_BINOPS = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "true_divide"}
-#: the module's own helpers that take ``out=`` (backcomp/runtime.py)
-_OUT_HELPERS = ("_sigmoid", "_erf")
-
-
 def _write_into(body: list[str], name: str, slot: str) -> bool:
     """Rewrite the statement ``name = <value>`` of ``body`` to compute the value into
     ``slot`` (a row of a preallocated stack) and bind ``name`` to that row, when the
-    value is one call that takes ``out=`` (a ufunc, ``np.concatenate``, the module's
-    ``_sigmoid`` and ``_erf``), one binary
-    arithmetic operator, a square or a negation (the first statement of an in-place
-    chain): the row is then written once, with no temporary and no copy."""
+    value has an ``out=`` form (codegen's ``_out_form``): the row is then written once,
+    with no temporary and no copy."""
+    from backcomp.codegen import _out_form
     prefix = f"{name} = "
     for i, line in enumerate(body):
         if line.startswith(prefix):
-            break
-    else:
-        return False
-    try:
-        value = ast.parse(line).body[0].value
-    except SyntaxError:
-        return False
-    if value.end_lineno != 1 or value.end_col_offset != len(line):   # one expression, no comment
-        return False
-    text = line[len(prefix):]
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
-            isinstance(value.func.value, ast.Name) and value.func.value.id == "np" and \
-            not any(isinstance(a, ast.Starred) for a in value.args):
-        fn = getattr(np, value.func.attr, None)
-        if value.func.attr == "concatenate":
-            if any(k.arg != "axis" for k in value.keywords):
+            call = _out_form(line[len(prefix):], name)
+            if call is None:
                 return False
-        elif not (isinstance(fn, np.ufunc) and len(value.args) == fn.nin and not value.keywords):
-            return False
-        call = f"{text[:-1]}, out={name})"
-    elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in _OUT_HELPERS \
-            and len(value.args) == 1 and not value.keywords and not isinstance(value.args[0], ast.Starred):
-        call = f"{text[:-1]}, out={name})"
-    elif isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
-        call = f"np.negative({ast.get_source_segment(line, value.operand)}, out={name})"
-    elif isinstance(value, ast.BinOp) and isinstance(value.op, ast.Pow) and \
-            isinstance(value.right, ast.Constant) and value.right.value == 2:
-        call = f"np.square({ast.get_source_segment(line, value.left)}, out={name})"
-    elif isinstance(value, ast.BinOp) and type(value.op) in _OUT_BINOPS:
-        left = ast.get_source_segment(line, value.left)
-        right = ast.get_source_segment(line, value.right)
-        call = f"np.{_OUT_BINOPS[type(value.op)]}({left}, {right}, out={name})"
-    else:
-        return False
-    body[i:i + 1] = [f"{prefix}{slot}", call]
-    return True
+            body[i:i + 1] = [f"{prefix}{slot}", call]
+            return True
+    return False
 
 
 def _concatenate_into(body: list[str], y: Node, names: dict[Node, str], stack: str, t: str) -> bool:

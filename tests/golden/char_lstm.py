@@ -295,11 +295,11 @@ def forward(params, inputs, outputs=None):
         h_new_sigmoid = _sigmoid(h_new_getitem)
         del h_new_getitem
         h_new_tanh = np.tanh(c_new)
-        h_new = np.multiply(h_new_sigmoid, h_new_tanh, out=h_new_sigmoid)
+        h_new = h_new_seq[t]
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         del h_new_sigmoid, h_new_tanh
-        h_new_seq[t] = h_new
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, None, None, None, None, None, None,)
+    run = (np.array(h), c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_add
     run_scan_out = run[2]
     del run
@@ -396,11 +396,11 @@ def _forward_1(params, inputs):
         h_new_sigmoid = _sigmoid(h_new_getitem)
         del h_new_getitem
         h_new_tanh = np.tanh(c_new)
-        h_new = np.multiply(h_new_sigmoid, h_new_tanh, out=h_new_sigmoid)
+        h_new = h_new_seq[t]
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         del h_new_sigmoid, h_new_tanh
-        h_new_seq[t] = h_new
         h, c = h_new, c_new
-    run = (h, c, h_new_seq, None, None, None, None, None, None,)
+    run = (np.array(h), c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_add
     run_scan_out = run[2]
     del run
@@ -575,19 +575,19 @@ def value_and_grad(params, inputs):
         del c_new_bar_dew_2, c_new_bar_dew_3
         # backward of c_new.ew = _sigmoid(c_new.getitem) w.r.t. c_new.getitem
         np.multiply(c_new_bar_concatenate, c_new_sigmoid, out=c_new_bar_concatenate)
-        c_new_bar_dew_4 = np.multiply(c_new_bar_concatenate, 1 - c_new_sigmoid, out=c_new_bar_concatenate)
+        c_new_bar_dew_4 = z_bar_concatenate_seq[t, :, 0:256]
+        np.multiply(c_new_bar_concatenate, 1 - c_new_sigmoid, out=c_new_bar_dew_4)
         del c_new_bar_concatenate
         # backward of c_new.ew = tanh(c_new.getitem) w.r.t. c_new.getitem
         __c_new_bar_dew_5_c0 = c_new_tanh**2
         np.subtract(1, __c_new_bar_dew_5_c0, out=__c_new_bar_dew_5_c0)
         np.multiply(c_new_bar_add, input, out=c_new_bar_add)
-        c_new_bar_dew_5 = np.multiply(c_new_bar_add, __c_new_bar_dew_5_c0, out=c_new_bar_add)
+        c_new_bar_dew_5 = z_bar_concatenate_seq[t, :, 256:384]
+        np.multiply(c_new_bar_add, __c_new_bar_dew_5_c0, out=c_new_bar_dew_5)
         del __c_new_bar_dew_5_c0
         del c_new_bar_add
         # backward of z = b + z.matmul + z.matmul
         z_bar_concatenate = z_bar_concatenate_seq[t]
-        z_bar_concatenate[:, 0:256] = c_new_bar_dew_4
-        z_bar_concatenate[:, 256:384] = c_new_bar_dew_5
         del h_new_bar_dew, c_new_bar_dew_4, c_new_bar_dew_5
         # backward of z.matmul = h @ Wh w.r.t. h
         z_bar_matmul = z_bar_concatenate @ WhT

@@ -273,11 +273,11 @@ def forward(params, inputs, outputs=None):
         u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
         np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
-        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        h_new = h_new_seq[t]
+        np.add(h_new_tanh, u*h, out=h_new)
         del h_new_tanh, u
-        h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None,)
+    run = (np.array(h), h_new_seq, None, None, None, None,)
     del run_full, run_transpose, run_getitem, run_getitem_2
     run_scan_out = run[1]
     del run
@@ -358,11 +358,11 @@ def _forward_1(params, inputs):
         u = h_new_sigmoid[:, 16:32]
         del h_new_sigmoid
         np.multiply(h_new_tanh, 1 - u, out=h_new_tanh)
-        h_new = np.add(h_new_tanh, u*h, out=h_new_tanh)
+        h_new = h_new_seq[t]
+        np.add(h_new_tanh, u*h, out=h_new)
         del h_new_tanh, u
-        h_new_seq[t] = h_new
         h = h_new
-    run = (h, h_new_seq, None, None, None, None,)
+    run = (np.array(h), h_new_seq, None, None, None, None,)
     del run_full, run_transpose, run_getitem, run_getitem_2
     run_scan_out = run[1]
     del run
@@ -397,7 +397,8 @@ def value_and_grad(params, inputs):
         n_getitem = run_getitem[t]
         h_new_getitem = run_getitem_2[t]
         gh_matmul = h @ Wh
-        gh = np.add(gh_matmul, bh, out=gh_matmul)
+        gh = gh_seq_2[t]
+        np.add(gh_matmul, bh, out=gh)
         del gh_matmul
         n_getitem_2 = gh[:, 32:]
         h_new_getitem_2 = gh[:, 0:32]
@@ -416,7 +417,6 @@ def value_and_grad(params, inputs):
         np.add(u*h, h_new_tanh*(1 - u), out=h_new)
         del u
         h_seq_2[t] = h
-        gh_seq_2[t] = gh
         h = h_new
     run = (np.array(h), h_new_seq, h_seq_2, gh_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_getitem, run_getitem_2
@@ -490,7 +490,8 @@ def value_and_grad(params, inputs):
         del h_new_bar_dew, h_new_bar_dew_4
         # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem) w.r.t. h_new.getitem
         np.multiply(h_new_bar_concatenate, h_new_sigmoid, out=h_new_bar_concatenate)
-        h_new_bar_dew_5 = np.multiply(h_new_bar_concatenate, 1 - h_new_sigmoid, out=h_new_bar_concatenate)
+        h_new_bar_dew_5 = h_new_bar_dew_5_seq[t]
+        np.multiply(h_new_bar_concatenate, 1 - h_new_sigmoid, out=h_new_bar_dew_5)
         del h_new_bar_concatenate
         # backward of gh = gh.matmul + bh
         gh_bar_concatenate = gh_bar_concatenate_seq[t]
@@ -501,7 +502,6 @@ def value_and_grad(params, inputs):
         # backward of input h
         h_bar_add = np.add(gh_bar_matmul, h_new_bar_add*u, out=gh_bar_matmul)
         del h_new_bar_add, gh_bar_matmul
-        h_new_bar_dew_5_seq[t] = h_new_bar_dew_5
         h_new_bar = h_bar_add
     run_bar_scan = (h_new_bar, h_new_bar_dew_2_seq, h_new_bar_dew_5_seq, gh_bar_concatenate_seq,)
     del run_transpose, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3

@@ -255,12 +255,12 @@ def value_and_grad(params, inputs):
         h_new_matmul_2 = h @ Wh
         np.add(h_new_matmul_2, b, out=h_new_matmul_2)
         np.add(h_new_matmul_2, h_new_matmul, out=h_new_matmul_2)
-        h_new = np.tanh(h_new_matmul_2, out=h_new_matmul_2)
+        h_new = h_new_seq_2[t]
+        np.tanh(h_new_matmul_2, out=h_new)
         del h_new_matmul_2
         h_seq_2[t] = h
-        h_new_seq_2[t] = h_new
         h = h_new
-    run = (h, h_seq_2, h_new_seq_2,)
+    run = (np.array(h), h_seq_2, h_new_seq_2,)
     del run_full, run_reshape_2
     run_scan_out = run[0]
     logits = run_scan_out @ Wo
