@@ -652,3 +652,21 @@ def test_the_carry_free_terms_of_a_step_sum_are_computed_before_the_loop():
     assert "bx" not in loop and "bh" not in loop, loop
     assert re.search(r"z = np\.add\(\w+, \w+, out=\w+\)", loop), loop
     assert "_sigmoid(c_new_getitem_2, out=c_new_sigmoid)" in loop and "c_new_sigmoid_seq_2[t] = " not in loop, loop
+
+
+def test_a_sum_inside_the_step_activation_splits_its_carry_free_terms_too():
+    """h' = tanh(x_t @ Wx + h @ Wh + b): x_t @ Wx + b is one pass before the loop, and
+    the loop adds it to h @ Wh once (it added b, then x_t @ Wx); values as without."""
+    spec = parse_spec(open(EXAMPLES / "rnn.toml").read(), "rnn.toml")
+    text = backcomp.compile_source(spec)
+    loop = text.split("\ndef value_and_grad(")[1].split("for t in range(T):")[1].split("run = (")[0]
+    assert "b" not in re.findall(r"\b\w+\b", loop) and loop.count("np.add(") == 1, loop
+    fast, slow = backcomp.build(spec), backcomp.build(spec, opt_level=0)
+    params = fast.init_params(seed=1, dtype=np.float64)
+    params["b"] = np.linspace(-0.5, 0.5, 32)
+    rng = np.random.default_rng(1)
+    inputs = {"x": rng.standard_normal((3, 5, 8)), "labels": np.array([0, 3, 1])}
+    (l1, g1), (l0, g0) = fast.value_and_grad(params, inputs), slow.value_and_grad(params, inputs)
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-13, err_msg=k)

@@ -164,9 +164,9 @@ def split_carried_sums(graph: Graph, carried: int) -> Graph:
     terms as a node of their own: ``x_t @ Wx + h @ Wh + bx + bh`` becomes
     ``h @ Wh + u`` with ``u = x_t @ Wx + bx + bh``, which hoisting computes for all steps
     at once before the loop (one pass over (T, B, 4H)) instead of two additions per step.
-    A lone slice or const is left in place: there is nothing to hoist.  Only a sum that
-    is a node of its own splits: in an RNN's ``tanh(x_t @ Wx + h @ Wh + b)`` the sum is
-    fused inside the tanh and stays in the loop."""
+    The sum may be inside the node's expression too (an RNN's ``tanh(x_t @ Wx + h @ Wh +
+    b)`` becomes ``tanh(h @ Wh + u)``).  A lone slice or const is left in place: there is
+    nothing to hoist."""
     import sympy as sp
 
     from backcomp.ops.elementwise import arg_symbol, ew_from_expr, node_expr
@@ -180,19 +180,27 @@ def split_carried_sums(graph: Graph, carried: int) -> Graph:
     for n in list(g.nodes):
         if n not in reads_carry or not is_elementwise(n) or n.dtype != "float":
             continue
-        expr = node_expr(n)
-        if not isinstance(expr, sp.Add):
-            continue
         carried_symbols = {arg_symbol(i) for i, x in enumerate(n.inputs) if x in reads_carry}
-        free = sp.Add(*(t for t in expr.args if not t.free_symbols & carried_symbols))
-        if free == 0 or free.is_number or free.is_Symbol:
+        bindings = {arg_symbol(i): x for i, x in enumerate(n.inputs)}
+        parts: dict[sp.Symbol, Node] = {}
+
+        def split(e: sp.Basic) -> sp.Basic:
+            if isinstance(e, sp.Add) and e.free_symbols & carried_symbols:
+                free = sp.Add(*(t for t in e.args if not t.free_symbols & carried_symbols))
+                if free != 0 and not free.is_number and not free.is_Symbol:
+                    with g.scoped(n.scope or n.name, n.origin):
+                        part = ew_from_expr(free, bindings, "add")
+                    symbol = sp.Dummy(real=True)
+                    parts[symbol] = part
+                    return sp.Add(*(split(t) for t in e.args if t.free_symbols & carried_symbols)) + symbol
+            return e.func(*[split(a) for a in e.args]) if e.args else e
+
+        expr = split(node_expr(n))
+        if not parts:
             continue
-        with g.scoped(n.scope or n.name, n.origin):
-            part = ew_from_expr(free, {arg_symbol(i): x for i, x in enumerate(n.inputs)}, "add")
-        rest = expr - free
-        inputs = [x for i, x in enumerate(n.inputs) if arg_symbol(i) in rest.free_symbols] + [part]
-        renumber = {arg_symbol(n.inputs.index(x)): arg_symbol(j) for j, x in enumerate(inputs[:-1])}
-        _set_expr(n, inputs, rest.xreplace(renumber) + arg_symbol(len(inputs) - 1))
+        inputs = [x for s, x in bindings.items() if s in expr.free_symbols] + list(parts.values())
+        olds = [s for s in bindings if s in expr.free_symbols] + list(parts)
+        _set_expr(n, inputs, expr.xreplace({s: arg_symbol(j) for j, s in enumerate(olds)}))
         changed = True
     if not changed:
         return graph

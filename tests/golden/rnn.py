@@ -199,19 +199,20 @@ def forward(params, inputs, outputs=None):
     del run_reshape
     run_reshape_2 = run_matmul.reshape((T, B, 32))
     del run_matmul
+    run_add = b + run_reshape_2
+    del run_reshape_2
     # scan cell: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, run_reshape_2, Wx, Wh, b)
+    dtype_ = np.result_type(run_full, run_transpose, run_add, Wx, Wh, b)
     h = run_full
     for t in range(T):
-        h_new_matmul = run_reshape_2[t]
-        h_new_matmul_2 = h @ Wh
-        np.add(h_new_matmul_2, b, out=h_new_matmul_2)
-        np.add(h_new_matmul_2, h_new_matmul, out=h_new_matmul_2)
-        h_new = np.tanh(h_new_matmul_2, out=h_new_matmul_2)
-        del h_new_matmul_2
+        h_new_ew = run_add[t]
+        h_new_matmul = h @ Wh
+        np.add(h_new_matmul, h_new_ew, out=h_new_matmul)
+        h_new = np.tanh(h_new_matmul, out=h_new_matmul)
+        del h_new_matmul
         h = h_new
     run = (h, None, None,)
-    del run_full, run_transpose, run_reshape_2
+    del run_full, run_transpose, run_add
     run_scan_out = run[0]
     del run
     logits = run_scan_out @ Wo
@@ -245,23 +246,24 @@ def value_and_grad(params, inputs):
     run_matmul = run_reshape @ Wx
     run_reshape_2 = run_matmul.reshape((T, B, 32))
     del run_matmul
+    run_add = b + run_reshape_2
+    del run_reshape_2
     # scan cell: loop over T steps
-    dtype_ = np.result_type(run_full, run_transpose, run_reshape_2, Wx, Wh, b)
+    dtype_ = np.result_type(run_full, run_transpose, run_add, Wx, Wh, b)
     h = run_full
     h_seq_2 = np.empty((T, B, 32), dtype=dtype_)
     h_new_seq_2 = np.empty((T, B, 32), dtype=dtype_)
     for t in range(T):
-        h_new_matmul = run_reshape_2[t]
-        h_new_matmul_2 = h @ Wh
-        np.add(h_new_matmul_2, b, out=h_new_matmul_2)
-        np.add(h_new_matmul_2, h_new_matmul, out=h_new_matmul_2)
+        h_new_ew = run_add[t]
+        h_new_matmul = h @ Wh
+        np.add(h_new_matmul, h_new_ew, out=h_new_matmul)
         h_new = h_new_seq_2[t]
-        np.tanh(h_new_matmul_2, out=h_new)
-        del h_new_matmul_2
+        np.tanh(h_new_matmul, out=h_new)
+        del h_new_matmul
         h_seq_2[t] = h
         h = h_new
     run = (np.array(h), h_seq_2, h_new_seq_2,)
-    del run_full, run_reshape_2
+    del run_full, run_add
     run_scan_out = run[0]
     logits = run_scan_out @ Wo
     loss_max = logits.max(axis=1, keepdims=True)
