@@ -145,7 +145,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         if calls:
             return chains.lines + calls[:-1] + [f"{out} = {calls[-1]}"] + _del(chains.temporaries)
     temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
-    temps, body = _cube_bases_named(temps, body)
+    temps, body = _step_arguments_named(*_cube_bases_named(temps, body))
     chains = _Chains(out, names, full)
     for k, (sym, sub) in enumerate(temps):
         chains.new(sub, _temporary(out, f"t{k}"))
@@ -314,7 +314,7 @@ class _Chains:
         """The calls computing ``expr`` in ``buf``, which holds ``buffer`` (``print_into``),
         or None; each operand off the chain that would make two arrays or more is
         computed first, into a temporary of its own (the exp in ḡ·(e + c·x·exp(−x²/2)))."""
-        from backcomp.printer import in_place, print_into
+        from backcomp.printer import compared_directly, in_place, print_into
         heavy = set()
 
         def visit(e):
@@ -323,6 +323,9 @@ class _Chains:
             for a in e.args:
                 if a.has(buffer):
                     visit(a)
+                elif isinstance(a, sc.half_step):   # a mask, whose argument it reads twice
+                    if not compared_directly(a.args[0]):
+                        heavy.add(a.args[0])
                 elif isinstance(a, sp.Expr) and _arrays_made(a, self.full) >= 2:
                     heavy.add(a)
         visit(expr)
@@ -353,6 +356,23 @@ def _cube_bases_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
         order = [t for t, _ in out]
         out.insert(max([order.index(t) + 1 for t in base.free_symbols if t in order], default=0), (s, base))
     return out, body.xreplace(swap)
+
+
+def _step_arguments_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
+    """The argument of a half step as a temporary of its own unless it is a name or a
+    difference of names: the step's mask, [x > 0] + [x >= 0], reads it twice."""
+    from backcomp.printer import compared_directly
+    args = sorted({h.args[0] for e in [body, *(v for _, v in temps)] for h in e.atoms(sc.half_step)
+                   if not compared_directly(h.args[0])}, key=sp.default_sort_key)
+    if not args:
+        return temps, body
+    named = {a: sp.Symbol(f"%h{k}") for k, a in enumerate(args)}
+    swap = {sc.half_step(a): sc.half_step(s) for a, s in named.items()}
+    out = [(s, _replace(v, swap)) for s, v in temps]
+    for a, s in named.items():   # right after the last temporary it reads
+        order = [t for t, _ in out]
+        out.insert(max([order.index(t) + 1 for t in a.free_symbols if t in order], default=0), (s, a))
+    return out, _replace(body, swap)
 
 
 def _common_factors_out(expr: sp.Expr) -> sp.Expr:
