@@ -523,11 +523,13 @@ mul = _make("mul", lambda a, b: a * b, 2, "a * b, broadcasting", "mul(a, b) or a
 div = _make("div", lambda a, b: a / b, 2, "a / b, broadcasting", "div(a, b) or a / b")
 pow = _make("pow", lambda a, b: a ** b, 2, "a ** b (a > 0 where b is not a constant)", "a ** b")
 neg = _make("neg", lambda a: -a, 1, "-a", "-a")
-maximum = _make("maximum", lambda a, b: sp.Max(a, b), 2,
-                "elementwise max; the gradient goes to a where a > b, else to b", "maximum(a, b)",
+maximum = _make("maximum", sc.maximum, 2,
+                "elementwise max; the gradient goes to the larger of a and b, half to each at a tie "
+                "(none at a tie with a number, as relu)", "maximum(a, b)",
                 spec=(Param("a", "value"), Param("b", "value")))
-minimum = _make("minimum", lambda a, b: sp.Min(a, b), 2,
-                "elementwise min; the gradient goes to a where a < b, else to b", "minimum(a, b)",
+minimum = _make("minimum", sc.minimum, 2,
+                "elementwise min; the gradient goes to the smaller of a and b, half to each at a tie "
+                "(none at a tie with a number)", "minimum(a, b)",
                 spec=(Param("a", "value"), Param("b", "value")))
 
 # ----- unary math ---------------------------------------------------------------
