@@ -151,6 +151,17 @@ def test_a_user_max_of_two_arguments_splits_its_ties():
     check(g, torch_gradients(lambda p, q, r, x: torch.maximum(torch.maximum(p, q), r).sum()))
 
 
+def test_a_functions_body_max_of_two_arguments_splits_its_ties():
+    """maximum in a [functions] body is the op's: half each at a tie of its arguments,
+    relu's 0 at a tie with a number written in the body."""
+    text = ('[model]\nname = "ties"\nloss = "loss"\n[inputs]\nx = ["B", 6]\n'
+            '[params]\np = [6]\nq = [6]\nr = [6]\n'
+            '[functions]\nhinge = { args = ["a", "b"], expr = "maximum(a, b) + maximum(a, 0.5)" }\n'
+            '[graph]\nloss = "sum(hinge(p, q) * x)"\n')
+    check(parse_spec(text, "ties.toml"), torch_gradients(
+        lambda p, q, r, x: ((torch.maximum(p, q) + F.relu(p - 0.5) + 0.5) * x).sum()))
+
+
 @pytest.mark.parametrize("level", [0, 1])
 def test_the_tangent_at_a_tie_is_the_mean_of_the_operands_tangents(level):
     """Forward mode uses the same partials: ṫ = ½ṫ_p + ½ṫ_q where p = q (torch.func.jvp)."""
