@@ -8,7 +8,9 @@ registry's VJP rules (elementwise ones by ``sympy.diff``).  The resulting
 backward nodes are read back as one expression per input: elementwise parts as
 SymPy expressions (lightly simplified), matmul as ``·``, transposes as ``ᵀ``,
 sums over broadcast axes as ``Σ``.  Notation: ḡ_v = ∂loss/∂v, ⊙ the elementwise
-product; a value with several consumers accumulates one ``+=`` term from each.
+product, (u > v) 1 or 0, and ½((u > v) + (u ≥ v)) the step of max(u, v) of two
+varying operands (½ at a tie); a value with several consumers accumulates one
+``+=`` term from each.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from backcomp.notation import FORMATS, Fmt, lit, opaque
 from backcomp.ops import sum as op_sum
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
-from backcomp.printer import value_symbols
+from backcomp.ops.scalar import half_step, tie_max
+from backcomp.printer import sides, value_symbols
 from backcomp.vjp import differentiate
 from backcomp.explain_loops import explain_step, loop_cluster, loop_lines, loop_math, steps_of
 
@@ -80,7 +83,7 @@ def _tidy(expr: sp.Expr) -> sp.Expr:
     try:
         out = sp.factor_terms(sp.expand(expr, deep=False))
         candidates = [expr, out]
-        if not expr.has(sp.Heaviside, sp.Piecewise, sp.tanh, sp.sin, sp.cos):   # trigsimp: seconds each
+        if not expr.has(sp.Heaviside, half_step, sp.Piecewise, sp.tanh, sp.sin, sp.cos):   # trigsimp: seconds each
             candidates.append(sp.simplify(expr))
         return min(candidates, key=lambda e: (sp.count_ops(e), len(str(e))))
     except Exception:  # noqa: BLE001  (simplification is cosmetic)
@@ -142,6 +145,10 @@ class TextPrinter(StrPrinter):
     def _print_Heaviside(self, expr):
         return f"({self._print(expr.args[0])} > 0)"
 
+    def _print_half_step(self, expr):
+        u, v = map(self._print, sides(expr.args[0]))
+        return f"½(({u} > {v}) + ({u} ≥ {v}))"
+
     def _print_sigmoid(self, expr):
         return f"σ({self._print(expr.args[0])})"
 
@@ -156,6 +163,8 @@ class TextPrinter(StrPrinter):
 
     def _print_Min(self, expr):
         return f"min({', '.join(self._print(a) for a in expr.args)})"
+
+    _print_tie_max, _print_tie_min = _print_Max, _print_Min
 
     def _print_Float(self, expr):
         return f"{float(expr):g}"
@@ -191,6 +200,18 @@ class MathLatexPrinter(LatexPrinter):
 
     def _print_Heaviside(self, expr, exp=None):
         return rf"\mathbb{{1}}\left[{self._print(expr.args[0])} > 0\right]"
+
+    def _print_half_step(self, expr, exp=None):
+        u, v = map(self._print, sides(expr.args[0]))
+        tex = rf"\tfrac{{1}}{{2}}\left(\mathbb{{1}}\left[{u} > {v}\right] + \mathbb{{1}}\left[{u} \geq {v}\right]\right)"
+        return rf"\left({tex}\right)^{{{exp}}}" if exp else tex
+
+    def _print_tie_max(self, expr, exp=None):
+        name = "max" if isinstance(expr, tie_max) else "min"
+        tex = rf"\{name}\left({', '.join(self._print(a) for a in expr.args)}\right)"
+        return rf"{tex}^{{{exp}}}" if exp else tex
+
+    _print_tie_min = _print_tie_max
 
     def _print_Float(self, expr):
         return f"{float(expr):g}"

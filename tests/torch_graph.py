@@ -16,7 +16,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from backcomp.graph import Graph, Node
 from backcomp.ops.elementwise import arg_symbol, node_expr
 from backcomp.ops.registry import get_op
-from backcomp.ops.scalar import sigmoid, softplus
+from backcomp.ops.scalar import half_step, sigmoid, softplus, tie_max, tie_min
 
 _UNARY = {sp.exp: torch.exp, sp.log: torch.log, sp.tanh: torch.tanh, sp.sin: torch.sin, sp.cos: torch.cos,
           sp.erf: torch.erf, sp.Abs: torch.abs, sigmoid: torch.sigmoid, log1p: torch.log1p, expm1: torch.expm1,
@@ -44,12 +44,14 @@ def scalar(expr: sp.Expr, env: dict):
         return out
     if isinstance(expr, sp.Pow):
         return args[0] ** args[1]
-    if isinstance(expr, sp.Max):
+    if isinstance(expr, (sp.Max, tie_max)):
         return torch.maximum(*torch.broadcast_tensors(*[torch.as_tensor(a, dtype=torch.float64) for a in args]))
-    if isinstance(expr, sp.Min):
+    if isinstance(expr, (sp.Min, tie_min)):
         return torch.minimum(*torch.broadcast_tensors(*[torch.as_tensor(a, dtype=torch.float64) for a in args]))
     if isinstance(expr, sp.Heaviside):
         return (args[0] > 0).to(torch.float64)
+    if isinstance(expr, half_step):
+        return torch.heaviside(torch.as_tensor(args[0], dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
     if isinstance(expr, sp.Piecewise):
         out = scalar(expr.args[-1].expr, env)
         for piece in reversed(expr.args[:-1]):

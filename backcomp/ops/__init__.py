@@ -28,6 +28,7 @@ from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  #
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
 from backcomp.ops.random import dropout, normal, uniform  # noqa: F401
 from backcomp.ops.batchnorm import batch_norm  # noqa: F401
+from backcomp.ops.scalar import split_ties
 from backcomp.ops.signature import Param, spec_function
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
@@ -45,7 +46,7 @@ def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Ca
     """
     params = tuple(params)
     real = {p: sp.Symbol(p.name, real=True) for p in params}
-    expr = expr.xreplace(real)
+    expr = split_ties(expr.xreplace(real))   # a tie of max(u, v) split in halves, as maximum(u, v)
     params = tuple(real[p] for p in params)
     extra = expr.free_symbols - set(params)
     if extra:

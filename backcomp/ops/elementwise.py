@@ -145,7 +145,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
         if calls:
             return chains.lines + calls[:-1] + [f"{out} = {calls[-1]}"] + _del(chains.temporaries)
     temps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("%t"), optimizations=None)
-    temps, body = _cube_bases_named(temps, body)
+    temps, body = _step_arguments_named(*_cube_bases_named(temps, body))
     chains = _Chains(out, names, full)
     for k, (sym, sub) in enumerate(temps):
         chains.new(sub, _temporary(out, f"t{k}"))
@@ -328,7 +328,7 @@ class _Chains:
         """The calls computing ``expr`` in ``buf``, which holds ``buffer`` (``print_into``),
         or None; each operand off the chain that would make two arrays or more is
         computed first, into a temporary of its own (the exp in ḡ·(e + c·x·exp(−x²/2)))."""
-        from backcomp.printer import in_place, print_into
+        from backcomp.printer import compared_directly, in_place, print_into
         heavy = set()
 
         def visit(e):
@@ -337,6 +337,9 @@ class _Chains:
             for a in e.args:
                 if a.has(buffer):
                     visit(a)
+                elif isinstance(a, sc.half_step):   # a mask, whose argument it reads twice
+                    if not compared_directly(a.args[0]):
+                        heavy.add(a.args[0])
                 elif isinstance(a, sp.Expr) and _arrays_made(a, self.full) >= 2:
                     heavy.add(a)
         visit(expr)
@@ -367,6 +370,23 @@ def _cube_bases_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
         order = [t for t, _ in out]
         out.insert(max([order.index(t) + 1 for t in base.free_symbols if t in order], default=0), (s, base))
     return out, body.xreplace(swap)
+
+
+def _step_arguments_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
+    """The argument of a half step as a temporary of its own unless it is a name or a
+    difference of names: the step's mask, [x > 0] + [x >= 0], reads it twice."""
+    from backcomp.printer import compared_directly
+    args = sorted({h.args[0] for e in [body, *(v for _, v in temps)] for h in e.atoms(sc.half_step)
+                   if not compared_directly(h.args[0])}, key=sp.default_sort_key)
+    if not args:
+        return temps, body
+    named = {a: sp.Symbol(f"%h{k}") for k, a in enumerate(args)}
+    swap = {sc.half_step(a): sc.half_step(s) for a, s in named.items()}
+    out = [(s, _replace(v, swap)) for s, v in temps]
+    for a, s in named.items():   # right after the last temporary it reads
+        order = [t for t, _ in out]
+        out.insert(max([order.index(t) + 1 for t in a.free_symbols if t in order], default=0), (s, a))
+    return out, _replace(body, swap)
 
 
 def _common_factors_out(expr: sp.Expr) -> sp.Expr:
@@ -524,11 +544,13 @@ mul = _make("mul", lambda a, b: a * b, 2, "a * b, broadcasting", "mul(a, b) or a
 div = _make("div", lambda a, b: a / b, 2, "a / b, broadcasting", "div(a, b) or a / b")
 pow = _make("pow", lambda a, b: a ** b, 2, "a ** b (a > 0 where b is not a constant)", "a ** b")
 neg = _make("neg", lambda a: -a, 1, "-a", "-a")
-maximum = _make("maximum", lambda a, b: sp.Max(a, b), 2,
-                "elementwise max; the gradient goes to a where a > b, else to b", "maximum(a, b)",
+maximum = _make("maximum", sc.maximum, 2,
+                "elementwise max; the gradient goes to the larger of a and b, half to each at a tie "
+                "(none at a tie with a number, as relu)", "maximum(a, b)",
                 spec=(Param("a", "value"), Param("b", "value")))
-minimum = _make("minimum", lambda a, b: sp.Min(a, b), 2,
-                "elementwise min; the gradient goes to a where a < b, else to b", "minimum(a, b)",
+minimum = _make("minimum", sc.minimum, 2,
+                "elementwise min; the gradient goes to the smaller of a and b, half to each at a tie "
+                "(none at a tie with a number)", "minimum(a, b)",
                 spec=(Param("a", "value"), Param("b", "value")))
 
 # ----- unary math ---------------------------------------------------------------

@@ -4,7 +4,9 @@ SymPy already knows exp, log, tanh, erf, ... and differentiates them.  Two funct
 are added because their textbook formulas overflow: ``sigmoid`` and ``softplus``.
 Each carries its ``definition`` (the source of truth) and an ``fdiff`` written in
 terms of itself so derivatives reuse the forward value; a test checks that every
-``fdiff`` equals ``diff(definition)``.
+``fdiff`` equals ``diff(definition)``.  Three more are there for their derivatives:
+``tie_max`` and ``tie_min``, the max and min of two varying operands, whose partials
+``half_step`` split a tie in halves (SymPy's Max gives neither operand anything).
 """
 from __future__ import annotations
 
@@ -58,6 +60,103 @@ SCALAR_FUNCTIONS = {
 }
 
 CUSTOM_FUNCTIONS = (sigmoid, softplus)
+
+
+class half_step(sp.Function):
+    """H½(x): 1 above 0, ½ at 0, 0 below; the partials of max/min of two varying
+    operands, so that a tie gives each half (as JAX and PyTorch).  Its derivative is 0,
+    as relu's step's is (``fix_step_convention``, which leaves H½ alone)."""
+
+    is_real = True
+    is_nonnegative = True
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_zero:
+            return sp.S.Half
+        if x.is_extended_positive:
+            return sp.S.One
+        if x.is_extended_negative:
+            return sp.S.Zero
+        return None
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
+def _varying(e: sp.Expr) -> bool:
+    """Not a number or an expression of dims (B, 4·T): a value that can have a gradient."""
+    return not all(s.is_integer for s in e.free_symbols)
+
+
+class _Tie(sp.Function):
+    """max or min of two varying operands, u and v, kept binary.
+
+    SymPy's Max gives ∂/∂u = H(u − v), and with relu's H(0) = 0 both operands got 0
+    at a tie; it also flattens max(max(a, b), c), which fusion does at -O1 and not at
+    -O0, so a rule over its operands would depend on the level.  These stay nested as
+    written, order-free (arguments sorted), with each partial H½: a tie splits the
+    gradient in halves whichever operand comes first.  An operand that fusion folds
+    to a number keeps this rule (it was an array at -O0); two numbers are a number."""
+
+    nargs = 2
+    is_real = True
+    sign = 1   # of the step's argument: u − v for max, v − u for min
+
+    @classmethod
+    def eval(cls, u, v):
+        if not (_varying(u) or _varying(v)):
+            return cls.numeric(u, v)
+        if u == v:
+            return u
+        if sp.default_sort_key(v) < sp.default_sort_key(u):
+            return cls(v, u)
+        return None
+
+    def fdiff(self, argindex=1):
+        u, v = self.args if argindex == 1 else reversed(self.args)
+        return half_step(self.sign * (u - v))
+
+
+class tie_max(_Tie):
+    """max(u, v) of two varying operands: ∂/∂u = H½(u − v)."""
+    numeric = sp.Max
+
+
+class tie_min(_Tie):
+    """min(u, v) of two varying operands: ∂/∂u = H½(v − u)."""
+    numeric = sp.Min
+    sign = -1
+
+
+def maximum(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """max(a, b): ``tie_max`` of two varying operands, else SymPy's Max, whose step at a
+    tie with a number is relu's H(0) = 0 (max(x, 0), max(x, c) as before)."""
+    return tie_max(a, b) if _varying(a) and _varying(b) else sp.Max(a, b)
+
+
+def minimum(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """min(a, b): ``tie_min`` of two varying operands, else SymPy's Min."""
+    return tie_min(a, b) if _varying(a) and _varying(b) else sp.Min(a, b)
+
+
+def split_ties(expr: sp.Expr) -> sp.Expr:
+    """SymPy's Max and Min of two or more varying operands (in a user's expression) as
+    nested ``tie_max``/``tie_min``, folded over the operands in SymPy's order, with any
+    numbers in a Max/Min around them: the rule of ``maximum``/``minimum``, fixed before
+    fusion could flatten it differently at each level (max(a, b, c) at a three-way tie
+    gives ¼, ¼, ½, as max(max(a, b), c))."""
+    def split(e):
+        varying = [a for a in e.args if _varying(a)]
+        if len(varying) < 2:
+            return e
+        tie, numeric = (tie_max, sp.Max) if isinstance(e, sp.Max) else (tie_min, sp.Min)
+        out = varying[0]
+        for a in varying[1:]:
+            out = tie(out, a)
+        constants = [a for a in e.args if not _varying(a)]
+        return numeric(out, *constants) if constants else out
+    return expr.replace(lambda e: isinstance(e, (sp.Max, sp.Min)), split)
 
 
 def fix_step_convention(expr: sp.Expr) -> sp.Expr:

@@ -37,7 +37,7 @@ def nondecreasing(expr: sp.Expr, x: sp.Symbol) -> bool:
         return True
     if expr == x:
         return True
-    if isinstance(expr, (sp.Add, sp.Max, sp.Min)):
+    if isinstance(expr, (sp.Add, sp.Max, sp.Min, sc.tie_max, sc.tie_min)):
         return all(nondecreasing(a, x) for a in expr.args)
     if isinstance(expr, sp.Mul):
         varying = [a for a in expr.args if x in a.free_symbols]

@@ -22,7 +22,7 @@ from sympy.printing.str import StrPrinter
 
 from backcomp.graph import Graph, Node
 from backcomp.ops.elementwise import arg_symbol, node_expr
-from backcomp.ops.scalar import expm1, log1p, sigmoid, softplus
+from backcomp.ops.scalar import expm1, half_step, log1p, sigmoid, softplus, tie_max, tie_min
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import _set_expr, is_elementwise
 
@@ -208,11 +208,11 @@ def expr_bound(expr: sp.Expr, leaf: Callable[[sp.Symbol], Bound | None]) -> Boun
             return POSITIVE if u is None else Bound(u.low + math.log1p(math.exp(-u.low)), True)
         if isinstance(e, sp.Abs):
             return rec(args[0]) or NONNEG
-        if isinstance(e, sp.Max):
+        if isinstance(e, (sp.Max, tie_max)):
             return _join([rec(a) for a in args])
-        if isinstance(e, sp.Min):
+        if isinstance(e, (sp.Min, tie_min)):
             return _meet([rec(a) for a in args])
-        if isinstance(e, sp.Heaviside):
+        if isinstance(e, (sp.Heaviside, half_step)):
             return NONNEG
         if isinstance(e, sp.Piecewise):
             return _meet([rec(piece.expr) for piece in args])
@@ -388,6 +388,12 @@ class _ReportPrinter(StrPrinter):
 
     def _print_Float(self, expr):
         return repr(float(expr))
+
+    def _print_tie_max(self, expr):
+        return f"Max({', '.join(map(self._print, expr.args))})"
+
+    def _print_tie_min(self, expr):
+        return f"Min({', '.join(map(self._print, expr.args))})"
 
 
 def risks(expr: sp.Expr, inputs: dict[sp.Symbol, Node] | None = None,

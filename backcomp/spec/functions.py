@@ -6,13 +6,13 @@ from typing import Callable
 
 import sympy as sp
 
-from backcomp.ops.scalar import SCALAR_FUNCTIONS
+from backcomp.ops.scalar import SCALAR_FUNCTIONS, maximum, minimum
 from backcomp.spec.expressions import BINOPS, Where, disallowed, finite
 from backcomp.spec.text import suggest
 
 
 # ----- [functions]: scalar SymPy expressions --------------------------------------------
-SCALAR_EXTRA = {"relu": lambda a: sp.Max(a, 0), "maximum": sp.Max, "minimum": sp.Min,
+SCALAR_EXTRA = {"relu": lambda a: sp.Max(a, 0), "maximum": maximum, "minimum": minimum,
                  "gelu": lambda a: a * (1 + sp.erf(a / sp.sqrt(2))) / 2}
 _ARITY = {"maximum": 2, "minimum": 2}
 
