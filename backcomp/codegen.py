@@ -148,8 +148,9 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
     with collect_helpers() as used:   # what the printer calls, in any statement it prints
         lines = _lower(nodes, dict(names), returned, check_finite, into, keep)
     helpers |= used
-    draws = {get_op(n.op).random for n in nodes if n.op not in ("input", "param")} - {None}
-    if draws:   # one seed per call, drawn only when some random op draws in this mode
+    from backcomp.ops.random import SEED, draws as draws_of
+    draws = {draws_of(n) for n in nodes} - {None}
+    if draws and SEED.get() == "_seed":   # one seed per call (a loop's body draws from the step's)
         needed = '"always"' if "always" in draws else "train"
         lines.insert(0, f"_seed = _random_seed(rng, {needed})")
     return lines
@@ -158,7 +159,8 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
 def mode_args(graph: Graph) -> tuple[str, str]:
     """The extra parameters of the module's functions, and the arguments train_step passes:
     ``rng=``/``train=`` when the model has random or train-mode-dependent ops, else none."""
-    modal = any(get_op(n.op).random or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param"))
+    from backcomp.ops.random import draws
+    modal = any(draws(n) or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param"))
     call, passed = (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
     if graph.buffers:
         call, passed = call + ", buffers=None", passed + ", buffers=buffers"

@@ -225,7 +225,10 @@ def finish_scan(g: Graph, inits, seqs, carry, slices, new_carry, ys, axis: int, 
     step = Step(g, tuple(carry), tuple(slices), consts, new_carry, ys)
     outer = g.parent
     seqs_tm = tuple(moveaxis(s, axis, 0) for s in seqs)
-    node = outer.apply("scan", (*inits, *seqs_tm, *outer_consts), step=step, reverse=reverse)
+    from backcomp.ops.random import _stream, draws
+    drawing = any(draws(n) for n in g.nodes)
+    stream = {"stream": _stream(outer)} if drawing else {}
+    node = outer.apply("scan", (*inits, *seqs_tm, *outer_consts), step=step, reverse=reverse, **stream)
     carries = tuple(outer.apply("scan_out", (node,), index=i) for i in range(len(carry)))
     stacked = tuple(moveaxis(outer.apply("scan_out", (node,), index=len(carry) + j), 0, axis)
                     for j in range(len(ys)))
@@ -359,6 +362,7 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     sums, run the step's statements (lowered like any graph: fused, memory-planned) once
     per step, and pack the results into the tuple ``out``."""
     from backcomp.codegen import assign_names, lower
+    from backcomp.ops.random import SEED, draws
     from backcomp.ops.structural import shape_code
     from backcomp.printer import use_helper
     ctx = _CURRENT.get()
@@ -416,11 +420,17 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     body = [f"{names[leaf]} = {arg}[{t}]" for leaf, arg in zip(step.xs, args[c:c + x]) if leaf in body_nodes]
     returned = {v for v in step.outputs if v is not None}
     helpers: set[str] = set()
-    token = _ENCLOSING.set(frozenset(taken))
+    seed = SEED.get()
+    if any(draws(n) for n in body_nodes):   # fresh noise each step, from [seed, stream, t]
+        outer_seed, seed = seed, claim("seed_t")
+        body.insert(0, f"{seed} = None if {outer_seed} is None else "
+                       f"int(np.random.default_rng([{outer_seed}, {node.attrs['stream']}, {t}]).integers(2 ** 63))")
+    token, seed_token = _ENCLOSING.set(frozenset(taken)), SEED.set(seed)
     try:
         body += lower(body_nodes, names, helpers, returned, ctx.check_finite if ctx else False)
     finally:
         _ENCLOSING.reset(token)
+        SEED.reset(seed_token)
         _CURRENT.set(ctx)
     for h in helpers:
         use_helper(h)

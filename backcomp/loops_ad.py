@@ -121,12 +121,13 @@ def _vjp_plan(step: Step, mask: tuple[bool, ...]):
 
     # cut: backward nodes depend on a cotangent leaf; residuals are the forward values
     # they read that vary from step to step (carries, slices and what depends on them)
+    from backcomp.ops.random import draws
     backward = set(ct_leaves.values())
     varying = set(leaves[:c + x])
     for n in J.nodes:
         if any(i in backward for i in n.inputs):
             backward.add(n)
-        if any(i in varying for i in n.inputs):
+        if any(i in varying for i in n.inputs) or draws(n):   # noise is stored, never drawn again
             varying.add(n)
     residuals: list[Node] = []
     used_xs: set[Node] = set()
@@ -209,7 +210,8 @@ def scan_vjp(node: Node, ct: Node) -> list[Node | None]:
     fwd, bwd, lay = vjp_plan(step, mask)
     n_res = lay["n_res"]
     index_map = tuple(range(oc + oy)) + tuple(oc + oy + n_res + j for j in range(os_))
-    res_node = g.apply("scan", node.inputs, step=fwd, reverse=reverse, extends=(repr(step), index_map))
+    res_node = g.apply("scan", node.inputs, step=fwd, reverse=reverse, extends=(repr(step), index_map),
+                       **_stream_of(node))
     res_node.origin = None   # the forward loop itself, not a backward statement
     res_node.name, res_node.scope = node.name, node.scope   # it replaces the node (a variable name only)
     stored = []
@@ -304,7 +306,13 @@ def scan_jvp(node: Node, tangents) -> Node | None:
               + list(ins[c + x:]) + [t for t in tangents[c + x:] if t is not None])
     index_map = tuple(range(oc)) + tuple(2 * oc + j for j in range(oy)) + tuple(2 * oc + 2 * oy + j for j in range(os_))
     return g.apply("scan", inputs, step=jstep, reverse=node.attrs.get("reverse", False),
-                   extends=(repr(step), index_map))
+                   extends=(repr(step), index_map), **_stream_of(node))
+
+
+def _stream_of(node: Node) -> dict:
+    """A scan's random stream, for a scan that recomputes its step (the forward storing
+    residuals, the JVP): the same noise at each step."""
+    return {"stream": node.attrs["stream"]} if "stream" in node.attrs else {}
 
 
 def scan_out_jvp(node: Node, tangents) -> Node | None:

@@ -141,16 +141,108 @@ def test_random_models_are_not_batch_separable(module):
     assert "draws random numbers" in module.BATCH_REFUSAL
 
 
-def test_random_ops_inside_a_scan_step_are_refused():
-    """One stream per node would repeat the same draw at every step: refused, with the way out."""
+def _rnn_with_noise(reverse=False, two_scans=False, noise="dropout"):
+    """A tanh RNN whose step drops out its carry (or adds normal noise), optionally twice
+    (two scans of the same step) and reversed."""
     from backcomp import ops
-    g = backcomp.Graph("rnn_drop")
+    g = backcomp.Graph("rnn_noise")
     x = g.input("x", ("B", "T", 3))
-    W = g.param("W", (3, 3))
+    W, U = g.param("W", (3, 4)), g.param("U", (4, 4))
 
     def step(h, x_t):
-        h_new = ops.dropout(ops.tanh(x_t @ W + h), 0.5)
+        h_in = ops.dropout(h, 0.5) if noise == "dropout" else h + 0.1 * ops.normal(("B", 4), graph=g)
+        h_new = ops.tanh(x_t @ W + h_in @ U)
         return h_new, h_new
+    h0 = ops.tanh(x[:, 0] @ W)
+    runs = [g.scan(step, h0, x, axis=1, reverse=reverse) for _ in range(2 if two_scans else 1)]
+    hs = [r.ys for r in runs]
+    g.output("hs", hs[0])
+    if two_scans:
+        g.output("hs2", hs[1])
+    loss = sum(ops.sum(h * h) for h in hs)
+    g.output("loss", loss)
+    g.loss(loss)
+    return g
 
-    with pytest.raises(backcomp.GraphError, match="random ops inside a scan step are not supported"):
-        g.scan(step, ops.zeros(("B", 3), graph=g), x, axis=1)
+
+def _noise_data():
+    rng = np.random.default_rng(0)
+    params = {"W": rng.standard_normal((3, 4)), "U": 0.5 * rng.standard_normal((4, 4))}
+    return params, {"x": rng.standard_normal((2, 6, 3))}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("noise", ["dropout", "normal"])
+def test_random_ops_in_a_scan_step_draw_afresh_each_step_and_the_gradient_uses_the_same_draws(reverse, noise):
+    """Each step draws new noise (a stream per step from [seed, scan's stream, t]); forward
+    and value_and_grad draw the same; the gradient (the backward reads the forward's
+    noise, stored per step, never drawn again) matches central differences at -O0 and -O1."""
+    params, inputs = _noise_data()
+    losses = []
+    for level in (0, 1):
+        m = backcomp.build(_rnn_with_noise(reverse, noise=noise), opt_level=level)
+        loss, grads = m.value_and_grad(params, inputs, rng=np.random.default_rng(5))
+        out = m.forward(params, inputs, rng=np.random.default_rng(5))
+        assert np.array_equal(out["loss"], loss)
+        for k, v in params.items():
+            for i in range(v.size):
+                plus, minus = {kk: vv.copy() for kk, vv in params.items()}, {kk: vv.copy() for kk, vv in params.items()}
+                plus[k].flat[i] += 1e-6
+                minus[k].flat[i] -= 1e-6
+                fd = (m.value_and_grad(plus, inputs, rng=np.random.default_rng(5))[0]
+                      - m.value_and_grad(minus, inputs, rng=np.random.default_rng(5))[0]) / 2e-6
+                np.testing.assert_allclose(grads[k].flat[i], fd, rtol=1e-6, atol=1e-8, err_msg=f"-O{level} {k}[{i}]")
+        losses.append(loss)
+        if noise == "dropout":   # half the carry's entries zeroed, a different half each step
+            hs = out["hs"]
+            clean = m.forward(params, inputs, train=False)["hs"]
+            assert not np.allclose(hs, clean)
+            assert np.array_equal(m.forward(params, inputs, train=False)["loss"], m.value_and_grad(params, inputs, train=False)[0])
+    assert losses[0] == losses[1]
+    assert losses[0] != backcomp.build(_rnn_with_noise(reverse, noise=noise)).value_and_grad(
+        params, inputs, rng=np.random.default_rng(6))[0]
+
+
+def test_each_step_and_each_scan_of_a_step_draws_its_own_noise():
+    """The masks differ from step to step and between two scans of the same step: a
+    stream per node would repeat one draw at every step."""
+    from backcomp import ops
+    g = backcomp.Graph("masks")
+    x = g.input("x", ("B", "T", 4))
+
+    def step(c, x_t):
+        m = ops.dropout(x_t * 0 + 1, 0.5)   # the mask itself, as a per-step output
+        return c, m
+    c0 = ops.zeros(("B", 4), graph=g)
+    g.output("m1", g.scan(step, c0, x, axis=1).ys)
+    g.output("m2", g.scan(step, c0, x, axis=1).ys)
+    m = backcomp.build(g)
+    out = m.forward({}, {"x": np.zeros((50, 8, 4))}, rng=np.random.default_rng(0))
+    m1, m2 = out["m1"], out["m2"]
+    assert set(np.unique(m1)) == {0.0, 2.0} and abs((m1 == 0).mean() - 0.5) < 0.05
+    assert all(not np.array_equal(m1[:, t], m1[:, t + 1]) for t in range(7))
+    assert not np.array_equal(m1, m2)
+    again = m.forward({}, {"x": np.zeros((50, 8, 4))}, rng=np.random.default_rng(0))
+    assert np.array_equal(again["m1"], m1) and np.array_equal(again["m2"], m2)
+
+
+def test_a_scan_that_draws_is_not_batch_separable():
+    m = backcomp.build(_rnn_with_noise())
+    assert m.BATCH_SEPARABLE is False
+
+
+def test_jvp_and_hvp_of_a_scan_that_draws_see_the_same_noise():
+    """The JVP's scan recomputes the step with the forward's stream: its tangent and the
+    HVP are the derivatives of the loss under the same draws (central differences)."""
+    params, inputs = _noise_data()
+    m = backcomp.build(_rnn_with_noise(), emit="jvp,hvp")
+    v = {k: np.random.default_rng(1).standard_normal(a.shape) for k, a in params.items()}
+    at = lambda s: {k: params[k] + s * v[k] for k in params}   # noqa: E731
+    draw = lambda: np.random.default_rng(3)                   # noqa: E731
+    _, tangents = m.jvp(params, inputs, v, rng=draw())
+    fd = (m.value_and_grad(at(1e-6), inputs, rng=draw())[0] - m.value_and_grad(at(-1e-6), inputs, rng=draw())[0]) / 2e-6
+    np.testing.assert_allclose(tangents["loss"], fd, rtol=1e-6)
+    hv = m.hvp(params, inputs, v, rng=draw())
+    gp, gm = m.value_and_grad(at(1e-5), inputs, rng=draw())[1], m.value_and_grad(at(-1e-5), inputs, rng=draw())[1]
+    for k in params:
+        np.testing.assert_allclose(hv[k], (gp[k] - gm[k]) / 2e-5, rtol=1e-4, atol=1e-5, err_msg=k)

@@ -6,6 +6,10 @@ random node draws from its own stream, ``np.random.default_rng([seed, stream])``
 ``stream`` being the node's rank among the model's random ops.  So the same
 generator state gives the same bytes, and ``forward`` and ``value_and_grad`` given
 generators in the same state draw the same masks, whichever nodes each computes.
+A scan whose step draws is a random op of its graph: at step t its loop draws the
+step's seed from ``[seed, stream, t]``, and the step's random ops draw from that as
+above, so each step has fresh noise, and the backward reads the forward's as a
+residual (never drawn again).
 
 ``dropout(x, p)`` is ``x * dropout_mask(x, p)``: inverted dropout as PyTorch (kept
 entries scaled by 1/(1 − p)), the mask a node of its own so that the gradient,
@@ -13,6 +17,8 @@ entries scaled by 1/(1 − p)), the mask a node of its own so that the gradient,
 dropout the exact identity; ``normal`` and ``uniform`` draw in both modes.
 """
 from __future__ import annotations
+
+from contextvars import ContextVar
 
 from backcomp import notation
 from backcomp.graph import Graph, GraphError, Node
@@ -23,13 +29,27 @@ from backcomp.ops.structural import shape_code
 from backcomp.printer import use_helper
 
 
-def _stream(graph: Graph) -> int:
-    """The next random node's stream: its rank among the graph's random ops."""
+def draws(node: Node) -> str | None:
+    """How ``node`` draws from ``rng=``: "train", "always" or None; a scan draws as the
+    random ops of its step do ("always" wins)."""
     from backcomp.ops.registry import get_op
-    if getattr(graph, "parent", None) is not None:   # a scan's step: one stream would repeat every step
-        raise GraphError("random ops inside a scan step are not supported: draw the noise outside the loop "
-                         "(e.g. normal((B, T, H))) and scan over it")
-    return sum(1 for n in graph.nodes if n.op not in ("input", "param") and get_op(n.op).random)
+    if node.op in ("input", "param"):
+        return None
+    if node.op == "scan":
+        modes = {draws(n) for n in node.attrs["step"].graph.nodes} - {None}
+        return "always" if "always" in modes else modes.pop() if modes else None
+    return get_op(node.op).random
+
+
+def _stream(graph: Graph) -> int:
+    """The next random node's stream: its rank among the graph's random ops (in a scan's
+    step, among the step's: each step draws again, ``SEED`` below)."""
+    return sum(1 for n in graph.nodes if draws(n))
+
+
+#: the variable holding the seed random ops draw from: the call's ``_seed``, or inside a
+#: scan's loop the step's, drawn from the enclosing seed, the scan's stream and t
+SEED: ContextVar[str] = ContextVar("seed", default="_seed")
 
 
 # ----- dropout ------------------------------------------------------------------------
@@ -37,7 +57,7 @@ def _mask_emit(node, args, out):
     use_helper("random")
     p, k = node.attrs["p"], node.attrs["stream"]
     return ["if train:",
-            f"    {out} = _dropout_mask(_seed, {k}, {args[0]}, {p!r})",
+            f"    {out} = _dropout_mask({SEED.get()}, {k}, {args[0]}, {p!r})",
             "else:",
             f"    {out} = np.ones_like({args[0]})"]
 
@@ -70,7 +90,7 @@ def dropout(x: Node, p: float = 0.5) -> Node:
 def _draw_emit(node, args, out):
     use_helper("random")
     k, shape, dtype = node.attrs["stream"], shape_code(node.shape), f"{args[0]}.dtype"
-    gen = f"np.random.default_rng([_seed, {k}])"
+    gen = f"np.random.default_rng([{SEED.get()}, {k}])"
     if node.attrs["dist"] == "normal":
         mean, std = node.attrs["a"], node.attrs["b"]
         line = f"{out} = {gen}.standard_normal({shape}, dtype={dtype})"

@@ -113,8 +113,9 @@ def _hoist_one(g: Graph, node: Node) -> bool:
     # before the loop: consts alone (once), slices and consts (batched)
     invariant: set[Node] = set()
     pre: set[Node] = set()
+    from backcomp.ops.random import draws
     for n in body:
-        if n in dep_carry or n.op == "scan":
+        if n in dep_carry or n.op == "scan" or draws(n):   # noise is drawn afresh each step
             continue
         inputs_ok = all(i in consts or i in xs or i in invariant or i in pre for i in n.inputs)
         if not inputs_ok:
@@ -222,7 +223,8 @@ def _hoist_one(g: Graph, node: Node) -> bool:
                     tuple(m[v] for v in kept_sums))
     inputs = list(node.inputs[:c + x]) + [value[n] for n in extra_xs] + list(node.inputs[c + x:]) + \
         [value[n] for n in extra_consts]
-    loop = g.apply("scan", inputs, step=new_step, reverse=node.attrs.get("reverse", False))
+    loop = g.apply("scan", inputs, step=new_step, reverse=node.attrs.get("reverse", False),
+                   **{k: v for k, v in node.attrs.items() if k == "stream"})
     loop.name, loop.scope, loop.origin = node.name, node.scope, node.origin
 
     def out(i: int) -> Node:

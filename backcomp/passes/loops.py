@@ -30,7 +30,8 @@ def merge_scans(graph: Graph) -> Graph:
         base_repr, index_map = n.attrs["extends"]
         for base in bases:
             if repr(base.attrs["step"]) == base_repr and base not in replaced \
-                    and base.attrs.get("reverse", False) == n.attrs.get("reverse", False) and _same_prefix(base, n):
+                    and base.attrs.get("reverse", False) == n.attrs.get("reverse", False) \
+                    and base.attrs.get("stream") == n.attrs.get("stream") and _same_prefix(base, n):
                 replaced[base] = (n, index_map)
                 break
     if not replaced:

@@ -31,6 +31,7 @@ import sympy as sp
 
 from backcomp.graph import Graph, Node, consumers
 from backcomp.ops.elementwise import arg_symbol, dim_symbol, ew_from_expr, node_expr
+from backcomp.ops.random import draws as _draws
 from backcomp.ops.registry import get_op
 from backcomp.ops.structural import _count, parse_einsum
 
@@ -294,7 +295,7 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
         raise _Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
     if node.op == "getitem" and any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
         raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
-    if opdef.random:
+    if opdef.random or node.op == "scan" and _draws(node):
         raise _Mixed(node, f"draws random numbers ({node.op}): chunks would not draw what the whole batch draws")
     if node.op in ("scan", "scan_out") and any(k.tag != "free" for k in kinds):
         raise _Mixed(node, "runs a loop (scan) over batch values; loops are not analysed for separability")
