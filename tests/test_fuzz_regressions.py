@@ -173,3 +173,23 @@ def test_a_sum_of_many_number_selects_compiles_in_linear_size():
     lowered = lower_graph(graph)
     branches = [len(s.args) for node in lowered.nodes if node.op == "ew" for s in node.attrs["expr"].atoms(sp.Piecewise)]
     assert branches and max(branches) == 2 and len(branches) <= 3 * n
+
+
+@pytest.mark.parametrize("loss", [
+    "sum(leaky_relu(leaky_relu(leaky_relu(leaky_relu(leaky_relu(p * x, 0.1), 0.1), 0.1), 0.1), 0.1))",
+    "sum(where(x > 0.0, leaky_relu(p*x, 0.1) + leaky_relu(p*x - 1.0, 0.1), leaky_relu(p*x + 1.0, 0.1)))",
+    "sum(x * (leaky_relu(p, 0.1) + leaky_relu(p - 1.0, 0.1) + leaky_relu(p + 1.0, 0.1) + leaky_relu(p - 0.5, 0.1)))",
+    "sum(tanh(leaky_relu(p*x, 0.1) + leaky_relu(p*x - 1.0, 0.1) + leaky_relu(p*x + 1.0, 0.1) + leaky_relu(p*x - 0.5, 0.1)))",
+], ids=["chain of five", "select of sums", "array times a sum of four", "tanh of a sum of four"])
+def test_more_than_three_selects_fold_into_arrays_beside_them(loss):
+    """Beyond three selects the fold goes term by term: a select of selects crashed SymPy
+    (an ExprCondPair folded as a select), and a number select left on its own printed as
+    np.where(c, 1, 0.1), float64 in a float32 model (found by review)."""
+    graph = spec(f'loss = "{loss}"')
+    base = evaluate(graph, 0, np.float64)
+    for level in (0, 1):
+        for dtype in (np.float64, np.float32):   # evaluate() asserts every array's dtype
+            got_loss, got, _ = evaluate(graph, level, dtype)
+            tol = 1e-12 if dtype is np.float64 else 1e-5
+            np.testing.assert_allclose(got_loss, base[0], rtol=tol, atol=tol)
+            np.testing.assert_allclose(got["p"], base[1]["p"], rtol=tol, atol=tol)

@@ -161,15 +161,34 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
 
 def fold_selects(expr: sp.Basic) -> sp.Basic:
     """``sp.piecewise_fold`` that cannot blow up: it folds at most three selects at a
-    time, recursing into the arguments of anything holding more.  Folding a sum of n
-    selects makes one select of 2^n branches (ten ``where(x > i, 1.0, 0.0) * p`` took
-    minutes to compile); term by term it stays n selects, each still folded into the
-    arithmetic around it (which is what keeps a number select from making float64)."""
+    time.  Folding a sum of n selects makes one select of 2^n branches (ten
+    ``where(x > i, 1.0, 0.0) * p`` took 40 s to compile); here a product distributes
+    over a sum of selects (``x·(s1 + s2 + …)`` is ``x·s1 + x·s2 + …``) and each term
+    folds on its own, so every select of numbers still folds into an array beside it
+    (which is what keeps ``np.where(c, 1, 0.1)``, a float64 array, out of float32
+    code); a product of selects folds them one at a time into the product before them;
+    a select folds inside each branch; anything else folds its arguments."""
     if not isinstance(expr, sp.Basic) or not expr.args:
         return expr
     selects = expr.atoms(sp.Piecewise)
     if len(selects) <= 3:
         return sp.piecewise_fold(expr) if selects else expr
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*[(fold_selects(e), c) for e, c in expr.args])
+    if isinstance(expr, sp.Mul):
+        factors = list(expr.args)
+        for k, f in enumerate(factors):
+            if isinstance(f, sp.Add) and f.has(sp.Piecewise):
+                rest = sp.Mul(*(factors[:k] + factors[k + 1:]))
+                return fold_selects(sp.Add(*[rest * t for t in f.args]))
+        # a product of selects (a chain's derivative): each folds into the product so far,
+        # held as one symbol, so the branches add up instead of multiplying
+        acc = fold_selects(sp.Mul(*[f for f in factors if not isinstance(f, sp.Piecewise)]))
+        for f in factors:
+            if isinstance(f, sp.Piecewise):
+                held = sp.Dummy()
+                acc = sp.piecewise_fold(held * fold_selects(f)).xreplace({held: acc})
+        return acc
     return expr.func(*[fold_selects(a) for a in expr.args])
 
 
