@@ -355,7 +355,8 @@ def test_constant_calls_are_not_residuals():
     # selects: continuous at a threshold on x (leaky_relu of x + c, elu, clip), or not
     (lambda x, c: sp.Piecewise((x + c, x + c > 0), (0.01 * (x + c), True)), True),
     (lambda x, c: sp.Piecewise((x, x > 0), (sp.exp(x) - 1, True)), True),
-    (lambda x, c: sp.Piecewise((-1, x < -1), (6, x > 6), (x, True)), True),
+    (lambda x, c: sp.Piecewise((-1, x < -1), (6, x > 6), (x, True)), False),   # clip: flat branches tie values
+    (lambda x, c: sp.Piecewise((x, x > 0)), False),                              # no default branch
     (lambda x, c: sp.Piecewise((0.1 * x, -x > 0), (x, True)), True),
     (lambda x, c: sp.Piecewise((x - 1, x > 0), (x, True)), False),          # jumps down at 0
     (lambda x, c: sp.Piecewise((x, x > 0), (-0.5 * x, True)), False),       # a negative slope
@@ -401,9 +402,8 @@ def _same_at_O1_as_at_O0(g, params=None, inputs=None, seed=0, scale=0.5):
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus, lambda z: ops.leaky_relu(z, 0.1),
-                                 lambda z: ops.clip(z, -0.5, 0.5)],
-                         ids=["relu", "sigmoid", "tanh", "softplus", "leaky_relu", "clip"])
+@pytest.mark.parametrize("act", [ops.relu, ops.sigmoid, ops.tanh, ops.softplus, lambda z: ops.leaky_relu(z, 0.1)],
+                         ids=["relu", "sigmoid", "tanh", "softplus", "leaky_relu"])
 def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchanged(act):
     g = _conv_pool(act)
     text = compile_source(g)
@@ -418,12 +418,13 @@ def test_max_pool_goes_before_a_monotone_activation_and_the_gradient_is_unchange
     _same_at_O1_as_at_O0(g, p, {"x": x})
 
 
-@pytest.mark.parametrize("case", ["silu", "log", "bias (C, H, W)", "bias (H, W)", "bias (W,)", "bias (1, W)",
+@pytest.mark.parametrize("case", ["silu", "log", "clip", "bias (C, H, W)", "bias (H, W)", "bias (W,)", "bias (1, W)",
                                   "bias (H, 1)", "activation is an output"])
 def test_max_pool_stays_after_what_it_does_not_commute_with(case):
     """Not monotone, not total, or an operand that varies over a window: NumPy aligns
     shapes from the right, so a (W,) or (H, W) bias varies over H or W."""
     kwargs = {"silu": {"act": lambda z: z * ops.sigmoid(z)}, "log": {"act": ops.log},
+              "clip": {"act": lambda z: ops.clip(z, -0.5, 0.5)},
               "bias (C, H, W)": {"bias_shape": (4, 8, 8)}, "bias (H, W)": {"bias_shape": (8, 8)},
               "bias (W,)": {"bias_shape": (8,)}, "bias (1, W)": {"bias_shape": (1, 8)},
               "bias (H, 1)": {"bias_shape": (8, 1)},
@@ -432,6 +433,19 @@ def test_max_pool_stays_after_what_it_does_not_commute_with(case):
     assert _pool_input(g).op != "conv2d", case
     if case.startswith("bias"):    # and the values are -O0's (they were not, for (W,) and (H, W))
         _same_at_O1_as_at_O0(g, seed=4, scale=1.0)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_clip_border_tie_keeps_its_gradient(level):
+    """clip ties the border value 0.5 with the clamped 0.9; the first maximum, 0.5, sits on
+    the border, where clip passes the gradient (as torch.clamp): dc = 3 at both levels
+    (a pool moved before the clip gave 0; found by review)."""
+    g = backcomp.Graph("clip_tie")
+    x, c = g.input("x", ("B", 1, 2, 2)), g.param("c", (1, 1, 1))
+    g.loss(ops.sum(3.0 * ops.max_pool2d(ops.clip(x + c, -0.5, 0.5), 2)))
+    m = backcomp.build(g, opt_level=level)
+    loss, grads = m.value_and_grad({"c": np.zeros((1, 1, 1))}, {"x": np.array([[[[0.5, 0.9], [-1.0, 0.2]]]])})
+    assert float(loss) == 1.5 and grads["c"].item() == 3.0
 
 
 def test_padded_max_pool_commutes_too():

@@ -12,7 +12,7 @@ the maximum of a window is unique; where ``f`` makes a tie that ``x`` does not h
 
 Monotonicity is read off the SymPy expression by composition (sums, positive
 multiples, max/min, increasing functions defined on all reals, and selects continuous
-at a threshold on ``x``, as leaky_relu, elu and clip), never guessed:
+at a threshold on ``x`` with no flat branch, as leaky_relu and elu), never guessed:
 ``log`` or ``sqrt``, undefined below zero, and ``x·sigmoid(x)``, not monotonic, stay
 where they are.
 """
@@ -55,9 +55,14 @@ def nondecreasing(expr: sp.Expr, x: sp.Symbol) -> bool:
 
 
 def _nondecreasing_select(expr: sp.Piecewise, x: sp.Symbol) -> bool:
-    """A select (leaky_relu, elu, clip) is non-decreasing in ``x`` when its first branch and
+    """A select (leaky_relu, elu) is non-decreasing in ``x`` when its first branch and
     the select of the rest both are, the first condition puts a threshold on ``x`` (a
-    linear comparison), and the two agree at that threshold: continuous, no jump down."""
+    linear comparison), and the two agree at that threshold: continuous, no jump down.
+    Every branch must vary with ``x``: a flat one (clip's bounds) ties values that ``x``
+    does not, and clip's derivative, 1 on its border, would then go to another element
+    of the window than the first maximum (the gradient, not the value, would change)."""
+    if len(expr.args) < 2:   # no default branch: undefined somewhere
+        return False
     (first, cond), rest = expr.args[0], expr.args[1:]
     rest = rest[0].expr if len(rest) == 1 and rest[0].cond == sp.true else sp.Piecewise(*rest)
     if cond == sp.true:
@@ -69,9 +74,13 @@ def _nondecreasing_select(expr: sp.Piecewise, x: sp.Symbol) -> bool:
     if not (slope.is_number and slope != 0):
         return False
     threshold = x - gap / slope   # where gap = 0: gap is slope·x + (free of x)
-    if x in threshold.free_symbols or not (nondecreasing(first, x) and nondecreasing(rest, x)):
+    if x in threshold.free_symbols or x not in first.free_symbols or x not in rest.free_symbols \
+            or not (nondecreasing(first, x) and nondecreasing(rest, x)):
         return False
-    return sp.simplify(first.subs(x, threshold) - rest.subs(x, threshold)) == 0
+    try:
+        return sp.simplify(first.subs(x, threshold) - rest.subs(x, threshold)) == 0
+    except (TypeError, ValueError, RecursionError):   # SymPy could not decide: unsure
+        return False
 
 
 def _pooled_operand(f: Node) -> int | None:
