@@ -162,6 +162,18 @@ def test_a_functions_body_max_of_two_arguments_splits_its_ties():
         lambda p, q, r, x: ((torch.maximum(p, q) + F.relu(p - 0.5) + 0.5) * x).sum()))
 
 
+def test_a_functions_max_called_with_a_number_ties_as_maximum_with_a_number():
+    """hinge(p, 0.5) = maximum(p, 0.5): relu's 0 at p = 0.5 (P[1]), as maximum(p, 0.5)
+    written out, not half (found by review); hinge(p, q) still splits its ties."""
+    text = ('[model]\nname = "ties"\nloss = "loss"\n[inputs]\nx = ["B", 6]\n'
+            '[params]\np = [6]\nq = [6]\nr = [6]\n'
+            '[functions]\nhinge = { args = ["a", "b"], expr = "maximum(a, b)" }\n'
+            'twice = { args = ["a"], expr = "hinge(a, 0.5) + hinge(a, a * 0.5)" }\n'
+            '[graph]\nloss = "sum((hinge(p, 0.5) + twice(p) + hinge(p, q)) * x)"\n')
+    check(parse_spec(text, "ties.toml"), torch_gradients(
+        lambda p, q, r, x: ((2 * (F.relu(p - 0.5) + 0.5) + torch.maximum(p, p * 0.5) + torch.maximum(p, q)) * x).sum()))
+
+
 @pytest.mark.parametrize("level", [0, 1])
 def test_the_tangent_at_a_tie_is_the_mean_of_the_operands_tangents(level):
     """Forward mode uses the same partials: ṫ = ½ṫ_p + ½ṫ_q where p = q (torch.func.jvp)."""

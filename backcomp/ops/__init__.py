@@ -28,7 +28,7 @@ from backcomp.ops.constants import arange, eye, full, ones, tril, triu, zeros  #
 from backcomp.ops.indexing import embedding, one_hot, take  # noqa: F401
 from backcomp.ops.random import dropout, normal, uniform  # noqa: F401
 from backcomp.ops.batchnorm import batch_norm  # noqa: F401
-from backcomp.ops.scalar import split_ties
+from backcomp.ops.scalar import split_ties, ties_with_numbers
 from backcomp.ops.signature import Param, spec_function
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
 from backcomp.ops.structural import (  # noqa: F401
@@ -66,7 +66,7 @@ def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Ca
                 subst[p] = sp.Float(a) if isinstance(a, float) else sp.Integer(a)
         if not bindings:
             raise GraphError(f"{name}() needs at least one array argument")
-        return ew_from_expr(expr.xreplace(subst), bindings, label=name)
+        return ew_from_expr(ties_with_numbers(expr.xreplace(subst)), bindings, label=name)
 
     build.__name__ = name
     build.__doc__ = f"{name}({', '.join(p.name for p in params)}) = {expr}"

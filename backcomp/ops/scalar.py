@@ -107,7 +107,7 @@ class _Tie(sp.Function):
     def eval(cls, u, v):
         if not (_varying(u) or _varying(v)):
             return cls.numeric(u, v)
-        if u == v:
+        if u == v:   # max(u, u) = u: its partials ½ + ½ are u's whole derivative
             return u
         if sp.default_sort_key(v) < sp.default_sort_key(u):
             return cls(v, u)
@@ -138,6 +138,16 @@ def maximum(a: sp.Expr, b: sp.Expr) -> sp.Expr:
 def minimum(a: sp.Expr, b: sp.Expr) -> sp.Expr:
     """min(a, b): ``tie_min`` of two varying operands, else SymPy's Min."""
     return tie_min(a, b) if _varying(a) and _varying(b) else sp.Min(a, b)
+
+
+def ties_with_numbers(expr: sp.Expr) -> sp.Expr:
+    """A function body's ties after its arguments are substituted: ``maximum(a, b)``
+    called with a number for ``b`` is SymPy's Max (relu's rule at a tie), as
+    ``maximum(p, 0.5)`` written out is."""
+    if not expr.has(tie_max, tie_min):
+        return expr
+    return expr.replace(lambda e: isinstance(e, (tie_max, tie_min)),
+                        lambda e: (maximum if isinstance(e, tie_max) else minimum)(*e.args))
 
 
 def split_ties(expr: sp.Expr) -> sp.Expr:

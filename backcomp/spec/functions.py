@@ -6,7 +6,7 @@ from typing import Callable
 
 import sympy as sp
 
-from backcomp.ops.scalar import SCALAR_FUNCTIONS, maximum, minimum
+from backcomp.ops.scalar import SCALAR_FUNCTIONS, maximum, minimum, ties_with_numbers
 from backcomp.spec.expressions import BINOPS, Where, disallowed, finite
 from backcomp.spec.text import suggest
 
@@ -69,7 +69,7 @@ class ScalarWalker:
             params, body = self.resolve(fname, node.func)
             if len(args) != len(params):
                 raise self.where.error(node, f"{fname}() takes {len(params)} arguments, got {len(args)}")
-            return body.xreplace(dict(zip(params, args)))
+            return ties_with_numbers(body.xreplace(dict(zip(params, args))))
         if isinstance(node, ast.Compare):
             raise self.where.error(node, "comparisons are not allowed in a [functions] body")
         raise self.where.error(node, f"{type(node).__name__} syntax is not allowed in a [functions] body")
