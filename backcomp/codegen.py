@@ -293,7 +293,8 @@ def _out_form(rhs: str, buf: str) -> str | None:
             return None
     elif isinstance(func.value, ast.Name) and func.value.id == "np":
         ufunc = getattr(np, func.attr, None)
-        if not isinstance(ufunc, np.ufunc) or len(tree.args) != ufunc.nin:
+        if not isinstance(ufunc, np.ufunc) or len(tree.args) != ufunc.nin or ufunc.nout != 1 \
+                or any(k.arg != "out" for k in tree.keywords):
             return None
     elif func.attr not in _OUT_METHODS or tree.args:
         return None

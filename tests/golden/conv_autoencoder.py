@@ -187,9 +187,10 @@ def _validate(params, inputs):
 
 def _sigmoid(x, out=None):
     """σ(x) = 1/(1 + e^−x): four passes (negate, exp, add, divide).  e^−x overflows to
-    inf for x < −88.7 (float32; −709.8 in float64) and 1/inf = 0, so nothing turns NaN;
-    relative precision holds down to the smallest normal result, and below it σ is 0 or a
-    subnormal within half a subnormal step.  1.45–1.6× faster than the one-exp
+    inf for x < −88.72 (float32; −709.78 in float64, −11.09 in float16) and 1/inf = 0, so
+    nothing turns NaN; relative precision (under 2 ulp) holds down to the smallest normal
+    result, below it σ is a subnormal within about one subnormal step, and 0 past the
+    overflow (where σ < tiny/4).  1.45–1.6× faster than the one-exp
     max(e^−|x|, [x >= 0])/(1 + e^−|x|), whose bool-to-float maximum is a slow pass (an
     LSTM's (32, 256) gates, (16, 64, 256), float32)."""
     x = np.asarray(x)
