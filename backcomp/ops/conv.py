@@ -240,7 +240,7 @@ def _im2col_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 
 register_op(OpDef(
-    "im2col", _im2col_infer, _im2col_emit, None, separability=_im2col_kind,
+    "im2col", _im2col_infer, _im2col_emit, None, separability=_im2col_kind, bound="element_or_zero",
     doc="the windows of x (N, C, H, W) as columns (N, C, kh, kw, Ho, Wo), or (C, kh, kw, N, Ho, Wo) with "
         "channels_first: the operand conv2d and its weight gradient share (compiler-internal)",
     attrs_doc={"kernel": "(kh, kw) window", "channels_first": "the (C, kh, kw, N, Ho, Wo) layout (absent: batch first)"},
@@ -349,7 +349,7 @@ def _conv2d_jvp(node, tangents):
 
 register_op(OpDef(
     "conv2d", _conv2d_infer, _conv2d_emit, _conv2d_vjp, jvp=_conv2d_jvp, explain=_without_cols,
-    separability=per_image_kind,
+    separability=per_image_kind, bound="products_or_zero",
     doc="2-D cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C/groups, kh, kw), "
         "zero padding; stride, padding and dilation an int or an (h, w) pair; groups divides C and O "
         "(depthwise: groups = C)",

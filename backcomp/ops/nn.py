@@ -122,7 +122,7 @@ register_op(OpDef(
     lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
     explain=lambda node, args, scalars: notation.opaque("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args),
     jvp=linear_jvp, doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
-    separability=_take_label_kind,
+    separability=_take_label_kind, bound="element",
     index_range=lambda node: {1: (0, node.inputs[0].shape[-1])}))
 
 

@@ -206,7 +206,7 @@ def _matmul_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 
 register_op(OpDef("matmul", _matmul_infer, _matmul_emit, _matmul_vjp, jvp=multilinear_jvp, explain=_matmul_explain,
-                  separability=_matmul_kind,
+                  separability=_matmul_kind, bound="products",
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -352,7 +352,7 @@ def _einsum_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 
 register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, jvp=multilinear_jvp, explain=_einsum_explain,
-                  separability=_einsum_kind,
+                  separability=_einsum_kind, bound="products",
                   doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
                   signature='einsum("ij,jk->ik", a, b)'))
 
@@ -482,13 +482,13 @@ def _reduce_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 
 register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, jvp=linear_jvp, explain=_reduce_explain("Σ", r"\sum"),
-                  separability=_reduce_kind,
+                  separability=_reduce_kind, bound="sum",
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
 register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp, jvp=linear_jvp,
-                  separability=_reduce_kind,
+                  separability=_reduce_kind, bound="element",
                   explain=_reduce_explain("mean", r"\operatorname{mean}"), broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
 register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, jvp=_max_jvp, explain=_reduce_explain("max", r"\max"),
-                  separability=_reduce_kind,
+                  separability=_reduce_kind, bound="element",
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
 register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _max_vjp_vjp,
                   jvp=_max_vjp_jvp,
@@ -570,7 +570,7 @@ def _transpose_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 
 register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, jvp=linear_jvp, memory="view",
-                  inline=_transpose_inline, explain=_transpose_explain, separability=_transpose_kind,
+                  inline=_transpose_inline, explain=_transpose_explain, separability=_transpose_kind, bound="element",
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
 
@@ -635,7 +635,7 @@ def _reshape_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
                   lambda node, ct: [reshape(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
-                  separability=_reshape_kind,
+                  separability=_reshape_kind, bound="element",
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
@@ -663,7 +663,7 @@ def _broadcast_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
                   lambda node, ct: [sum_to(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
-                  separability=_broadcast_kind,
+                  separability=_broadcast_kind, bound="element",
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -691,7 +691,7 @@ def _sum_to_emit(node, args, out):
 
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
-                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp,
+                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp, bound="sum",
                   explain=lambda node, args, scalars: notation.reduction(
                       node, args, scalars, "Σ", r"\sum", sum_to_axes(node.inputs[0].shape, node.shape)[0]),
                   doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
@@ -859,7 +859,7 @@ def _getitem_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
                   _getitem_vjp, jvp=linear_jvp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
-                  separability=_getitem_kind,
+                  separability=_getitem_kind, bound="element",
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -922,7 +922,7 @@ def _concat_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 register_op(OpDef("concatenate", _concat_infer,
                   lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
                   _concat_vjp, jvp=_concat_jvp, doc="join arrays along an existing axis",
-                  separability=_concat_kind,
+                  separability=_concat_kind, bound="any_input",
                   signature="concatenate((a, b), axis=0)"))
 
 
@@ -941,25 +941,25 @@ def _another_name(node, readers):
 
 
 register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
-                  memory="view", inline=_another_name, separability=same_kind,
+                  memory="view", inline=_another_name, separability=same_kind, bound="element",
                   no_derivative="zero by definition: no gradient or tangent flows through it",
                   explain=lambda node, args, scalars: notation.opaque(
                       "stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0]),
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
                   lambda node, ct: [ct], jvp=linear_jvp, memory="view", inline=_another_name, explain=_same,
-                  separability=same_kind,
+                  separability=same_kind, bound="element",
                   doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
-                  separability=rows_or_free,
+                  separability=rows_or_free, bound="one",
                   explain=lambda node, args, scalars: sp.Integer(1),
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
-                  separability=rows_or_free,
+                  separability=rows_or_free, bound="zero",
                   explain=lambda node, args, scalars: sp.Integer(0),
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 
