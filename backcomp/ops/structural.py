@@ -10,14 +10,14 @@ know of it (the ``OpDef`` fields after ``no_derivative``, ``backcomp.ops.registr
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import math
 
 import sympy as sp
 
-from backcomp.graph import (GraphError, Node, Shape, ShapeError, broadcast_shapes, check_shape, dim_factors,
-                            format_shape, product_dim)
+from backcomp.graph import (Graph, GraphError, Node, Shape, ShapeError, broadcast_shapes, check_shape, dim_factors,
+                            format_shape, multiply_dims, product_dim)
 from backcomp.ops.batch_axis import (FREE, LIN_TAG, ROW_TAG, Kind, Mixed, free_or_refuse, row, rows_or_free,
                                      same_kind, what)
 from backcomp.ops.elementwise import CT, arg_symbol, dim_value, ew_from_expr
@@ -123,6 +123,19 @@ def _contraction_kind(node: Node, ins: list[str], out: str, kinds: list[Kind]) -
     return Kind(LIN_TAG, source=node)   # a sum over the batch of per-row products (x.T @ r)
 
 
+def _batched_as_is(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """An op whose attrs name no axis: the same op over the steps' leading axis."""
+    return g.apply(node.op, ins, **node.attrs)
+
+
+def _batched_with(shift: Callable[[dict, Any], dict]):
+    """The batching rule of a one-operand op whose attrs name axes: ``shift(attrs, length)``
+    moves them past the steps' leading axis; an operand without it is read as it is."""
+    def batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+        return g.apply(node.op, ins, **(shift(node.attrs, length) if stacked[0] else node.attrs))
+    return batched
+
+
 # ----- matmul ---------------------------------------------------------------------
 def _matmul_infer(inputs, attrs):
     a, b = inputs
@@ -205,8 +218,24 @@ def _matmul_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return _contraction_kind(node, *_matmul_subscripts(node), kinds)
 
 
+def _matmul_batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """A stacked (T, M, K) times a matrix is one GEMM over (T·M, K); else broadcasting."""
+    (a, b), (ba, bb) = ins, stacked
+    if ba and not bb and node.inputs[0].ndim == 2 and b.ndim == 2:
+        m, k = a.shape[1], a.shape[2]
+        flat = g.apply("reshape", (a,), shape=(multiply_dims(length, m), k))
+        out = g.apply("matmul", (flat, b))
+        return g.apply("reshape", (out,), shape=(length, m, b.shape[1]))
+    return g.apply("matmul", (a, b))
+
+
+def _matrices(node: Node) -> bool:
+    """Batched over matrices only: a stacked vector (T, K) would be read as one matrix."""
+    return all(x.ndim >= 2 for x in node.inputs)
+
+
 register_op(OpDef("matmul", _matmul_infer, _matmul_emit, _matmul_vjp, jvp=multilinear_jvp, explain=_matmul_explain,
-                  separability=_matmul_kind, bound="products",
+                  separability=_matmul_kind, bound="products", batched=_matmul_batched, batchable=_matrices,
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -481,14 +510,18 @@ def _reduce_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return Kind(LIN_TAG, source=node)
 
 
+def _reduce_axes_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, axes=tuple(a + 1 for a in attrs["axes"]))
+
+
 register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, jvp=linear_jvp, explain=_reduce_explain("Σ", r"\sum"),
-                  separability=_reduce_kind, bound="sum",
+                  separability=_reduce_kind, bound="sum", batched=_batched_with(_reduce_axes_after_steps),
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
 register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp, jvp=linear_jvp,
-                  separability=_reduce_kind, bound="element",
+                  separability=_reduce_kind, bound="element", batched=_batched_with(_reduce_axes_after_steps),
                   explain=_reduce_explain("mean", r"\operatorname{mean}"), broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
 register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, jvp=_max_jvp, explain=_reduce_explain("max", r"\max"),
-                  separability=_reduce_kind, bound="element",
+                  separability=_reduce_kind, bound="element", batched=_batched_with(_reduce_axes_after_steps),
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
 register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _max_vjp_vjp,
                   jvp=_max_vjp_jvp,
@@ -569,8 +602,13 @@ def _transpose_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return row(node.attrs["axes"].index(k.axis)) if k.tag == ROW_TAG else k
 
 
+def _permutation_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, axes=(0,) + tuple(a + 1 for a in attrs["axes"]))
+
+
 register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, jvp=linear_jvp, memory="view",
                   inline=_transpose_inline, explain=_transpose_explain, separability=_transpose_kind, bound="element",
+                  batched=_batched_with(_permutation_after_steps),
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
 
@@ -633,9 +671,13 @@ def _reshape_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return row(k.axis)
 
 
+def _shape_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, shape=(length,) + tuple(attrs["shape"]))
+
+
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
                   lambda node, ct: [reshape(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
-                  separability=_reshape_kind, bound="element",
+                  separability=_reshape_kind, bound="element", batched=_batched_with(_shape_after_steps),
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
@@ -663,7 +705,7 @@ def _broadcast_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
 
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
                   lambda node, ct: [sum_to(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
-                  separability=_broadcast_kind, bound="element",
+                  separability=_broadcast_kind, bound="element", batched=_batched_with(_shape_after_steps),
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -857,9 +899,13 @@ def _getitem_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return row(_index_axis(node, k.axis)) if k.tag == ROW_TAG else k
 
 
+def _index_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, index=(slice(None),) + tuple(attrs["index"]))
+
+
 register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
                   _getitem_vjp, jvp=linear_jvp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
-                  separability=_getitem_kind, bound="element",
+                  separability=_getitem_kind, bound="element", batched=_batched_with(_index_after_steps),
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -868,8 +914,13 @@ def _scatter_emit(node, args, out):
             f"{out}[{_index_code(node.attrs['index'])}] = {args[0]}"]
 
 
+def _scatter_after_steps(attrs: dict, length) -> dict:
+    return _shape_after_steps(_index_after_steps(attrs, length), length)
+
+
 register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
                   lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp,
+                  batched=_batched_with(_scatter_after_steps),
                   doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
 
 
@@ -919,10 +970,17 @@ def _concat_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     return k
 
 
+def _concat_batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """Every operand needs the steps' axis, or the joined axis would differ between them."""
+    if not all(stacked):
+        raise GraphError("concatenate of batched and unbatched values")
+    return g.apply("concatenate", ins, **dict(node.attrs, axis=node.attrs["axis"] + 1))
+
+
 register_op(OpDef("concatenate", _concat_infer,
                   lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
                   _concat_vjp, jvp=_concat_jvp, doc="join arrays along an existing axis",
-                  separability=_concat_kind, bound="any_input",
+                  separability=_concat_kind, bound="any_input", batched=_concat_batched,
                   signature="concatenate((a, b), axis=0)"))
 
 
@@ -948,18 +1006,18 @@ register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtyp
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
                   lambda node, ct: [ct], jvp=linear_jvp, memory="view", inline=_another_name, explain=_same,
-                  separability=same_kind, bound="element",
+                  separability=same_kind, bound="element", batched=_batched_as_is,
                   doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
-                  separability=rows_or_free, bound="one",
+                  separability=rows_or_free, bound="one", batched=_batched_as_is,
                   explain=lambda node, args, scalars: sp.Integer(1),
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
-                  separability=rows_or_free, bound="zero",
+                  separability=rows_or_free, bound="zero", batched=_batched_as_is,
                   explain=lambda node, args, scalars: sp.Integer(0),
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 
