@@ -63,6 +63,13 @@ def product_dim(coeff: int, names: Iterable[str]) -> Dim:
     return "*".join(([str(coeff)] if coeff != 1 else []) + names)
 
 
+def multiply_dims(a: Dim, b: Dim) -> Dim:
+    """The dim a·b (ints multiply, names join: 4 · B → "4*B")."""
+    ca, na = dim_factors(a)
+    cb, nb = dim_factors(b)
+    return product_dim(ca * cb, na + nb)
+
+
 def broadcast_shapes(*shapes: Shape, where: str = "") -> Shape:
     """NumPy broadcasting over ints and symbolic dims (a name only matches itself or 1)."""
     rank = max((len(s) for s in shapes), default=0)

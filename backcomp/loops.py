@@ -28,6 +28,7 @@ from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from backcomp.graph import Graph, GraphError, Node, ShapeError, format_shape
+from backcomp.ops.batch_axis import FREE, Kind, Mixed
 from backcomp.ops.registry import OpDef, register_op
 
 
@@ -561,14 +562,22 @@ def _scan_out_emit(node, args, out):
     return [f"{out} = {args[0]}[{node.attrs['index']}]"]
 
 
+# ----- batch separability -----------------------------------------------------------
+def _loop_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """Refused on batch values: the step is not analysed for separability."""
+    if any(k.tag != "free" for k in kinds):
+        raise Mixed(node, "runs a loop (scan) over batch values; loops are not analysed for separability")
+    return FREE
+
+
 # ----- derivatives ----------------------------------------------------------------------
 def _register():
     register_op(OpDef(
-        "scan", _scan_infer, _scan_emit, _scan_vjp_rule, jvp=_scan_jvp_rule,
+        "scan", _scan_infer, _scan_emit, _scan_vjp_rule, jvp=_scan_jvp_rule, separability=_loop_kind,
         doc="run a step sub-graph along the leading axis (a Python for loop); the value is a tuple",
         signature="scan(step, init, xs, axis=0)"))
     register_op(OpDef(
-        "scan_out", _scan_out_infer, _scan_out_emit, _scan_out_vjp, jvp=_scan_out_jvp,
+        "scan_out", _scan_out_infer, _scan_out_emit, _scan_out_vjp, jvp=_scan_out_jvp, separability=_loop_kind,
         doc="one output of a scan: a final carry, stacked outputs or a sum (compiler-internal)"))
     register_op(OpDef(
         "tuple_ct", lambda ins, attrs: ((), "tuple"), _no_emit, None,

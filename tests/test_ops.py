@@ -838,6 +838,46 @@ def test_an_op_is_one_declaration_spec_memory_and_explain(tmp_path):
         del signature._FUNCTIONS["readme_cube"]
 
 
+def test_what_the_passes_know_of_an_op_is_declared_on_it():
+    """backcomp.dask learns a user op from its OpDef alone: without a separability rule a
+    model using it on batch rows is refused naming it; with one it is separable.  A bound
+    that the sign analysis does not know is refused at declaration."""
+    from backcomp.ops import OpDef, register_op, unregister_op
+    from backcomp.ops.batch_axis import LIN_TAG, Mixed
+    from backcomp.ops.registry import RegistryError
+    from backcomp.passes.separability import analyse
+
+    def cube(name, **rules):
+        return OpDef(name, lambda inputs, attrs: (inputs[0].shape, "float"),
+                     lambda node, args, out: [f"{out} = {args[0]} ** 3"], None, **rules)
+
+    def rows_in_place(node, kinds, dim):
+        """Each element cubed alone: rows stay where they are; not linear in a batch mean."""
+        if kinds[0].tag == LIN_TAG:
+            raise Mixed(node, "cubes a sum or mean over the batch")
+        return kinds[0]
+
+    def model(op):
+        g = backcomp.Graph("rows")
+        x = g.input("x", ("B", 3))
+        w = g.param("w", (3,))
+        g.loss(ops.mean(g.assign_name("h", ops.apply(op, x)) * w))
+        return g
+
+    register_op(cube("cube_unruled"))
+    register_op(cube("cube_ruled", separability=rows_in_place))
+    try:
+        refused = analyse(model("cube_unruled"))
+        assert refused.refusal == ("model 'rows' is not batch-separable: node 'h' (cube_unruled) applies "
+                                   "'cube_unruled', which backcomp does not know to keep rows of the batch apart")
+        assert analyse(model("cube_ruled")).separable
+        with pytest.raises(RegistryError, match="bound must be one of"):
+            cube("cube_bad_bound", bound="positive")
+    finally:
+        unregister_op("cube_unruled")
+        unregister_op("cube_ruled")
+
+
 def test_memory_classes_are_declared_on_the_ops():
     views = {name for name, op in registered_ops().items() if op.memory == "view"}
     assert views == {"transpose", "reshape", "getitem", "broadcast_to", "identity", "stop_gradient",

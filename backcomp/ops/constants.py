@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from backcomp import notation
 from backcomp.graph import Graph, GraphError, Node, ShapeError, check_shape, format_shape
+from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, X, spec_function
 from backcomp.ops.structural import linear_jvp
@@ -95,10 +96,17 @@ def ones(shape, graph: Graph | None = None) -> Node:
 
 
 # ----- eye, arange --------------------------------------------------------------------
+def _numbering_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """eye(B) or arange(B) numbers rows: each chunk would number its own from 0."""
+    if dim in node.shape:
+        raise Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
+    return free_or_refuse(node, kinds, dim)
+
+
 register_op(OpDef(
     "eye", lambda ins, attrs: ((attrs["n"], attrs["n"]), "float"),
     lambda node, args, out: [f"{out} = np.eye({node.attrs['n']}, dtype={args[0]}.dtype)"],
-    None, no_derivative="a constant (its input only gives the dtype)",
+    None, no_derivative="a constant (its input only gives the dtype)", separability=_numbering_kind,
     explain=lambda node, args, scalars: notation.opaque(
         f"eye{node.attrs['n']}", f"I_{node.attrs['n']}", rf"I_{{{{{node.attrs['n']}}}}}", True)(),
     doc="the n×n identity in the model's float dtype", signature="eye(n)"))
@@ -115,7 +123,7 @@ def eye(n, graph: Graph | None = None) -> Node:
 register_op(OpDef(
     "arange", lambda ins, attrs: ((attrs["n"],), "int"),
     lambda node, args, out: [f"{out} = np.arange({node.attrs['n']})"],
-    None, no_derivative="integers: no input, no derivative",
+    None, no_derivative="integers: no input, no derivative", separability=_numbering_kind,
     explain=lambda node, args, scalars: notation.opaque(
         f"arange{node.attrs['n']}", f"arange({node.attrs['n']})",
         notation.lit(rf"\operatorname{{arange}}({node.attrs['n']})"), True)(),
@@ -141,6 +149,12 @@ def _triangle(op: str):
     def vjp(node, ct):
         return [_apply(op, ct, node.attrs["k"])]
 
+    def separability(node, kinds, dim):
+        k = kinds[0]
+        if k.tag != ROW_TAG or k.axis < node.ndim - 2:
+            return k
+        raise Mixed(node, f"takes a triangle across the batch axis ({op})")
+
     def explain(node, args, scalars):
         k = node.attrs["k"]
         return notation.opaque(f"{op}{k}", f"{op}({{0}}{', k=' + str(k) if k else ''})",
@@ -148,7 +162,7 @@ def _triangle(op: str):
 
     register_op(OpDef(
         op, infer, lambda node, args, out: [f"{out} = np.{op}({args[0]}, k={node.attrs['k']})"], vjp,
-        jvp=linear_jvp, explain=explain,
+        jvp=linear_jvp, explain=explain, separability=separability,
         doc=f"np.{op}: the {'lower' if op == 'tril' else 'upper'} triangle of the last two axes "
             f"(k shifts the diagonal), zeros elsewhere", signature=f"{op}(x, k=0)"))
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from backcomp import notation
 from backcomp.graph import Node, ShapeError, format_shape
+from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse, row
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
 from backcomp.ops.structural import multilinear_jvp, reshape
@@ -196,6 +197,17 @@ def apply(op: str, inputs, **attrs) -> Node:
     return inputs[0].graph.apply(op, tuple(inputs), **attrs)
 
 
+def per_image_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """Convolutions and pools keep the images of x (axis 0) apart: the batch may be that
+    axis, with weights free of it (conv2d's third input, the im2col of x, has it too)."""
+    k, weights, cols = kinds[0], kinds[1:2], kinds[2:]
+    if k.tag != ROW_TAG:
+        return free_or_refuse(node, kinds, dim)
+    if k.axis == 0 and all(j.tag == "free" for j in weights) and all(j.tag == ROW_TAG for j in cols):
+        return k
+    raise Mixed(node, "convolves or pools along the batch axis")
+
+
 # ----- im2col: the columns a conv2d and its weight gradient share ----------------------
 def _im2col_infer(inputs, attrs):
     (x,) = inputs
@@ -219,8 +231,16 @@ def _im2col_emit(node, args, out):
     return _im2col(node, x, out, (kh, kw), node.shape[4:], node.attrs.get("channels_first", False))
 
 
+def _im2col_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """The batch as axis 0 of x stays axis 0 of the columns, or axis 3 channels-first."""
+    k = kinds[0]
+    if k.tag == ROW_TAG and k.axis == 0:
+        return row(3 if node.attrs.get("channels_first") else 0)
+    return free_or_refuse(node, kinds, dim)
+
+
 register_op(OpDef(
-    "im2col", _im2col_infer, _im2col_emit, None,
+    "im2col", _im2col_infer, _im2col_emit, None, separability=_im2col_kind, bound="element_or_zero",
     doc="the windows of x (N, C, H, W) as columns (N, C, kh, kw, Ho, Wo), or (C, kh, kw, N, Ho, Wo) with "
         "channels_first: the operand conv2d and its weight gradient share (compiler-internal)",
     attrs_doc={"kernel": "(kh, kw) window", "channels_first": "the (C, kh, kw, N, Ho, Wo) layout (absent: batch first)"},
@@ -329,6 +349,7 @@ def _conv2d_jvp(node, tangents):
 
 register_op(OpDef(
     "conv2d", _conv2d_infer, _conv2d_emit, _conv2d_vjp, jvp=_conv2d_jvp, explain=_without_cols,
+    separability=per_image_kind, bound="products_or_zero",
     doc="2-D cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C/groups, kh, kw), "
         "zero padding; stride, padding and dilation an int or an (h, w) pair; groups divides C and O "
         "(depthwise: groups = C)",
@@ -597,7 +618,7 @@ def _transpose_vjp(node, ct):
 
 
 register_op(OpDef(
-    "conv_transpose2d", _transpose_infer, _col2im_emit, _transpose_vjp, jvp=multilinear_jvp,
+    "conv_transpose2d", _transpose_infer, _col2im_emit, _transpose_vjp, jvp=multilinear_jvp, separability=per_image_kind,
     doc="transposed convolution as torch.nn.functional.conv_transpose2d: x (N, I, H, W), w (I, O/groups, kh, kw); "
         "stride, padding, output_padding (< stride) and dilation an int or an (h, w) pair; groups divides I and O",
     signature="conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, groups=1, dilation=1)",

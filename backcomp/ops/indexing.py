@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from backcomp import notation
 from backcomp.graph import GraphError, Node, ShapeError, format_shape
+from backcomp.ops.batch_axis import FREE, LIN_TAG, Kind, Mixed, row, rows_or_free
 from backcomp.ops.constants import dtype_anchor
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, spec_function
@@ -49,8 +50,16 @@ def _take_explain(node, args, scalars):
                            notation.lit(rf"\operatorname{{take}}_{{{axis}}}") + r"\left({0}, {1}\right)", True)(*args)
 
 
+def _take_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """Per-row ids into a table of params keep rows apart."""
+    table, ids = kinds
+    if table.tag == "free" and ids.tag != LIN_TAG:
+        return FREE if ids.tag == "free" else row(node.attrs["axis"] + ids.axis)
+    raise Mixed(node, "gathers across rows of the batch")
+
+
 register_op(OpDef(
-    "take", _take_infer, _take_emit, _take_vjp, jvp=linear_jvp, explain=_take_explain,
+    "take", _take_infer, _take_emit, _take_vjp, jvp=linear_jvp, explain=_take_explain, separability=_take_kind,
     doc="np.take(a, ids, axis): gather along an axis by integer ids of any shape",
     signature="take(a, ids, axis=0)",
     index_range=lambda node: {1: (-_size(node.inputs[0], node.attrs["axis"]), _size(node.inputs[0], node.attrs["axis"]))}))
@@ -117,7 +126,7 @@ def _one_hot_emit(node, args, out):
 
 register_op(OpDef(
     "one_hot", lambda ins, attrs: (ins[0].shape + (attrs["n"],), "float"), _one_hot_emit, None,
-    no_derivative="a function of integer ids (its float input only gives the dtype)",
+    no_derivative="a function of integer ids (its float input only gives the dtype)", separability=rows_or_free,
     explain=lambda node, args, scalars: notation.opaque(
         f"one_hot{node.attrs['n']}", f"one_hot({{0}}, {node.attrs['n']})",
         notation.lit(rf"\operatorname{{one\_hot}}_{{{node.attrs['n']}}}") + r"\left({0}\right)", True)(args[0]),

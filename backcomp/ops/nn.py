@@ -14,6 +14,7 @@ from backcomp.ops import elementwise as ew
 from backcomp.ops import structural as st
 from backcomp.ops.elementwise import arg_symbol
 from backcomp import notation
+from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import REDUCTION, X, Param, spec_function
 from backcomp.ops.structural import linear_jvp
@@ -105,12 +106,23 @@ def _take_infer(inputs, attrs):
     return labels.shape, "float"
 
 
+def _take_label_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """One label per row of the batch, from that row."""
+    x, labels = kinds
+    if x.tag != ROW_TAG:
+        return free_or_refuse(node, kinds, dim)
+    if labels.tag == ROW_TAG and labels.axis == x.axis and x.axis < node.inputs[0].ndim - 1:
+        return x
+    raise Mixed(node, "picks labels across rows of the batch")
+
+
 register_op(OpDef(
     "take_label", _take_infer,
     lambda node, a, out: [f"{out} = np.take_along_axis({a[0]}, {a[1]}[..., None], axis=-1)[..., 0]"],
     lambda node, ct: [node.graph.apply("put_label", (ct, node.inputs[1]), shape=node.inputs[0].shape), None],
     explain=lambda node, args, scalars: notation.opaque("take_label", "{0}[{1}]", r"{0}_{{[{1}]}}", True)(*args),
     jvp=linear_jvp, doc="x[..., labels]: pick one entry of the last axis per row", signature="take_label(x, labels)",
+    separability=_take_label_kind, bound="element",
     index_range=lambda node: {1: (0, node.inputs[0].shape[-1])}))
 
 

@@ -22,7 +22,7 @@ compiles exactly as before padding existed.
 from __future__ import annotations
 
 from backcomp.graph import Node, ShapeError, format_shape
-from backcomp.ops.conv import _covered, _int, _pair, _strided, apply, check_layout, out_size, scratch
+from backcomp.ops.conv import _covered, _int, _pair, _strided, apply, check_layout, out_size, per_image_kind, scratch
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
 from backcomp.ops.structural import linear_jvp, reshape
@@ -161,6 +161,7 @@ def _max_pool_emit(node, args, out):
 
 register_op(OpDef(
     "max_pool2d", _pool_infer("max_pool2d"), _max_pool_emit, _max_pool_vjp, jvp=_max_pool_jvp,
+    separability=per_image_kind, bound="element",
     doc="max over size windows of NCHW x (size, stride, padding an int or an (h, w) pair; stride defaults to "
         "size; padding <= size/2 counts as -inf); the gradient goes to the first maximum of each window, as PyTorch",
     signature="max_pool2d(x, size, stride=size, padding=0)"))
@@ -313,6 +314,7 @@ def _avg_pool_emit(node, args, out):
 
 register_op(OpDef(
     "avg_pool2d", _pool_infer("avg_pool2d"), _avg_pool_emit, _avg_pool_vjp, jvp=linear_jvp,
+    separability=per_image_kind, bound="element_or_zero",
     doc="mean over size windows of NCHW x (size, stride, padding an int or an (h, w) pair; stride defaults to "
         "size; the zero padding counts in the divisor, as PyTorch's count_include_pad=True)",
     signature="avg_pool2d(x, size, stride=size, padding=0)"))

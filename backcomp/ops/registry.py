@@ -10,13 +10,20 @@ same IR as the forward and can be optimised, printed and differentiated again.  
 op with no derivative at all (comparisons, integer outputs, constants) says why in
 ``no_derivative`` instead of leaving its rules out silently.  Registering a name
 twice is an error: silent overrides are how derivative rules go quietly wrong.
+
+What the passes need to know of an op is declared here too, so that adding an op
+touches one file: how it treats the batch axis (``separability``), what its output's
+elements are for the sign analysis (``bound``) and how it is computed for all of a
+loop's steps at once (``batched``).  The passes keep only the machinery that reads
+these; an op that declares none gets their most cautious answer (refused on batch
+values, nothing known of its sign, left in the loop).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from backcomp.graph import Node, Shape
+from backcomp.graph import Graph, Node, Shape
 
 #: infer(inputs, attrs) -> (shape, dtype)
 InferRule = Callable[[Sequence[Node], dict], tuple[Shape, str]]
@@ -27,6 +34,16 @@ VjpRule = Callable[[Node, Node], Sequence["Node | None"]]
 #: jvp(node, tangents) -> the output's tangent (None: zero); one tangent per input,
 #: each None (zero) or a node of that input's exact shape
 JvpRule = Callable[[Node, Sequence["Node | None"]], "Node | None"]
+#: separability(node, kinds, dim) -> the node's ``Kind`` from its inputs' kinds, or raises
+#: ``Mixed`` (both in ``backcomp.ops.batch_axis``); ``dim`` is the batch dim's name
+SeparabilityRule = Callable[[Node, Sequence[Any], str], Any]
+#: batched(graph, node, inputs, stacked, length) -> in ``graph``, the node for every step
+#: of a loop at once: the ``stacked`` inputs have a leading axis of ``length`` steps
+BatchedRule = Callable[[Graph, Node, Sequence[Node], Sequence[bool], Any], Node]
+
+#: the values of ``OpDef.bound``: what each element of the output is, in terms of the
+#: inputs' elements (``backcomp.passes.stability`` turns each into a lower bound)
+BOUNDS = ("", "element", "element_or_zero", "sum", "products", "products_or_zero", "any_input", "one", "zero")
 
 
 @dataclass(frozen=True)
@@ -63,10 +80,6 @@ class OpDef:
     #: explain(node, args, scalars) -> how ``backcomp explain`` writes the node, as a
     #: SymPy expression over its arguments' (``backcomp.notation``); None: op(args, attrs)
     explain: Callable[..., Any] | None = None
-
-    def __post_init__(self):
-        if self.memory not in ("fresh", "view"):
-            raise RegistryError(f"op '{self.name}': memory must be 'fresh' or 'view', not {self.memory!r}")
     #: draws from the module's ``rng=``: "train" (only in train mode, as dropout) or
     #: "always" (normal, uniform); the emission reads ``_seed`` and ``train``
     random: str | None = None
@@ -76,6 +89,26 @@ class OpDef:
     jvp: JvpRule | None = None
     #: why an op has neither rule (its output is boolean, integer or a constant)
     no_derivative: str = ""
+    #: how the op treats the batch axis, for ``backcomp.dask`` (``backcomp.ops.batch_axis``);
+    #: None: elementwise ops get the pass's rule for expressions, others are refused on batch values
+    separability: SeparabilityRule | None = None
+    #: what each output element is, for the sign analysis of ``backcomp.passes.stability``:
+    #: "element" (an element, a mean or a max of the first input's), "element_or_zero"
+    #: (that, or a zero of the padding), "sum" (a sum of them), "products" (sums of products
+    #: of the inputs'), "products_or_zero" (that, and padding zeros), "any_input" (an
+    #: element of one input's), "one", "zero"; "": nothing known
+    bound: str = ""
+    #: hoisting out of a scan's step (``backcomp.passes.hoist``); None: elementwise ops are
+    #: batched by broadcasting, others stay in the loop
+    batched: BatchedRule | None = None
+    #: batchable(node) -> whether ``batched`` applies to this node (None: to every node)
+    batchable: Callable[[Node], bool] | None = None
+
+    def __post_init__(self):
+        if self.memory not in ("fresh", "view"):
+            raise RegistryError(f"op '{self.name}': memory must be 'fresh' or 'view', not {self.memory!r}")
+        if self.bound not in BOUNDS:
+            raise RegistryError(f"op '{self.name}': bound must be one of {BOUNDS[1:]} or '', not {self.bound!r}")
 
 
 _REGISTRY: dict[str, OpDef] = {}

@@ -5,18 +5,21 @@ a broadcast shape; the VJP pass sums them down to the input's shape (``sum_to``)
 so rules here never unbroadcast by hand.  Tangents always have their value's exact
 shape.  Most of these ops are linear, so their JVP is the op itself applied to the
 tangent (``linear_jvp``); the bilinear ones (matmul, einsum) follow the product
-rule (``multilinear_jvp``).
+rule (``multilinear_jvp``).  Beside them, each op declares what the passes need to
+know of it (the ``OpDef`` fields after ``no_derivative``, ``backcomp.ops.registry``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import math
 
 import sympy as sp
 
-from backcomp.graph import (GraphError, Node, Shape, ShapeError, broadcast_shapes, check_shape, dim_factors,
-                            format_shape, product_dim)
+from backcomp.graph import (Graph, GraphError, Node, Shape, ShapeError, broadcast_shapes, check_shape, dim_factors,
+                            format_shape, multiply_dims, product_dim)
+from backcomp.ops.batch_axis import (FREE, LIN_TAG, ROW_TAG, Kind, Mixed, free_or_refuse, row, rows_or_free,
+                                     same_kind, what)
 from backcomp.ops.elementwise import CT, arg_symbol, dim_value, ew_from_expr
 from backcomp.ops.registry import OpDef, register_op
 from backcomp import notation
@@ -98,6 +101,41 @@ def multilinear_jvp(node: Node, tangents) -> Node | None:
     return out
 
 
+# ----- rules of the passes shared by many ops ---------------------------------------
+def _contraction_kind(node: Node, ins: list[str], out: str, kinds: list[Kind]) -> Kind:
+    """einsum and matmul: multilinear in their operands."""
+    lin = [i for i, k in enumerate(kinds) if k.tag == LIN_TAG]
+    rows = [i for i, k in enumerate(kinds) if k.tag == ROW_TAG]
+    if lin and rows:
+        raise Mixed(node, f"combines rows of the batch with a {what(kinds[lin[0]].source)} of them")
+    if len(lin) > 1:
+        raise Mixed(node, "multiplies two sums or means over the batch, not a weighted sum of per-row terms")
+    if lin:
+        return kinds[lin[0]]
+    if not rows:
+        return FREE
+    letters = {ins[i][kinds[i].axis] for i in rows}
+    if len(letters) > 1:
+        raise Mixed(node, "pairs each row of the batch with every other row")
+    (letter,) = letters
+    if letter in out:
+        return row(out.index(letter))
+    return Kind(LIN_TAG, source=node)   # a sum over the batch of per-row products (x.T @ r)
+
+
+def _batched_as_is(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """An op whose attrs name no axis: the same op over the steps' leading axis."""
+    return g.apply(node.op, ins, **node.attrs)
+
+
+def _batched_with(shift: Callable[[dict, Any], dict]):
+    """The batching rule of a one-operand op whose attrs name axes: ``shift(attrs, length)``
+    moves them past the steps' leading axis; an operand without it is read as it is."""
+    def batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+        return g.apply(node.op, ins, **(shift(node.attrs, length) if stacked[0] else node.attrs))
+    return batched
+
+
 # ----- matmul ---------------------------------------------------------------------
 def _matmul_infer(inputs, attrs):
     a, b = inputs
@@ -160,7 +198,44 @@ def _matmul_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     return [f"{out} = {args[0]} @ {args[1]}"]
 
 
+def _matmul_subscripts(node: Node) -> tuple[list[str], str]:
+    """matmul as einsum letters (batch dims right-aligned, as NumPy broadcasts them)."""
+    a, b = node.inputs
+    if a.ndim == 1 and b.ndim == 1:
+        return ["k", "k"], ""
+    if a.ndim == 1:
+        lead = "abcdefgh"[:b.ndim - 2]
+        return ["k", lead + "kn"], lead + "n"
+    if b.ndim == 1:
+        lead = "abcdefgh"[:a.ndim - 2]
+        return [lead + "mk", "k"], lead + "m"
+    rank = node.ndim - 2   # the broadcast batch dims
+    lead = "abcdefgh"[:rank]
+    return [lead[rank - (a.ndim - 2):] + "mk", lead[rank - (b.ndim - 2):] + "kn"], lead + "mn"
+
+
+def _matmul_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    return _contraction_kind(node, *_matmul_subscripts(node), kinds)
+
+
+def _matmul_batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """A stacked (T, M, K) times a matrix is one GEMM over (T·M, K); else broadcasting."""
+    (a, b), (ba, bb) = ins, stacked
+    if ba and not bb and node.inputs[0].ndim == 2 and b.ndim == 2:
+        m, k = a.shape[1], a.shape[2]
+        flat = g.apply("reshape", (a,), shape=(multiply_dims(length, m), k))
+        out = g.apply("matmul", (flat, b))
+        return g.apply("reshape", (out,), shape=(length, m, b.shape[1]))
+    return g.apply("matmul", (a, b))
+
+
+def _matrices(node: Node) -> bool:
+    """Batched over matrices only: a stacked vector (T, K) would be read as one matrix."""
+    return all(x.ndim >= 2 for x in node.inputs)
+
+
 register_op(OpDef("matmul", _matmul_infer, _matmul_emit, _matmul_vjp, jvp=multilinear_jvp, explain=_matmul_explain,
+                  separability=_matmul_kind, bound="products", batched=_matmul_batched, batchable=_matrices,
                   doc="np.matmul: 1-D, 2-D and batched (broadcast) operands", signature="a @ b"))
 
 
@@ -301,7 +376,12 @@ def _einsum_explain(node, args, scalars):
                            True)(*args)
 
 
+def _einsum_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    return _contraction_kind(node, *parse_einsum(node.attrs["subscripts"], len(node.inputs)), kinds)
+
+
 register_op(OpDef("einsum", _einsum_infer, _einsum_emit, _einsum_vjp, jvp=multilinear_jvp, explain=_einsum_explain,
+                  separability=_einsum_kind, bound="products",
                   doc="np.einsum with explicit letters (no '...', no repeated index in one operand)",
                   signature='einsum("ij,jk->ik", a, b)'))
 
@@ -413,11 +493,35 @@ def _reduce_explain(name: str, latex: str):
     return explain
 
 
+def _reduce_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """A sum or mean over the batch is LIN (linear in per-row terms); a max over it mixes rows."""
+    k = kinds[0]
+    axes, keep = node.attrs["axes"], node.attrs["keepdims"]
+    if k.tag == LIN_TAG:
+        if node.op == "max":
+            raise Mixed(node, f"takes the max of a sum or mean over the batch ({what(k.source)})")
+        return k
+    if k.tag != ROW_TAG:
+        return k
+    if k.axis not in axes:
+        return row(k.axis if keep else k.axis - len([a for a in axes if a < k.axis]))
+    if node.op == "max":
+        raise Mixed(node, "mixes rows of the batch")
+    return Kind(LIN_TAG, source=node)
+
+
+def _reduce_axes_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, axes=tuple(a + 1 for a in attrs["axes"]))
+
+
 register_op(OpDef("sum", _reduce_infer, _reduce_emit("sum"), _sum_vjp, jvp=linear_jvp, explain=_reduce_explain("Σ", r"\sum"),
+                  separability=_reduce_kind, bound="sum", batched=_batched_with(_reduce_axes_after_steps),
                   broadcast_ct=True, doc="sum over axis (int, tuple, or all when omitted), keepdims", signature="sum(x, axis=None, keepdims=False)"))
 register_op(OpDef("mean", _reduce_infer, _reduce_emit("mean"), _mean_vjp, jvp=linear_jvp,
+                  separability=_reduce_kind, bound="element", batched=_batched_with(_reduce_axes_after_steps),
                   explain=_reduce_explain("mean", r"\operatorname{mean}"), broadcast_ct=True, doc="mean over axis, keepdims", signature="mean(x, axis=None, keepdims=False)"))
 register_op(OpDef("max", _reduce_infer, _reduce_emit("max"), _max_vjp, jvp=_max_jvp, explain=_reduce_explain("max", r"\max"),
+                  separability=_reduce_kind, bound="element", batched=_batched_with(_reduce_axes_after_steps),
                   broadcast_ct=True, doc="max over axis, keepdims; ties share the gradient", signature="max(x, axis=None, keepdims=False)"))
 register_op(OpDef("max_vjp", lambda ins, attrs: (ins[0].shape, "float"), _max_vjp_emit, _max_vjp_vjp,
                   jvp=_max_vjp_jvp,
@@ -493,8 +597,18 @@ def _same(node, args, scalars):
     return args[0]
 
 
+def _transpose_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    k = kinds[0]
+    return row(node.attrs["axes"].index(k.axis)) if k.tag == ROW_TAG else k
+
+
+def _permutation_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, axes=(0,) + tuple(a + 1 for a in attrs["axes"]))
+
+
 register_op(OpDef("transpose", _transpose_infer, _transpose_emit, _transpose_vjp, jvp=linear_jvp, memory="view",
-                  inline=_transpose_inline, explain=_transpose_explain,
+                  inline=_transpose_inline, explain=_transpose_explain, separability=_transpose_kind, bound="element",
+                  batched=_batched_with(_permutation_after_steps),
                   doc="permute axes (default: reverse them, as x.T); a view, never a copy",
                   signature="transpose(x, axes=None) or x.T"))
 
@@ -548,8 +662,22 @@ def resolve_reshape(shape: Shape, target) -> Shape:
     return tuple(fill if d == -1 else d for d in target)
 
 
+def _reshape_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    k = kinds[0]
+    if k.tag != ROW_TAG:
+        return k
+    if node.inputs[0].shape[:k.axis + 1] != node.shape[:k.axis + 1]:
+        raise Mixed(node, "reshapes across the batch axis")
+    return row(k.axis)
+
+
+def _shape_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, shape=(length,) + tuple(attrs["shape"]))
+
+
 register_op(OpDef("reshape", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _one("{0}.reshape({shape_code})"),
                   lambda node, ct: [reshape(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
+                  separability=_reshape_kind, bound="element", batched=_batched_with(_shape_after_steps),
                   doc="np.reshape; one -1 is inferred, symbolic dims allowed", signature="reshape(x, shape)"))
 
 
@@ -570,8 +698,14 @@ def _broadcast_infer(inputs, attrs):
     return shape, x.dtype
 
 
+def _broadcast_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    k = kinds[0]
+    return row(node.ndim - node.inputs[0].ndim + k.axis) if k.tag == ROW_TAG else k
+
+
 register_op(OpDef("broadcast_to", _broadcast_infer, _one("np.broadcast_to({0}, {shape_code})"),
                   lambda node, ct: [sum_to(ct, node.inputs[0].shape)], jvp=linear_jvp, memory="view", explain=_same,
+                  separability=_broadcast_kind, bound="element", batched=_batched_with(_shape_after_steps),
                   doc="np.broadcast_to (a read-only view)", signature="broadcast_to(x, shape)"))
 
 
@@ -599,7 +733,7 @@ def _sum_to_emit(node, args, out):
 
 
 register_op(OpDef("sum_to", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _sum_to_emit,
-                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp,
+                  lambda node, ct: [broadcast_to(ct, node.inputs[0].shape)], jvp=linear_jvp, bound="sum",
                   explain=lambda node, args, scalars: notation.reduction(
                       node, args, scalars, "Σ", r"\sum", sum_to_axes(node.inputs[0].shape, node.shape)[0]),
                   doc="sum over broadcast axes: the VJP of broadcasting (compiler-internal)"))
@@ -735,8 +869,43 @@ def _getitem_emit(node, args, out):
     return _dim_slice_checks(node, node.inputs[0]) + [f"{out} = {args[0]}[{_index_code(node.attrs['index'])}]"]
 
 
+def _index_axis(node: Node, axis: int) -> int:
+    """Where input axis ``axis`` goes through basic indexing, if it is taken whole."""
+    index, x = node.attrs["index"], node.inputs[0]
+    consumed = len([i for i in index if i is not None and i is not Ellipsis])
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (x.ndim - consumed) + index[k + 1:]
+    else:
+        index = index + (slice(None),) * (x.ndim - consumed)
+    src = out = 0
+    for item in index:
+        if item is None:
+            out += 1
+            continue
+        if src == axis:
+            if isinstance(item, slice) and item.start is None and item.stop is None and item.step in (None, 1):
+                return out
+            raise Mixed(node, "selects or reorders rows of the batch")
+        src += 1
+        out += 0 if isinstance(item, int) else 1
+    raise AssertionError("unreachable: the batch axis is within the index")
+
+
+def _getitem_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    if any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
+        raise Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
+    k = kinds[0]
+    return row(_index_axis(node, k.axis)) if k.tag == ROW_TAG else k
+
+
+def _index_after_steps(attrs: dict, length) -> dict:
+    return dict(attrs, index=(slice(None),) + tuple(attrs["index"]))
+
+
 register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
                   _getitem_vjp, jvp=linear_jvp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
+                  separability=_getitem_kind, bound="element", batched=_batched_with(_index_after_steps),
                   signature="x[i, a:b:c, None, ...]"))
 
 
@@ -745,8 +914,13 @@ def _scatter_emit(node, args, out):
             f"{out}[{_index_code(node.attrs['index'])}] = {args[0]}"]
 
 
+def _scatter_after_steps(attrs: dict, length) -> dict:
+    return _shape_after_steps(_index_after_steps(attrs, length), length)
+
+
 register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
                   lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp,
+                  batched=_batched_with(_scatter_after_steps),
                   doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
 
 
@@ -787,9 +961,26 @@ def _concat_jvp(node, tangents):
     return _apply("concatenate", parts, **node.attrs)
 
 
+def _concat_kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    k = kinds[0]
+    if k.tag != ROW_TAG:
+        return k if all(j.tag == k.tag for j in kinds) else free_or_refuse(node, kinds, dim)
+    if any(j != k for j in kinds) or node.attrs["axis"] == k.axis:
+        raise Mixed(node, "joins the batch with other values")
+    return k
+
+
+def _concat_batched(g: Graph, node: Node, ins: list[Node], stacked: list[bool], length) -> Node:
+    """Every operand needs the steps' axis, or the joined axis would differ between them."""
+    if not all(stacked):
+        raise GraphError("concatenate of batched and unbatched values")
+    return g.apply("concatenate", ins, **dict(node.attrs, axis=node.attrs["axis"] + 1))
+
+
 register_op(OpDef("concatenate", _concat_infer,
                   lambda node, args, out: [f"{out} = np.concatenate(({', '.join(args)},), axis={node.attrs['axis']})"],
                   _concat_vjp, jvp=_concat_jvp, doc="join arrays along an existing axis",
+                  separability=_concat_kind, bound="any_input", batched=_concat_batched,
                   signature="concatenate((a, b), axis=0)"))
 
 
@@ -808,22 +999,25 @@ def _another_name(node, readers):
 
 
 register_op(OpDef("stop_gradient", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"), None,
-                  memory="view", inline=_another_name,
+                  memory="view", inline=_another_name, separability=same_kind, bound="element",
                   no_derivative="zero by definition: no gradient or tangent flows through it",
                   explain=lambda node, args, scalars: notation.opaque(
                       "stop_gradient", "stop_gradient({0})", r"\operatorname{{sg}}\left({0}\right)", True)(args[0]),
                   doc="identity forward, zero cotangent", signature="stop_gradient(x)"))
 register_op(OpDef("identity", lambda ins, attrs: (ins[0].shape, ins[0].dtype), _one("{0}"),
                   lambda node, ct: [ct], jvp=linear_jvp, memory="view", inline=_another_name, explain=_same,
+                  separability=same_kind, bound="element", batched=_batched_as_is,
                   doc="a second name for a value (compiler-internal)"))
 
 
 register_op(OpDef("ones_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.ones_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
+                  separability=rows_or_free, bound="one", batched=_batched_as_is,
                   explain=lambda node, args, scalars: sp.Integer(1),
                   doc="ones of x's shape and dtype: the seed cotangent of the loss (compiler-internal)"))
 register_op(OpDef("zeros_like", lambda ins, attrs: (ins[0].shape, "float"), _one("np.zeros_like({0})"), None,
                   no_derivative="a constant: its value does not depend on x's",
+                  separability=rows_or_free, bound="zero", batched=_batched_as_is,
                   explain=lambda node, args, scalars: sp.Integer(0),
                   doc="zeros of x's shape and dtype: the gradient of an unused param (compiler-internal)"))
 

@@ -12,73 +12,44 @@ step at once (jax's partial evaluation of a scan into "known" and "unknown" part
   computed after it from the per-step values they read, which the loop stores; a sum over
   the steps of ``a_tᵀ b_t`` becomes one contraction over (T·B).
 
-Both use *batching rules*: the same op applied to values with a leading T axis.  Ops
+Both use *batching rules*: the same op applied to values with a leading T axis, which
+each op declares in its ``OpDef`` (``batched``; elementwise ops share one here).  Ops
 without a rule stay in the loop.
 """
 from __future__ import annotations
 
-from backcomp.graph import Graph, GraphError, Node, ShapeError, dim_factors, product_dim, toposort
+from backcomp.graph import Graph, Node, ShapeError, multiply_dims, toposort
 from backcomp.loops import Step, new_leaf, scan_length
-from backcomp.ops.registry import get_op
+from backcomp.ops.registry import OpDef, get_op
 from backcomp.passes.dce import eliminate_dead_code
 
 
-def times(a, b):
-    """The dim a·b (ints multiply, names join: 4 · B → "4*B")."""
-    ca, na = dim_factors(a)
-    cb, nb = dim_factors(b)
-    return product_dim(ca * cb, na + nb)
-
-
 # ----- batching rules: the op over a leading T axis ----------------------------------------
-_BATCHABLE = {"transpose", "getitem", "reshape", "sum", "mean", "max", "concatenate", "broadcast_to",
-              "identity", "matmul", "scatter", "ones_like", "zeros_like"}
+def _elementwise(g: Graph, n: Node, ins: list[Node], batched: list[bool], length) -> Node:
+    """Elementwise ops without a rule of their own: NumPy broadcasts, once the step axes line up."""
+    fixed = []
+    for x, b, orig in zip(ins, batched, n.inputs):
+        if b and orig.ndim < n.ndim:   # align the step axes before NumPy broadcasts
+            x = g.apply("reshape", (x,), shape=(x.shape[0],) + (1,) * (n.ndim - orig.ndim) + orig.shape)
+        fixed.append(x)
+    return g.apply(n.op, fixed, **n.attrs)
+
+
+def _rule(opdef: OpDef):
+    """The op's batching rule (``OpDef.batched``), the shared one of elementwise ops, or None."""
+    return opdef.batched or (_elementwise if opdef.elementwise else None)
 
 
 def batchable(n: Node) -> bool:
     if n.op in ("input", "param"):
         return False
-    if n.op == "matmul":
-        return all(x.ndim >= 2 for x in n.inputs)
-    return get_op(n.op).elementwise or n.op in _BATCHABLE
+    opdef = get_op(n.op)
+    return _rule(opdef) is not None and (opdef.batchable is None or opdef.batchable(n))
 
 
 def batch(g: Graph, n: Node, ins: list[Node], batched: list[bool], length) -> Node:
     """``n``'s op applied to ``ins``, those marked ``batched`` with a leading axis of ``length``."""
-    attrs = dict(n.attrs)
-    op = n.op
-    if get_op(op).elementwise:
-        fixed = []
-        for x, b, orig in zip(ins, batched, n.inputs):
-            if b and orig.ndim < n.ndim:   # align the step axes before NumPy broadcasts
-                x = g.apply("reshape", (x,), shape=(x.shape[0],) + (1,) * (n.ndim - orig.ndim) + orig.shape)
-            fixed.append(x)
-        return g.apply(op, fixed, **attrs)
-    if op == "matmul":
-        (a, b), (ba, bb) = ins, batched
-        if ba and not bb and n.inputs[0].ndim == 2 and b.ndim == 2:   # one GEMM over (T·M, K)
-            m, k = a.shape[1], a.shape[2]
-            flat = g.apply("reshape", (a,), shape=(times(length, m), k))
-            out = g.apply("matmul", (flat, b))
-            return g.apply("reshape", (out,), shape=(length, m, b.shape[1]))
-        return g.apply("matmul", (a, b))
-    if not batched[0] and op not in ("concatenate",):
-        return g.apply(op, ins, **attrs)
-    if op == "transpose":
-        attrs["axes"] = (0,) + tuple(a + 1 for a in attrs["axes"])
-    elif op in ("getitem", "scatter"):
-        attrs["index"] = (slice(None),) + tuple(attrs["index"])
-        if op == "scatter":
-            attrs["shape"] = (length,) + tuple(attrs["shape"])
-    elif op in ("reshape", "broadcast_to"):
-        attrs["shape"] = (length,) + tuple(attrs["shape"])
-    elif op in ("sum", "mean", "max"):
-        attrs["axes"] = tuple(a + 1 for a in attrs["axes"])
-    elif op == "concatenate":
-        if not all(batched):
-            raise GraphError("concatenate of batched and unbatched values")
-        attrs["axis"] = attrs["axis"] + 1
-    return g.apply(op, ins, **attrs)
+    return _rule(get_op(n.op))(g, n, ins, batched, length)
 
 
 # ----- the pass ---------------------------------------------------------------------------
@@ -289,7 +260,7 @@ def _sum_over_steps(g: Graph, v: Node, value, is_batched, length) -> Node:
         a, b = v.inputs[0].inputs[0], v.inputs[1]
         va, vb = value[a], value[b]
         if is_batched[a] and is_batched[b]:
-            rows = times(length, a.shape[0])
+            rows = multiply_dims(length, a.shape[0])
             fa = g.apply("reshape", (va,), shape=(rows, a.shape[1]))
             fb = g.apply("reshape", (vb,), shape=(rows, b.shape[1]))
             return g.apply("matmul", (g.apply("transpose", (fa,), axes=(1, 0)), fb))
@@ -299,7 +270,7 @@ def _sum_over_steps(g: Graph, v: Node, value, is_batched, length) -> Node:
         (a,) = v.inputs
         if is_batched[a]:
             return sum_to(value[a], v.shape)
-        value[v] = batch(g, v, [value[a]], [False], length)
+        value[v] = g.apply(v.op, (value[a],), **v.attrs)
         is_batched[v] = False
     if not is_batched.get(v):   # the same value at every step
         from backcomp.ops.elementwise import dim_value

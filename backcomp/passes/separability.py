@@ -16,6 +16,9 @@ node one of four kinds:
 
 Anything not known to be safe is refused: unknown ops on batch values, dims
 other than ``:`` taken from the batch axis, nonlinear functions of LIN values.
+Each op declares its rule in its ``OpDef`` (``separability``, written with the kinds
+of ``backcomp.ops.batch_axis``); elementwise ops share the rule for expressions here,
+and an op with none is refused on batch values.
 
 ``partial_graph`` rewrites a separable model into the per-chunk loss: means over
 the batch divide by ``total_rows`` (the whole data set's rows) instead of the
@@ -30,31 +33,25 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from backcomp.graph import Graph, Node, consumers
+from backcomp.ops.batch_axis import (
+    FREE,
+    LIN_TAG,
+    MIXED_TAG,
+    ROW_TAG,
+    Kind,
+    Mixed,
+    free_or_refuse,
+    row,
+    what,
+)
 from backcomp.ops.elementwise import arg_symbol, dim_symbol, ew_from_expr, node_expr
 from backcomp.ops.random import draws as _draws
 from backcomp.ops.registry import get_op
-from backcomp.ops.structural import _count, parse_einsum
+from backcomp.ops.structural import _count
 
 #: the per-chunk function's arguments, as they appear in its expressions
 TOTAL_ROWS = dim_symbol("total_rows")
 PARAM_TERMS = sp.Symbol("param_terms", nonnegative=True)
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What a node is with respect to the batch (see the module docstring)."""
-    tag: str                       # "free", "row", "lin" or "mixed"
-    axis: int | None = None        # the batch axis of a "row" node
-    why: str | None = None         # why a "mixed" node is not separable
-    source: Node | None = None     # "lin": a batch reduction it is built on
-
-
-FREE = Kind("free")
-LIN_TAG, ROW_TAG, MIXED_TAG = "lin", "row", "mixed"
-
-
-def row(axis: int) -> Kind:
-    return Kind(ROW_TAG, axis=axis)
 
 
 @dataclass
@@ -68,37 +65,22 @@ class Separability:
     kinds: dict[Node, Kind] = field(default_factory=dict, repr=False)
 
 
-class _Mixed(Exception):
-    def __init__(self, node: Node, why: str):
-        self.node, self.why = node, why
-
-
 # ----- naming nodes in messages ----------------------------------------------------------
-def _what(node: Node) -> str:
-    """A few words for a node: 'mean over axis 0', 'max_pool2d', 'x[::-1]'."""
-    if node.op in ("sum", "mean", "max"):
-        axes = node.attrs["axes"]
-        return f"{node.op} over axis {axes[0] if len(axes) == 1 else axes}"
-    if node.op == "ew":
-        return node.attrs.get("label", "elementwise")
-    return node.op
-
-
 def _label(node: Node, users: dict[Node, list[Node]]) -> str:
     """The user's name for where a node comes from: its own name, the named node it
     was built for (spec nodes), or the first named node that uses it (builder code)."""
     if node.name or node.scope:
-        shown = "" if get_op(node.op).elementwise else f" ({_what(node)})"
+        shown = "" if get_op(node.op).elementwise else f" ({what(node)})"
         return f"node '{node.name or node.scope}'{shown}"
     seen, todo = set(), list(users.get(node, ()))
     while todo:
         n = todo.pop(0)
         if n.name or n.scope:
-            return f"a {_what(node)} inside node '{n.name or n.scope}'"
+            return f"a {what(node)} inside node '{n.name or n.scope}'"
         if n not in seen:
             seen.add(n)
             todo.extend(users.get(n, ()))
-    return f"an unnamed {_what(node)} (node %{node.id})"
+    return f"an unnamed {what(node)} (node %{node.id})"
 
 
 # ----- the batch dim ---------------------------------------------------------------------
@@ -115,168 +97,32 @@ def _axis_of(shape, dim: str) -> int | None | str:
     return hits[0] if len(hits) == 1 else (None if not hits else "twice")
 
 
-# ----- the rules, one per kind of op -----------------------------------------------------
+# ----- the rules: each op's own (OpDef.separability), expressions', and the traversal -----
 def _elementwise(node: Node, kinds: list[Kind], dim: str) -> Kind:
+    """Elementwise ops without a rule of their own: rows line up, and LIN values enter linearly."""
     lin = [i for i, k in enumerate(kinds) if k.tag == LIN_TAG]
     rows = [i for i, k in enumerate(kinds) if k.tag == ROW_TAG]
     if lin and rows:
         src = kinds[lin[0]].source
-        raise _Mixed(node, f"combines rows of the batch with a {_what(src)} of them")
+        raise Mixed(node, f"combines rows of the batch with a {what(src)} of them")
     if lin:
         if node.dtype != "float":
-            raise _Mixed(node, "compares a sum or mean over the batch")
+            raise Mixed(node, "compares a sum or mean over the batch")
         expr, syms = node_expr(node), [arg_symbol(i) for i in lin]
         try:
             linear = all(sp.simplify(sp.diff(expr, a, b)) == 0 for a in syms for b in syms)
         except Exception:   # noqa: BLE001  (a function SymPy cannot differentiate: refuse)
             linear = False
         if not linear:
-            raise _Mixed(node, f"is a nonlinear function of a sum or mean over the batch "
-                               f"({_what(kinds[lin[0]].source)}), not a weighted sum of per-row terms")
+            raise Mixed(node, f"is a nonlinear function of a sum or mean over the batch "
+                              f"({what(kinds[lin[0]].source)}), not a weighted sum of per-row terms")
         return Kind(LIN_TAG, source=kinds[lin[0]].source)
     if not rows:
         return FREE
     axes = {node.ndim - node.inputs[i].ndim + kinds[i].axis for i in rows}
     if len(axes) > 1:
-        raise _Mixed(node, "lines up the batch axes of its operands differently")
+        raise Mixed(node, "lines up the batch axes of its operands differently")
     return row(axes.pop())
-
-
-def _reduction(node: Node, k: Kind) -> Kind:
-    axes, keep = node.attrs["axes"], node.attrs["keepdims"]
-    if k.tag == LIN_TAG:
-        if node.op == "max":
-            raise _Mixed(node, f"takes the max of a sum or mean over the batch ({_what(k.source)})")
-        return k
-    if k.tag != ROW_TAG:
-        return k
-    if k.axis not in axes:
-        return row(k.axis if keep else k.axis - len([a for a in axes if a < k.axis]))
-    if node.op == "max":
-        raise _Mixed(node, "mixes rows of the batch")
-    return Kind(LIN_TAG, source=node)
-
-
-def _matmul_subscripts(a: Node, b: Node) -> tuple[list[str], str]:
-    """matmul as einsum letters (batch dims right-aligned, as NumPy broadcasts them)."""
-    if a.ndim == 1 and b.ndim == 1:
-        return ["k", "k"], ""
-    if a.ndim == 1:
-        lead = "abcdefgh"[:b.ndim - 2]
-        return ["k", lead + "kn"], lead + "n"
-    if b.ndim == 1:
-        lead = "abcdefgh"[:a.ndim - 2]
-        return [lead + "mk", "k"], lead + "m"
-    rank = max(a.ndim, b.ndim) - 2
-    lead = "abcdefgh"[:rank]
-    return [lead[rank - (a.ndim - 2):] + "mk", lead[rank - (b.ndim - 2):] + "kn"], lead + "mn"
-
-
-def _contraction(node: Node, ins: list[str], out: str, kinds: list[Kind]) -> Kind:
-    """einsum and matmul: multilinear in their operands."""
-    lin = [i for i, k in enumerate(kinds) if k.tag == LIN_TAG]
-    rows = [i for i, k in enumerate(kinds) if k.tag == ROW_TAG]
-    if lin and rows:
-        raise _Mixed(node, f"combines rows of the batch with a {_what(kinds[lin[0]].source)} of them")
-    if len(lin) > 1:
-        raise _Mixed(node, "multiplies two sums or means over the batch, not a weighted sum of per-row terms")
-    if lin:
-        return kinds[lin[0]]
-    if not rows:
-        return FREE
-    letters = {ins[i][kinds[i].axis] for i in rows}
-    if len(letters) > 1:
-        raise _Mixed(node, "pairs each row of the batch with every other row")
-    (letter,) = letters
-    if letter in out:
-        return row(out.index(letter))
-    return Kind(LIN_TAG, source=node)   # a sum over the batch of per-row products (x.T @ r)
-
-
-def _index_axis(node: Node, axis: int) -> int:
-    """Where input axis ``axis`` goes through basic indexing, if it is taken whole."""
-    index, x = node.attrs["index"], node.inputs[0]
-    consumed = len([i for i in index if i is not None and i is not Ellipsis])
-    if Ellipsis in index:
-        k = index.index(Ellipsis)
-        index = index[:k] + (slice(None),) * (x.ndim - consumed) + index[k + 1:]
-    else:
-        index = index + (slice(None),) * (x.ndim - consumed)
-    src = out = 0
-    for item in index:
-        if item is None:
-            out += 1
-            continue
-        if src == axis:
-            if isinstance(item, slice) and item.start is None and item.stop is None and item.step in (None, 1):
-                return out
-            raise _Mixed(node, "selects or reorders rows of the batch")
-        src += 1
-        out += 0 if isinstance(item, int) else 1
-    raise AssertionError("unreachable: the batch axis is within the index")
-
-
-def _structural(node: Node, kinds: list[Kind]) -> Kind:
-    """Ops that move values around: the batch axis must stay one whole axis."""
-    op, (k, *rest) = node.op, kinds
-    x = node.inputs[0]
-    if op in ("identity", "stop_gradient"):
-        return k
-    if op in ("ones_like", "zeros_like"):
-        return k if k.tag == ROW_TAG else FREE
-    if k.tag != ROW_TAG:
-        if op in ("transpose", "reshape", "broadcast_to", "getitem") or (
-                op == "concatenate" and all(j.tag == k.tag for j in kinds)):
-            return k
-        if all(j.tag == "free" for j in kinds):
-            return FREE
-        if any(j.tag == LIN_TAG for j in kinds):
-            raise _Mixed(node, f"applies {op} to a sum or mean over the batch")
-        raise _Mixed(node, "takes the batch in an operand it does not keep apart")
-    if op == "transpose":
-        return row(node.attrs["axes"].index(k.axis))
-    if op == "reshape":
-        if x.shape[:k.axis + 1] != node.shape[:k.axis + 1]:
-            raise _Mixed(node, "reshapes across the batch axis")
-        return row(k.axis)
-    if op == "broadcast_to":
-        return row(node.ndim - x.ndim + k.axis)
-    if op == "getitem":
-        return row(_index_axis(node, k.axis))
-    if op == "concatenate":
-        if any(j != k for j in kinds) or node.attrs["axis"] == k.axis:
-            raise _Mixed(node, "joins the batch with other values")
-        return k
-    if op == "take_label":
-        if kinds[1].tag == ROW_TAG and kinds[1].axis == k.axis and k.axis < x.ndim - 1:
-            return k
-        raise _Mixed(node, "picks labels across rows of the batch")
-    if op == "im2col" and k.axis == 0:     # conv2d's columns: the batch is axis 3 channels-first
-        return row(3 if node.attrs.get("channels_first") else 0)
-    if op in ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d"):
-        weights, cols = rest[:1], rest[1:]      # conv2d's third input: the im2col of x
-        if k.axis == 0 and all(j.tag == "free" for j in weights) and all(j.tag == ROW_TAG for j in cols):
-            return k
-        raise _Mixed(node, "convolves or pools along the batch axis")
-    raise _Mixed(node, f"applies '{op}', which backcomp does not know to keep rows of the batch apart")
-
-
-def _gather(node: Node, kinds: list[Kind]) -> Kind:
-    """take(table, ids): per-row ids into a table of params keep rows apart; one_hot of
-    per-row ids too; tril/triu keep them apart when the batch is not a matrix axis."""
-    k = kinds[0]
-    if node.op == "one_hot":
-        return k if k.tag == ROW_TAG else FREE
-    if node.op in ("tril", "triu"):
-        if k.tag != ROW_TAG:
-            return k
-        if k.axis < node.ndim - 2:
-            return k
-        raise _Mixed(node, f"takes a triangle across the batch axis ({node.op})")
-    ids = kinds[1]
-    if k.tag == "free" and ids.tag != LIN_TAG:
-        return FREE if ids.tag == "free" else row(node.attrs["axis"] + ids.axis)
-    raise _Mixed(node, "gathers across rows of the batch")
 
 
 def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
@@ -286,40 +132,21 @@ def _kind(node: Node, kinds: list[Kind], dim: str) -> Kind:
     if node.op == "input":
         where = _axis_of(node.shape, dim)
         if where == "twice":
-            raise _Mixed(node, f"has the batch dim '{dim}' on two axes")
+            raise Mixed(node, f"has the batch dim '{dim}' on two axes")
         return FREE if where is None else row(where)
     if node.op == "param":
         return FREE
     opdef = get_op(node.op)
-    if node.op in ("arange", "eye") and dim in node.shape:
-        raise _Mixed(node, f"numbers the rows of the batch ({node.op} over '{dim}')")
-    if node.op == "getitem" and any(isinstance(i, slice) and i.stop == dim for i in node.attrs["index"]):
-        raise _Mixed(node, f"takes the first {dim} entries of a value: a chunk would take the first rows again")
     if opdef.random or node.op == "scan" and _draws(node):
-        raise _Mixed(node, f"draws random numbers ({node.op}): chunks would not draw what the whole batch draws")
-    if node.op in ("scan", "scan_out") and any(k.tag != "free" for k in kinds):
-        raise _Mixed(node, "runs a loop (scan) over batch values; loops are not analysed for separability")
-    if not node.inputs:
-        kind = FREE
-    elif node.op in ("take", "one_hot", "tril", "triu"):
-        kind = _gather(node, kinds)
-    elif opdef.elementwise:
-        kind = _elementwise(node, kinds, dim)
-    elif node.op in ("sum", "mean", "max"):
-        kind = _reduction(node, kinds[0])
-    elif node.op == "matmul":
-        ins, out = _matmul_subscripts(*node.inputs)
-        kind = _contraction(node, ins, out, kinds)
-    elif node.op == "einsum":
-        kind = _contraction(node, *parse_einsum(node.attrs["subscripts"], len(node.inputs)), kinds)
-    else:
-        kind = _structural(node, kinds)
+        raise Mixed(node, f"draws random numbers ({node.op}): chunks would not draw what the whole batch draws")
+    rule = opdef.separability or (_elementwise if opdef.elementwise else free_or_refuse)
+    kind = rule(node, kinds, dim)
     where = _axis_of(node.shape, dim)
     if kind.tag == LIN_TAG and where is not None:
-        raise _Mixed(node, f"spreads a sum or mean over the batch ({_what(kind.source)}) back over its rows")
+        raise Mixed(node, f"spreads a sum or mean over the batch ({what(kind.source)}) back over its rows")
     if kind.tag == "free":   # params broadcast to the batch's shape: the same in every row
         if where == "twice":
-            raise _Mixed(node, f"has the batch dim '{dim}' on two axes")
+            raise Mixed(node, f"has the batch dim '{dim}' on two axes")
         if where is not None:
             return row(where)
     return kind
@@ -337,7 +164,7 @@ def analyse(graph: Graph) -> Separability:
     for node in graph.nodes:
         try:
             kinds[node] = _kind(node, [kinds[x] for x in node.inputs], dim)
-        except _Mixed as e:
+        except Mixed as e:
             kinds[node] = Kind(MIXED_TAG, why=f"{_label(e.node, users)} {e.why}")
     axes = {name: kinds[n].axis for name, n in graph.inputs.items() if kinds[n].tag == ROW_TAG}
     axes |= {name: kinds[n].axis for name, n in graph.forward_outputs().items()

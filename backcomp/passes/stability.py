@@ -9,7 +9,8 @@ The report does not cry wolf over what is safe by construction.  A small sign
 analysis (``Bound``) runs over the graph in topological order: every node gets a
 lower bound from its op (a mean of squares is ≥ 0, ``v + 1e-5`` is ≥ 1e-5, a sum
 of max-shifted exponentials is ≥ 1, ...), and a division or a log is reported only
-where its operand is not bounded away from zero.
+where its operand is not bounded away from zero.  What an op's elements are (an
+element of its input, a sum, sums of products, ...) its ``OpDef`` declares (``bound``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,16 @@ from sympy.printing.str import StrPrinter
 
 from backcomp.graph import Graph, Node
 from backcomp.ops.elementwise import arg_symbol, node_expr
-from backcomp.ops.scalar import expm1, half_step, log1p, sigmoid, softplus, tie_max, tie_min
+from backcomp.ops.registry import get_op
+from backcomp.ops.scalar import (
+    expm1,
+    half_step,
+    log1p,
+    sigmoid,
+    softplus,
+    tie_max,
+    tie_min,
+)
 from backcomp.passes.dce import eliminate_dead_code
 from backcomp.passes.fuse import _set_expr, is_elementwise
 
@@ -245,37 +255,36 @@ def _pow_bound(base: sp.Expr, exponent: sp.Expr, rec) -> Bound | None:
     return Bound(0.0, b.strict)                    # 1 / b**|p|: positive where b is (inf at 0)
 
 
-#: ops whose every element is an element, a mean or a maximum of elements of their first input
-_SAME_BOUND = {"reshape", "transpose", "broadcast_to", "getitem", "stop_gradient", "identity", "mean", "max",
-               "take_label", "max_pool2d", "avg_pool2d", "im2col"}
-
-
 def node_bound(node: Node, bounds: dict[Node, Bound]) -> Bound | None:
-    """A lower bound of every element of ``node``, from its op and its inputs' bounds."""
+    """A lower bound of every element of ``node``, from what its op says its elements are
+    (``OpDef.bound``) and its inputs' bounds."""
     if node.op in ("input", "param") or node.dtype != "float":
         return None
     if is_elementwise(node):
         symbols = {arg_symbol(i): x for i, x in enumerate(node.inputs)}
         return expr_bound(node_expr(node), lambda s: bounds.get(symbols[s]) if s in symbols else None)
     ins = [bounds.get(x) for x in node.inputs]
-    if node.op in _SAME_BOUND:
-        if node.op in ("avg_pool2d", "im2col") and tuple(node.attrs.get("padding", (0, 0))) != (0, 0):
+    elements = get_op(node.op).bound
+    if elements == "element":                      # an element, a mean or a max of the first input's
+        return ins[0]
+    if elements == "element_or_zero":
+        if tuple(node.attrs.get("padding", (0, 0))) != (0, 0):
             return _meet([ins[0], NONNEG])         # the zero padding is averaged in, or copied
         return ins[0]
-    if node.op in ("sum", "sum_to"):
-        m = _shifted_exp_max(node.inputs[0]) if node.op == "sum" else None
+    if elements == "sum":
+        m = _shifted_exp_max(node.inputs[0]) if "axes" in node.attrs else None   # sum, not sum_to
         if m is not None and set(m.attrs["axes"]) <= set(node.attrs["axes"]):
             return Bound(1.0, True)    # Σ exp(x − max x) over windows that hold their max: a term is 1
         return ins[0]                  # a sum of at least one element, all of them >= low >= 0
-    if node.op in ("matmul", "einsum"):            # sums of products, at least one term each
+    if elements == "products":                     # sums of products, at least one term each
         return _product_bound(ins)
-    if node.op == "concatenate":
+    if elements == "products_or_zero":
+        return NONNEG if all(b is not None for b in ins) else None
+    if elements == "any_input":
         return _meet(ins)
-    if node.op == "ones_like":
+    if elements == "one":
         return Bound(1.0, True)
-    if node.op == "zeros_like":
-        return NONNEG
-    if node.op == "conv2d" and all(b is not None for b in ins):
+    if elements == "zero":
         return NONNEG
     return None
 
