@@ -452,3 +452,24 @@ def test_padded_max_pool_commutes_too():
     g = _conv_pool(pool_padding=1)
     assert _pool_input(g).op == "conv2d"
     _same_at_O1_as_at_O0(g, seed=1, scale=0.5)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_an_in_place_chain_never_writes_a_buffer_another_operand_reads(level):
+    """a - stop_gradient(a) + a: stop_gradient(a) is a's buffer under another name, and the
+    chain np.multiply(a, 2, out=a); np.subtract(a, a, out=a) gave 0 at -O1 (found by review)."""
+    g = backcomp.Graph("sg_alias")
+    x, W = g.input("x", ("B", 3)), g.param("W", (3, 4))
+    a = ops.tanh(x @ W)
+    y = a - ops.stop_gradient(a) + a
+    g.output("y", y)
+    g.loss(ops.sum(y * y))
+    rng = np.random.default_rng(0)
+    params, inputs = {"W": rng.standard_normal((3, 4))}, {"x": rng.standard_normal((2, 3))}
+    m = backcomp.build(g, opt_level=level)
+    a_value = np.tanh(inputs["x"] @ params["W"])
+    np.testing.assert_allclose(m.forward(params, inputs)["y"], a_value, rtol=1e-14)
+    loss, grads = m.value_and_grad(params, inputs)
+    np.testing.assert_allclose(loss, np.sum(a_value ** 2), rtol=1e-14)
+    # d/dW sum(y²) with y = 2a − sg(a): 2y·2·(1 − a²) through a only
+    np.testing.assert_allclose(grads["W"], inputs["x"].T @ (4 * a_value * (1 - a_value ** 2)), rtol=1e-12)

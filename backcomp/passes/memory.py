@@ -3,8 +3,8 @@
 Two decisions, both about buffers that are dead after a statement:
 - ``reuse``: an elementwise statement may write its result into an input's buffer
   (``np.add(z, b, out=z)``) when that buffer is not needed afterwards, has the
-  result's exact shape, and is not aliased by a view, a param, an input or a
-  returned value;
+  result's exact shape, is not aliased by a view, a param, an input or a returned
+  value, and is not read by another operand of the statement;
 - ``drops``: after its last use each temporary is deleted (``del``), so large
   intermediates are freed as soon as possible instead of at function exit.
 Views (transpose, reshape, indexing, broadcast) share their source's buffer, so a
@@ -81,7 +81,10 @@ def plan_memory(nodes: list[Node], returned: set[Node], elementwise,
         for x in n.inputs:
             b = buf(x)
             fresh = memory_class(b) == "fresh" and b not in views
-            if (x not in views and fresh and b not in pinned and b.dtype == "float"
+            # another operand reading the same buffer (stop_gradient(a) beside a) would be
+            # overwritten by the first call of an in-place chain before it is read
+            shared = any(buf(y) is b for y in n.inputs if y is not x)
+            if (x not in views and fresh and b not in pinned and b.dtype == "float" and not shared
                     and x.shape == n.shape == b.shape and n.shape != () and last_use.get(b) == i):
                 plan.reuse[n] = x
                 owner[n] = b
