@@ -310,7 +310,10 @@ def write_into(lines: list[str], var: str, buf: str) -> list[str]:
 
     The last top-level assignment to ``var`` is rewritten to write into ``buf``
     (``_out_form``) when nothing rebinds ``var`` after it; otherwise the value is
-    copied, ``buf[...] = var``.
+    copied, ``buf[...] = var``, and ``var`` then names ``buf``: the memory plan may have
+    later statements finish the value in place in ``var``'s array (a param's gradient
+    from a scan plus its use outside, ``np.add(var, g, out=var)``), and they must do it
+    in ``buf``.
     """
     head = f"{var} = "
     for k in range(len(lines) - 1, -1, -1):
@@ -320,7 +323,7 @@ def write_into(lines: list[str], var: str, buf: str) -> list[str]:
             if call is not None and not any(rebound.match(line) for line in lines[k + 1:]):
                 return lines[:k] + [head + call] + lines[k + 1:]
             break
-    return lines + [f"{buf}[...] = {var}"]
+    return lines + [f"{buf}[...] = {var}", f"{var} = {buf}"]
 
 
 def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tuple],

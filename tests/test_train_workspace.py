@@ -167,7 +167,33 @@ def test_write_into_gives_the_out_form(rhs, expected):
     ["v = a @ b", "for t in range(3):", "    v = v + t"],   # rebound afterwards
 ])
 def test_write_into_copies_where_there_is_no_out_form(lines):
-    assert write_into(lines, "v", 'g["W"]') == lines + ['g["W"][...] = v']
+    assert write_into(lines, "v", 'g["W"]') == lines + ['g["W"][...] = v', 'v = g["W"]']
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_param_used_in_and_out_of_a_scan_is_updated_by_its_whole_gradient(level):
+    """W's gradient is the scan's part plus the part from outside it, added in place into
+    the scan's part: at -O0 the workspace got a copy of the scan's part, and the sum went
+    to the old array (train_step moved W by the scan's part only; found by review)."""
+    from backcomp import ops
+    g = backcomp.Graph("in_and_out")
+    x = g.input("x", ("B", "T", 3))
+    W, U = g.param("W", (3, 4)), g.param("U", (4, 4))
+
+    def step(h, x_t):
+        h_new = ops.tanh(x_t @ W + h @ U)
+        return h_new, h_new
+    run = g.scan(step, ops.tanh(x[:, 0] @ W), x, axis=1)
+    g.loss(ops.sum(run.ys * run.ys) + ops.sum(run.carry))
+    m = backcomp.build(g, optimizer="sgd", opt_level=level)
+    rng = np.random.default_rng(0)
+    params = {"W": rng.standard_normal((3, 4)), "U": 0.5 * rng.standard_normal((4, 4))}
+    inputs = {"x": rng.standard_normal((2, 5, 3))}
+    _, grads = m.value_and_grad(params, inputs)
+    stepped = {k: v.copy() for k, v in params.items()}
+    m.train_step(stepped, inputs, m.init_state(stepped), lr=1.0)
+    for k in params:
+        np.testing.assert_allclose(params[k] - stepped[k], grads[k], rtol=1e-12, atol=1e-12, err_msg=k)
 
 
 def test_write_into_rewrites_the_last_assignment_only():
