@@ -276,7 +276,7 @@ def _members(graph: Graph, target: Node, lines: dict[Node, str]) -> list[Node]:
     while stack:
         n = stack.pop()
         for x in n.inputs:
-            if x not in want and x not in lines:
+            if x not in want and x not in lines and not loop_lines(x):   # a loop's output: a value read
                 want.add(x)
                 stack.append(x)
     return [n for n in graph.nodes if n in want]
@@ -298,6 +298,11 @@ def node_math(graph: Graph, target: Node, differentiable: set[int],
             if x not in inside and x not in leaves:
                 leaves.append(x)
     name_of = {leaf: lines.get(leaf, leaf.name or f"v{leaf.id}") for leaf in leaves}
+    shown: dict[str, str] = {}   # a loop's output read here: an identifier, shown as run.carry[0]
+    for leaf in leaves:
+        if leaf not in lines and loop_lines(leaf):
+            name_of[leaf] = f"loop{leaf.id}"
+            shown[name_of[leaf]] = loop_math(leaf, lines)
     target_name = lines[target]
     local = Graph("explain")
     mapping: dict[Node, Node] = {}
@@ -322,7 +327,7 @@ def node_math(graph: Graph, target: Node, differentiable: set[int],
         named = {n: sp.Symbol(name, real=True) for n, name in lines.items()}
         math.grad = (_Reader(named)(y), lines.get(x, x.name or f"v{x.id}"))
     if not wrt or out.dtype != "float" or target.id not in differentiable:
-        return math
+        return _shown_as(math, shown)
     seed = local._leaf("input", BAR + target_name, target.shape, "float")
     local.loss(op_sum(seed * out), "seed")
     local.wrt = tuple(wrt)
@@ -336,6 +341,16 @@ def node_math(graph: Graph, target: Node, differentiable: set[int],
         term = _tidy(_softmax(reader(d.grads[p])))
         if term != 0:   # a value read only for its shape (the seed of a grad node)
             math.vjps[p] = term
+    return _shown_as(math, shown)
+
+
+def _shown_as(math: NodeMath, shown: dict[str, str]) -> NodeMath:
+    """``math`` with the identifiers of loop outputs written as the loop's (run.carry[0])."""
+    if not shown:
+        return math
+    swap = {sp.Symbol(k, real=True): sp.Symbol(v, real=True) for k, v in shown.items()}
+    math.forward = math.forward.xreplace(swap)
+    math.vjps = {shown.get(k, k): v.xreplace(swap) for k, v in math.vjps.items()}
     return math
 
 
@@ -405,8 +420,12 @@ def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
 
 
 def _is_loop(graph: Graph, node: Node, lines: dict[Node, str]) -> bool:
-    """A line made of a loop or its outputs: shown as written, its VJPs in the step's block."""
-    return any(loop_lines(n) for n in _members(graph, node, lines))
+    """A line that is a loop or one of its outputs (through views: ``run.ys[0]`` moved back
+    to its axis): shown as written, its VJPs in the step's block.  A line that computes
+    with a loop's output reads it as a value named ``run.carry[0]``."""
+    while not loop_lines(node) and len(node.inputs) == 1 and get_op(node.op).memory == "view":
+        node = node.inputs[0]
+    return loop_lines(node)
 
 
 def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex: bool = False) -> str:

@@ -670,3 +670,25 @@ def test_a_sum_inside_the_step_activation_splits_its_carry_free_terms_too():
     np.testing.assert_allclose(l1, l0, rtol=1e-12)
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+@pytest.mark.parametrize("order", ["V * r.carry", "r.carry * V"])
+def test_explain_shows_a_line_that_computes_with_a_loop_output(order):
+    """A line reading a loop's output shows its whole expression, with the output as the
+    value run.carry[0] and its ḡ (it showed just run.carry[0], and V * r.carry, which
+    reads the output second, crashed build with an IndexError; found by review)."""
+    from backcomp import ops
+    from backcomp.explain import explain
+    g = backcomp.Graph("expl")
+    x, W, V = g.input("x", ("B", "T", 3)), g.param("W", (3, 3)), g.param("V", (3,))
+
+    def step(h, x_t):
+        h_new = ops.tanh(x_t @ W + h)
+        return h_new, h_new
+    r = g.scan(step, ops.zeros(("B", 3), graph=g), x, axis=1)
+    r.node.name = "run"
+    g.loss(ops.sum(V * r.carry if order.startswith("V") else r.carry * V))
+    backcomp.build(g)
+    text = explain(g)
+    assert "loss = Σ(V ⊙ run.carry[0])" in text or "loss = Σ(run.carry[0] ⊙ V)" in text, text
+    assert "ḡ_run.carry[0] = V ⊙ ḡ_loss" in text and "ḡ_V = ḡ_loss ⊙ Σ_B(run.carry[0])" in text, text

@@ -10,7 +10,10 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     run = scan(lstm, (full, full), (transpose))    # shape ()
 
-    logits = run.ys[0]    # shape (B, T, 96)
+    logits = bo + transpose(run.ys[0], (1, 0, 2)) · Wo    # shape (B, T, 96)
+        ḡ_run.ys[0] = transpose(ḡ_logits · Woᵀ, (1, 0, 2))
+        ḡ_Wo = Σ_B(transpose(run.ys[0], (1, 0, 2))ᵀ · ḡ_logits)
+        ḡ_bo = Σ_B,T(ḡ_logits)
 
     loss = mean(logsumexp[axis=2](logits) - logits[targets])    # shape ()
         ḡ_logits = ḡ_loss ⊙ (-onehot(targets) + softmax[axis=2](logits))/(B ⊙ T)

@@ -10,7 +10,9 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     run = scan(cell, (full), (transpose))    # shape ()
 
-    logits = run.carry[0]    # shape (B, 4)
+    logits = run.carry[0] · Wo    # shape (B, 4)
+        ḡ_run.carry[0] = ḡ_logits · Woᵀ
+        ḡ_Wo = run.carry[0]ᵀ · ḡ_logits
 
     loss = mean(logsumexp[axis=1](logits) - logits[labels])    # shape ()
         ḡ_logits = ḡ_loss ⊙ (-onehot(labels) + softmax[axis=1](logits))/B
