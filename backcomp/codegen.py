@@ -151,6 +151,7 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
     from backcomp.ops.random import SEED, draws as draws_of
     draws = {draws_of(n) for n in nodes} - {None}
     if draws and SEED.get() == "_seed":   # one seed per call (a loop's body draws from the step's)
+        helpers.add("random")
         needed = '"always"' if "always" in draws else "train"
         lines.insert(0, f"_seed = _random_seed(rng, {needed})")
     return lines

@@ -150,7 +150,7 @@ def _rnn_with_noise(reverse=False, two_scans=False, noise="dropout"):
     W, U = g.param("W", (3, 4)), g.param("U", (4, 4))
 
     def step(h, x_t):
-        h_in = ops.dropout(h, 0.5) if noise == "dropout" else h + 0.1 * ops.normal(("B", 4), graph=g)
+        h_in = ops.dropout(h, 0.5) if noise == "dropout" else h + 0.1 * ops.normal(("B", 4), graph=h.graph)
         h_new = ops.tanh(x_t @ W + h_in @ U)
         return h_new, h_new
     h0 = ops.tanh(x[:, 0] @ W)
@@ -246,3 +246,27 @@ def test_jvp_and_hvp_of_a_scan_that_draws_see_the_same_noise():
     gp, gm = m.value_and_grad(at(1e-5), inputs, rng=draw())[1], m.value_and_grad(at(-1e-5), inputs, rng=draw())[1]
     for k in params:
         np.testing.assert_allclose(hv[k], (gp[k] - gm[k]) / 2e-5, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_draw_in_a_step_that_nothing_reads_is_harmless(level):
+    """Noise in a per-step output the model never reads: the loop prunes it, and the
+    module still defines what it calls (it raised NameError: _random_seed; found by review)."""
+    from backcomp import ops
+    g = backcomp.Graph("dead_draw")
+    x = g.input("x", ("B", "T", 3))
+    W, U = g.param("W", (3, 4)), g.param("U", (4, 4))
+
+    def step(h, x_t):
+        h_new = ops.tanh(x_t @ W + h @ U)
+        return h_new, (h_new, h_new * ops.normal(("B", 4), graph=h.graph))
+    run = g.scan(step, ops.zeros(("B", 4), graph=g), x, axis=1)
+    g.loss(ops.sum(run.ys[0] ** 2))
+    m = backcomp.build(g, opt_level=level)
+    params, inputs = {"W": np.full((3, 4), 0.1), "U": 0.5 * np.eye(4)}, {"x": np.ones((2, 5, 3))}
+    h, hs = np.zeros((2, 4)), []
+    for _ in range(5):
+        h = np.tanh(inputs["x"][:, 0] @ params["W"] + h @ params["U"])
+        hs.append(h)
+    loss, _ = m.value_and_grad(params, inputs, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(loss, np.sum(np.array(hs) ** 2), rtol=1e-12)

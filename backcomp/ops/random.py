@@ -36,9 +36,20 @@ def draws(node: Node) -> str | None:
     if node.op in ("input", "param"):
         return None
     if node.op == "scan":
-        modes = {draws(n) for n in node.attrs["step"].graph.nodes} - {None}
+        modes = {draws(n) for n in _live(node.attrs["step"])} - {None}
         return "always" if "always" in modes else modes.pop() if modes else None
     return get_op(node.op).random
+
+
+def _live(step) -> set[Node]:
+    """The nodes of a step that its outputs read (a dead draw is never emitted)."""
+    live, stack = set(), [o for o in step.outputs if o is not None]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.inputs)
+    return live
 
 
 def _stream(graph: Graph) -> int:
