@@ -160,8 +160,11 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
 def mode_args(graph: Graph) -> tuple[str, str]:
     """The extra parameters of the module's functions, and the arguments train_step passes:
     ``rng=``/``train=`` when the model has random or train-mode-dependent ops, else none."""
+    from backcomp.graph import ancestors
     from backcomp.ops.random import draws
-    modal = any(draws(n) or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param"))
+    from backcomp.passes.dce import roots
+    live = ancestors(roots(graph))   # a draw no function reaches asks for no rng= (-O0 keeps it)
+    modal = any(draws(n) or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param") and n in live)
     call, passed = (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
     if graph.buffers:
         call, passed = call + ", buffers=None", passed + ", buffers=buffers"

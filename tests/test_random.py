@@ -270,3 +270,20 @@ def test_a_draw_in_a_step_that_nothing_reads_is_harmless(level):
         hs.append(h)
     loss, _ = m.value_and_grad(params, inputs, rng=np.random.default_rng(0))
     np.testing.assert_allclose(loss, np.sum(np.array(hs) ** 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_draw_nothing_reads_adds_no_rng_parameter_at_either_level(level):
+    """-O0 keeps the dead node, -O1 drops it: the functions' parameters are the same
+    (rng= was there at -O0 only; found by review)."""
+    import inspect
+
+    from backcomp import ops
+    g = backcomp.Graph("dead_outer")
+    x, W = g.input("x", ("B", 3)), g.param("W", (3, 4))
+    ops.normal(("B", 4), graph=g)
+    g.loss(ops.sum(ops.tanh(x @ W)))
+    m = backcomp.build(g, opt_level=level)
+    assert "rng" not in inspect.signature(m.value_and_grad).parameters
+    loss, _ = m.value_and_grad({"W": np.ones((3, 4))}, {"x": np.ones((2, 3))})
+    np.testing.assert_allclose(loss, 8 * np.tanh(3.0))
