@@ -30,6 +30,7 @@ from backcomp.ops.scalar import half_step, tie_max
 from backcomp.printer import sides, value_symbols
 from backcomp.vjp import differentiate
 from backcomp.explain_loops import explain_step, loop_cluster, loop_lines, loop_math, steps_of
+from backcomp.loops import output_shapes
 
 BAR = "ḡ_"
 
@@ -230,7 +231,7 @@ def to_latex(expr: sp.Expr) -> str:
 class NodeMath:
     """One named node: its forward expression and the VJP term for each input."""
     name: str
-    shape: tuple
+    shape: tuple | str   # a scan: its outputs' shapes (``loops.output_shapes``)
     forward: sp.Expr
     vjps: dict[str, sp.Expr] = field(default_factory=dict)   # input name -> its term
     #: a grad(y, x) node: (y as an expression, x's name), shown as ∂y/∂x before its value
@@ -411,12 +412,43 @@ def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
         differentiable = set()
     lines = line_names(graph)
     maths = [node_math(graph, n, differentiable, lines) if not _is_loop(graph, n, lines)
-             else NodeMath(lines[n], n.shape, sp.Symbol(loop_math(n, lines))) for n in _named_order(graph, lines)]
+             else _scan_math(graph, n, differentiable, lines) if n.op == "scan"
+             else NodeMath(lines[n], n.shape, sp.Symbol(loop_math(n, lines)))
+             for n in _named_order(graph, lines)]
     consumers: dict[str, list[str]] = {}
     for m in maths:
         for v in m.vjps:
             consumers.setdefault(v, []).append(m.name)
     return maths, consumers
+
+
+def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[Node, str]) -> NodeMath:
+    """A scan's line: scan(step, (initial carries), (sequences)), each argument written
+    as an expression of named values, and their VJPs from the step's cotangents,
+    ``ḡ_run.init[j]`` (the carry's before the first step) and ``ḡ_run.xs[j]`` (the
+    slices' ḡ stacked over the steps; see the step's block)."""
+    name, step = lines[node], node.attrs["step"]
+    c, x, _ = step.counts()
+    math = NodeMath(name, output_shapes(node), sp.Integer(0))
+    args: dict[str, list[sp.Expr]] = {"init": [], "xs": []}
+    for j, v in enumerate(node.inputs[:c + x]):
+        kind, k = ("init", j) if j < c else ("xs", j - c)
+        label = f"{name}.{kind}[{k}]"
+        if v in lines or v.op in ("input", "param"):
+            shown = lines.get(v, v.name or f"v{v.id}")
+            args[kind].append(sp.Symbol(shown, real=True))
+            if v.id in differentiable and v.dtype == "float":
+                math.vjps[shown] = math.vjps.get(shown, 0) + sp.Symbol(BAR + label, real=True)
+            continue
+        ident = f"{name}_{kind}{k}"   # a leaf's name must be an identifier: shown as the label
+        sub = node_math(graph, v, differentiable, {**lines, v: ident})
+        args[kind].append(sub.forward)
+        seed = {sp.Symbol(BAR + ident, real=True): sp.Symbol(BAR + label, real=True)}
+        for leaf, term in sub.vjps.items():
+            math.vjps[leaf] = math.vjps.get(leaf, 0) + term.xreplace(seed)
+    flags = [sp.Symbol("reverse")] if node.attrs.get("reverse") else []
+    math.forward = sp.Function("scan")(sp.Symbol(step.name), sp.Tuple(*args["init"]), sp.Tuple(*args["xs"]), *flags)
+    return math
 
 
 def _is_loop(graph: Graph, node: Node, lines: dict[Node, str]) -> bool:
@@ -458,7 +490,7 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
         lines.append(rf"\bar{{g}}_{{{MathLatexPrinter._name(loss)}}} = 1" if latex else f"ḡ_{loss} = 1")
     for m in selected:
         lhs = MathLatexPrinter._name(m.name) if latex else m.name
-        shape = format_shape(m.shape)
+        shape = m.shape if isinstance(m.shape, str) else format_shape(m.shape)
         deriv = ""
         if m.grad is not None:   # ∂y/∂x, then its value: a derivative read like any other line
             y, x = m.grad
@@ -466,10 +498,12 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
                      else f"∂/∂{x} {fmt(y)} = ")
         if latex:
             lines.append("")
-            lines.append(rf"{lhs} = {deriv}{fmt(m.forward)} \qquad \text{{shape }} {shape}")
+            note = rf"\text{{{shape}}}" if isinstance(m.shape, str) else rf"\text{{shape }} {shape}"
+            lines.append(rf"{lhs} = {deriv}{fmt(m.forward)} \qquad {note}")
         else:
             lines.append("")
-            lines.append(f"{lhs} = {deriv}{fmt(m.forward)}    # shape {shape}")
+            note = shape if isinstance(m.shape, str) else f"shape {shape}"
+            lines.append(f"{lhs} = {deriv}{fmt(m.forward)}    # {note}")
         for v, term in m.vjps.items():
             if wrt is not None and v not in on_path:
                 continue
@@ -480,9 +514,9 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
             else:
                 lines.append(f"    {BAR}{v} {acc} {fmt(term)}")
     if node is None and not latex:
-        for step, caller in steps_of(graph):
+        for step, caller, reverse in steps_of(graph):
             lines.append("")
-            lines += explain_step(step, caller, fmt)
+            lines += explain_step(step, caller, fmt, reverse)
     if node is None:
         multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
         if multi:

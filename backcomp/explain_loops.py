@@ -53,8 +53,10 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     return g, {m[k]: v for k, v in label.items()}
 
 
-def explain_step(step: Step, caller: str, fmt) -> list[str]:
-    """The lines of one step: its nodes, their VJPs, and the recurrence across steps."""
+def explain_step(step: Step, caller: str, fmt, reverse: bool = False) -> list[str]:
+    """The lines of one step: its nodes, their VJPs, and the recurrence across steps.
+    ``h[t]`` is the carry into step t; a ``reverse`` scan's next step is t-1, its first
+    T-1, and its backward runs t = 0, ..., T-1."""
     from backcomp.explain import derive
     model, _ = _step_model(step)
     maths, consumers = derive(model)
@@ -68,19 +70,28 @@ def explain_step(step: Step, caller: str, fmt) -> list[str]:
         for v, term in m.vjps.items():
             acc = "+=" if len(consumers.get(v, [])) > 1 else "="
             lines.append(f"        {BAR}{v} {acc} {fmt(term)}")
-    lines.append("  across the steps (backpropagation through time, t = T-1, ..., 0):")
+    order, nxt, first = ("0, ..., T-1", "t-1", "T-1") if reverse else ("T-1, ..., 0", "t+1", "0")
+    lines.append(f"  across the steps (backpropagation through time, t = {order}):")
     ys_of = {id(y): j for j, y in enumerate(step.ys)}
     for leaf, out in zip(step.carry, step.carry_out):
         name = out.name or leaf.name
         extra = f" + {BAR}ys{ys_of[id(out)]}[t]" if id(out) in ys_of else ""
-        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[t+1]{extra}    (zero after the last step)")
+        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[{nxt}]{extra}    (zero after the last step)")
     for leaf in step.carry:
         terms = _terms(maths, leaf.name)
-        lines.append(f"    {BAR}{leaf.name}[t-1] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
+        lines.append(f"    {BAR}{leaf.name}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
     for leaf in step.consts:
         terms = _terms(maths, leaf.name)
         if terms and leaf.dtype == "float":
             lines.append(f"    {BAR}{leaf.name} = Σ_t {' + '.join(f'({fmt(t)})[t]' for t in terms)}")
+    lines.append(f"  and {caller}'s arguments and outputs:")
+    for j, y in enumerate(step.ys):
+        lines.append(f"    {BAR}ys{j}[t] = {BAR}{caller}.ys[{j}][t]")
+    for j, leaf in enumerate(step.carry):
+        lines.append(f"    {BAR}{caller}.init[{j}] = {BAR}{leaf.name}[{first}]    (the carry into the first step)")
+    for j, leaf in enumerate(step.xs):
+        if leaf.dtype == "float":
+            lines.append(f"    {BAR}{caller}.xs[{j}][t] = {BAR}{leaf.name}[t]")
     return lines
 
 
@@ -88,18 +99,22 @@ def _terms(maths, name: str) -> list[sp.Expr]:
     return [m.vjps[name] for m in maths if name in m.vjps and m.name != "step_seed"]
 
 
-def steps_of(graph: Graph) -> list[tuple[Step, str]]:
-    """Each scan's step once, with the name of the node that runs it (nested steps after)."""
-    out: list[tuple[Step, str]] = []
+def steps_of(graph: Graph) -> list[tuple[Step, str, bool]]:
+    """Each scan's step once, with the name of the node that runs it and whether it runs
+    in reverse (nested steps after)."""
+    out: list[tuple[Step, str, bool]] = []
     seen: set[str] = set()
-    stack = [(n.attrs["step"], n.name or "scan") for n in graph.nodes if n.op == "scan"]
+
+    def runs(g: Graph):
+        return [(n.attrs["step"], n.name or "scan", bool(n.attrs.get("reverse"))) for n in g.nodes if n.op == "scan"]
+    stack = runs(graph)
     while stack:
-        step, caller = stack.pop(0)
+        step, caller, reverse = stack.pop(0)
         if repr(step) in seen:
             continue
         seen.add(repr(step))
-        out.append((step, caller))
-        stack += [(n.attrs["step"], n.name or "scan") for n in step.graph.nodes if n.op == "scan"]
+        out.append((step, caller, reverse))
+        stack += runs(step.graph)
     return out
 
 

@@ -285,6 +285,18 @@ def out_kind(step: Step, index: int) -> tuple[str, int]:
     raise GraphError(f"scan_out: step '{step.name}' has no output {index}")
 
 
+def output_shapes(node: Node) -> str:
+    """What a scan node holds, for ``explain``'s shape note: the node itself is a tuple
+    (shape ()), its outputs are ``carry (B, H), ...; ys (T, B, H), ...``."""
+    step: Step = node.attrs["step"]
+    groups: dict[str, list[str]] = {}
+    for i, out in enumerate(step.outputs):
+        kind, _ = out_kind(step, i)
+        shape = (scan_length(node),) + out.shape if kind == "ys" else out.shape
+        groups.setdefault(kind, []).append(format_shape(shape))
+    return "; ".join(f"{kind} {', '.join(shapes)}" for kind, shapes in groups.items())
+
+
 def _scan_out_infer(inputs, attrs):
     (node,) = inputs
     if node.op != "scan":

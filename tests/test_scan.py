@@ -486,10 +486,11 @@ def test_explain_shows_the_step_vjps_and_the_carry_recurrence():
     assert "step lstm (carry h, c; slices x_t), run by run, at step t:" in text
     assert "ḡ_h = ḡ_z · Whᵀ" in text and "ḡ_Wh = hᵀ · ḡ_z" in text
     assert "ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]" in text
-    assert "ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]" in text
+    assert "ḡ_h[t] = (ḡ_z · Whᵀ)[t]" in text   # h[t]: the carry into step t (it said ḡ_h[t-1])
     assert "ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]" in text
     module_text = backcomp.compile_source(EXAMPLES / "lstm.toml")
-    assert "ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]" in module_text   # the module's docstring too
+    assert "ḡ_h[t] = (ḡ_z · Whᵀ)[t]" in module_text   # the module's docstring too
+    assert "ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)" in text
 
 
 def test_graph_draws_each_loop_as_one_cluster():
@@ -692,3 +693,38 @@ def test_explain_shows_a_line_that_computes_with_a_loop_output(order):
     text = explain(g)
     assert "loss = Σ(V ⊙ run.carry[0])" in text or "loss = Σ(run.carry[0] ⊙ V)" in text, text
     assert "ḡ_run.carry[0] = V ⊙ ḡ_loss" in text and "ḡ_V = ḡ_loss ⊙ Σ_B(run.carry[0])" in text, text
+
+
+def test_explain_shows_the_scan_line_with_its_arguments_shapes_and_their_vjps():
+    """The scan's own line shows its initial carries and sequences as expressions, the
+    shapes of its outputs (it said ``(full, full), (transpose)  # shape ()``), and ḡ of
+    the values they are made of, linked to the step's block."""
+    from backcomp.explain import explain
+    text = explain(parse_spec((EXAMPLES / "char_lstm.toml").read_text(), "char_lstm.toml"))
+    assert ("run = scan(lstm, (full((B, 128), 0), full((B, 128), 0)), (transpose(E[ids], (1, 0, 2)),))"
+            "    # carry (B, 128), (B, 128); ys (T, B, 128)") in text, text
+    assert "ḡ_E = scatter_add(transpose(ḡ_run.xs[0], (1, 0, 2)), ids)" in text, text
+    assert "ḡ_run.xs[0][t] = ḡ_e_t[t]" in text and "ḡ_ys0[t] = ḡ_run.ys[0][t]" in text, text
+    assert "# shape ()" not in text.split("loss =")[0]
+
+
+def test_explain_gives_the_vjps_of_a_scans_initial_carry_and_sequence():
+    from backcomp import ops
+    from backcomp.explain import explain
+    g = backcomp.Graph("expl")
+    x, W, P, h0 = g.input("x", (4, "T", 3)), g.param("W", (3, 3)), g.param("P", (3, 3)), g.param("h0", (4, 3))
+
+    def step(h, x_t):
+        h_new = ops.tanh(x_t @ W + h)
+        return h_new, h_new
+    r = g.scan(step, 2.0 * h0, x @ P, axis=1, reverse=True)
+    r.node.name = "run"
+    g.loss(ops.sum(r.carry))
+    backcomp.build(g)
+    text = explain(g)
+    line = next(s for s in text.splitlines() if s.startswith("run = "))
+    assert line == "run = scan(step, (2·h0,), (transpose(x · P, (1, 0, 2)),), reverse)    # carry (4, 3); ys (T, 4, 3)", line
+    assert "ḡ_h0 = 2·ḡ_run.init[0]" in text and "ḡ_P = Σ[axis=0](xᵀ · transpose(ḡ_run.xs[0], (1, 0, 2)))" in text, text
+    # reversed: the next step is t-1, the first T-1, the backward runs forwards
+    assert "(backpropagation through time, t = 0, ..., T-1)" in text, text
+    assert "ḡ_carry[t] = ḡ_carry[t-1] + ḡ_ys0[t]" in text and "ḡ_run.init[0] = ḡ_carry[T-1]" in text, text

@@ -8,7 +8,8 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     char_lstm: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
     ḡ_loss = 1
 
-    run = scan(lstm, (full, full), (transpose))    # shape ()
+    run = scan(lstm, (full((B, 128), 0), full((B, 128), 0)), (transpose(E[ids], (1, 0, 2)),))    # carry (B, 128), (B, 128); ys (T, B, 128)
+        ḡ_E = scatter_add(transpose(ḡ_run.xs[0], (1, 0, 2)), ids)
 
     logits = bo + transpose(run.ys[0], (1, 0, 2)) · Wo    # shape (B, T, 96)
         ḡ_run.ys[0] = transpose(ḡ_logits · Woᵀ, (1, 0, 2))
@@ -34,11 +35,16 @@ The model and the derivative of each node (as `backcomp explain` prints them):
       across the steps (backpropagation through time, t = T-1, ..., 0):
         ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
         ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
-        ḡ_h[t-1] = (ḡ_z · Whᵀ)[t]
-        ḡ_c[t-1] = (ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None)))))[t]
+        ḡ_h[t] = (ḡ_z · Whᵀ)[t]
+        ḡ_c[t] = (ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None)))))[t]
         ḡ_Wx = Σ_t (e_tᵀ · ḡ_z)[t]
         ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
         ḡ_b = Σ_t (Σ_B(ḡ_z))[t]
+      and run's arguments and outputs:
+        ḡ_ys0[t] = ḡ_run.ys[0][t]
+        ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
+        ḡ_run.init[1] = ḡ_c[0]    (the carry into the first step)
+        ḡ_run.xs[0][t] = ḡ_e_t[t]
 """
 import numpy as np
 

@@ -8,7 +8,7 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     gru: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
     ḡ_loss = 1
 
-    run = scan(gru, (full), (transpose))    # shape ()
+    run = scan(gru, (full((B, 16), 0),), (transpose(x, (1, 0, 2)),))    # carry (B, 16); ys (T, B, 16)
 
     hs = run.ys[0]    # shape (B, T, 16)
 
@@ -45,11 +45,15 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_h += u ⊙ ḡ_h_new
       across the steps (backpropagation through time, t = T-1, ..., 0):
         ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
-        ḡ_h[t-1] = (ḡ_gh · Whᵀ)[t] + (u ⊙ ḡ_h_new)[t]
+        ḡ_h[t] = (ḡ_gh · Whᵀ)[t] + (u ⊙ ḡ_h_new)[t]
         ḡ_Wx = Σ_t (x_tᵀ · ḡ_gx)[t]
         ḡ_bx = Σ_t (Σ_B(ḡ_gx))[t]
         ḡ_Wh = Σ_t (hᵀ · ḡ_gh)[t]
         ḡ_bh = Σ_t (Σ_B(ḡ_gh))[t]
+      and run's arguments and outputs:
+        ḡ_ys0[t] = ḡ_run.ys[0][t]
+        ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
+        ḡ_run.xs[0][t] = ḡ_x_t[t]
 """
 import numpy as np
 
