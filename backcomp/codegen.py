@@ -149,7 +149,7 @@ def lower(nodes: list[Node], names: dict[Node, str], helpers: set[str], returned
         lines = _lower(nodes, dict(names), returned, check_finite, into, keep)
     helpers |= used
     from backcomp.ops.random import SEED, draws as draws_of
-    draws = {draws_of(n) for n in nodes} - {None}
+    draws = {draws_of(n, nodes) for n in nodes} - {None}
     if draws and SEED.get() == "_seed":   # one seed per call (a loop's body draws from the step's)
         helpers.add("random")
         needed = '"always"' if "always" in draws else "train"
@@ -164,7 +164,7 @@ def mode_args(graph: Graph) -> tuple[str, str]:
     from backcomp.ops.random import draws
     from backcomp.passes.dce import roots
     live = ancestors(roots(graph))   # a draw no function reaches asks for no rng= (-O0 keeps it)
-    modal = any(draws(n) or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param") and n in live)
+    modal = any(draws(n, live) or get_op(n.op).modal for n in graph.nodes if n.op not in ("input", "param") and n in live)
     call, passed = (", *, rng=None, train=True", ", rng=rng") if modal else ("", "")
     if graph.buffers:
         call, passed = call + ", buffers=None", passed + ", buffers=buffers"

@@ -348,8 +348,15 @@ def live_outputs(node: Node, ctx: _Lowering | None) -> list[bool]:
     step = node.attrs["step"]
     if ctx is None:
         return [True] * len(step.outputs)
-    used = {n.attrs["index"] for n in ctx.nodes if n.op == "scan_out" and n.inputs[0] is node}
-    oc = len(step.carry_out)   # the new carries feed the next step: always computed
+    return read_outputs(node, ctx.nodes)
+
+
+def read_outputs(node: Node, readers) -> list[bool]:
+    """Which outputs of scan ``node`` the nodes ``readers`` read, the new carries always
+    (they feed the next step)."""
+    step = node.attrs["step"]
+    used = {n.attrs["index"] for n in readers if n.op == "scan_out" and n.inputs[0] is node}
+    oc = len(step.carry_out)
     return [i < oc or i in used for i in range(len(step.outputs))]
 
 

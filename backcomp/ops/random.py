@@ -29,21 +29,28 @@ from backcomp.ops.structural import shape_code
 from backcomp.printer import use_helper
 
 
-def draws(node: Node) -> str | None:
+def draws(node: Node, readers=None) -> str | None:
     """How ``node`` draws from ``rng=``: "train", "always" or None; a scan draws as the
-    random ops of its step do ("always" wins)."""
+    random ops of its step do ("always" wins), counting only the outputs that the nodes
+    ``readers`` read when given (a draw feeding only an unread per-step output is pruned
+    from the loop, so it asks for no rng=)."""
     from backcomp.ops.registry import get_op
     if node.op in ("input", "param"):
         return None
     if node.op == "scan":
-        modes = {draws(n) for n in _live(node.attrs["step"])} - {None}
+        from backcomp.loops import read_outputs
+        step = node.attrs["step"]
+        read = None if readers is None else read_outputs(node, readers)
+        modes = {draws(n) for n in _live(step, read)} - {None}
         return "always" if "always" in modes else modes.pop() if modes else None
     return get_op(node.op).random
 
 
-def _live(step) -> set[Node]:
-    """The nodes of a step that its outputs read (a dead draw is never emitted)."""
-    live, stack = set(), [o for o in step.outputs if o is not None]
+def _live(step, read=None) -> set[Node]:
+    """The nodes of a step that its outputs (those marked in ``read``) read: a dead draw
+    is never emitted."""
+    outs = step.outputs if read is None else [o for o, r in zip(step.outputs, read) if r]
+    live, stack = set(), [o for o in outs if o is not None]
     while stack:
         n = stack.pop()
         if n not in live:
