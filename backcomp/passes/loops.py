@@ -48,7 +48,6 @@ def merge_scans(graph: Graph) -> Graph:
 def _same_prefix(base: Node, ext: Node) -> bool:
     """Whether ``ext`` reads ``base``'s inputs where ``base``'s step reads them (the JVP
     scan interleaves tangents: its inputs are checked by position of each leaf group)."""
-    from backcomp.loops import Step
     b: Step = base.attrs["step"]
     e: Step = ext.attrs["step"]
     c, x, k = b.counts()
