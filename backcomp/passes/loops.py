@@ -134,7 +134,7 @@ def merge_sliced_elementwise(graph: Graph) -> Graph:
     over inputs sliced alike) become ``m = f(z[:, a:c])`` read through the views
     ``m[:, :b-a]`` and ``m[:, b-a:]``: one statement instead of two, and a loop stores
     one residual for both.  An LSTM's σ(i) and σ(f), a GRU's σ(r) and σ(z)."""
-    from backcomp.ops.structural import normalize_index
+    from backcomp.ops.slicing import normalize_index
     g, _ = graph.clone()
     changed = False
     while (pair := _adjacent_pair(g)) is not None:
