@@ -223,7 +223,7 @@ def _write_targets(into: list[tuple[Node, str]], keep: Node | None, users: dict[
     array's reshaped view, a view since the arrays are C-contiguous).  Leaves, inlined
     views, ``keep``, and a value already written into another array are copied at the end.
     """
-    from backcomp.ops.structural import shape_code
+    from backcomp.ops.common import shape_code
     targets: dict[Node, str] = {}
     copies: list[tuple[Node, str]] = []
     written: set[Node] = set()
@@ -339,7 +339,7 @@ def validation_lines(graph: Graph, names: dict[Node, str], ranges: dict[str, tup
     ``_check_array``, which converts lists and words the error.  Symbolic dims
     are bound from the first input that has them.
     """
-    from backcomp.ops.structural import shape_code
+    from backcomp.ops.common import shape_code
     lines = ["if type(params) is not dict or params.keys() != PARAMS.keys():",
              '    _check_keys("params", params, PARAMS)',
              "if type(inputs) is not dict or inputs.keys() != INPUTS.keys():",

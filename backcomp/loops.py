@@ -383,7 +383,7 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     per step, and pack the results into the tuple ``out``."""
     from backcomp.codegen import assign_names, lower
     from backcomp.ops.random import SEED, draws
-    from backcomp.ops.structural import shape_code
+    from backcomp.ops.common import shape_code
     from backcomp.printer import use_helper
     ctx = _CURRENT.get()
     live = live_outputs(node, ctx)

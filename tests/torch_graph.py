@@ -104,7 +104,7 @@ def _op(n: Node, a: list, dims: dict):
     if op == "reshape":
         return a[0].reshape(_shape(at["shape"], dims))
     if op == "sum_to":   # (made by grad nodes) undo broadcasting: sum the broadcast axes
-        from backcomp.ops.structural import sum_to_axes
+        from backcomp.ops.layout import sum_to_axes
         axes, _ = sum_to_axes(n.inputs[0].shape, n.shape)
         return a[0].sum(dim=axes, keepdim=True).reshape(_shape(n.shape, dims)) if axes else a[0]
     if op == "broadcast_to":

@@ -1,9 +1,16 @@
 """The ops users build models from, and the registry behind them.
 
-Elementwise ops live in ``elementwise`` (SymPy-defined, derivatives derived),
-structural ops in ``structural`` (tensor-level VJP rules), the shape ops and scans
-of release 2 in ``shape``, neural-network ops and losses in ``nn``.  To add an op of
-your own, see ``register_op`` / ``OpDef`` and the README section "Your own ops".
+Elementwise ops live in ``elementwise`` (SymPy-defined, derivatives derived); the
+tensor-level ops (VJP rules written by hand, sharing the helpers of ``common``) in
+``contractions`` (matmul, einsum), ``reductions`` (sum, mean, max, min), ``layout``
+(transpose, reshape, broadcast_to, sum_to), ``slicing`` (basic indexing, concatenate)
+and ``identity_like`` (stop_gradient, identity, ones_like, zeros_like); the shape ops
+and scans of release 2 in ``shape``, neural-network ops and losses in ``nn``.  To add
+an op of your own, see ``register_op`` / ``OpDef`` and the README section "Your own ops".
+
+Each op module registers its ops when it is first imported, so the order of the
+imports below is the order of the op table (``backcomp.spec.ops_table_markdown``,
+docs/spec.md).
 """
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ from backcomp.ops.elementwise import (  # noqa: F401  (re-exported)
     less_equal, log, log1p, log_sigmoid, maximum, minimum, mul, neg, pow, relu, sigmoid, silu, sin,
     softplus, sqrt, square, sub, tanh, where, ew_from_expr, arg_symbol, node_expr,
 )
+from backcomp.ops.contractions import einsum, matmul  # noqa: F401
+from backcomp.ops.reductions import max, mean, min, sum  # noqa: F401
+from backcomp.ops.layout import broadcast_to, reshape, sum_to, transpose  # noqa: F401
+from backcomp.ops.slicing import concatenate, getitem  # noqa: F401
+from backcomp.ops.identity_like import identity, stop_gradient  # noqa: F401
 from backcomp.ops.nn import (  # noqa: F401
     cross_entropy, l2_normalize, layer_norm, log_softmax, logsumexp, mse, norm, sigmoid_binary_cross_entropy,
     softmax, softmax_cross_entropy, std, take_label, var,
@@ -31,10 +43,6 @@ from backcomp.ops.batchnorm import batch_norm  # noqa: F401
 from backcomp.ops.scalar import split_ties, ties_with_numbers
 from backcomp.ops.signature import Param, spec_function
 from backcomp.ops.registry import OpDef, get_op, register_op, registered_ops, unregister_op  # noqa: F401
-from backcomp.ops.structural import (  # noqa: F401
-    broadcast_to, concatenate, einsum, getitem, identity, matmul, max, mean, min, reshape,
-    stop_gradient, sum, sum_to, transpose,
-)
 
 
 def scalar_function(name: str, params: Sequence[sp.Symbol], expr: sp.Expr) -> Callable[..., Node]:

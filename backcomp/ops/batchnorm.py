@@ -16,7 +16,7 @@ from backcomp import notation
 from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, X, spec_function
-from backcomp.ops.structural import reshape
+from backcomp.ops.layout import reshape
 
 
 def _select_infer(inputs, attrs):

@@ -15,7 +15,7 @@ from backcomp.graph import Graph, GraphError, Node, ShapeError, check_shape, for
 from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, X, spec_function
-from backcomp.ops.structural import linear_jvp
+from backcomp.ops.common import linear_jvp
 
 
 def dtype_anchor(graph: Graph, op: str) -> Node:
@@ -43,7 +43,7 @@ def _literal(value: float) -> str:
 
 
 def _code(shape) -> str:
-    from backcomp.ops.structural import shape_code
+    from backcomp.ops.common import shape_code
     return shape_code(shape)
 
 

@@ -40,7 +40,8 @@ from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse, row
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
-from backcomp.ops.structural import multilinear_jvp, reshape
+from backcomp.ops.common import multilinear_jvp
+from backcomp.ops.layout import reshape
 
 _LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)"}
 

@@ -438,7 +438,7 @@ def _full_shape(node: Node, expr: sp.Expr, args: Sequence[str], value: str) -> s
         return f"np.{'zeros' if value == '0' else 'ones'}_like({same[0]})"
     if same:
         return f"np.full_like({same[0]}, {value})"
-    from backcomp.ops.structural import shape_code
+    from backcomp.ops.common import shape_code
     return f"np.full({shape_code(node.shape)}, {value}, dtype={dtype})"
 
 

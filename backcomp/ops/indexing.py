@@ -15,7 +15,7 @@ from backcomp.ops.batch_axis import FREE, LIN_TAG, Kind, Mixed, row, rows_or_fre
 from backcomp.ops.constants import dtype_anchor
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, spec_function
-from backcomp.ops.structural import linear_jvp, normalize_axes, shape_code
+from backcomp.ops.common import linear_jvp, normalize_axes, shape_code
 from backcomp.printer import use_helper
 
 

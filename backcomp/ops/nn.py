@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import sympy as sp
 
-from backcomp.graph import GraphError, Node, ShapeError, format_shape
+from backcomp.graph import GraphError, Node, ShapeError, broadcast_shapes, format_shape
 from backcomp.ops import elementwise as ew
-from backcomp.ops import structural as st
+from backcomp.ops import reductions as rd   # rd.sum, rd.max: the ops, not the builtins
 from backcomp.ops.elementwise import arg_symbol
 from backcomp import notation
 from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse
+from backcomp.ops.common import linear_jvp, normalize_axes, reduced_shape, shape_code
+from backcomp.ops.identity_like import stop_gradient
+from backcomp.ops.layout import reshape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import REDUCTION, X, Param, spec_function
-from backcomp.ops.structural import linear_jvp
 
 
 # ----- logsumexp ----------------------------------------------------------------------
@@ -30,11 +32,11 @@ def logsumexp(x: Node, axis=None, keepdims: bool = False) -> Node:
     ∂/∂x = exp(x − m) / Σ exp(x − m), reusing the forward's exponentials and sum,
     so softmax is never recomputed.
     """
-    axes = st.normalize_axes(axis, x.ndim, "logsumexp")
-    m = st.stop_gradient(st.max(x, axis=axes, keepdims=True))
-    total = st.sum(ew.exp(x - m), axis=axes, keepdims=True)
+    axes = normalize_axes(axis, x.ndim, "logsumexp")
+    m = stop_gradient(rd.max(x, axis=axes, keepdims=True))
+    total = rd.sum(ew.exp(x - m), axis=axes, keepdims=True)
     out = ew.log(total) + m
-    return out if keepdims else st.reshape(out, st.reduced_shape(x.shape, axes, False))
+    return out if keepdims else reshape(out, reduced_shape(x.shape, axes, False))
 
 
 @spec_function(X, Param("axis", "int", False, -1))
@@ -55,20 +57,20 @@ def _stat_args(op: str, x: Node, axis, keepdims, ddof=0) -> tuple[int, ...]:
         raise GraphError(f"{op}: keepdims must be true or false")
     if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
         raise GraphError(f"{op}: ddof must be a non-negative integer, got {ddof!r}")
-    axes = st.normalize_axes(axis, x.ndim, op)
-    n = st._count(x.shape, axes)
+    axes = normalize_axes(axis, x.ndim, op)
+    n = rd._count(x.shape, axes)
     if n.is_Integer and n <= ddof:
         raise GraphError(f"{op}: ddof={ddof} leaves no degrees of freedom over the {n} reduced elements")
     return axes
 
 
 def _var(x: Node, axes: tuple[int, ...], keepdims: bool, ddof: int) -> Node:
-    d = x - st.mean(x, axis=axes, keepdims=True)
+    d = x - rd.mean(x, axis=axes, keepdims=True)
     if ddof == 0:
-        return st.mean(d * d, axis=axes, keepdims=keepdims)
+        return rd.mean(d * d, axis=axes, keepdims=keepdims)
     total = sp.Symbol("%sum", real=True)
-    return ew.ew_from_expr(total / (st._count(x.shape, axes) - ddof),
-                           {total: st.sum(d * d, axis=axes, keepdims=keepdims)}, label="var")
+    return ew.ew_from_expr(total / (rd._count(x.shape, axes) - ddof),
+                           {total: rd.sum(d * d, axis=axes, keepdims=keepdims)}, label="var")
 
 
 @spec_function(*REDUCTION, Param("ddof", "int", False, 0, minimum=0))
@@ -92,7 +94,7 @@ def std(x: Node, axis=None, keepdims: bool = False, ddof: int = 0) -> Node:
 def norm(x: Node, axis=None, keepdims: bool = False) -> Node:
     """The L2 norm √Σx² over ``axis`` (None: all); the gradient at x = 0 is 0, as PyTorch."""
     axes = _stat_args("norm", x, axis, keepdims)
-    return ew.safe_sqrt(st.sum(x * x, axis=axes, keepdims=keepdims), label="norm")
+    return ew.safe_sqrt(rd.sum(x * x, axis=axes, keepdims=keepdims), label="norm")
 
 
 # ----- integer labels ---------------------------------------------------------------
@@ -127,7 +129,7 @@ register_op(OpDef(
 
 
 def _put_emit(node, a, out):
-    return [f"{out} = np.zeros({st.shape_code(node.shape)}, dtype={a[0]}.dtype)",
+    return [f"{out} = np.zeros({shape_code(node.shape)}, dtype={a[0]}.dtype)",
             f"np.put_along_axis({out}, {a[1]}[..., None], {a[0]}[..., None], axis=-1)"]
 
 
@@ -168,13 +170,13 @@ def softmax_cross_entropy(logits: Node, y: Node) -> Node:
     if y.dtype == "int":
         return logsumexp(logits, axis=-1) - take_label(logits, y)
     try:
-        fits = st.broadcast_shapes(y.shape, logits.shape) == logits.shape
+        fits = broadcast_shapes(y.shape, logits.shape) == logits.shape
     except ShapeError:
         fits = False
     if not fits:
         raise ShapeError(f"softmax_cross_entropy: targets {format_shape(y.shape)} do not match logits {format_shape(logits.shape)}")
     # Literally −Σ y·log_softmax: exact for soft labels whatever their row sums.
-    return st.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
+    return rd.sum(-(y * log_softmax(logits, axis=-1)), axis=-1)
 
 
 @spec_function(Param("logits", "array"), Param("labels", "label"), Param("ignore_index", "int", False, -100),
@@ -204,10 +206,10 @@ def cross_entropy(logits: Node, labels: Node, ignore_index: int = -100, label_sm
     eps = float(label_smoothing)
     row = logsumexp(logits, axis=-1) - (1 - eps) * picked if eps else logsumexp(logits, axis=-1) - picked
     if eps:
-        row = row - eps * st.mean(logits, axis=-1)
+        row = row - eps * rd.mean(logits, axis=-1)
     ignored = ew.equal(labels, ignore_index)
-    kept = st.sum(ew.where(ignored, 0, row))
-    count = st.sum(ew.where(ignored, 0, row.graph.apply("ones_like", (row,))))   # in the logits' dtype
+    kept = rd.sum(ew.where(ignored, 0, row))
+    count = rd.sum(ew.where(ignored, 0, row.graph.apply("ones_like", (row,))))   # in the logits' dtype
     return kept / count
 
 
@@ -229,8 +231,8 @@ def layer_norm(x: Node, gamma: Node, beta: Node, eps: float = 1e-5) -> Node:
                              f"{format_shape(x.shape)}, got {shown}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise GraphError(f"layer_norm: eps must be a non-negative number, got {eps!r}")
-    centred = x - st.mean(x, axis=-1, keepdims=True)
-    variance = st.mean(centred * centred, axis=-1, keepdims=True)
+    centred = x - rd.mean(x, axis=-1, keepdims=True)
+    variance = rd.mean(centred * centred, axis=-1, keepdims=True)
     return centred / ew.sqrt(variance + float(eps)) * gamma + beta
 
 
@@ -248,7 +250,7 @@ def l2_normalize(x: Node, axis: int = -1, eps: float = 1e-12) -> Node:
     s = sp.Symbol("%sumsq", real=True)
     floor = sp.Float(float(eps), 17)
     divisor = ew.ew_from_expr(sp.Piecewise((sp.sqrt(s), sp.sqrt(s) >= floor), (floor, True)),
-                              {s: st.sum(x * x, axis=axis, keepdims=True)}, label="norm")
+                              {s: rd.sum(x * x, axis=axis, keepdims=True)}, label="norm")
     return x / divisor
 
 
@@ -263,7 +265,7 @@ def sigmoid_binary_cross_entropy(z: Node, y) -> Node:
 @spec_function(Param("a", "array"), Param("b", "value"))
 def mse(a: Node, b) -> Node:
     """mean((a − b)²) over every element."""
-    return st.mean((a - b) ** 2)
+    return rd.mean((a - b) ** 2)
 
 
 __all__ = ["var", "std", "norm", "logsumexp", "softmax", "log_softmax", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",

@@ -25,7 +25,8 @@ from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.conv import _covered, _int, _pair, _strided, apply, check_layout, out_size, per_image_kind, scratch
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import X, Param, spec_function
-from backcomp.ops.structural import linear_jvp, reshape
+from backcomp.ops.common import linear_jvp
+from backcomp.ops.layout import reshape
 
 _SWV = "np.lib.stride_tricks.sliding_window_view"
 

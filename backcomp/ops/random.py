@@ -25,7 +25,7 @@ from backcomp.graph import Graph, GraphError, Node
 from backcomp.ops.constants import _graph, _shape, dtype_anchor
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import Param, X, spec_function
-from backcomp.ops.structural import shape_code
+from backcomp.ops.common import shape_code
 from backcomp.printer import use_helper
 
 

@@ -23,7 +23,8 @@ from backcomp import notation
 from backcomp.graph import GraphError, Node, ShapeError, format_shape
 from backcomp.ops.registry import OpDef, register_op
 from backcomp.ops.signature import AXIS, KEEPDIMS, X, Param, spec_function
-from backcomp.ops.structural import axes_code, getitem, linear_jvp, normalize_axes, reduced_shape
+from backcomp.ops.common import axes_code, linear_jvp, normalize_axes, reduced_shape
+from backcomp.ops.slicing import getitem
 
 _ALL = slice(None)
 

@@ -18,7 +18,8 @@ def _swapped(t: Node) -> bool:
 
 def flatten_batched_gemms(graph: Graph) -> Graph:
     """Graph -> Graph where Σ_batch xᵀ·ḡ (a summed batched matmul) is one matmul of reshapes."""
-    from backcomp.ops.structural import matmul, reshape, transpose
+    from backcomp.ops.contractions import matmul
+    from backcomp.ops.layout import reshape, transpose
     g, _ = graph.clone()
     users = consumers(g.nodes)
     replace: dict[Node, Node] = {}

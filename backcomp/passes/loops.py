@@ -48,7 +48,6 @@ def merge_scans(graph: Graph) -> Graph:
 def _same_prefix(base: Node, ext: Node) -> bool:
     """Whether ``ext`` reads ``base``'s inputs where ``base``'s step reads them (the JVP
     scan interleaves tangents: its inputs are checked by position of each leaf group)."""
-    from backcomp.loops import Step
     b: Step = base.attrs["step"]
     e: Step = ext.attrs["step"]
     c, x, k = b.counts()
@@ -135,7 +134,7 @@ def merge_sliced_elementwise(graph: Graph) -> Graph:
     over inputs sliced alike) become ``m = f(z[:, a:c])`` read through the views
     ``m[:, :b-a]`` and ``m[:, b-a:]``: one statement instead of two, and a loop stores
     one residual for both.  An LSTM's σ(i) and σ(f), a GRU's σ(r) and σ(z)."""
-    from backcomp.ops.structural import normalize_index
+    from backcomp.ops.slicing import normalize_index
     g, _ = graph.clone()
     changed = False
     while (pair := _adjacent_pair(g)) is not None:

@@ -9,7 +9,7 @@ import sympy as sp
 
 from backcomp.graph import Graph, Node, consumers, toposort
 from backcomp.ops.elementwise import CT, arg_symbol, ew_from_expr, node_expr
-from backcomp.ops.structural import _count
+from backcomp.ops.reductions import _count
 from backcomp.passes.dce import eliminate_dead_code, roots
 from backcomp.passes.fuse import is_elementwise
 

@@ -47,7 +47,7 @@ from backcomp.ops.batch_axis import (
 from backcomp.ops.elementwise import arg_symbol, dim_symbol, ew_from_expr, node_expr
 from backcomp.ops.random import draws as _draws
 from backcomp.ops.registry import get_op
-from backcomp.ops.structural import _count
+from backcomp.ops.reductions import _count
 
 #: the per-chunk function's arguments, as they appear in its expressions
 TOTAL_ROWS = dim_symbol("total_rows")
