@@ -99,11 +99,11 @@ class TextPrinter(StrPrinter):
         fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr)
-        return fmt.text.format(*(self._arg(a, expr.func.__name__) for a in expr.args))
+        return fmt.text.format(*(self._arg(a, fmt.wrap) for a in expr.args))
 
-    def _arg(self, a, key=None):
+    def _arg(self, a, wrap: bool):
         s = self._print(a)
-        if key in ("matmul", "T") and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
+        if wrap and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
                 isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)):
             return f"({s})"
         return s

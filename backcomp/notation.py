@@ -18,6 +18,7 @@ class Fmt:
     text: str    # str.format over the printed args: "{0} · {1}"
     latex: str
     atom: bool = False   # needs no parentheses as a factor
+    wrap: bool = False   # its sum, product and power args get parentheses: (a + b)ᵀ, (a ⊙ b)[:, 1:3]
 
 
 FORMATS: dict[str, Fmt] = {}
@@ -28,11 +29,11 @@ def lit(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def opaque(key: str, text: str, latex: str, atom: bool = False) -> sp.FunctionClass:
+def opaque(key: str, text: str, latex: str, atom: bool = False, wrap: bool = False) -> sp.FunctionClass:
     """An opaque SymPy function printed by ``text``; a key always has the same format
     (the registry is global, so a key that could take two arities would print wrong)."""
-    fmt = FORMATS.setdefault(key, Fmt(text, latex, atom))
-    assert fmt == Fmt(text, latex, atom), (key, fmt, text)
+    fmt = FORMATS.setdefault(key, Fmt(text, latex, atom, wrap))
+    assert fmt == Fmt(text, latex, atom, wrap), (key, fmt, text)
     return sp.Function(key, real=True)
 
 

@@ -281,3 +281,25 @@ loss = "sum(s) + sum(take(sum(x, axis=2), arange(T), axis=1) * one_hot(arange(B)
         for template in (fmt.text, fmt.latex):
             fields = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
             assert all(f.isdigit() for f in fields), (key, template)
+
+
+def test_indexing_and_its_vjp_read_as_subscripts():
+    """``z[:, 16:32]`` and ``scatter(v, [:, 16:32], (B, 64))``, not
+    ``getitem(z, index=(slice(None, None, None), slice(16, 32, None)))``."""
+    text = explain(load_spec(ROOT / "examples" / "lstm.toml"))
+    assert "c_new = c ⊙ σ(z[:, 16:32]) + σ(z[:, :16]) ⊙ tanh(z[:, 32:48])" in text, text
+    assert "scatter(ḡ_h_new ⊙ (1 - σ(z[:, 48:])) ⊙ σ(z[:, 48:]) ⊙ tanh(c_new), [:, 48:], (B, 64))" in text, text
+    assert "slice(" not in text and "index=" not in text
+    gpt = explain(load_spec(ROOT / "examples" / "gpt_char.toml"))
+    assert "x0 = P[:T] + E[ids]" in gpt and "ḡ_P = scatter(Σ_B(ḡ_x0), [:T], (32, 64))" in gpt, gpt
+    latex = explain(load_spec(ROOT / "examples" / "gpt_char.toml"), latex=True)
+    assert r"x0 = P_{[:T]} + E_{[ids]}" in latex and r"\operatorname{scatter}_{[:T] \to (32, 64)}" in latex, latex
+
+
+def test_a_subscript_of_a_sum_is_parenthesised():
+    from backcomp import ops
+    g = backcomp.Graph("sub")
+    x, W, b = g.input("x", ("B", 4)), g.param("W", (4, 6)), g.param("b", (6,))
+    g.loss(ops.sum(ops.tanh((x @ W + b)[:, 1:3])), "loss")
+    text = explain(g)
+    assert "(b + x · W)[:, 1:3]" in text, text

@@ -97,7 +97,7 @@ def _matmul_explain(node, args, scalars):
         return args[1]
     if args[1] == 1 and b.ndim >= 2 and b.shape[-2] == 1:
         return args[0]
-    return notation.opaque("matmul", "{0} · {1}", r"{0} \cdot {1}")(*args)
+    return notation.opaque("matmul", "{0} · {1}", r"{0} \cdot {1}", wrap=True)(*args)
 
 
 def _matmul_emit(node: Node, args: Sequence[str], out: str) -> list[str]:

@@ -43,7 +43,7 @@ def _transpose_explain(node, args, scalars):
     axes = node.attrs["axes"]
     n = len(axes)
     if axes == tuple(reversed(range(n))) or axes == tuple(range(n - 2)) + (n - 1, n - 2):
-        transposed = notation.opaque("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True)
+        transposed = notation.opaque("T", "{0}ᵀ", r"{0}^{{\top}}", atom=True, wrap=True)
         inner = args[0]
         return inner.args[0] if isinstance(inner, transposed) else transposed(inner)   # (Wᵀ)ᵀ = W
     return notation.opaque(f"transpose{axes}", f"transpose({{0}}, {axes})",

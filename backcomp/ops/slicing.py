@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from backcomp import notation
 from backcomp.graph import Graph, GraphError, Node, Shape, ShapeError, format_shape
 from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse, row
 from backcomp.ops.common import _apply, _batched_with, linear_jvp, normalize_axes, shape_code
@@ -170,8 +171,15 @@ def _index_after_steps(attrs: dict, length) -> dict:
     return dict(attrs, index=(slice(None),) + tuple(attrs["index"]))
 
 
-register_op(OpDef("getitem", _getitem_infer, _getitem_emit,
-                  _getitem_vjp, jvp=linear_jvp, memory="view", doc="basic NumPy indexing: ints, slices with steps, None, ...",
+def _getitem_explain(node, args, scalars):
+    """``z[:, 128:256]`` (LaTeX ``z_{[:, 128:256]}``), as the spec writes it."""
+    code = _index_code(node.attrs["index"])
+    return notation.opaque(f"getitem[{code}]", "{0}[" + code + "]", "{0}_{{[" + code + "]}}",
+                           atom=True, wrap=True)(*args)
+
+
+register_op(OpDef("getitem", _getitem_infer, _getitem_emit, _getitem_vjp, jvp=linear_jvp, memory="view",
+                  explain=_getitem_explain, doc="basic NumPy indexing: ints, slices with steps, None, ...",
                   separability=_getitem_kind, bound="element", batched=_batched_with(_index_after_steps),
                   signature="x[i, a:b:c, None, ...]"))
 
@@ -185,8 +193,15 @@ def _scatter_after_steps(attrs: dict, length) -> dict:
     return _shape_after_steps(_index_after_steps(attrs, length), length)
 
 
+def _scatter_explain(node, args, scalars):
+    """``scatter(x, [:, 128:256], (B, 512))``: zeros of that shape with x at the index."""
+    code, shape = _index_code(node.attrs["index"]), format_shape(node.shape)
+    return notation.opaque(f"scatter[{code}]{shape}", "scatter({0}, [" + code + "], " + shape + ")",
+                           r"\operatorname{{scatter}}_{{[" + code + r"] \to " + shape + "}}({0})", atom=True)(*args)
+
+
 register_op(OpDef("scatter", lambda ins, attrs: (attrs["shape"], ins[0].dtype), _scatter_emit,
-                  lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp,
+                  lambda node, ct: [getitem(ct, node.attrs["index"])], jvp=linear_jvp, explain=_scatter_explain,
                   batched=_batched_with(_scatter_after_steps),
                   doc="zeros with x written at an index: the VJP of indexing (compiler-internal)"))
 

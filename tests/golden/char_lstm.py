@@ -26,17 +26,17 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_h = ḡ_z · Whᵀ
             ḡ_Wh = hᵀ · ḡ_z
             ḡ_b = Σ_B(ḡ_z)
-        c_new = c ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None)))) + σ(getitem(z, index=(slice(None, None, None), slice(None, 128, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(256, 384, None))))    # shape (B, 128)
-            ḡ_z += scatter(c ⊙ ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None)))), index=(slice(None, None, None), slice(128, 256, None)), shape=('B', 512)) + scatter(ḡ_c_new ⊙ (1 - tanh(getitem(z, index=(slice(None, None, None), slice(256, 384, None))))^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 128, None)))), index=(slice(None, None, None), slice(256, 384, None)), shape=('B', 512)) + scatter(ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(None, 128, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 128, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(256, 384, None)))), index=(slice(None, None, None), slice(None, 128, None)), shape=('B', 512))
-            ḡ_c = ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None))))
-        h_new = σ(getitem(z, index=(slice(None, None, None), slice(384, None, None)))) ⊙ tanh(c_new)    # shape (B, 128)
-            ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(384, None, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(384, None, None)))) ⊙ tanh(c_new), index=(slice(None, None, None), slice(384, None, None)), shape=('B', 512))
-            ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(384, None, None))))
+        c_new = c ⊙ σ(z[:, 128:256]) + σ(z[:, :128]) ⊙ tanh(z[:, 256:384])    # shape (B, 128)
+            ḡ_z += scatter(c ⊙ ḡ_c_new ⊙ (1 - σ(z[:, 128:256])) ⊙ σ(z[:, 128:256]), [:, 128:256], (B, 512)) + scatter(ḡ_c_new ⊙ (1 - tanh(z[:, 256:384])^2) ⊙ σ(z[:, :128]), [:, 256:384], (B, 512)) + scatter(ḡ_c_new ⊙ (1 - σ(z[:, :128])) ⊙ σ(z[:, :128]) ⊙ tanh(z[:, 256:384]), [:, :128], (B, 512))
+            ḡ_c = ḡ_c_new ⊙ σ(z[:, 128:256])
+        h_new = σ(z[:, 384:]) ⊙ tanh(c_new)    # shape (B, 128)
+            ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(z[:, 384:])) ⊙ σ(z[:, 384:]) ⊙ tanh(c_new), [:, 384:], (B, 512))
+            ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(z[:, 384:])
       across the steps (backpropagation through time, t = T-1, ..., 0):
         ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
         ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
         ḡ_h[t] = (ḡ_z · Whᵀ)[t]
-        ḡ_c[t] = (ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(128, 256, None)))))[t]
+        ḡ_c[t] = (ḡ_c_new ⊙ σ(z[:, 128:256]))[t]
         ḡ_Wx = Σ_t (e_tᵀ · ḡ_z)[t]
         ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
         ḡ_b = Σ_t (Σ_B(ḡ_z))[t]

@@ -8,9 +8,9 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     gpt_char: ḡ_v = ∂loss/∂v, ⊙ elementwise product, · matrix product
     ḡ_loss = 1
 
-    x0 = getitem(P, index=(slice(None, 'T', None),)) + E[ids]    # shape (B, T, 64)
+    x0 = P[:T] + E[ids]    # shape (B, T, 64)
         ḡ_E = scatter_add(ḡ_x0, ids)
-        ḡ_P = scatter(Σ_B(ḡ_x0), index=(slice(None, 'T', None),), shape=(32, 64))
+        ḡ_P = scatter(Σ_B(ḡ_x0), [:T], (32, 64))
 
     causal = tril(full((T, T), 1))    # shape (T, T)
 

@@ -22,17 +22,17 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_h = ḡ_z · Whᵀ
             ḡ_Wh = hᵀ · ḡ_z
             ḡ_b = Σ_B(ḡ_z)
-        c_new = c ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))) + σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None))))    # shape (B, 16)
-            ḡ_z += scatter(c ⊙ ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))), index=(slice(None, None, None), slice(16, 32, None)), shape=('B', 64)) + scatter(ḡ_c_new ⊙ (1 - tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None))))^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))), index=(slice(None, None, None), slice(32, 48, None)), shape=('B', 64)) + scatter(ḡ_c_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(None, 16, None)))) ⊙ tanh(getitem(z, index=(slice(None, None, None), slice(32, 48, None)))), index=(slice(None, None, None), slice(None, 16, None)), shape=('B', 64))
-            ḡ_c = ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None))))
-        h_new = σ(getitem(z, index=(slice(None, None, None), slice(48, None, None)))) ⊙ tanh(c_new)    # shape (B, 16)
-            ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(getitem(z, index=(slice(None, None, None), slice(48, None, None))))) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(48, None, None)))) ⊙ tanh(c_new), index=(slice(None, None, None), slice(48, None, None)), shape=('B', 64))
-            ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(getitem(z, index=(slice(None, None, None), slice(48, None, None))))
+        c_new = c ⊙ σ(z[:, 16:32]) + σ(z[:, :16]) ⊙ tanh(z[:, 32:48])    # shape (B, 16)
+            ḡ_z += scatter(c ⊙ ḡ_c_new ⊙ (1 - σ(z[:, 16:32])) ⊙ σ(z[:, 16:32]), [:, 16:32], (B, 64)) + scatter(ḡ_c_new ⊙ (1 - tanh(z[:, 32:48])^2) ⊙ σ(z[:, :16]), [:, 32:48], (B, 64)) + scatter(ḡ_c_new ⊙ (1 - σ(z[:, :16])) ⊙ σ(z[:, :16]) ⊙ tanh(z[:, 32:48]), [:, :16], (B, 64))
+            ḡ_c = ḡ_c_new ⊙ σ(z[:, 16:32])
+        h_new = σ(z[:, 48:]) ⊙ tanh(c_new)    # shape (B, 16)
+            ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(z[:, 48:])) ⊙ σ(z[:, 48:]) ⊙ tanh(c_new), [:, 48:], (B, 64))
+            ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(z[:, 48:])
       across the steps (backpropagation through time, t = T-1, ..., 0):
         ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
         ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
         ḡ_h[t] = (ḡ_z · Whᵀ)[t]
-        ḡ_c[t] = (ḡ_c_new ⊙ σ(getitem(z, index=(slice(None, None, None), slice(16, 32, None)))))[t]
+        ḡ_c[t] = (ḡ_c_new ⊙ σ(z[:, 16:32]))[t]
         ḡ_Wx = Σ_t (x_tᵀ · ḡ_z)[t]
         ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
         ḡ_b = Σ_t (Σ_B(ḡ_z))[t]
