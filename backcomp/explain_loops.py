@@ -62,7 +62,8 @@ def explain_step(step: Step, caller: str, fmt, reverse: bool = False) -> list[st
     maths, consumers = derive(model)
     carries = [c.name for c in step.carry]
     slices = [x.name for x in step.xs]
-    lines = [f"step {step.name} (carry {', '.join(carries)}; slices {', '.join(slices)}), run by {caller}, at step t:"]
+    lines = [f"step {step.name} (carry {', '.join(carries)}; {'slices ' + ', '.join(slices) if slices else 'no slices'}), "
+             f"run by {caller}, at step t:"]
     for m in maths:
         if m.name == "step_seed":
             continue
@@ -125,7 +126,8 @@ def loop_math(node: Node, lines: dict[Node, str]) -> str:
         c, x, _ = step.counts()
         init = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[:c])
         seqs = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[c:c + x])
-        return f"scan({step.name}, ({init}), ({seqs}){', reverse' if node.attrs.get('reverse') else ''})"
+        length = f", length={node.attrs['length']}" if "length" in node.attrs else ""
+        return f"scan({step.name}, ({init}), ({seqs}){length}{', reverse' if node.attrs.get('reverse') else ''})"
     x = node
     while x.op not in ("scan_out",) and x.inputs:
         x = x.inputs[0]

@@ -329,11 +329,15 @@ class Graph:
             self.captured[outer] = leaf
         return leaf
 
-    def scan(self, step, init, xs, axis: int = 0, name: str = "step", reverse: bool = False):
+    def scan(self, step, init, xs=(), axis: int = 0, name: str = "step", reverse: bool = False,
+             length: int | None = None):
         """Run ``step(carry, x) -> (new_carry, ys)`` along ``axis`` of ``xs`` as one loop
-        (``backcomp.loops.scan``); the result has ``.carry`` and ``.ys`` (stacked on ``axis``)."""
+        (``backcomp.loops.scan``); the result has ``.carry`` and ``.ys`` (stacked on ``axis``).
+
+        With no sequences, ``length=n`` (a positive int) runs the step n times, as
+        ``jax.lax.scan(f, init, None, length=n)``: ``g.scan(step, h0, length=4)``."""
         from backcomp.loops import scan
-        return scan(step, init, xs, axis=axis, name=name, reverse=reverse)
+        return scan(step, init, xs, axis=axis, name=name, reverse=reverse, length=length)
 
     @contextmanager
     def scoped(self, scope: str | None = None, origin: tuple | None = None):

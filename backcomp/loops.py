@@ -154,8 +154,9 @@ def moveaxis(x: Node, source: int, dest: int) -> Node:
     return transpose(x, tuple(order))
 
 
-def scan(step: Callable, init, xs, axis: int = 0, name: str = "step", reverse: bool = False,
-         carry_names: Sequence[str] | None = None, xs_names: Sequence[str] | None = None) -> ScanResult:
+def scan(step: Callable, init, xs=(), axis: int = 0, name: str = "step", reverse: bool = False,
+         carry_names: Sequence[str] | None = None, xs_names: Sequence[str] | None = None,
+         length: int | None = None) -> ScanResult:
     """Run ``step(carry, x) -> (new_carry, ys)`` along ``axis`` of ``xs``.
 
     ``init`` and ``xs`` are arrays or tuples of arrays; ``step`` receives the carry and
@@ -163,11 +164,17 @@ def scan(step: Callable, init, xs, axis: int = 0, name: str = "step", reverse: b
     shapes) and its per-step outputs (an array, a tuple, or None).  Model values the step
     reads are captured: they need not be passed.  The result's ``ys`` are stacked along
     ``axis``; with ``reverse`` the steps run from the last slice to the first.
+
+    ``length`` (a positive int) is the number of steps, as in ``jax.lax.scan``: with no
+    sequences (``xs=()`` or None) the step runs ``length`` times and receives ``()`` as
+    its slices (a fixed-point iteration, an ODE integrator's steps, a layer repeated
+    with shared weights); with sequences it must equal their length.
     """
     inits, init_single = _as_tuple(init, "init")
     seqs, xs_single = _as_tuple(xs, "xs")
-    if not seqs:
-        raise GraphError("scan: needs at least one sequence to scan over (xs)")
+    length = check_length(length)
+    if not seqs and length is None:
+        raise GraphError("scan: needs at least one sequence to scan over (xs), or a number of steps (length=)")
     if not inits:
         raise GraphError("scan: needs at least one carry (init)")
     for v in inits + seqs:
@@ -183,6 +190,8 @@ def scan(step: Callable, init, xs, axis: int = 0, name: str = "step", reverse: b
     if len(lengths) > 1:
         raise ShapeError(f"scan: the sequences have different lengths along axis {axis}: "
                          f"{' and '.join(format_shape(s.shape) for s in seqs)}")
+    if seqs and length is not None:
+        _same_length(seqs, axis, length)
     g = step_graph(outer, name)
     carry_names = list(carry_names or [v.name or ("carry" if len(inits) == 1 else f"carry{i}")
                                        for i, v in enumerate(inits)])
@@ -193,18 +202,52 @@ def scan(step: Callable, init, xs, axis: int = 0, name: str = "step", reverse: b
                    for s, n in zip(seqs, xs_names))
     for i, leaf in enumerate(carry + slices):
         g.inputs[f"l{i}"] = leaf
-    out = step(carry[0] if init_single else carry, slices[0] if xs_single else slices)
+    out = step(carry[0] if init_single else carry,
+               slices[0] if xs_single else None if xs is None else slices)   # jax passes None for xs=None
     if not (isinstance(out, tuple) and len(out) == 2):
         raise GraphError(f"scan: step '{name}' must return (new_carry, ys)")
     new_carry, single_c = _as_tuple(out[0], "the new carry")
     ys, ys_single = _as_tuple(out[1], "the per-step outputs")
     return finish_scan(g, inits, seqs, carry, slices, new_carry, ys, axis, reverse,
-                       single=(init_single, ys_single))
+                       single=(init_single, ys_single), length=length)
+
+
+def check_length(length) -> int | None:
+    """``scan``'s ``length=``: None or a positive int (a NumPy integer is taken as one).
+
+    A symbolic dim is refused: with no sequence, nothing binds it when the module runs
+    (scan over an input of that dim instead), and ``jax.lax.scan`` wants a static length too."""
+    import numbers
+    if length is None:
+        return None
+    if isinstance(length, str):
+        raise ShapeError(f"scan: length must be a positive int, not the symbolic dim {length!r}; "
+                         "a loop of a symbolic number of steps scans over an input of that dim")
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral):
+        raise ShapeError(f"scan: length must be a positive int, got {length!r} ({type(length).__name__})")
+    if length < 1:
+        raise ShapeError(f"scan: length must be a positive int (at least one step), got {int(length)}")
+    return int(length)
+
+
+def _same_length(seqs, axis: int, length: int) -> None:
+    """With both sequences and ``length=``, they agree (as ``jax.lax.scan`` requires)."""
+    for s in seqs:
+        if s.ndim and -s.ndim <= axis < s.ndim and s.shape[axis] != length:
+            raise ShapeError(f"scan: length={length} disagrees with the sequence of shape "
+                             f"{format_shape(s.shape)}, of length {s.shape[axis]} along axis {axis}")
+
+
+def length_attrs(length, n_seqs: int) -> dict:
+    """The ``length`` attr of a scan node: only a scan without sequences has one (the others
+    take their length from their sequences, and their nodes stay as they were)."""
+    return {} if n_seqs else {"length": length}
 
 
 def finish_scan(g: Graph, inits, seqs, carry, slices, new_carry, ys, axis: int, reverse: bool,
-                single=(False, False)) -> ScanResult:
-    """Close the step graph ``g`` and build the scan node and its projections."""
+                single=(False, False), length: int | None = None) -> ScanResult:
+    """Close the step graph ``g`` and build the scan node and its projections (``length``:
+    the number of steps, needed when there is no sequence)."""
     if len(new_carry) != len(carry):
         raise GraphError(f"scan: step '{g.name}' returns {len(new_carry)} carr{'y' if len(new_carry) == 1 else 'ies'}, "
                          f"but the loop starts with {len(carry)}")
@@ -229,7 +272,13 @@ def finish_scan(g: Graph, inits, seqs, carry, slices, new_carry, ys, axis: int, 
     from backcomp.ops.random import _stream, draws
     drawing = any(draws(n) for n in g.nodes)
     stream = {"stream": _stream(outer)} if drawing else {}
-    node = outer.apply("scan", (*inits, *seqs_tm, *outer_consts), step=step, reverse=reverse, **stream)
+    if not seqs:
+        for y in ys:   # the stacked output has one axis more than the step's
+            if not -(y.ndim + 1) <= axis <= y.ndim:
+                raise ShapeError(f"scan: axis {axis} is out of range to stack the per-step outputs of step "
+                                 f"'{g.name}' (shape {format_shape(y.shape)} per step)")
+    node = outer.apply("scan", (*inits, *seqs_tm, *outer_consts), step=step, reverse=reverse,
+                       **length_attrs(length, len(seqs)), **stream)
     carries = tuple(outer.apply("scan_out", (node,), index=i) for i in range(len(carry)))
     stacked = tuple(moveaxis(outer.apply("scan_out", (node,), index=len(carry) + j), 0, axis)
                     for j in range(len(ys)))
@@ -245,7 +294,11 @@ def _local(g: Graph, v: Node) -> Node:
 
 # ----- shape rules ----------------------------------------------------------------------
 def scan_length(node: Node):
-    """The number of steps of a scan node: the leading dim of its sequences."""
+    """The number of steps of a scan node: the leading dim of its sequences, or its
+    ``length`` attr when it has none (``scan(..., length=n)``, a backward loop that
+    reads no per-step value)."""
+    if "length" in node.attrs:
+        return node.attrs["length"]
     c, _, _ = node.attrs["step"].counts()
     return node.inputs[c].shape[0]
 
@@ -264,7 +317,15 @@ def _scan_infer(inputs, attrs):
         if v.shape[1:] != leaf.shape:
             raise ShapeError(f"scan: a sequence of shape {format_shape(v.shape)} does not slice to "
                              f"{format_shape(leaf.shape)}, the slice step '{step.name}' takes")
-    if len(lengths) != 1:
+    if "length" in attrs:
+        length = attrs["length"]
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ShapeError(f"scan: step '{step.name}' runs {length!r} times; length must be a positive int")
+        if lengths - {length}:
+            raise ShapeError(f"scan: length={length} disagrees with the sequences of step '{step.name}'")
+    elif not x:
+        raise ShapeError(f"scan: step '{step.name}' has no sequence and no length: how many steps?")
+    elif len(lengths) != 1:
         raise ShapeError(f"scan: the sequences of step '{step.name}' have different lengths")
     for v, leaf in zip(inputs[c + x:], step.consts):
         if v.shape != leaf.shape:
@@ -594,7 +655,7 @@ def _register():
     register_op(OpDef(
         "scan", _scan_infer, _scan_emit, _scan_vjp_rule, jvp=_scan_jvp_rule, separability=_loop_kind,
         doc="run a step sub-graph along the leading axis (a Python for loop); the value is a tuple",
-        signature="scan(step, init, xs, axis=0)"))
+        signature="scan(step, init, xs=(), axis=0, reverse=False, length=None)"))
     register_op(OpDef(
         "scan_out", _scan_out_infer, _scan_out_emit, _scan_out_vjp, jvp=_scan_out_jvp, separability=_loop_kind,
         doc="one output of a scan: a final carry, stacked outputs or a sum (compiler-internal)"))

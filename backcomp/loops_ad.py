@@ -20,7 +20,7 @@ on the step graph), which recomputes the primal outputs beside their tangents.
 from __future__ import annotations
 
 from backcomp.graph import Graph, GraphError, Node
-from backcomp.loops import Step, new_leaf, out_kind, output_cotangents, scan_length  # noqa: F401
+from backcomp.loops import Step, length_attrs, new_leaf, out_kind, output_cotangents, scan_length  # noqa: F401
 
 #: (step fingerprint, mask) -> plan: steps are immutable, so plans are shared
 _VJP_PLANS: dict = {}
@@ -211,7 +211,7 @@ def scan_vjp(node: Node, ct: Node) -> list[Node | None]:
     n_res = lay["n_res"]
     index_map = tuple(range(oc + oy)) + tuple(oc + oy + n_res + j for j in range(os_))
     res_node = g.apply("scan", node.inputs, step=fwd, reverse=reverse, extends=(repr(step), index_map),
-                       **_stream_of(node))
+                       **length_attrs(scan_length(node), x), **_stream_of(node))
     res_node.origin = None   # the forward loop itself, not a backward statement
     res_node.name, res_node.scope = node.name, node.scope   # it replaces the node (a variable name only)
     stored = []
@@ -231,7 +231,9 @@ def scan_vjp(node: Node, ct: Node) -> list[Node | None]:
             inits.append(cts[i])
     b_xs = residuals + [cts[i] for i in lay["ys_ct"]] + [node.inputs[c + j] for j in lay["xs_used"]]
     b_consts = [node.inputs[c + x + j] for j in lay["consts_used"]] + [cts[i] for i in lay["sums_ct"]]
-    back = g.apply("scan", (*inits, *b_xs, *b_consts), step=bwd, reverse=not reverse)
+    # a backward that reads no per-step value (h_new = 2 h + x_t) has no sequence: its length is the forward's
+    back = g.apply("scan", (*inits, *b_xs, *b_consts), step=bwd, reverse=not reverse,
+                   **length_attrs(scan_length(node), len(b_xs)))
     out: list[Node | None] = [None] * len(node.inputs)
     for i in range(c):
         out[i] = g.apply("scan_out", (back,), index=i)
@@ -306,7 +308,7 @@ def scan_jvp(node: Node, tangents) -> Node | None:
               + list(ins[c + x:]) + [t for t in tangents[c + x:] if t is not None])
     index_map = tuple(range(oc)) + tuple(2 * oc + j for j in range(oy)) + tuple(2 * oc + 2 * oy + j for j in range(os_))
     return g.apply("scan", inputs, step=jstep, reverse=node.attrs.get("reverse", False),
-                   extends=(repr(step), index_map), **_stream_of(node))
+                   extends=(repr(step), index_map), **length_attrs(scan_length(node), x), **_stream_of(node))
 
 
 def _stream_of(node: Node) -> dict:

@@ -19,7 +19,7 @@ without a rule stay in the loop.
 from __future__ import annotations
 
 from backcomp.graph import Graph, Node, ShapeError, multiply_dims, toposort
-from backcomp.loops import Step, new_leaf, scan_length
+from backcomp.loops import Step, length_attrs, new_leaf, scan_length
 from backcomp.ops.registry import OpDef, get_op
 from backcomp.passes.dce import eliminate_dead_code
 
@@ -195,7 +195,7 @@ def _hoist_one(g: Graph, node: Node) -> bool:
     inputs = list(node.inputs[:c + x]) + [value[n] for n in extra_xs] + list(node.inputs[c + x:]) + \
         [value[n] for n in extra_consts]
     loop = g.apply("scan", inputs, step=new_step, reverse=node.attrs.get("reverse", False),
-                   **{k: v for k, v in node.attrs.items() if k == "stream"})
+                   **length_attrs(length, len(new_step.xs)), **{k: v for k, v in node.attrs.items() if k == "stream"})
     loop.name, loop.scope, loop.origin = node.name, node.scope, node.origin
 
     def out(i: int) -> Node:

@@ -13,7 +13,7 @@ node of their own, so hoisting takes them out of the loop.
 from __future__ import annotations
 
 from backcomp.graph import Graph, Node, toposort
-from backcomp.loops import Step
+from backcomp.loops import Step, scan_length
 from backcomp.passes.dce import eliminate_dead_code
 
 _OPTIMIZED: dict[str, Step] = {}
@@ -31,7 +31,8 @@ def merge_scans(graph: Graph) -> Graph:
         for base in bases:
             if repr(base.attrs["step"]) == base_repr and base not in replaced \
                     and base.attrs.get("reverse", False) == n.attrs.get("reverse", False) \
-                    and base.attrs.get("stream") == n.attrs.get("stream") and _same_prefix(base, n):
+                    and base.attrs.get("stream") == n.attrs.get("stream") and _same_prefix(base, n) \
+                    and scan_length(base) == scan_length(n):
                 replaced[base] = (n, index_map)
                 break
     if not replaced:

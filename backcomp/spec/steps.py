@@ -20,6 +20,15 @@ h_last = "run.carry[0]"
 A step is built at each ``scan`` call that names it: its carries take the shapes of
 the initial values given there, its slices those of the sequences without the scanned
 axis.  Errors name the step's line in the spec.
+
+A loop with no per-step input (a fixed-point iteration, Euler steps, a layer repeated
+with shared weights) declares no ``xs`` (or ``xs = []``) and is called with no sequence
+and a fixed number of steps, as ``jax.lax.scan(f, init, None, length=n)``::
+
+    run = "scan(euler, y0, (), length=8)"      # or scan(euler, y0, length=8)
+
+``length`` is a positive integer (a literal or an integer constant); given with
+sequences, it must equal their length.
 """
 from __future__ import annotations
 
@@ -62,11 +71,15 @@ class Steps:
             if key not in STEP_KEYS:
                 raise ld.fail(ld.loc.key(section, key), f"unknown key '{key}' in step '{name}'"
                                                         f"{suggest(key, STEP_KEYS)} (keys: {', '.join(STEP_KEYS)})")
-        for key in ("carry", "xs"):
-            names = body.get(key)
-            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-                raise ld.fail(ld.loc.value(section, key) if key in body else where,
-                              f"step '{name}' needs {key} = [\"...\"], a non-empty array of names")
+        names = body.get("carry")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ld.fail(ld.loc.value(section, "carry") if "carry" in body else where,
+                          f"step '{name}' needs carry = [\"...\"], a non-empty array of names")
+        names = body.setdefault("xs", [])   # no xs: a loop run for length= steps
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ld.fail(ld.loc.value(section, "xs"),
+                          f"step '{name}' needs xs = [\"...\"], an array of names (or xs = [] and "
+                          "scan(..., length=n) for a loop with no per-step input)")
         graph = body.get("graph")
         if not isinstance(graph, dict) or not graph:
             raise ld.fail(ld.loc.section(f"{section}.graph") if "graph" in body else where,
@@ -130,7 +143,7 @@ class Steps:
                 out |= self.free_names(n) if n not in self.active else set()
         return out
 
-    # -- scan(step, init, xs, axis=0, reverse=False) ------------------------------------------
+    # -- scan(step, init, xs, axis=0, reverse=False, length=None) -----------------------------
     def call(self, walker: "Walker", node: ast.Call) -> Node:
         args = node.args
         if not args or not isinstance(args[0], ast.Name):
@@ -139,9 +152,12 @@ class Steps:
         if name not in self.table:
             raise walker.err(args[0], f"unknown step '{name}'{suggest(name, self.table)}"
                                       + ("" if self.table else " (declare it in [steps." + name + "])"))
-        if len(args) != 3:
-            raise walker.err(node, f"scan() takes 3 positional arguments (step, init, xs), got {len(args)}")
-        options = {"axis": 0, "reverse": False}
+        lengthy = any(k.arg == "length" for k in node.keywords)
+        if len(args) != 3 and not (lengthy and len(args) == 2):
+            raise walker.err(node, f"scan() takes 3 positional arguments (step, init, xs), got {len(args)}"
+                                   + (" (with length=, xs may be left out)" if len(args) == 2 else ""))
+        options = {"axis": 0, "reverse": False, "length": None}
+        length_node = None
         for k in node.keywords:
             if k.arg == "axis":
                 options["axis"] = walker.int(k.value, "argument 'axis' of scan()")
@@ -149,33 +165,54 @@ class Steps:
                 if not (isinstance(k.value, ast.Constant) and isinstance(k.value.value, bool)):
                     raise walker.err(k.value, "argument 'reverse' of scan() must be True or False")
                 options["reverse"] = k.value.value
+            elif k.arg == "length":
+                length_node = k.value
+                if isinstance(k.value, ast.Name) and k.value.id in self.loader.dims:
+                    raise walker.err(k.value, f"argument 'length' of scan() must be a positive integer, not the "
+                                              f"symbolic dim '{k.value.id}' (of input '{self.loader.dims[k.value.id]}'): "
+                                              "to run one step per entry of that dim, scan over the input")
+                options["length"] = walker.int(k.value, "argument 'length' of scan()", "a positive integer", 1)
             else:
-                raise walker.err(k.value, f"scan() got an unexpected keyword argument '{k.arg}' (allowed: axis, reverse)")
+                raise walker.err(k.value, f"scan() got an unexpected keyword argument '{k.arg}' "
+                                          "(allowed: axis, reverse, length)")
         if name in self.active:
             raise walker.err(args[0], f"step '{name}' scans itself: {' -> '.join(self.active + [name])}")
         body = self.table[name]
         inits = self._arrays(walker, args[1], "the initial carry")
-        seqs = self._arrays(walker, args[2], "the sequences (xs)")
+        xs_node = args[2] if len(args) == 3 else None
+        no_xs = xs_node is None or isinstance(xs_node, ast.Tuple) and not xs_node.elts \
+            or isinstance(xs_node, ast.Constant) and xs_node.value is None
+        seqs = [] if no_xs else self._arrays(walker, xs_node, "the sequences (xs)")
+        if not seqs and options["length"] is None:
+            raise walker.err(xs_node if xs_node is not None else node,
+                             "scan() needs at least one sequence (xs), or a number of steps: "
+                             f"scan({name}, init, (), length=n)")
         if len(inits) != len(body["carry"]):
             raise walker.err(args[1], f"step '{name}' has {len(body['carry'])} carr"
                                       f"{'y' if len(body['carry']) == 1 else 'ies'} ({', '.join(body['carry'])}), "
                                       f"but scan() gives {len(inits)} initial value{'s' if len(inits) != 1 else ''}")
         if len(seqs) != len(body["xs"]):
-            raise walker.err(args[2], f"step '{name}' takes {len(body['xs'])} slice"
-                                      f"{'s' if len(body['xs']) != 1 else ''} ({', '.join(body['xs'])}), "
-                                      f"but scan() gives {len(seqs)} sequence{'s' if len(seqs) != 1 else ''}")
+            slices = (f"{len(body['xs'])} slice{'s' if len(body['xs']) != 1 else ''} ({', '.join(body['xs'])})"
+                      if body["xs"] else "no slice (it declares no xs)")
+            raise walker.err(xs_node if xs_node is not None else node,
+                             f"step '{name}' takes {slices}, "
+                             f"but scan() gives {len(seqs)} sequence{'s' if len(seqs) != 1 else ''}")
         axis = options["axis"]
-        for a, s in zip(args[2].elts if isinstance(args[2], ast.Tuple) else [args[2]], seqs):
+        for a, s in zip(xs_node.elts if isinstance(xs_node, ast.Tuple) else [xs_node], seqs):
             if not -s.ndim <= axis < s.ndim:
                 raise walker.err(a, f"scan(): axis {axis} is out of range for a sequence of shape "
                                     f"{_shape(s.shape)}")
         lengths = {s.shape[axis] for s in seqs}
         if len(lengths) > 1:
-            raise walker.err(args[2], f"scan(): the sequences have different lengths along axis {axis}: "
+            raise walker.err(xs_node, f"scan(): the sequences have different lengths along axis {axis}: "
                                       f"{' and '.join(_shape(s.shape) for s in seqs)}")
+        if seqs and options["length"] is not None and lengths != {options["length"]}:
+            raise walker.err(length_node, f"scan(): length={options['length']} disagrees with the sequences, "
+                                          f"of length {lengths.pop()} along axis {axis}: "
+                                          f"{' and '.join(_shape(s.shape) for s in seqs)}")
         self.active.append(name)
         try:
-            result = self.build(walker, name, inits, seqs, axis, options["reverse"])
+            result = self.build(walker, name, inits, seqs, axis, options["reverse"], options["length"])
         finally:
             self.active.pop()
         self.results[result.node] = result
@@ -187,7 +224,8 @@ class Steps:
             raise walker.err(node, f"{what} of scan() is empty")
         return [walker.array(e, f"{what} of scan()") for e in items]
 
-    def build(self, walker: "Walker", name: str, inits, seqs, axis: int, reverse: bool) -> ScanResult:
+    def build(self, walker: "Walker", name: str, inits, seqs, axis: int, reverse: bool,
+              length: int | None = None) -> ScanResult:
         from backcomp.spec.expressions import Walker, Where, parse_expression
         from backcomp.spec.loader import _topological
         ld = self.loader
@@ -230,7 +268,7 @@ class Steps:
         new_carry = [names[n] for n in returns["carry"]]
         ys = [names[n] for n in returns.get("ys", [])]
         try:
-            return finish_scan(g, inits, seqs, carry, slices, new_carry, ys, axis, reverse)
+            return finish_scan(g, inits, seqs, carry, slices, new_carry, ys, axis, reverse, length=length)
         except (GraphError, ShapeError, RegistryError) as e:
             message = str(e).replace("scan: ", "", 1)
             key = "carry" if "carry" in message else "ys" if "ys" in returns else "carry"
