@@ -446,7 +446,8 @@ def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[N
         seed = {sp.Symbol(BAR + ident, real=True): sp.Symbol(BAR + label, real=True)}
         for leaf, term in sub.vjps.items():
             math.vjps[leaf] = math.vjps.get(leaf, 0) + term.xreplace(seed)
-    flags = [sp.Symbol("reverse")] if node.attrs.get("reverse") else []
+    flags = [sp.Symbol(f"length={node.attrs['length']}")] if "length" in node.attrs else []
+    flags += [sp.Symbol("reverse")] if node.attrs.get("reverse") else []
     math.forward = sp.Function("scan")(sp.Symbol(step.name), sp.Tuple(*args["init"]), sp.Tuple(*args["xs"]), *flags)
     return math
 
@@ -514,9 +515,9 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
             else:
                 lines.append(f"    {BAR}{v} {acc} {fmt(term)}")
     if node is None and not latex:
-        for step, caller, reverse in steps_of(graph):
+        for run in steps_of(graph):
             lines.append("")
-            lines += explain_step(step, caller, fmt, reverse)
+            lines += explain_step(run, fmt)
     if node is None:
         multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
         if multi:

@@ -53,11 +53,14 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     return g, {m[k]: v for k, v in label.items()}
 
 
-def explain_step(step: Step, caller: str, fmt, reverse: bool = False) -> list[str]:
-    """The lines of one step: its nodes, their VJPs, and the recurrence across steps.
-    ``h[t]`` is the carry into step t; a ``reverse`` scan's next step is t-1, its first
-    T-1, and its backward runs t = 0, ..., T-1."""
+def explain_step(run: Node, fmt) -> list[str]:
+    """The lines of the step of scan node ``run``: its nodes, their VJPs, and the
+    recurrence across steps.  ``h[t]`` is the carry into step t; a reverse scan's next
+    step is t-1, its first T-1, and its backward runs t = 0, ..., T-1 (T: the number
+    of steps, written out when the scan has a fixed ``length``)."""
     from backcomp.explain import derive
+    step: Step = run.attrs["step"]
+    caller, steps = run.name or "scan", run.attrs.get("length", "T")
     model, _ = _step_model(step)
     maths, consumers = derive(model)
     carries = [c.name for c in step.carry]
@@ -71,7 +74,8 @@ def explain_step(step: Step, caller: str, fmt, reverse: bool = False) -> list[st
         for v, term in m.vjps.items():
             acc = "+=" if len(consumers.get(v, [])) > 1 else "="
             lines.append(f"        {BAR}{v} {acc} {fmt(term)}")
-    order, nxt, first = ("0, ..., T-1", "t-1", "T-1") if reverse else ("T-1, ..., 0", "t+1", "0")
+    last = f"{steps - 1}" if isinstance(steps, int) else f"{steps}-1"
+    order, nxt, first = (f"0, ..., {last}", "t-1", last) if run.attrs.get("reverse") else (f"{last}, ..., 0", "t+1", "0")
     lines.append(f"  across the steps (backpropagation through time, t = {order}):")
     ys_of = {id(y): j for j, y in enumerate(step.ys)}
     for leaf, out in zip(step.carry, step.carry_out):
@@ -100,34 +104,24 @@ def _terms(maths, name: str) -> list[sp.Expr]:
     return [m.vjps[name] for m in maths if name in m.vjps and m.name != "step_seed"]
 
 
-def steps_of(graph: Graph) -> list[tuple[Step, str, bool]]:
-    """Each scan's step once, with the name of the node that runs it and whether it runs
-    in reverse (nested steps after)."""
-    out: list[tuple[Step, str, bool]] = []
+def steps_of(graph: Graph) -> list[Node]:
+    """A scan node running each step, each step once (nested steps after)."""
+    out: list[Node] = []
     seen: set[str] = set()
-
-    def runs(g: Graph):
-        return [(n.attrs["step"], n.name or "scan", bool(n.attrs.get("reverse"))) for n in g.nodes if n.op == "scan"]
-    stack = runs(graph)
+    stack = [n for n in graph.nodes if n.op == "scan"]
     while stack:
-        step, caller, reverse = stack.pop(0)
-        if repr(step) in seen:
+        run = stack.pop(0)
+        if repr(run.attrs["step"]) in seen:
             continue
-        seen.add(repr(step))
-        out.append((step, caller, reverse))
-        stack += runs(step.graph)
+        seen.add(repr(run.attrs["step"]))
+        out.append(run)
+        stack += [n for n in run.attrs["step"].graph.nodes if n.op == "scan"]
     return out
 
 
 def loop_math(node: Node, lines: dict[Node, str]) -> str:
-    """The forward text of a named node made of a loop: scan(step, ...) or run.ys[j]."""
-    if node.op == "scan":
-        step: Step = node.attrs["step"]
-        c, x, _ = step.counts()
-        init = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[:c])
-        seqs = ", ".join(lines.get(v, v.name or v.op) for v in node.inputs[c:c + x])
-        length = f", length={node.attrs['length']}" if "length" in node.attrs else ""
-        return f"scan({step.name}, ({init}), ({seqs}){length}{', reverse' if node.attrs.get('reverse') else ''})"
+    """The forward text of a named node made of a loop's output: run.ys[j] (a scan's own
+    line is ``explain._scan_math``)."""
     x = node
     while x.op not in ("scan_out",) and x.inputs:
         x = x.inputs[0]

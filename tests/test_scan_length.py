@@ -464,8 +464,10 @@ def test_spec_compiles_runs_checks_and_explains(tmp_path, capsys):
     assert "gradients match finite differences" in capsys.readouterr().out
     assert main(["explain", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert "run = scan(euler, (matmul), (), length=8)" in out
+    assert "run = scan(euler, (x · W0,), (), length=8)    # carry (B, 3); ys (8, B, 3)" in out, out
+    assert "ḡ_W0 = xᵀ · ḡ_run.init[0]" in out, out
     assert "step euler (carry u; no slices)" in out
+    assert "(backpropagation through time, t = 7, ..., 0)" in out, out
     # a missing xs and the two-argument call parse the same as xs = [] and ()
     spec2 = tmp_path / "euler2.toml"
     spec2.write_text(SPEC.replace("xs = []\n", "").replace("x @ W0, (), length=N", "x @ W0, length=N"))
