@@ -74,6 +74,18 @@ CASES = {
     "convt-1x1-s2-op1": ({"x": (2, 2, 3, 3), "w": (2, 2, 1, 1)}, *_convt(stride=2, output_padding=1)),
     "convt-groups-dil": ({"x": (2, 4, 3, 4), "w": (4, 3, 3, 2)}, *_convt(groups=2, dilation=2, stride=2, padding=1)),
     "convt-pad2": ({"x": (1, 2, 5, 5), "w": (2, 2, 3, 3)}, *_convt(padding=2)),
+    # output_padding >= stride, allowed below the dilation: rows and columns past those of
+    # conv2d's input gradient, holding what kernel taps land on (square, per axis, groups,
+    # padding, stride 1 and a 1x1 kernel)
+    "convt-op>=s-d2": ({"x": (2, 3, 4, 5), "w": (3, 2, 3, 3)}, *_convt(dilation=2, output_padding=1)),
+    "convt-op>=s-d3-groups": ({"x": (2, 4, 3, 4), "w": (4, 3, 3, 2)},
+                              *_convt(stride=2, padding=1, output_padding=2, groups=2, dilation=3)),
+    "convt-op>=s-pairs": ({"x": (1, 2, 3, 4), "w": (2, 3, 2, 3)},
+                          *_convt(stride=(1, 2), padding=(2, 0), output_padding=(2, 1), dilation=(3, 1))),
+    "convt-op>=s-pairs-w": ({"x": (2, 4, 4, 3), "w": (4, 1, 2, 3)},
+                            *_convt(stride=(2, 1), padding=(1, 2), output_padding=(1, 2), groups=4, dilation=(1, 3))),
+    "convt-op>=s-1x1": ({"x": (2, 2, 3, 4), "w": (2, 3, 1, 1)},
+                        *_convt(padding=(1, 0), output_padding=(1, 2), dilation=(2, 3))),
     # stride 1: the input gradient adds on flat images (uneven padding and dilation pairs,
     # a window wider than the padding, one window offset)
     "conv2d-s1-pairs": ({"x": (2, 3, 6, 7), "w": (4, 3, 2, 3)}, *_conv2d(padding=(2, 1), dilation=(1, 2))),
@@ -186,6 +198,53 @@ def test_relu_then_max_pool_ties_match_torch(size, stride, padding, dtype):
     np.testing.assert_allclose(grads["x"], theirs, rtol=tol, atol=tol * np.abs(theirs).max())
 
 
+PAST_STRIDE = [k for k in CASES if k.startswith("convt-op>=s")]
+
+
+@pytest.mark.parametrize("case", PAST_STRIDE)
+def test_output_padding_past_the_stride_at_both_levels(case):
+    """output_padding >= stride (dilation > stride): values and gradients equal torch's
+    unoptimised (-O0) and optimised (-O1), the two modules agree, and -O0's gradients
+    match central differences too (the default level is checked below)."""
+    fast = backcomp.build(case_graph(case, "past_stride_o1"), opt_level=1)
+    slow = gradcheck(case_graph(case, "past_stride_o0"), opt_level=0)
+    for m in (fast, slow):
+        rng = np.random.default_rng(5)
+        _against_torch(case, _draw(case, rng), m, rng)
+    rng = np.random.default_rng(6)
+    params = _draw(case, rng)
+    r = rng.standard_normal(fast.INPUTS["r"])
+    (lf, gf), (ls, gs) = fast.value_and_grad(params, {"r": r}), slow.value_and_grad(params, {"r": r})
+    np.testing.assert_allclose(lf, ls, rtol=1e-12)
+    for k in params:
+        np.testing.assert_allclose(gf[k], gs[k], rtol=1e-12, atol=1e-13, err_msg=k)
+
+
+def test_output_padding_past_the_stride_holds_what_taps_reach():
+    """stride 2, dilation 3, padding 1, output_padding 2, 3 input rows: output row i takes
+    x row h through tap a where 2h + 3a − 1 = i, so of the 11 rows 1..7 and 9 are reached
+    and rows 0, 8 and 10 are zero (row 9 lies past the 9 rows conv2d's input gradient
+    spans); of the 10 columns (4 input columns, 2 taps: 2h + 3b − 1) 1..6 and 8 are
+    reached, and 0, 7 and 9 are zero."""
+    m = backcomp.build(case_graph("convt-op>=s-d3-groups", "reach"))
+    rng = np.random.default_rng(7)
+    params = _draw("convt-op>=s-d3-groups", rng)
+    y = m.forward(params, {"r": np.zeros(m.INPUTS["r"])})["y"]
+    assert y.shape == (2, 6, 11, 10)
+    rows = [bool(np.any(y[:, :, i] != 0)) for i in range(11)]
+    cols = [bool(np.any(y[:, :, :, j] != 0)) for j in range(10)]
+    assert rows == [i in {1, 2, 3, 4, 5, 6, 7, 9} for i in range(11)], rows
+    assert cols == [j in {1, 2, 3, 4, 5, 6, 8} for j in range(10)], cols
+
+
+def test_output_padding_below_the_stride_builds_no_crop():
+    """The VJP crops and pads only past the stride: the existing cases' backward is as before."""
+    def backward_ops(case):
+        return {n.op for n in differentiate(case_graph(case, "ops")).nodes}
+    assert not {"pad", "getitem"} & backward_ops("convt-s2-p1-op1")
+    assert {"pad", "getitem"} <= backward_ops("convt-op>=s-d3-groups")
+
+
 # ----- gradients against central differences (float64) ---------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradients_by_finite_differences(case):
@@ -210,6 +269,7 @@ def double_backward(graph: Graph, name: str) -> Graph:
 SECOND_ORDER = ["conv2d-dil-pairs", "conv2d-groups2", "conv2d-groups2-k36", "conv2d-groups2-o1-k36",
                 "conv2d-depthwise", "conv2d-depthwise-x2", "conv2d-all",
                 "conv1d-s2-p1-d2", "conv1d-depthwise", "convt-s2-p1-op1", "convt-groups-dil", "convt-pairs",
+                "convt-op>=s-d2", "convt-op>=s-d3-groups", "convt-op>=s-pairs", "convt-op>=s-pairs-w", "convt-op>=s-1x1",
                 "max_pool2d-k3-s2-p1", "max_pool2d-k2-s1-p1", "avg_pool2d-pairs", "avg_pool2d-k2-s2-p1",
                 "max_pool1d-k3-s2-p1", "avg_pool1d-k4-s3-p2"]
 
@@ -280,7 +340,7 @@ def test_grouped_backward_ops_equal_torch():
 
 
 # ----- float32 and a symbolic batch --------------------------------------------------------------
-F32 = ["conv2d-all", "conv2d-depthwise", "conv1d-groups", "convt-s2-p1-op1", "max_pool2d-k2-s2-p1",
+F32 = ["conv2d-all", "conv2d-depthwise", "conv1d-groups", "convt-s2-p1-op1", "convt-op>=s-d3-groups", "max_pool2d-k2-s2-p1",
        "avg_pool2d-pairs", "max_pool1d-k3-s2-p1", "avg_pool1d-k2-s1-p1"]
 
 
@@ -304,8 +364,8 @@ def test_float32_backward_names_no_float64():
     assert "float64" not in src
 
 
-@pytest.mark.parametrize("case", ["conv2d-all", "conv1d-s2-p1-d2", "convt-pairs", "max_pool2d-k2-s2-p1",
-                                  "avg_pool1d-k3-s2-p1"])
+@pytest.mark.parametrize("case", ["conv2d-all", "conv1d-s2-p1-d2", "convt-pairs", "convt-op>=s-pairs",
+                                  "max_pool2d-k2-s2-p1", "avg_pool1d-k3-s2-p1"])
 def test_symbolic_batch(case):
     """x is an input (B, ...) plus a param b, so b's gradient flows through the input gradient
     of the op at every batch size; values and gradients equal torch's at two sizes."""
@@ -382,7 +442,16 @@ def _error(build) -> str:
     (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (2, 3, 3, 3)), stride=2,
                                     output_padding=2), ["output_padding (2, 2) must be smaller than the stride (2, 2)"]),
     (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (2, 3, 3, 3)), output_padding=(0, 1)),
-     ["output_padding (0, 1) must be smaller than the stride (1, 1)"]),
+     ["output_padding (0, 1) must be smaller than the stride (1, 1) or the dilation (1, 1) in each dim"]),
+    (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (2, 3, 3, 3)), dilation=2,
+                                    output_padding=2), ["output_padding (2, 2) must be smaller than the stride (1, 1) "
+                                                        "or the dilation (2, 2) in each dim"]),
+    (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (2, 3, 3, 3)), stride=3, dilation=2,
+                                    output_padding=3), ["output_padding (3, 3) must be smaller than the stride (3, 3) "
+                                                        "or the dilation (2, 2) in each dim"]),
+    (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (2, 3, 3, 3)), stride=(1, 2),
+                                    dilation=(3, 1), output_padding=(2, 2)),
+     ["output_padding (2, 2) must be smaller than the stride (1, 2) or the dilation (3, 1) in each dim"]),
     (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 1, 4)), g.param("w", (2, 3, 3, 3)), padding=2),
      ["output size -1x2 is not positive"]),
     (lambda g: ops.conv_transpose2d(g.input("x", (1, 2, 4, 4)), g.param("w", (3, 3, 3, 3))),
@@ -397,7 +466,8 @@ def _error(build) -> str:
     (lambda g: ops.avg_pool1d(g.input("x", (1, 1, 3, 3)), 2), ["3-D"]),
 ], ids=["groups-in", "groups-out", "groups-per-group", "dilated>input", "dilation0", "groups0", "groups-pair",
         "conv1d-dilated>input", "conv1d-x-rank", "conv1d-w-rank", "conv1d-groups", "conv1d-stride-pair",
-        "convt-op>=stride", "convt-op-pair", "convt-size<=0", "convt-channels", "convt-groups",
+        "convt-op>=stride", "convt-op-pair", "convt-op>=dilation", "convt-op>=stride>dilation",
+        "convt-op>=max-per-axis", "convt-size<=0", "convt-channels", "convt-groups",
         "pool-pad>half", "pool-pad>half-pair", "pool>padded", "pool1d>padded", "pool1d-pad>half", "pool1d-rank"])
 def test_shape_errors(build, words):
     msg = _error(build)
@@ -432,7 +502,11 @@ loss = "sum(h)"
     ("conv_transpose2d(x, w)", 6, "conv_transpose2d: input (B, 4, 6, 6) has 4 channels but weight (6, 2, 3, 3) "
                                   "expects 6 (weights are I, O/groups, kh, kw)"),
     ("conv_transpose2d(x, w[:4], stride=2, output_padding=2)", 6,
-     "conv_transpose2d: output_padding (2, 2) must be smaller than the stride (2, 2) in each dim"),
+     "conv_transpose2d: output_padding (2, 2) must be smaller than the stride (2, 2) or the dilation (1, 1) in each "
+     "dim (as PyTorch)"),
+    ("conv_transpose2d(x, w[:4], output_padding=(1, 0), dilation=(1, 2))", 6,
+     "conv_transpose2d: output_padding (1, 0) must be smaller than the stride (1, 1) or the dilation (1, 2) in each "
+     "dim (as PyTorch)"),
     ("conv_transpose2d(x, w[:4], padding=4)", 6, "conv_transpose2d: output size 0x0 is not positive"),
     ("max_pool2d(x, 2, padding=2)", 6, "max_pool2d: padding 2x2 must be at most half the window 2x2 (as PyTorch)"),
     ("avg_pool1d(s, 3, padding=-1)", 31, "argument 'padding' of avg_pool1d() must be non-negative, got -1"),
@@ -556,3 +630,14 @@ JVP_GRAPHS = {"conv_transpose2d": _transpose_jvp_graph}
 def test_jvp_of_conv_transpose2d():
     from test_jvp import check_jvp
     check_jvp(_transpose_jvp_graph(), {})
+
+
+@pytest.mark.parametrize("case", ["convt-op>=s-d3-groups", "convt-op>=s-pairs", "convt-op>=s-1x1"])
+def test_jvp_of_conv_transpose2d_past_the_stride(case):
+    """output_padding >= stride: the tangent equals finite differences and ⟨u, J t⟩ = ⟨Jᵀ u, t⟩."""
+    from test_jvp import check_jvp
+    shapes, ours, _ = CASES[case]
+    g = backcomp.Graph("conv_transpose_jvp_past_stride")
+    y = ours(ops.sin(g.param("X", shapes["x"])), ops.cos(g.param("W", shapes["w"])))
+    g.loss(ops.sum(y * g.input("u", y.shape)))
+    check_jvp(g, {})

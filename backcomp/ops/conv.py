@@ -22,8 +22,10 @@ channels into G independent convolutions, one *batched* GEMM over the G groups
 and since all three are bilinear, each one's VJP is built from the other two: the
 whole family can be differentiated again.  ``conv_transpose2d`` is conv2d's input
 gradient with w read as (I, O/groups, kh, kw): it shares conv2d_grad_input's emission,
-and its VJPs are conv2d and conv2d_grad_weight.  ``conv1d`` reshapes NCL to NC1L views
-and calls conv2d with unit-height windows.
+and its VJPs are conv2d and conv2d_grad_weight (with output_padding >= stride, which
+PyTorch allows below the dilation, the first cropped to x and the second reading x
+padded with zeros: ``_transpose_vjp``).  ``conv1d`` reshapes NCL to NC1L views and
+calls conv2d with unit-height windows; there is no conv_transpose1d.
 
 Options at PyTorch's defaults (dilation 1, groups 1) are not stored on the node, so
 a plain convolution reads, explains and compiles exactly as before they existed.
@@ -38,10 +40,12 @@ from __future__ import annotations
 from backcomp import notation
 from backcomp.graph import Node, ShapeError, format_shape
 from backcomp.ops.batch_axis import ROW_TAG, Kind, Mixed, free_or_refuse, row
-from backcomp.ops.registry import OpDef, register_op
-from backcomp.ops.signature import X, Param, spec_function
 from backcomp.ops.common import multilinear_jvp
 from backcomp.ops.layout import reshape
+from backcomp.ops.registry import OpDef, register_op
+from backcomp.ops.shape import pad
+from backcomp.ops.signature import X, Param, spec_function
+from backcomp.ops.slicing import getitem
 
 _LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)"}
 
@@ -403,7 +407,10 @@ def _col2im_emit(node, args, out):
     the padded input, all in NCHW order, and the padding is cropped (a view).  Rows the
     forward dropped ((H + 2p − reach) % s of them) are never written: they stay zero.
     The result (N, C, H, W) is the node's shape, so conv_transpose2d (whose output
-    padding is such rows) shares this emission."""
+    padding is such rows) shares this emission.  With output_padding >= stride
+    (dilation > stride) x is shorter than conv2d of the output would be: the offsets
+    add x where they land and the rows no tap reaches stay zero, as in PyTorch (a 1x1
+    kernel then takes the general path, its columns no longer the whole output)."""
     ct, w = args
     (o, cg, kh, kw), ((sh, sw), (ph, pw), (dh, dw), groups) = node.inputs[1].shape, _geometry(node.attrs)
     (c, h, wd), (ho, wo) = node.shape[1:], node.inputs[0].shape[2:]
@@ -420,7 +427,7 @@ def _col2im_emit(node, args, out):
         gemm = (f"{w}.reshape({groups}, {o // groups}, {k}).transpose(0, 2, 1) @ "
                 f"{ct}.reshape(-1, {groups}, {o // groups}, {length})")
     crop = "" if (ph, pw) == (0, 0) else f"[:, :, {ph}:{ph + h}, {pw}:{pw + wd}]"
-    if flat:                # a 1x1 kernel: the columns are the padded input
+    if flat and (ho, wo) == (hp, wp):   # a 1x1 kernel: the columns are the padded input
         return [f"{out} = ({gemm}).reshape(-1, {c}, {hp}, {wp}){crop}"]
     lines = [f"{cols} = ({gemm}).reshape(-1, {c}, {kh}, {kw}, {ho}, {wo})",
              f"{out} = np.zeros(({cols}.shape[0], {c}, {hp}, {wp}), dtype={cols}.dtype)"]
@@ -585,17 +592,19 @@ def conv2d_grad_weight(x: Node, ct: Node, kernel, stride, padding, dilation=(1, 
 
 # ----- conv_transpose2d ------------------------------------------------------------------
 def _transpose_infer(inputs, attrs):
-    """y (N, O, Ho, Wo) with Ho = (H − 1)·s − 2p + d·(kh − 1) + output_padding + 1: the
-    size whose conv2d with the same options is H.  output_padding < stride keeps that
-    conv's output exactly H (PyTorch also allows output_padding < dilation; not here)."""
+    """y (N, O, Ho, Wo) with Ho = (H − 1)·s − 2p + d·(kh − 1) + output_padding + 1.
+    output_padding must be smaller than the stride or the dilation in each dim, as in
+    PyTorch: below the stride, conv2d of y with the same options is H long again;
+    from the stride up (dilation > stride only) it is H + output_padding // s long
+    (``_unreached``)."""
     x, w = inputs
     check_layout(x, "conv_transpose2d")
     _check_weight(w, "conv_transpose2d")
     (stride, padding, dilation, groups), extra = _geometry(attrs), attrs.get("output_padding", (0, 0))
     xs, ws = format_shape(x.shape), format_shape(w.shape)
-    if any(e >= s for e, s in zip(extra, stride)):
+    if any(e >= max(s, d) for e, s, d in zip(extra, stride, dilation)):
         raise ShapeError(f"conv_transpose2d: output_padding {extra} must be smaller than the stride {stride} "
-                         f"in each dim")
+                         f"or the dilation {dilation} in each dim (as PyTorch)")
     if x.shape[1] != w.shape[0]:
         raise ShapeError(f"conv_transpose2d: input {xs} has {x.shape[1]} channels but weight {ws} expects "
                          f"{w.shape[0]} (weights are I, O/groups, kh, kw)")
@@ -610,18 +619,37 @@ def _transpose_infer(inputs, attrs):
     return (x.shape[0], w.shape[1] * groups) + size, "float"
 
 
+def _unreached(node: Node) -> tuple[int, int]:
+    """(qh, qw) = output_padding // stride: the rows and columns by which conv2d of a
+    conv_transpose2d's output (same options) is longer than its input x.  Zero unless
+    output_padding >= stride, which PyTorch allows when the dilation is larger still."""
+    return tuple(e // s for e, s in zip(node.attrs.get("output_padding", (0, 0)), node.attrs["stride"]))
+
+
 def _transpose_vjp(node, ct):
     """y = conv2d_grad_input(x, w) at y's size, so x̄ = conv2d(ḡ, w) and
-    w̄ = conv2d_grad_weight(ḡ, x) (the output padding rows reach no input)."""
+    w̄ = conv2d_grad_weight(ḡ, x).  With output_padding >= stride (dilation > stride)
+    that conv2d is (qh, qw) = ``_unreached`` longer than x: y is conv2d_grad_input of x
+    padded with qh zero rows and qw zero columns at the bottom and right (an input that
+    is zero there; the scatter that emits y never reads it), so x̄ is conv2d(ḡ, w)
+    cropped to x and w̄ = conv2d_grad_weight(ḡ, that padded x).  Each is again a conv
+    op and a linear structural op (getitem, pad), differentiable in turn."""
     x, w = node.inputs
-    return [apply("conv2d", (ct, w), **_conv_of(node)),
-            apply("conv2d_grad_weight", (ct, x), kernel=w.shape[2:], **_conv_of(node))]
+    (qh, qw) = _unreached(node)
+    gx = apply("conv2d", (ct, w), **_conv_of(node))
+    if (qh, qw) != (0, 0):
+        (h, wd) = x.shape[2:]
+        gx = getitem(gx, (slice(None), slice(None), slice(None, h) if qh else slice(None),
+                          slice(None, wd) if qw else slice(None)))
+        x = pad(x, ((0, 0), (0, 0), (0, qh), (0, qw)))
+    return [gx, apply("conv2d_grad_weight", (ct, x), kernel=w.shape[2:], **_conv_of(node))]
 
 
 register_op(OpDef(
     "conv_transpose2d", _transpose_infer, _col2im_emit, _transpose_vjp, jvp=multilinear_jvp, separability=per_image_kind,
     doc="transposed convolution as torch.nn.functional.conv_transpose2d: x (N, I, H, W), w (I, O/groups, kh, kw); "
-        "stride, padding, output_padding (< stride) and dilation an int or an (h, w) pair; groups divides I and O",
+        "stride, padding, output_padding (< stride or < dilation, in each dim) and dilation an int or an (h, w) "
+        "pair; groups divides I and O",
     signature="conv_transpose2d(x, w, stride=1, padding=0, output_padding=0, groups=1, dilation=1)",
     attrs_doc={"output_padding": "(oh, ow) rows and columns added at the bottom and right (absent: 0)"}))
 
