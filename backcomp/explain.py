@@ -184,8 +184,15 @@ class MathLatexPrinter(LatexPrinter):
         fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr, exp)
-        out = fmt.latex.format(*(self._print(a) for a in expr.args))
+        out = fmt.latex.format(*(self._arg(a, fmt.wrap) for a in expr.args))
         return f"{{{out}}}^{{{exp}}}" if exp else out
+
+    def _arg(self, a, wrap: bool):
+        s = self._print(a)
+        if wrap and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
+                isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)):
+            return rf"\left({s}\right)"
+        return s
 
     def _print_Symbol(self, expr, style="plain"):
         if expr.name.startswith(BAR):
@@ -411,9 +418,9 @@ def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
     else:
         differentiable = set()
     lines = line_names(graph)
-    maths = [node_math(graph, n, differentiable, lines) if not _is_loop(graph, n, lines)
-             else _scan_math(graph, n, differentiable, lines) if n.op == "scan"
-             else NodeMath(lines[n], n.shape, sp.Symbol(loop_math(n, lines)))
+    maths = [_scan_math(graph, n, differentiable, lines) if n.op == "scan"
+             else _loop_output_math(n, differentiable, lines) if n.op == "scan_out"
+             else node_math(graph, n, differentiable, lines)
              for n in _named_order(graph, lines)]
     consumers: dict[str, list[str]] = {}
     for m in maths:
@@ -434,8 +441,8 @@ def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[N
     for j, v in enumerate(node.inputs[:c + x]):
         kind, k = ("init", j) if j < c else ("xs", j - c)
         label = f"{name}.{kind}[{k}]"
-        if v in lines or v.op in ("input", "param"):
-            shown = lines.get(v, v.name or f"v{v.id}")
+        if v in lines or v.op in ("input", "param") or loop_lines(v):   # another loop's output: run.carry[0]
+            shown = lines.get(v) or (loop_math(v, lines) if loop_lines(v) else v.name or f"v{v.id}")
             args[kind].append(sp.Symbol(shown, real=True))
             if v.id in differentiable and v.dtype == "float":
                 math.vjps[shown] = math.vjps.get(shown, 0) + sp.Symbol(BAR + label, real=True)
@@ -443,22 +450,29 @@ def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[N
         ident = f"{name}_{kind}{k}"   # a leaf's name must be an identifier: shown as the label
         sub = node_math(graph, v, differentiable, {**lines, v: ident})
         args[kind].append(sub.forward)
-        seed = {sp.Symbol(BAR + ident, real=True): sp.Symbol(BAR + label, real=True)}
+        seed = {sp.Symbol(BAR + ident, real=True): sp.Symbol(BAR + label, real=True),
+                sp.Symbol(ident, real=True): sub.forward}   # tanh's VJP reads its value
         for leaf, term in sub.vjps.items():
             math.vjps[leaf] = math.vjps.get(leaf, 0) + term.xreplace(seed)
+    for leaf, v in zip(step.consts, node.inputs[c + x:]):   # values the step reads: summed over t
+        shown = lines.get(v) or (loop_math(v, lines) if loop_lines(v) else v.name)
+        if shown and v.id in differentiable and v.dtype == "float":
+            math.vjps[shown] = math.vjps.get(shown, 0) + sp.Symbol(f"Σ_t {BAR}{leaf.name}[t]", real=True)
     flags = [sp.Symbol(f"length={node.attrs['length']}")] if "length" in node.attrs else []
     flags += [sp.Symbol("reverse")] if node.attrs.get("reverse") else []
     math.forward = sp.Function("scan")(sp.Symbol(step.name), sp.Tuple(*args["init"]), sp.Tuple(*args["xs"]), *flags)
     return math
 
 
-def _is_loop(graph: Graph, node: Node, lines: dict[Node, str]) -> bool:
-    """A line that is a loop or one of its outputs (through views: ``run.ys[0]`` moved back
-    to its axis): shown as written, its VJPs in the step's block.  A line that computes
-    with a loop's output reads it as a value named ``run.carry[0]``."""
-    while not loop_lines(node) and len(node.inputs) == 1 and get_op(node.op).memory == "view":
-        node = node.inputs[0]
-    return loop_lines(node)
+def _loop_output_math(node: Node, differentiable: set[int], lines: dict[Node, str]) -> NodeMath:
+    """A line naming a loop's output as it is (``last = run.carry[0]``; a per-step output
+    moved back to its axis is a transpose of the stack ``run.ys[0]``, read by node_math):
+    its ḡ is the output's."""
+    name, shown = lines[node], loop_math(node, lines)
+    math = NodeMath(name, node.shape, sp.Symbol(shown, real=True))
+    if node.id in differentiable and node.dtype == "float":
+        math.vjps[shown] = sp.Symbol(BAR + name, real=True)
+    return math
 
 
 def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex: bool = False) -> str:
@@ -499,7 +513,7 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
                      else f"∂/∂{x} {fmt(y)} = ")
         if latex:
             lines.append("")
-            note = rf"\text{{{shape}}}" if isinstance(m.shape, str) else rf"\text{{shape }} {shape}"
+            note = rf"\text{{{shape}}}".replace("_", r"\_") if isinstance(m.shape, str) else rf"\text{{shape }} {shape}"
             lines.append(rf"{lhs} = {deriv}{fmt(m.forward)} \qquad {note}")
         else:
             lines.append("")
@@ -549,7 +563,9 @@ def _chain(param: str, consumers: dict[str, list[str]], loss: str | None) -> set
     stack = [param]
     while stack:
         v = stack.pop()
-        for c in consumers.get(v, []):
+        outputs = [k for k in consumers if k.startswith(f"{v}.")]   # a loop's: run → run.ys[0] → ...
+        up.update(outputs)
+        for c in consumers.get(v, []) + [c for k in outputs for c in consumers[k]]:
             if c not in up:
                 up.add(c)
                 stack.append(c)

@@ -59,8 +59,9 @@ def explain_step(run: Node, fmt) -> list[str]:
     step is t-1, its first T-1, and its backward runs t = 0, ..., T-1 (T: the number
     of steps, written out when the scan has a fixed ``length``)."""
     from backcomp.explain import derive
+    from backcomp.loops import scan_length
     step: Step = run.attrs["step"]
-    caller, steps = run.name or "scan", run.attrs.get("length", "T")
+    caller, steps = run.name or "scan", scan_length(run)
     model, _ = _step_model(step)
     maths, consumers = derive(model)
     carries = [c.name for c in step.carry]
@@ -70,28 +71,32 @@ def explain_step(run: Node, fmt) -> list[str]:
     for m in maths:
         if m.name == "step_seed":
             continue
-        lines.append(f"    {m.name} = {fmt(m.forward)}    # shape {format_shape(m.shape)}")
+        note = m.shape if isinstance(m.shape, str) else f"shape {format_shape(m.shape)}"   # a nested loop's outputs
+        lines.append(f"    {m.name} = {fmt(m.forward)}    # {note}")
         for v, term in m.vjps.items():
             acc = "+=" if len(consumers.get(v, [])) > 1 else "="
             lines.append(f"        {BAR}{v} {acc} {fmt(term)}")
     last = f"{steps - 1}" if isinstance(steps, int) else f"{steps}-1"
-    order, nxt, first = (f"0, ..., {last}", "t-1", last) if run.attrs.get("reverse") else (f"{last}, ..., 0", "t+1", "0")
+    order, nxt, first, after = (f"0, ..., {last}", "t-1", last, "-1") if run.attrs.get("reverse") else \
+        (f"{last}, ..., 0", "t+1", "0", str(steps))
     lines.append(f"  across the steps (backpropagation through time, t = {order}):")
     ys_of = {id(y): j for j, y in enumerate(step.ys)}
     for leaf, out in zip(step.carry, step.carry_out):
         name = out.name or leaf.name
         extra = f" + {BAR}ys{ys_of[id(out)]}[t]" if id(out) in ys_of else ""
-        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[{nxt}]{extra}    (zero after the last step)")
+        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[{nxt}]{extra}")
     for leaf in step.carry:
         terms = _terms(maths, leaf.name)
         lines.append(f"    {BAR}{leaf.name}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
     for leaf in step.consts:
         terms = _terms(maths, leaf.name)
         if terms and leaf.dtype == "float":
-            lines.append(f"    {BAR}{leaf.name} = Σ_t {' + '.join(f'({fmt(t)})[t]' for t in terms)}")
+            lines.append(f"    {BAR}{leaf.name}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms)}    (summed on {caller}'s line)")
     lines.append(f"  and {caller}'s arguments and outputs:")
     for j, y in enumerate(step.ys):
         lines.append(f"    {BAR}ys{j}[t] = {BAR}{caller}.ys[{j}][t]")
+    for j, leaf in enumerate(step.carry):
+        lines.append(f"    {BAR}{leaf.name}[{after}] = {BAR}{caller}.carry[{j}]    (the carry after the last step)")
     for j, leaf in enumerate(step.carry):
         lines.append(f"    {BAR}{caller}.init[{j}] = {BAR}{leaf.name}[{first}]    (the carry into the first step)")
     for j, leaf in enumerate(step.xs):
@@ -105,15 +110,12 @@ def _terms(maths, name: str) -> list[sp.Expr]:
 
 
 def steps_of(graph: Graph) -> list[Node]:
-    """A scan node running each step, each step once (nested steps after)."""
+    """Every scan node, nested ones after: each gets its step's block, since the block
+    names the scan and its direction and length (a step run by two scans shows twice)."""
     out: list[Node] = []
-    seen: set[str] = set()
     stack = [n for n in graph.nodes if n.op == "scan"]
     while stack:
         run = stack.pop(0)
-        if repr(run.attrs["step"]) in seen:
-            continue
-        seen.add(repr(run.attrs["step"]))
         out.append(run)
         stack += [n for n in run.attrs["step"].graph.nodes if n.op == "scan"]
     return out

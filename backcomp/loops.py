@@ -502,7 +502,7 @@ def _scan_emit(node: Node, args: Sequence[str], out: str) -> list[str]:
     returned = {v for v in step.outputs if v is not None}
     helpers: set[str] = set()
     seed = SEED.get()
-    if any(draws(n) for n in body_nodes):   # fresh noise each step, from [seed, stream, t]
+    if any(draws(n, body_nodes) for n in body_nodes):   # fresh noise each step, from [seed, stream, t]
         outer_seed, seed = seed, claim("seed_t")
         body.insert(0, f"{seed} = None if {outer_seed} is None else "
                        f"int(np.random.default_rng([{outer_seed}, {node.attrs['stream']}, {t}]).integers(2 ** 63))")

@@ -293,7 +293,7 @@ def test_indexing_and_its_vjp_read_as_subscripts():
     gpt = explain(load_spec(ROOT / "examples" / "gpt_char.toml"))
     assert "x0 = P[:T] + E[ids]" in gpt and "ḡ_P = scatter(Σ_B(ḡ_x0), [:T], (32, 64))" in gpt, gpt
     latex = explain(load_spec(ROOT / "examples" / "gpt_char.toml"), latex=True)
-    assert r"x0 = P_{[:T]} + E_{[ids]}" in latex and r"\operatorname{scatter}_{[:T] \to (32, 64)}" in latex, latex
+    assert r"x0 = {P}_{[:T]} + E_{[ids]}" in latex and r"\operatorname{scatter}_{[:T] \to (32, 64)}" in latex, latex
 
 
 def test_a_subscript_of_a_sum_is_parenthesised():

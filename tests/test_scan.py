@@ -482,12 +482,13 @@ def test_carry_independent_work_is_hoisted_and_gradient_terms_sunk():
 def test_explain_shows_the_step_vjps_and_the_carry_recurrence():
     from backcomp.explain import explain
     text = explain(parse_spec((EXAMPLES / "lstm.toml").read_text(), "lstm.toml"))
-    assert "hs = run.ys[0]" in text
+    assert "hs = transpose(run.ys[0], (1, 0, 2))    # shape (B, T, 16)" in text   # run.ys[0]: the (T, B, 16) stack
+    assert "ḡ_run.ys[0] = transpose(ḡ_hs, (1, 0, 2))" in text   # the ḡ the step block reads (it had none)
     assert "step lstm (carry h, c; slices x_t), run by run, at step t:" in text
     assert "ḡ_h = ḡ_z · Whᵀ" in text and "ḡ_Wh = hᵀ · ḡ_z" in text
     assert "ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]" in text
     assert "ḡ_h[t] = (ḡ_z · Whᵀ)[t]" in text   # h[t]: the carry into step t (it said ḡ_h[t-1])
-    assert "ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]" in text
+    assert "ḡ_Wh[t] = (hᵀ · ḡ_z)[t]    (summed on run's line)" in text and "    ḡ_Wh = Σ_t ḡ_Wh[t]" in text
     module_text = backcomp.compile_source(EXAMPLES / "lstm.toml")
     assert "ḡ_h[t] = (ḡ_z · Whᵀ)[t]" in module_text   # the module's docstring too
     assert "ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)" in text
@@ -728,3 +729,39 @@ def test_explain_gives_the_vjps_of_a_scans_initial_carry_and_sequence():
     # reversed: the next step is t-1, the first T-1, the backward runs forwards
     assert "(backpropagation through time, t = 0, ..., T-1)" in text, text
     assert "ḡ_carry[t] = ḡ_carry[t-1] + ḡ_ys0[t]" in text and "ḡ_run.init[0] = ḡ_carry[T-1]" in text, text
+
+
+def test_explain_follows_loops_chained_nested_and_reused():
+    """Found by review: a scan reading another scan's output directly made compile fail
+    ('scan_out reads the outputs of a scan node', from the docstring's explain); the
+    argument's own value leaked as an identifier (run_init0) into its VJP; the final
+    carry's ḡ was never linked to the recurrence; --wrt stopped at the loop's line; a
+    step run by two scans got one block."""
+    from backcomp import ops
+    from backcomp.explain import explain
+    g = backcomp.Graph("chained")
+    x, P, Q = g.input("x", ("T", "B", 4)), g.param("P", (4, 4)), g.param("Q", (4, 4))
+
+    def cell(h, x_t):
+        h_new = ops.tanh(x_t + h @ Q)
+        return h_new, h_new
+    r1 = g.scan(cell, ops.tanh(x[0] @ P), x, name="cell")
+    r1.node.name = "run"
+    r2 = g.scan(cell, r1.carry, r1.ys, reverse=True, name="cell")   # time-major: the stack itself
+    r2.node.name = "run2"
+    g.loss(ops.sum(r2.carry), "loss")
+    m = backcomp.build(g)   # compiling builds the docstring from explain
+    params = {"P": np.eye(4) * 0.3, "Q": np.eye(4) * 0.2}
+    loss, grads = m.value_and_grad(params, {"x": np.ones((3, 2, 4)) * 0.1})
+    assert np.isfinite(loss) and set(grads) == {"P", "Q"}
+    text = explain(g)
+    assert "run2 = scan(cell, (run.carry[0],), (run.ys[0],), reverse)" in text, text
+    assert "ḡ_run.carry[0] = ḡ_run2.init[0]" in text and "ḡ_run.ys[0] = ḡ_run2.xs[0]" in text, text
+    assert "ḡ_P = x[0]ᵀ · (ḡ_run.init[0] ⊙ (1 - tanh(x[0] · P)^2))" in text, text
+    assert "run_init0" not in text
+    assert text.count("step cell (carry") == 2 and "t = 0, ..., T-1" in text and "t = T-1, ..., 0" in text, text
+    assert "ḡ_carry[T] = ḡ_run.carry[0]    (the carry after the last step)" in text, text
+    assert "ḡ_carry[-1] = ḡ_run2.carry[0]    (the carry after the last step)" in text, text
+    wrt = explain(g, wrt="P")
+    assert "run2 = scan(" in wrt and "loss = " in wrt, wrt
+    assert "does not depend" not in explain(g, wrt="Q")

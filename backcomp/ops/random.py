@@ -41,7 +41,8 @@ def draws(node: Node, readers=None) -> str | None:
         from backcomp.loops import read_outputs
         step = node.attrs["step"]
         read = None if readers is None else read_outputs(node, readers)
-        modes = {draws(n) for n in _live(step, read)} - {None}
+        live = _live(step, read)
+        modes = {draws(n, live) for n in live} - {None}   # a nested loop: only its read outputs
         return "always" if "always" in modes else modes.pop() if modes else None
     return get_op(node.op).random
 

@@ -174,7 +174,7 @@ def _index_after_steps(attrs: dict, length) -> dict:
 def _getitem_explain(node, args, scalars):
     """``z[:, 128:256]`` (LaTeX ``z_{[:, 128:256]}``), as the spec writes it."""
     code = _index_code(node.attrs["index"])
-    return notation.opaque(f"getitem[{code}]", "{0}[" + code + "]", "{0}_{{[" + code + "]}}",
+    return notation.opaque(f"getitem[{code}]", "{0}[" + code + "]", "{{{0}}}_{{[" + code + "]}}",
                            atom=True, wrap=True)(*args)
 
 

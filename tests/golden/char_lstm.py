@@ -10,6 +10,9 @@ The model and the derivative of each node (as `backcomp explain` prints them):
 
     run = scan(lstm, (full((B, 128), 0), full((B, 128), 0)), (transpose(E[ids], (1, 0, 2)),))    # carry (B, 128), (B, 128); ys (T, B, 128)
         ḡ_E = scatter_add(transpose(ḡ_run.xs[0], (1, 0, 2)), ids)
+        ḡ_Wx = Σ_t ḡ_Wx[t]
+        ḡ_Wh = Σ_t ḡ_Wh[t]
+        ḡ_b = Σ_t ḡ_b[t]
 
     logits = bo + transpose(run.ys[0], (1, 0, 2)) · Wo    # shape (B, T, 96)
         ḡ_run.ys[0] = transpose(ḡ_logits · Woᵀ, (1, 0, 2))
@@ -33,15 +36,17 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(z[:, 384:])) ⊙ σ(z[:, 384:]) ⊙ tanh(c_new), [:, 384:], (B, 512))
             ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(z[:, 384:])
       across the steps (backpropagation through time, t = T-1, ..., 0):
-        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
-        ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
+        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]
+        ḡ_c_new[t] = ḡ_c[t+1]
         ḡ_h[t] = (ḡ_z · Whᵀ)[t]
         ḡ_c[t] = (ḡ_c_new ⊙ σ(z[:, 128:256]))[t]
-        ḡ_Wx = Σ_t (e_tᵀ · ḡ_z)[t]
-        ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
-        ḡ_b = Σ_t (Σ_B(ḡ_z))[t]
+        ḡ_Wx[t] = (e_tᵀ · ḡ_z)[t]    (summed on run's line)
+        ḡ_Wh[t] = (hᵀ · ḡ_z)[t]    (summed on run's line)
+        ḡ_b[t] = (Σ_B(ḡ_z))[t]    (summed on run's line)
       and run's arguments and outputs:
         ḡ_ys0[t] = ḡ_run.ys[0][t]
+        ḡ_h[T] = ḡ_run.carry[0]    (the carry after the last step)
+        ḡ_c[T] = ḡ_run.carry[1]    (the carry after the last step)
         ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
         ḡ_run.init[1] = ḡ_c[0]    (the carry into the first step)
         ḡ_run.xs[0][t] = ḡ_e_t[t]

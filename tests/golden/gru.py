@@ -9,8 +9,13 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     run = scan(gru, (full((B, 16), 0),), (transpose(x, (1, 0, 2)),))    # carry (B, 16); ys (T, B, 16)
+        ḡ_Wx = Σ_t ḡ_Wx[t]
+        ḡ_bx = Σ_t ḡ_bx[t]
+        ḡ_Wh = Σ_t ḡ_Wh[t]
+        ḡ_bh = Σ_t ḡ_bh[t]
 
-    hs = run.ys[0]    # shape (B, T, 16)
+    hs = transpose(run.ys[0], (1, 0, 2))    # shape (B, T, 16)
+        ḡ_run.ys[0] = transpose(ḡ_hs, (1, 0, 2))
 
     pred = bo + hs · Wo    # shape (B, T, 1)
         ḡ_hs = ḡ_pred · Woᵀ
@@ -44,14 +49,15 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_n = ḡ_h_new ⊙ (1 - u)
             ḡ_h += u ⊙ ḡ_h_new
       across the steps (backpropagation through time, t = T-1, ..., 0):
-        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
+        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]
         ḡ_h[t] = (ḡ_gh · Whᵀ)[t] + (u ⊙ ḡ_h_new)[t]
-        ḡ_Wx = Σ_t (x_tᵀ · ḡ_gx)[t]
-        ḡ_bx = Σ_t (Σ_B(ḡ_gx))[t]
-        ḡ_Wh = Σ_t (hᵀ · ḡ_gh)[t]
-        ḡ_bh = Σ_t (Σ_B(ḡ_gh))[t]
+        ḡ_Wx[t] = (x_tᵀ · ḡ_gx)[t]    (summed on run's line)
+        ḡ_bx[t] = (Σ_B(ḡ_gx))[t]    (summed on run's line)
+        ḡ_Wh[t] = (hᵀ · ḡ_gh)[t]    (summed on run's line)
+        ḡ_bh[t] = (Σ_B(ḡ_gh))[t]    (summed on run's line)
       and run's arguments and outputs:
         ḡ_ys0[t] = ḡ_run.ys[0][t]
+        ḡ_h[T] = ḡ_run.carry[0]    (the carry after the last step)
         ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
         ḡ_run.xs[0][t] = ḡ_x_t[t]
 """

@@ -9,8 +9,12 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     run = scan(lstm, (full((B, 16), 0), full((B, 16), 0)), (transpose(x, (1, 0, 2)),))    # carry (B, 16), (B, 16); ys (T, B, 16)
+        ḡ_Wx = Σ_t ḡ_Wx[t]
+        ḡ_Wh = Σ_t ḡ_Wh[t]
+        ḡ_b = Σ_t ḡ_b[t]
 
-    hs = run.ys[0]    # shape (B, T, 16)
+    hs = transpose(run.ys[0], (1, 0, 2))    # shape (B, T, 16)
+        ḡ_run.ys[0] = transpose(ḡ_hs, (1, 0, 2))
 
     loss = mean((hs - y)^2)    # shape ()
         ḡ_hs = ḡ_loss ⊙ (hs - y)/(8·B ⊙ T)
@@ -29,15 +33,17 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_z += scatter(ḡ_h_new ⊙ (1 - σ(z[:, 48:])) ⊙ σ(z[:, 48:]) ⊙ tanh(c_new), [:, 48:], (B, 64))
             ḡ_c_new += ḡ_h_new ⊙ (1 - tanh(c_new)^2) ⊙ σ(z[:, 48:])
       across the steps (backpropagation through time, t = T-1, ..., 0):
-        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]    (zero after the last step)
-        ḡ_c_new[t] = ḡ_c[t+1]    (zero after the last step)
+        ḡ_h_new[t] = ḡ_h[t+1] + ḡ_ys0[t]
+        ḡ_c_new[t] = ḡ_c[t+1]
         ḡ_h[t] = (ḡ_z · Whᵀ)[t]
         ḡ_c[t] = (ḡ_c_new ⊙ σ(z[:, 16:32]))[t]
-        ḡ_Wx = Σ_t (x_tᵀ · ḡ_z)[t]
-        ḡ_Wh = Σ_t (hᵀ · ḡ_z)[t]
-        ḡ_b = Σ_t (Σ_B(ḡ_z))[t]
+        ḡ_Wx[t] = (x_tᵀ · ḡ_z)[t]    (summed on run's line)
+        ḡ_Wh[t] = (hᵀ · ḡ_z)[t]    (summed on run's line)
+        ḡ_b[t] = (Σ_B(ḡ_z))[t]    (summed on run's line)
       and run's arguments and outputs:
         ḡ_ys0[t] = ḡ_run.ys[0][t]
+        ḡ_h[T] = ḡ_run.carry[0]    (the carry after the last step)
+        ḡ_c[T] = ḡ_run.carry[1]    (the carry after the last step)
         ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
         ḡ_run.init[1] = ḡ_c[0]    (the carry into the first step)
         ḡ_run.xs[0][t] = ḡ_x_t[t]

@@ -9,6 +9,9 @@ The model and the derivative of each node (as `backcomp explain` prints them):
     ḡ_loss = 1
 
     run = scan(cell, (full((B, 32), 0),), (transpose(x, (1, 0, 2)),))    # carry (B, 32)
+        ḡ_Wx = Σ_t ḡ_Wx[t]
+        ḡ_Wh = Σ_t ḡ_Wh[t]
+        ḡ_b = Σ_t ḡ_b[t]
 
     logits = run.carry[0] · Wo    # shape (B, 4)
         ḡ_run.carry[0] = ḡ_logits · Woᵀ
@@ -25,12 +28,13 @@ The model and the derivative of each node (as `backcomp explain` prints them):
             ḡ_Wh = hᵀ · (ḡ_h_new ⊙ (1 - h_new^2))
             ḡ_b = Σ_B(ḡ_h_new ⊙ (1 - h_new^2))
       across the steps (backpropagation through time, t = T-1, ..., 0):
-        ḡ_h_new[t] = ḡ_h[t+1]    (zero after the last step)
+        ḡ_h_new[t] = ḡ_h[t+1]
         ḡ_h[t] = ((ḡ_h_new ⊙ (1 - h_new^2)) · Whᵀ)[t]
-        ḡ_Wx = Σ_t (x_tᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]
-        ḡ_Wh = Σ_t (hᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]
-        ḡ_b = Σ_t (Σ_B(ḡ_h_new ⊙ (1 - h_new^2)))[t]
+        ḡ_Wx[t] = (x_tᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]    (summed on run's line)
+        ḡ_Wh[t] = (hᵀ · (ḡ_h_new ⊙ (1 - h_new^2)))[t]    (summed on run's line)
+        ḡ_b[t] = (Σ_B(ḡ_h_new ⊙ (1 - h_new^2)))[t]    (summed on run's line)
       and run's arguments and outputs:
+        ḡ_h[T] = ḡ_run.carry[0]    (the carry after the last step)
         ḡ_run.init[0] = ḡ_h[0]    (the carry into the first step)
         ḡ_run.xs[0][t] = ḡ_x_t[t]
 """
