@@ -291,3 +291,35 @@ def test_a_draw_nothing_reads_adds_no_rng_parameter_at_either_level(level):
     assert "rng" not in inspect.signature(m.value_and_grad).parameters
     loss, _ = m.value_and_grad({"W": np.ones((3, 4))}, {"x": np.ones((2, 3))})
     np.testing.assert_allclose(loss, 8 * np.tanh(3.0))
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_dead_draw_in_a_nested_loop_asks_for_no_rng(level):
+    """An inner loop whose only draw feeds a per-step output nothing reads (found by
+    review: the readers-aware count stopped at the outer loop)."""
+    import inspect
+
+    from backcomp import ops
+    g = backcomp.Graph("nested_dead_draw")
+    x = g.input("x", ("B", "T", 3))
+    W, U = g.param("W", (3, 4)), g.param("U", (4, 4))
+
+    def inner(c, _):
+        c2 = ops.tanh(c @ U)
+        return c2, (c2 * ops.normal(("B", 4), graph=c.graph),)
+
+    def step(h, x_t):
+        r = h.graph.scan(inner, ops.tanh(x_t @ W + h), length=2, name="inner")
+        return r.carry, r.carry
+    run = g.scan(step, ops.zeros(("B", 4), graph=g), x, axis=1)
+    g.loss(ops.sum(run.ys ** 2), "loss")
+    m = backcomp.build(g, opt_level=level)
+    assert "rng" not in inspect.signature(m.value_and_grad).parameters
+    params, xs = {"W": np.full((3, 4), 0.1), "U": 0.5 * np.eye(4)}, np.ones((2, 5, 3))
+    h, want = np.zeros((2, 4)), 0.0
+    for t in range(5):
+        c = np.tanh(xs[:, t] @ params["W"] + h)
+        for _ in range(2):
+            c = np.tanh(c @ params["U"])
+        h, want = c, want + np.sum(c ** 2)
+    np.testing.assert_allclose(m.value_and_grad(params, {"x": xs})[0], want, rtol=1e-12)
