@@ -92,6 +92,13 @@ def _tidy(expr: sp.Expr) -> sp.Expr:
 
 
 # ----- printers ------------------------------------------------------------------------------
+def _compound(a: sp.Expr) -> bool:
+    """Whether ``a`` needs parentheses as the operand of a wrapping format (Fmt.wrap):
+    a sum, product or power, or a tensor op that is not atomic."""
+    return isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
+        isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)
+
+
 class TextPrinter(StrPrinter):
     """Unicode math: ⊙ for elementwise products, · for matmul, σ, ᵀ, Σ."""
 
@@ -99,14 +106,8 @@ class TextPrinter(StrPrinter):
         fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr)
-        return fmt.text.format(*(self._arg(a, fmt.wrap) for a in expr.args))
-
-    def _arg(self, a, wrap: bool):
-        s = self._print(a)
-        if wrap and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
-                isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)):
-            return f"({s})"
-        return s
+        return fmt.text.format(*(f"({self._print(a)})" if fmt.wrap and _compound(a) else self._print(a)
+                                 for a in expr.args))
 
     def _print_Mul(self, expr):
         num, den = sp.fraction(expr)
@@ -184,15 +185,9 @@ class MathLatexPrinter(LatexPrinter):
         fmt = FORMATS.get(expr.func.__name__)
         if fmt is None:
             return super()._print_Function(expr, exp)
-        out = fmt.latex.format(*(self._arg(a, fmt.wrap) for a in expr.args))
+        out = fmt.latex.format(*(rf"\left({self._print(a)}\right)" if fmt.wrap and _compound(a) else self._print(a)
+                                 for a in expr.args))
         return f"{{{out}}}^{{{exp}}}" if exp else out
-
-    def _arg(self, a, wrap: bool):
-        s = self._print(a)
-        if wrap and (isinstance(a, (sp.Add, sp.Mul, sp.Pow)) or (
-                isinstance(a, sp.Function) and not FORMATS.get(a.func.__name__, Fmt("", "", True)).atom)):
-            return rf"\left({s}\right)"
-        return s
 
     def _print_Symbol(self, expr, style="plain"):
         if expr.name.startswith(BAR):
