@@ -29,7 +29,7 @@ from backcomp.ops.registry import get_op
 from backcomp.ops.scalar import half_step, tie_max
 from backcomp.printer import sides, value_symbols
 from backcomp.vjp import differentiate
-from backcomp.explain_loops import explain_step, loop_cluster, loop_lines, loop_math, steps_of
+from backcomp.explain_loops import explain_step, leaf_names, loop_cluster, loop_lines, loop_math, steps_of
 from backcomp.loops import output_shapes
 
 BAR = "ḡ_"
@@ -426,33 +426,31 @@ def derive(graph: Graph) -> tuple[list[NodeMath], dict[str, list[str]]]:
 
 def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[Node, str]) -> NodeMath:
     """A scan's line: scan(step, (initial carries), (sequences)), each argument written
-    as an expression of named values, and their VJPs from the step's cotangents,
-    ``ḡ_run.init[j]`` (the carry's before the first step) and ``ḡ_run.xs[j]`` (the
-    slices' ḡ stacked over the steps; see the step's block)."""
+    as an expression of named values, and the VJPs of those values from the step's
+    cotangents: ``ḡ_run.init[j]`` (the carry's before the first step), ``ḡ_run.xs[j]``
+    (the slices' ḡ stacked over the steps) and, for a value the step reads, the sum over
+    t of its per-step ḡ (see the step's block)."""
     name, step = lines[node], node.attrs["step"]
     c, x, _ = step.counts()
     math = NodeMath(name, output_shapes(node), sp.Integer(0))
-    args: dict[str, list[sp.Expr]] = {"init": [], "xs": []}
-    for j, v in enumerate(node.inputs[:c + x]):
-        kind, k = ("init", j) if j < c else ("xs", j - c)
-        label = f"{name}.{kind}[{k}]"
+    args: dict[str, list[sp.Expr]] = {"init": [], "xs": [], "consts": []}
+    for j, v in enumerate(node.inputs):
+        kind, k = ("init", j) if j < c else ("xs", j - c) if j < c + x else ("consts", j - c - x)
+        ct = sp.Symbol(f"Σ_t {BAR}{leaf_names(step)[j]}[t]" if kind == "consts" else f"{BAR}{name}.{kind}[{k}]",
+                       real=True)
         if v in lines or v.op in ("input", "param") or loop_lines(v):   # another loop's output: run.carry[0]
             shown = lines.get(v) or (loop_math(v, lines) if loop_lines(v) else v.name or f"v{v.id}")
             args[kind].append(sp.Symbol(shown, real=True))
             if v.id in differentiable and v.dtype == "float":
-                math.vjps[shown] = math.vjps.get(shown, 0) + sp.Symbol(BAR + label, real=True)
+                math.vjps[shown] = math.vjps.get(shown, 0) + ct
             continue
-        ident = f"{name}_{kind}{k}"   # a leaf's name must be an identifier: shown as the label
+        ident = f"{name}_{kind}{k}"   # a leaf's name must be an identifier: shown as its cotangent says
         sub = node_math(graph, v, differentiable, {**lines, v: ident})
         args[kind].append(sub.forward)
-        seed = {sp.Symbol(BAR + ident, real=True): sp.Symbol(BAR + label, real=True),
+        seed = {sp.Symbol(BAR + ident, real=True): ct,
                 sp.Symbol(ident, real=True): sub.forward}   # tanh's VJP reads its value
         for leaf, term in sub.vjps.items():
             math.vjps[leaf] = math.vjps.get(leaf, 0) + term.xreplace(seed)
-    for leaf, v in zip(step.consts, node.inputs[c + x:]):   # values the step reads: summed over t
-        shown = lines.get(v) or (loop_math(v, lines) if loop_lines(v) else v.name)
-        if shown and v.id in differentiable and v.dtype == "float":
-            math.vjps[shown] = math.vjps.get(shown, 0) + sp.Symbol(f"Σ_t {BAR}{leaf.name}[t]", real=True)
     flags = [sp.Symbol(f"length={node.attrs['length']}")] if "length" in node.attrs else []
     flags += [sp.Symbol("reverse")] if node.attrs.get("reverse") else []
     math.forward = sp.Function("scan")(sp.Symbol(step.name), sp.Tuple(*args["init"]), sp.Tuple(*args["xs"]), *flags)

@@ -24,13 +24,37 @@ def loop_lines(node: Node) -> bool:
     return node.op in ("scan", "scan_out")
 
 
+def leaf_names(step: Step) -> list[str]:
+    """The names the step's leaves are explained under (a captured value may have none)."""
+    return [leaf.name or f"v{i}" for i, leaf in enumerate(step.leaves)]
+
+
+def _output_names(step: Step) -> dict[Node, str]:
+    """A name for each output the step computes: its own, else ``<carry>_new`` for a new
+    carry and ``y<j>`` for a per-step output (a builder's step may name nothing, and
+    its block would show no line)."""
+    taken = {n.name for n in step.graph.nodes if n.name} | set(leaf_names(step))
+    names: dict[Node, str] = {}
+    leaves = set(step.leaves)
+    for k, o in enumerate(step.carry_out + step.ys):
+        if o is None or o in names or o in leaves:
+            continue
+        base = o.name or (f"{leaf_names(step)[k]}_new" if k < len(step.carry_out) else f"y{k - len(step.carry_out)}")
+        name, i = base, 2
+        while name in taken and name != o.name:
+            name, i = f"{base}_{i}", i + 1
+        names[o] = name
+        taken.add(name)
+    return names
+
+
 def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     from backcomp.ops import sum as op_sum
     g = Graph(step.name, dims=dict(step.graph.dims))
     m: dict[Node, Node] = {}
     label: dict[Node, str] = {}
-    for i, leaf in enumerate(step.leaves):
-        name = leaf.name or f"v{i}"
+    outputs = _output_names(step)
+    for leaf, name in zip(step.leaves, leaf_names(step)):
         kind = "param" if leaf.dtype == "float" else "input"
         m[leaf] = g._leaf(kind, name, leaf.shape, leaf.dtype)
         (g.params if kind == "param" else g.inputs)[name] = m[leaf]
@@ -39,12 +63,13 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
         if n in m:
             continue
         m[n] = g.apply(n.op, [m[i] for i in n.inputs], **dict(n.attrs))
-        if n.name is not None and g.lookup(n.name) is None:
-            m[n] = g.assign_name(n.name, m[n])
+        name = outputs.get(n, n.name)
+        if name is not None and g.lookup(name) is None:
+            m[n] = g.assign_name(name, m[n])
     seed = None
     for k, o in enumerate(step.carry_out + step.ys):
         kind = "carry" if k < len(step.carry_out) else "ys"
-        name = f"{o.name or f'out{k}'}_ct" if kind == "carry" else f"ys{k - len(step.carry_out)}_ct"
+        name = f"{outputs.get(o, o.name) or f'out{k}'}_ct" if kind == "carry" else f"ys{k - len(step.carry_out)}_ct"
         s = g._leaf("input", name, o.shape, "float")
         g.inputs[name] = s
         term = op_sum(m[o] * s)
@@ -81,27 +106,29 @@ def explain_step(run: Node, fmt) -> list[str]:
         (f"{last}, ..., 0", "t+1", "0", str(steps))
     lines.append(f"  across the steps (backpropagation through time, t = {order}):")
     ys_of = {id(y): j for j, y in enumerate(step.ys)}
+    called = dict(zip(step.leaves, leaf_names(step)))
+    names = _output_names(step)
     for leaf, out in zip(step.carry, step.carry_out):
-        name = out.name or leaf.name
+        name = names.get(out, out.name or called[leaf])
         extra = f" + {BAR}ys{ys_of[id(out)]}[t]" if id(out) in ys_of else ""
-        lines.append(f"    {BAR}{name}[t] = {BAR}{leaf.name}[{nxt}]{extra}")
+        lines.append(f"    {BAR}{name}[t] = {BAR}{called[leaf]}[{nxt}]{extra}")
     for leaf in step.carry:
-        terms = _terms(maths, leaf.name)
-        lines.append(f"    {BAR}{leaf.name}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
+        terms = _terms(maths, called[leaf])
+        lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
     for leaf in step.consts:
-        terms = _terms(maths, leaf.name)
+        terms = _terms(maths, called[leaf])
         if terms and leaf.dtype == "float":
-            lines.append(f"    {BAR}{leaf.name}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms)}    (summed on {caller}'s line)")
+            lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms)}    (summed on {caller}'s line)")
     lines.append(f"  and {caller}'s arguments and outputs:")
     for j, y in enumerate(step.ys):
         lines.append(f"    {BAR}ys{j}[t] = {BAR}{caller}.ys[{j}][t]")
     for j, leaf in enumerate(step.carry):
-        lines.append(f"    {BAR}{leaf.name}[{after}] = {BAR}{caller}.carry[{j}]    (the carry after the last step)")
+        lines.append(f"    {BAR}{called[leaf]}[{after}] = {BAR}{caller}.carry[{j}]    (the carry after the last step)")
     for j, leaf in enumerate(step.carry):
-        lines.append(f"    {BAR}{caller}.init[{j}] = {BAR}{leaf.name}[{first}]    (the carry into the first step)")
+        lines.append(f"    {BAR}{caller}.init[{j}] = {BAR}{called[leaf]}[{first}]    (the carry into the first step)")
     for j, leaf in enumerate(step.xs):
         if leaf.dtype == "float":
-            lines.append(f"    {BAR}{caller}.xs[{j}][t] = {BAR}{leaf.name}[t]")
+            lines.append(f"    {BAR}{caller}.xs[{j}][t] = {BAR}{called[leaf]}[t]")
     return lines
 
 

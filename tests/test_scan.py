@@ -728,7 +728,25 @@ def test_explain_gives_the_vjps_of_a_scans_initial_carry_and_sequence():
     assert "ḡ_h0 = 2·ḡ_run.init[0]" in text and "ḡ_P = Σ[axis=0](xᵀ · transpose(ḡ_run.xs[0], (1, 0, 2)))" in text, text
     # reversed: the next step is t-1, the first T-1, the backward runs forwards
     assert "(backpropagation through time, t = 0, ..., T-1)" in text, text
-    assert "ḡ_carry[t] = ḡ_carry[t-1] + ḡ_ys0[t]" in text and "ḡ_run.init[0] = ḡ_carry[T-1]" in text, text
+    assert "ḡ_carry_new[t] = ḡ_carry[t-1] + ḡ_ys0[t]" in text and "ḡ_run.init[0] = ḡ_carry[T-1]" in text, text
+    assert "carry_new = tanh(carry + x_t · W)" in text   # the builder's unnamed new carry gets a name
+
+
+def test_explain_names_a_builders_unnamed_step_and_what_it_captures():
+    """A step made of unnamed nodes showed no line and read ḡ_carry[t] = 0 (found by
+    review); a value it captures (tanh(W), unnamed) is summed on the scan's line."""
+    from backcomp import ops
+    from backcomp.explain import explain
+    g = backcomp.Graph("capt")
+    x, W = g.input("x", ("B", "T", 3)), g.param("W", (3, 3))
+    W2 = ops.tanh(W)
+    r = g.scan(lambda h, x_t: (ops.tanh(x_t @ W2 + h), None), ops.zeros(("B", 3), graph=g), x, axis=1, name="cell")
+    r.node.name = "run"
+    g.loss(ops.sum(r.carry), "loss")
+    text = explain(g)
+    assert "ḡ_W = Σ_t ḡ_v2[t] ⊙ (1 - tanh(W)^2)" in text, text
+    assert "carry_new = tanh(carry + x_t · v2)" in text and "ḡ_carry[t] = (ḡ_carry_new ⊙ (1 - carry_new^2))[t]" in text, text
+    assert "ḡ_v2[t] = (x_tᵀ · (ḡ_carry_new ⊙ (1 - carry_new^2)))[t]" in text, text
 
 
 def test_explain_follows_loops_chained_nested_and_reused():
