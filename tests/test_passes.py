@@ -473,3 +473,45 @@ def test_an_in_place_chain_never_writes_a_buffer_another_operand_reads(level):
     np.testing.assert_allclose(loss, np.sum(a_value ** 2), rtol=1e-14)
     # d/dW sum(y²) with y = 2a − sg(a): 2y·2·(1 − a²) through a only
     np.testing.assert_allclose(grads["W"], inputs["x"].T @ (4 * a_value * (1 - a_value ** 2)), rtol=1e-12)
+
+
+# ----- reuse_values: a fused expression reads what a node already holds ---------------------
+def _attention(scale=0.5):
+    g = backcomp.Graph("att")
+    x = g.input("x", ("B", 5, 4))
+    Wq = g.param("Wq", (4, 4))
+    Wk = g.param("Wk", (4, 4))
+    att = g.assign_name("att", ops.softmax((x @ Wq) @ ops.transpose(x @ Wk, (0, 2, 1)) * scale, axis=-1))
+    g.loss(ops.sum(ops.tanh(att @ x)))
+    return g
+
+
+def test_softmax_backward_reads_the_forward_softmax_instead_of_dividing_again():
+    """scale·e·(ḡ − s)/Σe contains the forward's e/Σe: one division, in the forward."""
+    text = compile_source(_attention())
+    vag = "\n".join(line for line in text[text.index("def value_and_grad"):].splitlines()
+                    if not line.strip().startswith("#"))
+    assert len(re.findall(r"np\.divide\(\w+, _sum\b|/\s*_sum\b", vag)) == 1, vag
+    _same_at_O1_as_at_O0(_attention())
+
+
+def test_reuse_never_finds_a_value_by_algebra():
+    """exp(x/2) is not √(eˣ): reading exp(x)'s node there would overflow where e^(x/2) does not."""
+    from backcomp.passes.reuse import _replace_exactly
+    x, y, z, s = sp.symbols("x y z s", real=True)
+    assert _replace_exactly(sp.exp(x / 2) * y, sp.exp(x), s) == sp.exp(x / 2) * y
+    assert _replace_exactly(3 * x * y * z / (1 + x), x * y, s) == 3 * s * z / (1 + x)
+    assert _replace_exactly(sp.tanh(x + y + z), x + z, s) == sp.tanh(s + y)
+    g = backcomp.Graph("halves")
+    v = g.input("v", ("B",))
+    w = g.param("w", ())
+    lv = v * w
+    g.loss(ops.sum(ops.exp(lv)) + ops.sum(ops.exp(lv * 0.5)))
+    assert "**0.5" not in compile_source(g) and "np.sqrt" not in compile_source(g)
+    _same_at_O1_as_at_O0(g)
+
+
+def test_lstm_gate_backward_reads_the_step_output():
+    """σ'(o)·tanh(c) = (1 − σ(o))·h: the backward loop reads h_new instead of the product."""
+    text = compile_source(Path(__file__).parent.parent / "examples" / "lstm.toml")
+    assert re.search(r"np\.multiply\(h_new_bar_dew, h_new, out=h_new_bar_dew\)", text), text

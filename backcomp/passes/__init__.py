@@ -12,6 +12,7 @@ from backcomp.passes.loops import optimize_loops
 from backcomp.passes.pools import pool_before_activation
 from backcomp.passes.reductions import hoist_constant_factors, merge_reductions
 from backcomp.passes.residuals import keep_residuals
+from backcomp.passes.reuse import reuse_values
 from backcomp.passes.stability import Finding, stabilize
 
 
@@ -32,8 +33,9 @@ def prepare_forward(graph: Graph, findings: list[Finding] | None = None) -> Grap
 
 
 def optimize(graph: Graph) -> Graph:
-    """After differentiation (-O1): CSE across forward and backward, fusion, DCE."""
+    """After differentiation (-O1): CSE across forward and backward, fusion, reuse of
+    values fused expressions would recompute, DCE."""
     for run in (optimize_loops, eliminate_dead_code, flatten_batched_gemms, eliminate_common_subexpressions, fuse_elementwise,
-                hoist_constant_factors, fuse_elementwise, eliminate_common_subexpressions):
+                hoist_constant_factors, fuse_elementwise, eliminate_common_subexpressions, reuse_values):
         graph = run(graph)
     return graph

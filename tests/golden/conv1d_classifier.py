@@ -779,9 +779,9 @@ def value_and_grad(params, inputs):
     del loss_bar
     # backward of loss = mean(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
     loss_bar_mean_vjp = loss_bar_reshape/B
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape/B
     del loss_bar_reshape
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_mean_vjp
     # backward of loss_take_label = take_label(logits, labels)
     loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
     del loss_bar_dsub

@@ -692,9 +692,9 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     del loss_bar
     # backward of loss_mean = mean(loss_sub, axes=(0,), keepdims=False) w.r.t. loss_sub
     loss_bar_mean_vjp = loss_bar_reshape/B
-    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
-    loss_bar_dsub = -loss_bar_reshape/B
     del loss_bar_reshape
+    # backward of loss_sub = loss_reshape - loss_take_label w.r.t. loss_take_label
+    loss_bar_dsub = -loss_bar_mean_vjp
     # backward of loss_take_label = take_label(logits, labels)
     loss_bar_broadcast_to = np.broadcast_to(loss_bar_dsub, (B,))
     del loss_bar_dsub
@@ -741,14 +741,14 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     np.multiply(h2_bar_max_pool2d_argmax == 3, h2_bar, out=h2_bar_max_pool2d_scatter[:, :, 1:4:2, 1:4:2])
     del h2_bar, h2_bar_max_pool2d_argmax
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0)
-    h2_bar_dew = h2_bar_max_pool2d_scatter*(h2_relu > 0)
+    h2_bar_dew = np.multiply(h2_bar_max_pool2d_scatter, (h2_relu > 0), out=h2_bar_max_pool2d_scatter)
+    del h2_relu, h2_bar_max_pool2d_scatter
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0) w.r.t. h2_reshape_4
     h2_bar_sum_to = h2_bar_dew.sum(axis=(0, 2, 3), keepdims=True)
-    del h2_bar_dew
     # backward of h2_reshape_4 = reshape(b2, shape=(1, 32, 1, 1)) w.r.t. b2
     b2_bar = h2_bar_sum_to.reshape((32,))
     # backward of h2_relu = maximum(h2_reshape_4 + h2_reshape_3*(h2_conv2d - h2_mode_select)/sqrt(h2_mode_select_2 + 1e-05), 0) w.r.t. h2_reshape_3
-    h2_bar_dew_2 = h2_bar_max_pool2d_scatter*(h2_conv2d - h2_mode_select)*(h2_relu > 0)
+    h2_bar_dew_2 = h2_bar_dew*(h2_conv2d - h2_mode_select)
     del h2_mode_select
     h2_bar_sum_to_2 = h2_bar_dew_2.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_2
@@ -792,11 +792,12 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h2_bar_sum_to_3 = h2_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h2_bar_dew_3
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1))
-    np.multiply(h2_bar_max_pool2d_scatter, (h2_relu > 0), out=h2_bar_max_pool2d_scatter)
-    np.multiply(h2_bar_max_pool2d_scatter, (h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), out=h2_bar_max_pool2d_scatter)
-    np.add(h2_bar_max_pool2d_scatter, (0.0625)*((h2_bar_mean_vjp*h2_bar_sum_to_3 + h2_bar_mode_select_2)/B), out=h2_bar_max_pool2d_scatter)
-    h2_bar_add = np.add(h2_bar_max_pool2d_scatter, 2*h2_bar_mean_vjp*(h2_conv2d - h2_mean), out=h2_bar_max_pool2d_scatter)
-    del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_relu, h2_bar_max_pool2d_scatter, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
+    np.subtract(h2_conv2d, h2_mean, out=h2_conv2d)
+    np.multiply(h2_conv2d, 2, out=h2_conv2d)
+    np.multiply(h2_conv2d, h2_bar_mean_vjp, out=h2_conv2d)
+    np.add(h2_conv2d, (0.0625)*((h2_bar_mean_vjp*h2_bar_sum_to_3 + h2_bar_mode_select_2)/B), out=h2_conv2d)
+    h2_bar_add = np.add(h2_conv2d, h2_bar_dew*(h2_reshape_3/np.sqrt(h2_mode_select_2 + 1e-05)), out=h2_conv2d)
+    del h2_conv2d, h2_mean, h2_mode_select_2, h2_reshape_3, h2_bar_dew, h2_bar_mode_select_2, h2_bar_mean_vjp, h2_bar_sum_to_3
     # backward of h2_conv2d = conv2d(h1, K2, h2_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. h1
     __h1_bar_rows = np.zeros((32, h2_bar_add.shape[0] + 1, 6, 6), dtype=h2_bar_add.dtype)
     __h1_bar_rows[:, 1:, :4, :4] = h2_bar_add.transpose(1, 0, 2, 3)
@@ -841,14 +842,14 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     np.multiply(h1_bar_max_pool2d_argmax == 3, h1_bar, out=h1_bar_max_pool2d_scatter[:, :, 1:8:2, 1:8:2])
     del h1_bar, h1_bar_max_pool2d_argmax
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0)
-    h1_bar_dew = h1_bar_max_pool2d_scatter*(h1_relu > 0)
+    h1_bar_dew = np.multiply(h1_bar_max_pool2d_scatter, (h1_relu > 0), out=h1_bar_max_pool2d_scatter)
+    del h1_relu, h1_bar_max_pool2d_scatter
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0) w.r.t. h1_reshape_4
     h1_bar_sum_to = h1_bar_dew.sum(axis=(0, 2, 3), keepdims=True)
-    del h1_bar_dew
     # backward of h1_reshape_4 = reshape(b1, shape=(1, 16, 1, 1)) w.r.t. b1
     b1_bar = h1_bar_sum_to.reshape((16,))
     # backward of h1_relu = maximum(h1_reshape_4 + h1_reshape_3*(h1_conv2d - h1_mode_select)/sqrt(h1_mode_select_2 + 1e-05), 0) w.r.t. h1_reshape_3
-    h1_bar_dew_2 = h1_bar_max_pool2d_scatter*(h1_conv2d - h1_mode_select)*(h1_relu > 0)
+    h1_bar_dew_2 = h1_bar_dew*(h1_conv2d - h1_mode_select)
     del h1_mode_select
     h1_bar_sum_to_2 = h1_bar_dew_2.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_2
@@ -892,11 +893,12 @@ def value_and_grad(params, inputs, *, rng=None, train=True, buffers=None):
     h1_bar_sum_to_3 = h1_bar_dew_3.sum(axis=(0, 2, 3), keepdims=True)
     del h1_bar_dew_3
     # backward of h1_conv2d = conv2d(x, K1, h1_im2col, stride=(1, 1), padding=(1, 1))
-    np.multiply(h1_bar_max_pool2d_scatter, (h1_relu > 0), out=h1_bar_max_pool2d_scatter)
-    np.multiply(h1_bar_max_pool2d_scatter, (h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), out=h1_bar_max_pool2d_scatter)
-    np.add(h1_bar_max_pool2d_scatter, (0.015625)*((h1_bar_mean_vjp*h1_bar_sum_to_3 + h1_bar_mode_select_2)/B), out=h1_bar_max_pool2d_scatter)
-    h1_bar_add = np.add(h1_bar_max_pool2d_scatter, 2*h1_bar_mean_vjp*(h1_conv2d - h1_mean), out=h1_bar_max_pool2d_scatter)
-    del h1_conv2d, h1_mean, h1_mode_select_2, h1_reshape_3, h1_relu, h1_bar_max_pool2d_scatter, h1_bar_mode_select_2, h1_bar_mean_vjp, h1_bar_sum_to_3
+    np.subtract(h1_conv2d, h1_mean, out=h1_conv2d)
+    np.multiply(h1_conv2d, 2, out=h1_conv2d)
+    np.multiply(h1_conv2d, h1_bar_mean_vjp, out=h1_conv2d)
+    np.add(h1_conv2d, (0.015625)*((h1_bar_mean_vjp*h1_bar_sum_to_3 + h1_bar_mode_select_2)/B), out=h1_conv2d)
+    h1_bar_add = np.add(h1_conv2d, h1_bar_dew*(h1_reshape_3/np.sqrt(h1_mode_select_2 + 1e-05)), out=h1_conv2d)
+    del h1_conv2d, h1_mean, h1_mode_select_2, h1_reshape_3, h1_bar_dew, h1_bar_mode_select_2, h1_bar_mean_vjp, h1_bar_sum_to_3
     # backward of h1_conv2d = conv2d(x, K1, h1_im2col, stride=(1, 1), padding=(1, 1)) w.r.t. K1
     K1_bar = (h1_bar_add.reshape(-1, 16, 64) @ h1_im2col.reshape(-1, 9, 64).transpose(0, 2, 1)).sum(axis=0).reshape(16, 1, 3, 3)
     del h1_im2col, h1_bar_add

@@ -191,7 +191,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h_arg = np.add(h_matmul, b1, out=h_matmul)
     del h_matmul
     h_sigmoid = _sigmoid(h_arg)
-    h = h_arg*h_sigmoid
+    h = np.multiply(h_arg, h_sigmoid, out=h_arg)
+    del h_arg
     y_matmul = h @ W2
     __loss_pow_t0 = y_matmul + b2
     loss_pow = __loss_pow_t0**2
@@ -230,15 +231,10 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h_bar = loss_bar_dew @ W2.T
     # backward of y_matmul = h @ W2 w.r.t. W2
     W2_bar = h.T @ loss_bar_dew
-    del h, loss_bar_dew
+    del loss_bar_dew
     # backward of h_arg = h_matmul + b1
-    __h_bar_add_c0 = 1 - h_sigmoid
-    np.multiply(__h_bar_add_c0, h_arg, out=__h_bar_add_c0)
-    np.add(__h_bar_add_c0, 1, out=__h_bar_add_c0)
-    np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, __h_bar_add_c0, out=h_bar)
-    del __h_bar_add_c0
-    del h_arg, h_sigmoid, h_bar
+    h_bar_add = np.multiply(h_bar, h_sigmoid + h*(1 - h_sigmoid), out=h_bar)
+    del h_sigmoid, h, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)
     # backward of h_matmul = x @ W1 w.r.t. W1
@@ -371,7 +367,8 @@ def value_and_grad(params, inputs):
     h_arg = np.add(h_matmul, b1, out=h_matmul)
     del h_matmul
     h_sigmoid = _sigmoid(h_arg)
-    h = h_arg*h_sigmoid
+    h = np.multiply(h_arg, h_sigmoid, out=h_arg)
+    del h_arg
     y_matmul = h @ W2
     __y_t0 = y_matmul + b2
     y = __y_t0**2
@@ -408,15 +405,10 @@ def value_and_grad(params, inputs):
     h_bar = y_bar_dew @ W2.T
     # backward of y_matmul = h @ W2 w.r.t. W2
     W2_bar = h.T @ y_bar_dew
-    del h, y_bar_dew
+    del y_bar_dew
     # backward of h_arg = h_matmul + b1
-    __h_bar_add_c0 = 1 - h_sigmoid
-    np.multiply(__h_bar_add_c0, h_arg, out=__h_bar_add_c0)
-    np.add(__h_bar_add_c0, 1, out=__h_bar_add_c0)
-    np.multiply(h_bar, h_sigmoid, out=h_bar)
-    h_bar_add = np.multiply(h_bar, __h_bar_add_c0, out=h_bar)
-    del __h_bar_add_c0
-    del h_arg, h_sigmoid, h_bar
+    h_bar_add = np.multiply(h_bar, h_sigmoid + h*(1 - h_sigmoid), out=h_bar)
+    del h_sigmoid, h, h_bar
     # backward of h_arg = h_matmul + b1 w.r.t. b1
     b1_bar = h_bar_add.sum(axis=0)
     # backward of h_matmul = x @ W1 w.r.t. W1

@@ -997,7 +997,8 @@ def value_and_grad(params, inputs):
     w1_exp = np.exp(s1, out=s1)
     del s1, w1_max
     w1_sum = w1_exp.sum(axis=3, keepdims=True)
-    w1 = w1_exp/w1_sum
+    w1 = np.divide(w1_exp, w1_sum, out=w1_exp)
+    del w1_exp, w1_sum
     c1_matmul = w1 @ v1
     c1_transpose = np.transpose(c1_matmul, (0, 2, 1, 3))
     del c1_matmul
@@ -1062,7 +1063,8 @@ def value_and_grad(params, inputs):
     w2_exp = np.exp(s2, out=s2)
     del s2, w2_max
     w2_sum = w2_exp.sum(axis=3, keepdims=True)
-    w2 = w2_exp/w2_sum
+    w2 = np.divide(w2_exp, w2_sum, out=w2_exp)
+    del w2_exp, w2_sum
     c2_matmul = w2 @ v2
     c2_transpose = np.transpose(c2_matmul, (0, 2, 1, 3))
     del c2_matmul
@@ -1236,13 +1238,12 @@ def value_and_grad(params, inputs):
     v2_bar = c2_bar_transpose_3 @ c2_bar_transpose
     del c2_bar_transpose, c2_bar_transpose_3
     # backward of w2 = w2_exp/w2_sum w.r.t. w2_sum
-    w2_bar_dew = np.multiply(w2, w2_bar, out=w2)
-    del w2
+    w2_bar_dew = np.multiply(w2_bar, w2, out=w2_bar)
+    del w2_bar
     w2_bar_sum_to = w2_bar_dew.sum(axis=3, keepdims=True)
-    del w2_bar_dew
     # backward of s2 = where(s1_greater, 0.25*s2_matmul, -1000000000) w.r.t. s2_matmul
-    s2_bar_dew = np.where(s1_greater, 0.25*w2_exp*(w2_bar - w2_bar_sum_to)/w2_sum, 0)
-    del w2_exp, w2_sum, w2_bar, w2_bar_sum_to
+    s2_bar_dew = np.where(s1_greater, 0.25*(-w2_bar_sum_to*w2 + w2_bar_dew), 0)
+    del w2, w2_bar_dew, w2_bar_sum_to
     # backward of s2_matmul = q2 @ s2_transpose
     s2_bar_transpose = np.swapaxes(s2_transpose, -1, -2)
     del s2_transpose
@@ -1373,13 +1374,12 @@ def value_and_grad(params, inputs):
     v1_bar = c1_bar_transpose_3 @ c1_bar_transpose
     del c1_bar_transpose, c1_bar_transpose_3
     # backward of w1 = w1_exp/w1_sum w.r.t. w1_sum
-    w1_bar_dew = np.multiply(w1, w1_bar, out=w1)
-    del w1
+    w1_bar_dew = np.multiply(w1_bar, w1, out=w1_bar)
+    del w1_bar
     w1_bar_sum_to = w1_bar_dew.sum(axis=3, keepdims=True)
-    del w1_bar_dew
     # backward of s1 = where(s1_greater, 0.25*s1_matmul, -1000000000) w.r.t. s1_matmul
-    s1_bar_dew = np.where(s1_greater, 0.25*w1_exp*(w1_bar - w1_bar_sum_to)/w1_sum, 0)
-    del s1_greater, w1_exp, w1_sum, w1_bar, w1_bar_sum_to
+    s1_bar_dew = np.where(s1_greater, 0.25*(-w1_bar_sum_to*w1 + w1_bar_dew), 0)
+    del s1_greater, w1, w1_bar_dew, w1_bar_sum_to
     # backward of s1_matmul = q1 @ s1_transpose
     s1_bar_transpose = np.swapaxes(s1_transpose, -1, -2)
     del s1_transpose

@@ -209,7 +209,6 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.multiply(h1_bar_dtanh, h2_bar_matmul, out=h1_bar_dtanh)
     h1_bar_transpose = W1.T
     h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
-    del h1_bar_dtanh
     np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
     du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
     del h1_bar_matmul
@@ -283,24 +282,19 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     np.subtract(1, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
     np.multiply(h1_bar_bar_dew_2, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_2)
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew_3 = h1**2
-    np.subtract(1, h1_bar_bar_dew_3, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, -2, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul, out=h1_bar_bar_dew_3)
+    h1_bar_bar_dew_3 = -2*h1*h1_bar_bar_matmul*h1_bar_bar_dew_2
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
-    del h2_bar_dtanh_2, h1_bar_bar_dew_2
+    del h2_bar_dtanh_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
     h2_bar_bar_dew_2 = h2**2
     np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
     np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew_2.T @ h2_bar_bar_dew_2
-    del u_bar_bar_dew_2, h2_bar_bar_dew_2
+    del u_bar_bar_dew_2
     # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
     u_bar_bar_bar_matmul = loss_bar_dew_3 @ u_bar_bar_transpose.T
     del u_bar_bar_transpose
@@ -310,16 +304,23 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
     h2_bar_bar_bar_add = h2**2
     np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
-    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
+    np.subtract(h2_bar_bar_bar_add, 2*h2*u_bar_matmul*h2_bar_bar_dew_2, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add = h1**2
-    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
-    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
+    __h1_bar_bar_bar_add_c0 = h1**2
+    np.subtract(1, __h1_bar_bar_bar_add_c0, out=__h1_bar_bar_bar_add_c0)
+    np.multiply(__h1_bar_bar_bar_add_c0, h2_bar_bar_bar_matmul, out=__h1_bar_bar_bar_add_c0)
+    np.multiply(h1_bar_bar_dew_2, 2, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h1, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h2_bar_matmul, out=h1_bar_bar_dew_2)
+    h1_bar_bar_bar_add = np.subtract(__h1_bar_bar_bar_add_c0, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
+    del __h1_bar_bar_bar_add_c0
+    del h1_bar_bar_dew_2
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -331,15 +332,21 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del h2_bar_bar_transpose
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
-    del h2_bar_dtanh, h1_bar_bar_dew_3
+    del h1_bar_bar_dew_3
     # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
     np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add = h2**2
-    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
-    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
+    __u_bar_bar_add_c0 = h2**2
+    np.subtract(1, __u_bar_bar_add_c0, out=__u_bar_bar_add_c0)
+    np.multiply(__u_bar_bar_add_c0, h2_bar_bar_matmul_4, out=__u_bar_bar_add_c0)
+    np.multiply(h2_bar_bar_dew_2, 2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul, out=h2_bar_bar_dew_2)
+    u_bar_bar_add = np.subtract(__u_bar_bar_add_c0, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
+    del __u_bar_bar_add_c0
+    del h2_bar_bar_dew_2
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -354,18 +361,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_matmul_4 = h2.T @ loss_bar_dew_2
     del loss_bar_dew_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    __h2_bar_dew_t0 = h2**2
-    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
-    __h2_bar_dew_t1 = 2*h2
-    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
-    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
-    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
-    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
-    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
-    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
+    __h2_bar_dew_t0 = 2*h2*h2_bar_bar_matmul
+    __h2_bar_dew_c0 = -2*h2*u_bar_matmul*h2_bar_bar_matmul_4 + u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - u_bar_matmul*__h2_bar_dew_t0) + h2_bar_bar_matmul*h2_bar_dtanh) - u_bar_bar_bar_matmul*__h2_bar_dew_t0
+    h2_bar_dew = h2**2
+    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_c0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_c0
+    del h2, u_bar_matmul, h2_bar_dtanh, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
@@ -375,18 +377,13 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    __h1_bar_dew_t0 = h1**2
-    np.subtract(1, __h1_bar_dew_t0, out=__h1_bar_dew_t0)
-    __h1_bar_dew_t1 = 2*h1
-    __h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = __h1_bar_dew_t0*__h1_bar_dew_t2
-    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - __h1_bar_dew_t1*__h1_bar_dew_t2), out=h1_bar_dew)
-    np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
-    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*__h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, __h1_bar_dew_t0, out=h1_bar_dew)
-    del __h1_bar_dew_t0, __h1_bar_dew_t1, __h1_bar_dew_t2
-    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
+    __h1_bar_dew_t0 = 2*h1*h1_bar_bar_matmul
+    __h1_bar_dew_c0 = h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h2_bar_matmul*__h1_bar_dew_t0) + h1_bar_bar_matmul*h1_bar_dtanh) - h2_bar_bar_bar_matmul*__h1_bar_dew_t0
+    h1_bar_dew = h1**2
+    np.subtract(1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, __h1_bar_dew_c0, out=h1_bar_dew)
+    del __h1_bar_dew_t0, __h1_bar_dew_c0
+    del h1, h2_bar_matmul, h1_bar_dtanh, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
     # backward of h1_matmul = x @ W1 w.r.t. W1
@@ -657,7 +654,6 @@ def value_and_grad(params, inputs):
     h1_bar_transpose = W1.T
     # backward of h1_matmul = x @ W1 w.r.t. x
     h1_bar_matmul = h1_bar_dtanh @ h1_bar_transpose
-    del h1_bar_dtanh
     # backward of input x
     np.add(h1_bar_matmul, u_bar_dmul*u_sub, out=h1_bar_matmul)
     du = np.subtract(h1_bar_matmul, u_bar_dmul*x, out=h1_bar_matmul)
@@ -713,7 +709,7 @@ def value_and_grad(params, inputs):
     np.subtract(h1_bar_matmul_2, 2*u_bar_dmul, out=h1_bar_matmul_2)
     np.add(h1_bar_matmul_2, u_sub*u_bar_bar_matmul, out=h1_bar_matmul_2)
     d2u = np.subtract(h1_bar_matmul_2, x*u_bar_bar_matmul, out=h1_bar_matmul_2)
-    del u_bar_dmul, u_bar_bar_matmul, h1_bar_matmul_2
+    del u_sub, u_bar_dmul, u_bar_bar_matmul, h1_bar_matmul_2
     loss_sin = 3.141592653589793*x
     np.sin(loss_sin, out=loss_sin)
     loss_pow = 9.869604401089358*loss_sin
@@ -729,9 +725,7 @@ def value_and_grad(params, inputs):
     # backward of d2u = h1_bar_matmul_2 - 2*u_bar_dmul + u_sub*u_bar_bar_matmul - x*u_bar_bar_matmul w.r.t. u_bar_dmul
     d2u_bar_dew = -2*d2u_bar
     # backward of d2u = h1_bar_matmul_2 - 2*u_bar_dmul + u_sub*u_bar_bar_matmul - x*u_bar_bar_matmul w.r.t. u_bar_bar.ew
-    np.subtract(u_sub, x, out=u_sub)
-    d2u_bar_dew_2 = np.multiply(u_sub, d2u_bar, out=u_sub)
-    del u_sub
+    d2u_bar_dew_2 = d2u_bar*u_bar_bar_dew
     # backward of h1_bar_matmul_2 = h1_bar_dtanh_2 @ h1_bar_transpose w.r.t. h1_bar_dtanh_2
     h1_bar_bar_matmul_2 = d2u_bar @ h1_bar_bar_transpose
     del h1_bar_bar_transpose
@@ -743,24 +737,19 @@ def value_and_grad(params, inputs):
     np.subtract(1, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
     np.multiply(h1_bar_bar_dew_2, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_2)
     # backward of h1_bar_dtanh_2 = (1 - h1**2)*(-2*h1*h1_bar_bar_matmul*h2_bar_matmul + h2_bar_matmul_2) w.r.t. h2_bar_matmul
-    h1_bar_bar_dew_3 = h1**2
-    np.subtract(1, h1_bar_bar_dew_3, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, -2, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul_2, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1, out=h1_bar_bar_dew_3)
-    np.multiply(h1_bar_bar_dew_3, h1_bar_bar_matmul, out=h1_bar_bar_dew_3)
+    h1_bar_bar_dew_3 = -2*h1*h1_bar_bar_matmul*h1_bar_bar_dew_2
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_dtanh_2
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
-    del h2_bar_dtanh_2, h1_bar_bar_dew_2
+    del h2_bar_dtanh_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
     h2_bar_bar_dew_2 = h2**2
     np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
     np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew.T @ h2_bar_bar_dew_2
-    del u_bar_bar_dew, h2_bar_bar_dew_2
+    del u_bar_bar_dew
     # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
     u_bar_bar_bar_matmul = d2u_bar_dew_2 @ u_bar_bar_transpose.T
     del u_bar_bar_transpose
@@ -770,16 +759,23 @@ def value_and_grad(params, inputs):
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
     h2_bar_bar_bar_add = h2**2
     np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
-    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
+    np.subtract(h2_bar_bar_bar_add, 2*h2*u_bar_matmul*h2_bar_bar_dew_2, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    h1_bar_bar_bar_add = h1**2
-    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
-    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
+    __h1_bar_bar_bar_add_c0 = h1**2
+    np.subtract(1, __h1_bar_bar_bar_add_c0, out=__h1_bar_bar_bar_add_c0)
+    np.multiply(__h1_bar_bar_bar_add_c0, h2_bar_bar_bar_matmul, out=__h1_bar_bar_bar_add_c0)
+    np.multiply(h1_bar_bar_dew_2, 2, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h1, out=h1_bar_bar_dew_2)
+    np.multiply(h1_bar_bar_dew_2, h2_bar_matmul, out=h1_bar_bar_dew_2)
+    h1_bar_bar_bar_add = np.subtract(__h1_bar_bar_bar_add_c0, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
+    del __h1_bar_bar_bar_add_c0
+    del h1_bar_bar_dew_2
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -791,15 +787,21 @@ def value_and_grad(params, inputs):
     del h2_bar_bar_transpose
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
-    del h2_bar_dtanh, h1_bar_bar_dew_3
+    del h1_bar_bar_dew_3
     # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
     np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    u_bar_bar_add = h2**2
-    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
-    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
+    __u_bar_bar_add_c0 = h2**2
+    np.subtract(1, __u_bar_bar_add_c0, out=__u_bar_bar_add_c0)
+    np.multiply(__u_bar_bar_add_c0, h2_bar_bar_matmul_4, out=__u_bar_bar_add_c0)
+    np.multiply(h2_bar_bar_dew_2, 2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2, out=h2_bar_bar_dew_2)
+    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul, out=h2_bar_bar_dew_2)
+    u_bar_bar_add = np.subtract(__u_bar_bar_add_c0, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
+    del __u_bar_bar_add_c0
+    del h2_bar_bar_dew_2
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -814,18 +816,13 @@ def value_and_grad(params, inputs):
     u_bar_matmul_4 = h2.T @ d2u_bar_dew
     del d2u_bar_dew
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    __h2_bar_dew_t0 = h2**2
-    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
-    __h2_bar_dew_t1 = 2*h2
-    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
-    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
-    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
-    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
-    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
-    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
-    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
+    __h2_bar_dew_t0 = 2*h2*h2_bar_bar_matmul
+    __h2_bar_dew_c0 = -2*h2*u_bar_matmul*h2_bar_bar_matmul_4 + u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - u_bar_matmul*__h2_bar_dew_t0) + h2_bar_bar_matmul*h2_bar_dtanh) - u_bar_bar_bar_matmul*__h2_bar_dew_t0
+    h2_bar_dew = h2**2
+    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_c0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_c0
+    del h2, u_bar_matmul, h2_bar_dtanh, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
@@ -835,18 +832,13 @@ def value_and_grad(params, inputs):
     h2_bar_matmul_4 = h1.T @ h2_bar_dew
     del h2_bar_dew
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. h1_matmul
-    __h1_bar_dew_t0 = h1**2
-    np.subtract(1, __h1_bar_dew_t0, out=__h1_bar_dew_t0)
-    __h1_bar_dew_t1 = 2*h1
-    __h1_bar_dew_t2 = h1_bar_bar_matmul*h2_bar_matmul
-    h1_bar_dew = __h1_bar_dew_t0*__h1_bar_dew_t2
-    np.add(h1_bar_dew, h1*(h2_bar_matmul_2 - __h1_bar_dew_t1*__h1_bar_dew_t2), out=h1_bar_dew)
-    np.multiply(h1_bar_dew, 2, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, h1_bar_bar_matmul_2, out=h1_bar_dew)
-    np.subtract(h2_bar_matmul_3 - h1_bar_bar_matmul*h2_bar_bar_bar_matmul*__h1_bar_dew_t1, h1_bar_dew, out=h1_bar_dew)
-    np.multiply(h1_bar_dew, __h1_bar_dew_t0, out=h1_bar_dew)
-    del __h1_bar_dew_t0, __h1_bar_dew_t1, __h1_bar_dew_t2
-    del h1, h2_bar_matmul, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
+    __h1_bar_dew_t0 = 2*h1*h1_bar_bar_matmul
+    __h1_bar_dew_c0 = h2_bar_matmul_3 - 2*h1_bar_bar_matmul_2*(h1*(h2_bar_matmul_2 - h2_bar_matmul*__h1_bar_dew_t0) + h1_bar_bar_matmul*h1_bar_dtanh) - h2_bar_bar_bar_matmul*__h1_bar_dew_t0
+    h1_bar_dew = h1**2
+    np.subtract(1, h1_bar_dew, out=h1_bar_dew)
+    np.multiply(h1_bar_dew, __h1_bar_dew_c0, out=h1_bar_dew)
+    del __h1_bar_dew_t0, __h1_bar_dew_c0
+    del h1, h2_bar_matmul, h1_bar_dtanh, h1_bar_bar_matmul, h2_bar_matmul_2, h1_bar_bar_matmul_2, h2_bar_bar_bar_matmul, h2_bar_matmul_3
     # backward of h1 = tanh(h1_matmul + b1) w.r.t. b1
     b1_bar = h1_bar_dew.sum(axis=0)
     # backward of h1_matmul = x @ W1 w.r.t. W1

@@ -235,7 +235,8 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     attn_exp = np.exp(scores, out=scores)
     del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
@@ -293,15 +294,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     v_bar = attn.transpose(0, 2, 1) @ ctx_bar
     del ctx_bar
     # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
-    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
-    del attn
+    attn_bar_dew = np.multiply(attn_bar, attn, out=attn_bar)
+    del attn_bar
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
-    del attn_bar_dew
     # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
-    np.multiply(attn_exp, 0.17677669529663687, out=attn_exp)
-    np.divide(attn_exp, attn_sum, out=attn_exp)
-    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
-    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
+    np.multiply(attn, attn_bar_sum_to, out=attn)
+    np.subtract(attn_bar_dew, attn, out=attn)
+    scores_bar_dmul = np.multiply(attn, 0.17677669529663687, out=attn)
+    del attn, attn_bar_dew, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k
     del k
@@ -539,7 +539,8 @@ def value_and_grad(params, inputs):
     attn_exp = np.exp(scores, out=scores)
     del scores, attn_max
     attn_sum = attn_exp.sum(axis=2, keepdims=True)
-    attn = attn_exp/attn_sum
+    attn = np.divide(attn_exp, attn_sum, out=attn_exp)
+    del attn_exp, attn_sum
     ctx = attn @ v
     logits_matmul = (ctx.reshape(8*B, 32) @ Wo).reshape((B, 8, 10))
     logits = np.add(logits_matmul, bo, out=logits_matmul)
@@ -594,15 +595,14 @@ def value_and_grad(params, inputs):
     v_bar = attn.transpose(0, 2, 1) @ ctx_bar
     del ctx_bar
     # backward of attn = attn_exp/attn_sum w.r.t. attn_sum
-    attn_bar_dew = np.multiply(attn, attn_bar, out=attn)
-    del attn
+    attn_bar_dew = np.multiply(attn_bar, attn, out=attn_bar)
+    del attn_bar
     attn_bar_sum_to = attn_bar_dew.sum(axis=2, keepdims=True)
-    del attn_bar_dew
     # backward of scores = 0.17677669529663687*scores_einsum w.r.t. scores_einsum
-    np.multiply(attn_exp, 0.17677669529663687, out=attn_exp)
-    np.divide(attn_exp, attn_sum, out=attn_exp)
-    scores_bar_dmul = np.multiply(attn_exp, attn_bar - attn_bar_sum_to, out=attn_exp)
-    del attn_exp, attn_sum, attn_bar, attn_bar_sum_to
+    np.multiply(attn, attn_bar_sum_to, out=attn)
+    np.subtract(attn_bar_dew, attn, out=attn)
+    scores_bar_dmul = np.multiply(attn, 0.17677669529663687, out=attn)
+    del attn, attn_bar_dew, attn_bar_sum_to
     # backward of scores_einsum = einsum(q, k, subscripts='btd,bsd->bts') w.r.t. q
     q_bar = scores_bar_dmul @ k
     del k

@@ -1,0 +1,93 @@
+"""Read a value the graph already has instead of computing it again inside a fusion.
+
+Fusion builds each elementwise group as one expression over its operands, so a
+group can contain, as a sub-expression, a value another node already holds.  A
+softmax's backward, scale·e·(ḡ − s)/Σe, contains the forward's e/Σe: the
+module divided again, and since the forward's array had no reader left it was
+overwritten in place first.  Here the sub-expression becomes a read of that node:
+scale·att·(ḡ − s), one pass fewer, and the forward's value lives on instead of
+being recomputed (issue 13: a derivative never recomputes what the forward has).
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from backcomp.graph import Graph, Node, consumers, toposort
+from backcomp.ops.elementwise import arg_symbol, node_expr
+from backcomp.passes.dce import eliminate_dead_code
+from backcomp.passes.fuse import is_elementwise
+
+
+def _candidates(node: Node, users: dict[Node, list[Node]]) -> list[Node]:
+    """Float elementwise nodes computed from operands of ``node`` only (so none of them
+    can depend on ``node``), each doing at least one operation."""
+    operands = set(node.inputs)
+    found: dict[Node, None] = {}
+    for x in node.inputs:
+        for f in users.get(x, ()):
+            if f is not node and f not in operands and is_elementwise(f) and f.dtype == "float" \
+                    and set(f.inputs) <= operands and sp.count_ops(node_expr(f)) > 0:
+                found[f] = None
+    return list(found)
+
+
+def _replace_exactly(expr: sp.Expr, value: sp.Expr, symbol: sp.Symbol) -> sp.Expr:
+    """``expr`` with each sub-tree equal to ``value`` replaced by ``symbol``, and each
+    sum or product holding all of ``value``'s terms or factors among its own: what the
+    printer would evaluate anyway.  Never SymPy's algebraic ``subs``, which finds
+    exp(x) in exp(x/2) and would compute √(eˣ), overflowing where e^(x/2) does not."""
+    kind = type(value) if isinstance(value, (sp.Add, sp.Mul)) else None
+
+    def visit(e: sp.Expr) -> sp.Expr:
+        if e == value:
+            return symbol
+        if not e.args:
+            return e
+        if kind is not None and type(e) is kind:
+            rest = list(e.args)
+            for a in value.args:
+                if a not in rest:
+                    break
+                rest.remove(a)
+            else:
+                return kind(symbol, *(visit(a) for a in rest))
+        return e.func(*(visit(a) for a in e.args))
+    return visit(expr)
+
+
+def _reading(node: Node, f: Node) -> tuple[list[Node], sp.Expr] | None:
+    """``node``'s operands and expression with ``f``'s value read from ``f`` where that
+    takes fewer operations, else None."""
+    expr = node_expr(node)
+    inputs = list(node.inputs) + [f]
+    value = node_expr(f).xreplace({arg_symbol(i): arg_symbol(node.inputs.index(x)) for i, x in enumerate(f.inputs)})
+    rewritten = _replace_exactly(expr, value, arg_symbol(len(node.inputs)))
+    if rewritten == expr or sp.count_ops(rewritten) >= sp.count_ops(expr):
+        return None
+    used = [i for i, _ in enumerate(inputs) if arg_symbol(i) in rewritten.free_symbols]
+    return [inputs[i] for i in used], rewritten.xreplace({arg_symbol(i): arg_symbol(k) for k, i in enumerate(used)})
+
+
+def reuse_values(graph: Graph) -> Graph:
+    """Graph -> Graph where no fused expression recomputes a value a node holds."""
+    g, _ = graph.clone()
+    users = consumers(g.nodes)
+    changed = False
+    for node in g.nodes:
+        if node.op != "ew" or node.dtype != "float":
+            continue
+        while True:
+            rewrites = [r for f in _candidates(node, users) if (r := _reading(node, f)) is not None]
+            if not rewrites:
+                break
+            inputs, expr = min(rewrites, key=lambda r: sp.count_ops(r[1]))
+            for x in node.inputs:
+                users[x] = [u for u in users[x] if u is not node]
+            node.inputs, node.attrs = tuple(inputs), {**node.attrs, "expr": expr}
+            for x in node.inputs:
+                users.setdefault(x, []).append(node)
+            changed = True
+    if not changed:
+        return g
+    g.nodes = toposort(g.nodes)
+    return eliminate_dead_code(g)
