@@ -246,14 +246,16 @@ def line_names(graph: Graph) -> dict[Node, str]:
     Named nodes (a spec's [graph] lines) keep their names.  In a graph built in
     Python, an unnamed value read in several places gets a line too, named as the
     module names it: written inline it would be repeated at every use, and a chain
-    of such values grows exponentially.
+    of such values grows exponentially.  So does every scan: its outputs are read
+    as ``<its name>.carry[j]`` and its step's block says which scan runs it.
     """
     from backcomp.codegen import assign_names
     users: dict[Node, int] = {}
     for n in graph.nodes:
         for x in set(n.inputs):
             users[x] = users.get(x, 0) + 1
-    shared = [n for n in graph.nodes if n.name is None and n.scope is None and users.get(n, 0) > 1
+    shared = [n for n in graph.nodes if n.name is None and n.scope is None
+              and (users.get(n, 0) > 1 or n.op == "scan")   # a scan: its step's block names it
               and n.op not in ("input", "param", "stop_gradient")]
     names = {n: n.name for n in graph.nodes if n.name is not None}
     generated = assign_names(graph) if shared else {}
@@ -522,9 +524,9 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
             else:
                 lines.append(f"    {BAR}{v} {acc} {fmt(term)}")
     if node is None and not latex:
-        for run in steps_of(graph):
+        for run, caller in steps_of(graph):
             lines.append("")
-            lines += explain_step(run, fmt)
+            lines += explain_step(run, fmt, caller)
     if node is None:
         multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
         if multi:

@@ -70,6 +70,9 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     for k, o in enumerate(step.carry_out + step.ys):
         kind = "carry" if k < len(step.carry_out) else "ys"
         name = f"{outputs.get(o, o.name) or f'out{k}'}_ct" if kind == "carry" else f"ys{k - len(step.carry_out)}_ct"
+        base, i = name, 2
+        while g.lookup(name) is not None:   # one value returned as two carries: a seed each
+            name, i = f"{base}{i}", i + 1
         s = g._leaf("input", name, o.shape, "float")
         g.inputs[name] = s
         term = op_sum(m[o] * s)
@@ -78,15 +81,16 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     return g, {m[k]: v for k, v in label.items()}
 
 
-def explain_step(run: Node, fmt) -> list[str]:
-    """The lines of the step of scan node ``run``: its nodes, their VJPs, and the
-    recurrence across steps.  ``h[t]`` is the carry into step t; a reverse scan's next
-    step is t-1, its first T-1, and its backward runs t = 0, ..., T-1 (T: the number
-    of steps, written out when the scan has a fixed ``length``)."""
+def explain_step(run: Node, fmt, caller: str | None = None) -> list[str]:
+    """The lines of the step of scan node ``run`` (shown on the line ``caller``): its
+    nodes, their VJPs, and the recurrence across steps.  ``h[t]`` is the carry into
+    step t; a reverse scan's next step is t-1, its first T-1, and its backward runs
+    t = 0, ..., T-1 (T: the number of steps, written out when the scan has a fixed
+    ``length``)."""
     from backcomp.explain import derive
     from backcomp.loops import scan_length
     step: Step = run.attrs["step"]
-    caller, steps = run.name or "scan", scan_length(run)
+    caller, steps = caller or run.name or "scan", scan_length(run)
     model, _ = _step_model(step)
     maths, consumers = derive(model)
     carries = [c.name for c in step.carry]
@@ -105,20 +109,23 @@ def explain_step(run: Node, fmt) -> list[str]:
     order, nxt, first, after = (f"0, ..., {last}", "t-1", last, "-1") if run.attrs.get("reverse") else \
         (f"{last}, ..., 0", "t+1", "0", str(steps))
     lines.append(f"  across the steps (backpropagation through time, t = {order}):")
-    ys_of = {id(y): j for j, y in enumerate(step.ys)}
     called = dict(zip(step.leaves, leaf_names(step)))
     names = _output_names(step)
+    into: dict[Node, list[str]] = {}   # each output: the cotangents it gets from outside the step
     for leaf, out in zip(step.carry, step.carry_out):
-        name = names.get(out, out.name or called[leaf])
-        extra = f" + {BAR}ys{ys_of[id(out)]}[t]" if id(out) in ys_of else ""
-        lines.append(f"    {BAR}{name}[t] = {BAR}{called[leaf]}[{nxt}]{extra}")
+        into.setdefault(out, []).append(f"{BAR}{called[leaf]}[{nxt}]")
+    for j, y in enumerate(step.ys):
+        into.setdefault(y, []).append(f"{BAR}ys{j}[t]")
+    for out, terms in into.items():
+        if out not in called:   # a leaf returned as it is: its line below adds them
+            lines.append(f"    {BAR}{names[out]}[t] = {' + '.join(terms)}")
     for leaf in step.carry:
-        terms = _terms(maths, called[leaf])
-        lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms) or '0'}")
+        terms = [f"({fmt(t)})[t]" for t in _terms(maths, called[leaf])] + into.get(leaf, [])
+        lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(terms) or '0'}")
     for leaf in step.consts:
-        terms = _terms(maths, called[leaf])
+        terms = [f"({fmt(t)})[t]" for t in _terms(maths, called[leaf])] + into.get(leaf, [])
         if terms and leaf.dtype == "float":
-            lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(f'({fmt(t)})[t]' for t in terms)}    (summed on {caller}'s line)")
+            lines.append(f"    {BAR}{called[leaf]}[t] = {' + '.join(terms)}    (summed on {caller}'s line)")
     lines.append(f"  and {caller}'s arguments and outputs:")
     for j, y in enumerate(step.ys):
         lines.append(f"    {BAR}ys{j}[t] = {BAR}{caller}.ys[{j}][t]")
@@ -128,7 +135,7 @@ def explain_step(run: Node, fmt) -> list[str]:
         lines.append(f"    {BAR}{caller}.init[{j}] = {BAR}{called[leaf]}[{first}]    (the carry into the first step)")
     for j, leaf in enumerate(step.xs):
         if leaf.dtype == "float":
-            lines.append(f"    {BAR}{caller}.xs[{j}][t] = {BAR}{called[leaf]}[t]")
+            lines.append(f"    {BAR}{caller}.xs[{j}][t] = {' + '.join([f'{BAR}{called[leaf]}[t]'] + into.get(leaf, []))}")
     return lines
 
 
@@ -136,15 +143,20 @@ def _terms(maths, name: str) -> list[sp.Expr]:
     return [m.vjps[name] for m in maths if name in m.vjps and m.name != "step_seed"]
 
 
-def steps_of(graph: Graph) -> list[Node]:
-    """Every scan node, nested ones after: each gets its step's block, since the block
+def steps_of(graph: Graph) -> list[tuple[Node, str]]:
+    """Every scan node and the name of its line, nested ones after (a scan inside a
+    step as the step's block names it): each gets its step's block, since the block
     names the scan and its direction and length (a step run by two scans shows twice)."""
-    out: list[Node] = []
-    stack = [n for n in graph.nodes if n.op == "scan"]
+    from backcomp.explain import line_names
+    out: list[tuple[Node, str]] = []
+    names = line_names(graph)
+    stack = [(n, names[n]) for n in graph.nodes if n.op == "scan"]
     while stack:
-        run = stack.pop(0)
-        out.append(run)
-        stack += [n for n in run.attrs["step"].graph.nodes if n.op == "scan"]
+        run, caller = stack.pop(0)
+        out.append((run, caller))
+        model, _ = _step_model(run.attrs["step"])
+        names = line_names(model)
+        stack += [(n, names[n]) for n in model.nodes if n.op == "scan"]
     return out
 
 
