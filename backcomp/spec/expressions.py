@@ -106,7 +106,6 @@ def parse_expression(text: str, where: Where) -> ast.expr:
         raise where.error(None, f"expression is nested too deeply to parse ({type(e).__name__}); "
                                 "split it into several nodes") from None
     _check_depth(tree.body, where)
-    _check_repeated_keywords(tree.body, where)
     return tree.body
 
 
@@ -118,19 +117,6 @@ def _check_depth(root: ast.AST, where: Where) -> None:
             raise where.error(None, f"expression is nested too deeply (more than {MAX_AST_DEPTH} levels); "
                                     "split it into several nodes")
         stack.extend((c, d + 1) for c in ast.iter_child_nodes(node))
-
-
-def _check_repeated_keywords(root: ast.AST, where: Where) -> None:
-    """Python's parser accepts ``f(a=1, a=2)`` (its compiler is what refuses it); a spec
-    refuses it here, for every call, rather than let the last value win silently."""
-    for node in ast.walk(root):
-        if isinstance(node, ast.Call):
-            seen: set[str] = set()
-            for k in node.keywords:
-                if k.arg is not None and k.arg in seen:
-                    name = node.func.id if isinstance(node.func, ast.Name) else "call"
-                    raise where.error(k, f"{name}() got keyword argument '{k.arg}' more than once")
-                seen.add(k.arg)
 
 
 def disallowed(node: ast.AST) -> str | None:

@@ -159,6 +159,8 @@ class Steps:
         options = {"axis": 0, "reverse": False, "length": None}
         length_node = None
         for k in node.keywords:
+            if sum(other.arg == k.arg for other in node.keywords) > 1:   # Python's parser lets f(a=1, a=2) through
+                raise walker.err(k.value, f"scan() got multiple values for argument '{k.arg}'")
             if k.arg == "axis":
                 options["axis"] = walker.int(k.value, "argument 'axis' of scan()")
             elif k.arg == "reverse":
