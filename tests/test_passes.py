@@ -21,6 +21,7 @@ from backcomp.passes.fuse import fuse_elementwise
 from backcomp.passes.memory import plan_memory
 from backcomp.passes.reductions import merge_reductions
 from backcomp.passes.stability import stabilize
+from backcomp.spec import parse_spec
 from backcomp.vjp import differentiate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,7 +512,32 @@ def test_reuse_never_finds_a_value_by_algebra():
     _same_at_O1_as_at_O0(g)
 
 
-def test_lstm_gate_backward_reads_the_step_output():
-    """σ'(o)·tanh(c) = (1 − σ(o))·h: the backward loop reads h_new instead of the product."""
-    text = compile_source(Path(__file__).parent.parent / "examples" / "lstm.toml")
-    assert re.search(r"np\.multiply\(h_new_bar_dew, h_new, out=h_new_bar_dew\)", text), text
+def test_reuse_reads_only_what_value_and_grad_computes_anyway():
+    """σ(z) as an output beside a BCE loss on z: the backward's σ(z) − y stays where it
+    was (in place, in the backward), not an early read of the output into a new array;
+    and a loop's step is left alone (a value read only there would become a stack)."""
+    g = backcomp.Graph("bce_out")
+    x = g.input("x", ("B", 3))
+    t = g.input("t", ("B",))
+    w = g.param("w", (3,))
+    z = g.assign_name("z", ops.matmul(x, w))
+    g.output("y", ops.sigmoid(z))
+    g.loss(ops.mean(ops.sigmoid_binary_cross_entropy(z, t)))
+    text = compile_source(g)
+    vag = text[text.index("def value_and_grad"):]
+    assert "y = " not in vag and vag.count("_sigmoid(") == 1, vag
+    lstm = (Path(__file__).parent.parent / "examples" / "lstm.toml").read_text()
+    carry_only = re.sub(r'(?m)^loss = ".*"$', 'loss = "sum(run.carry[0])"', lstm.split("[graph]")[-1])
+    spec = lstm.split("[graph]")[0].replace("[model]", '[model]\nname = "lstm_carry"', 1) + "[graph]" + carry_only
+    vag = compile_source(parse_spec(spec))
+    vag = vag[vag.index("def value_and_grad"):]
+    # h's stack is the (T+1)-row carry buffer; nothing stacks h_new a second time
+    assert "h_buf = np.empty" in vag and "h_new_seq" not in vag, vag
+
+
+def test_array_operations_counts_what_the_emission_writes():
+    """Scored after factoring and CSE, as _emit prints: x·y·z − x·y·w is x·y·(z − w)."""
+    from backcomp.ops.elementwise import array_operations
+    x, y, z, w = sp.symbols("x y z w", real=True)
+    assert sp.count_ops(x * y * z - x * y * w) == 5 and array_operations(x * y * z - x * y * w) == 3
+    assert array_operations(sp.exp(x) * y + sp.exp(x) * z) == 3

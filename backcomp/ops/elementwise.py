@@ -408,6 +408,15 @@ def _step_arguments_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
     return out, _replace(body, swap)
 
 
+@lru_cache(maxsize=4096)
+def array_operations(expr: sp.Expr) -> int:
+    """How many operations ``_emit`` writes for ``expr``: counted after the same
+    factoring and common-subexpression elimination, so a pass comparing two forms of a
+    node compares the code each would get, not SymPy's raw operation count."""
+    temps, body = sp.cse([_common_factors_out(_fold_number_selects(expr))], optimizations=None)
+    return sum(sp.count_ops(e) for _, e in temps) + sp.count_ops(body[0])
+
+
 def _common_factors_out(expr: sp.Expr) -> sp.Expr:
     """A sum whose terms share factors, with them taken out when that means fewer
     operations: ḡ·t0·t1 − t1·(s·t0) → t0·t1·(ḡ − s), a softmax backward in three array

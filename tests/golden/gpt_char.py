@@ -1238,12 +1238,12 @@ def value_and_grad(params, inputs):
     v2_bar = c2_bar_transpose_3 @ c2_bar_transpose
     del c2_bar_transpose, c2_bar_transpose_3
     # backward of w2 = w2_exp/w2_sum w.r.t. w2_sum
-    w2_bar_dew = np.multiply(w2_bar, w2, out=w2_bar)
-    del w2_bar
+    w2_bar_dew = w2_bar*w2
     w2_bar_sum_to = w2_bar_dew.sum(axis=3, keepdims=True)
+    del w2_bar_dew
     # backward of s2 = where(s1_greater, 0.25*s2_matmul, -1000000000) w.r.t. s2_matmul
-    s2_bar_dew = np.where(s1_greater, 0.25*(-w2_bar_sum_to*w2 + w2_bar_dew), 0)
-    del w2, w2_bar_dew, w2_bar_sum_to
+    s2_bar_dew = np.where(s1_greater, 0.25*w2*(w2_bar - w2_bar_sum_to), 0)
+    del w2, w2_bar, w2_bar_sum_to
     # backward of s2_matmul = q2 @ s2_transpose
     s2_bar_transpose = np.swapaxes(s2_transpose, -1, -2)
     del s2_transpose
@@ -1374,12 +1374,12 @@ def value_and_grad(params, inputs):
     v1_bar = c1_bar_transpose_3 @ c1_bar_transpose
     del c1_bar_transpose, c1_bar_transpose_3
     # backward of w1 = w1_exp/w1_sum w.r.t. w1_sum
-    w1_bar_dew = np.multiply(w1_bar, w1, out=w1_bar)
-    del w1_bar
+    w1_bar_dew = w1_bar*w1
     w1_bar_sum_to = w1_bar_dew.sum(axis=3, keepdims=True)
+    del w1_bar_dew
     # backward of s1 = where(s1_greater, 0.25*s1_matmul, -1000000000) w.r.t. s1_matmul
-    s1_bar_dew = np.where(s1_greater, 0.25*(-w1_bar_sum_to*w1 + w1_bar_dew), 0)
-    del s1_greater, w1, w1_bar_dew, w1_bar_sum_to
+    s1_bar_dew = np.where(s1_greater, 0.25*w1*(w1_bar - w1_bar_sum_to), 0)
+    del s1_greater, w1, w1_bar, w1_bar_sum_to
     # backward of s1_matmul = q1 @ s1_transpose
     s1_bar_transpose = np.swapaxes(s1_transpose, -1, -2)
     del s1_transpose

@@ -482,13 +482,20 @@ def value_and_grad(params, inputs):
         h_new_bar_add = h_new_bar_t + h_new_bar
         # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. u
         h_new_bar_dew = h_new_bar_add*(h - h_new_tanh)
-        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
+        # backward of h_new = u*h + h_new.ew*(1 - u) w.r.t. h_new.ew
         h_new_bar_dew_2 = h_new_bar_dew_2_seq[t]
-        np.multiply(h_new_bar_add*(1 - h_new_tanh**2), 1 - u, out=h_new_bar_dew_2)
+        np.multiply(h_new_bar_add, 1 - u, out=h_new_bar_dew_2)
+        # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. n.getitem
         h_new_bar_dew_3 = gh_bar_concatenate_seq[t, :, 32:48]
-        np.multiply(h_new_getitem, h_new_bar_dew_2, out=h_new_bar_dew_3)
+        np.square(h_new_tanh, out=h_new_bar_dew_3)
+        np.subtract(1, h_new_bar_dew_3, out=h_new_bar_dew_3)
+        np.multiply(h_new_bar_dew_3, h_new_bar_dew_2, out=h_new_bar_dew_3)
+        np.multiply(h_new_bar_dew_3, h_new_getitem, out=h_new_bar_dew_3)
         # backward of h_new.ew = tanh(n.getitem + n.getitem*h_new.getitem) w.r.t. h_new.getitem
-        h_new_bar_dew_4 = n_getitem*h_new_bar_dew_2
+        h_new_bar_dew_4 = h_new_tanh**2
+        np.subtract(1, h_new_bar_dew_4, out=h_new_bar_dew_4)
+        np.multiply(h_new_bar_dew_4, h_new_bar_dew_2, out=h_new_bar_dew_4)
+        np.multiply(h_new_bar_dew_4, n_getitem, out=h_new_bar_dew_4)
         # backward of h_new.ew = _sigmoid(h_new.getitem + h_new.getitem)
         h_new_bar_concatenate = np.concatenate((h_new_bar_dew_4, h_new_bar_dew,), axis=1)
         del h_new_bar_dew, h_new_bar_dew_4
@@ -508,13 +515,18 @@ def value_and_grad(params, inputs):
         del h_new_bar_add, gh_bar_matmul
         h_new_bar = h_bar_add
     run_bar_scan = (h_new_bar, h_new_bar_dew_2_seq, h_new_bar_dew_5_seq, gh_bar_concatenate_seq,)
-    del run_transpose, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3
+    del run_transpose, hs_bar_transpose, h_bar_zeros_like, gh_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_getitem_2, run_bar_getitem_3
     run_bar_scan_out = run_bar_scan[1]
     run_bar_scan_out_2 = run_bar_scan[2]
     run_bar_scan_out_3 = run_bar_scan[3]
     del run_bar_scan
-    run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_scan_out,), axis=2)
-    del run_bar_scan_out, run_bar_scan_out_2
+    __run_bar_dew_c0 = h_new_tanh_seq**2
+    np.subtract(1, __run_bar_dew_c0, out=__run_bar_dew_c0)
+    run_bar_dew = np.multiply(run_bar_scan_out, __run_bar_dew_c0, out=run_bar_scan_out)
+    del __run_bar_dew_c0
+    del h_new_tanh_seq, run_bar_scan_out
+    run_bar_concatenate = np.concatenate((run_bar_scan_out_2, run_bar_dew,), axis=2)
+    del run_bar_scan_out_2, run_bar_dew
     run_bar_reshape = run_bar_concatenate.reshape((B*T, 48))
     Wx_bar = run_reshape.T @ run_bar_reshape
     del run_reshape, run_bar_reshape

@@ -399,6 +399,7 @@ def value_and_grad(params, inputs):
     del run_add
     run_scan_out = run[2]
     hs = np.transpose(run_scan_out, (1, 0, 2))
+    del run_scan_out
     loss_pow = hs - y
     np.square(loss_pow, out=loss_pow)
     loss = loss_pow.mean()
@@ -423,7 +424,7 @@ def value_and_grad(params, inputs):
     run_bar_getitem = c_new_sigmoid_seq[:, :, 16:32]
     run_bar_getitem_2 = c_new_sigmoid_seq[:, :, 0:16]
     # scan lstm_vjp: reversed loop over T steps
-    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_scan_out, hs_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, Wx, Wh, Wh.T)
+    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, hs_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, Wx, Wh, Wh.T)
     WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     c_new_bar = h_bar_zeros_like
@@ -434,7 +435,6 @@ def value_and_grad(params, inputs):
         c_new_sigmoid = c_new_sigmoid_seq[t]
         h_new_sigmoid = h_new_sigmoid_seq[t]
         h_new_tanh = h_new_tanh_seq[t]
-        h_new = run_scan_out[t]
         h_new_bar_t = hs_bar_transpose[t]
         c_new_getitem = run_bar_getitem[t]
         input = run_bar_getitem_2[t]
@@ -443,8 +443,9 @@ def value_and_grad(params, inputs):
         # backward of h_new.ew = _sigmoid(h_new.getitem) w.r.t. h_new.getitem
         h_new_bar_dew = z_bar_concatenate_seq[t, :, 48:64]
         np.subtract(1, h_new_sigmoid, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_sigmoid, out=h_new_bar_dew)
         np.multiply(h_new_bar_dew, h_new_bar_add, out=h_new_bar_dew)
-        np.multiply(h_new_bar_dew, h_new, out=h_new_bar_dew)
+        np.multiply(h_new_bar_dew, h_new_tanh, out=h_new_bar_dew)
         # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
         __c_new_bar_add_c0 = h_new_tanh**2
         np.subtract(1, __c_new_bar_add_c0, out=__c_new_bar_add_c0)
@@ -481,7 +482,7 @@ def value_and_grad(params, inputs):
         z_bar_matmul = z_bar_concatenate @ WhT
         h_new_bar, c_new_bar = z_bar_matmul, c_new_bar_dew
     run_bar_scan = (h_new_bar, c_new_bar, z_bar_concatenate_seq,)
-    del run_transpose, run_scan_out, hs_bar_transpose, h_bar_zeros_like, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_getitem, run_bar_getitem_2
+    del run_transpose, hs_bar_transpose, h_bar_zeros_like, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_getitem, run_bar_getitem_2
     run_bar_scan_out = run_bar_scan[2]
     del run_bar_scan
     run_bar_reshape = run_bar_scan_out.reshape((B*T, 64))

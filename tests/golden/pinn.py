@@ -287,14 +287,14 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
-    del h2_bar_dtanh_2
+    del h2_bar_dtanh_2, h1_bar_bar_dew_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
     h2_bar_bar_dew_2 = h2**2
     np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
     np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew_2.T @ h2_bar_bar_dew_2
-    del u_bar_bar_dew_2
+    del u_bar_bar_dew_2, h2_bar_bar_dew_2
     # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
     u_bar_bar_bar_matmul = loss_bar_dew_3 @ u_bar_bar_transpose.T
     del u_bar_bar_transpose
@@ -304,23 +304,16 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
     h2_bar_bar_bar_add = h2**2
     np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
-    np.multiply(h2_bar_bar_bar_add, u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
-    np.subtract(h2_bar_bar_bar_add, 2*h2*u_bar_matmul*h2_bar_bar_dew_2, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    __h1_bar_bar_bar_add_c0 = h1**2
-    np.subtract(1, __h1_bar_bar_bar_add_c0, out=__h1_bar_bar_bar_add_c0)
-    np.multiply(__h1_bar_bar_bar_add_c0, h2_bar_bar_bar_matmul, out=__h1_bar_bar_bar_add_c0)
-    np.multiply(h1_bar_bar_dew_2, 2, out=h1_bar_bar_dew_2)
-    np.multiply(h1_bar_bar_dew_2, h1, out=h1_bar_bar_dew_2)
-    np.multiply(h1_bar_bar_dew_2, h2_bar_matmul, out=h1_bar_bar_dew_2)
-    h1_bar_bar_bar_add = np.subtract(__h1_bar_bar_bar_add_c0, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
-    del __h1_bar_bar_bar_add_c0
-    del h1_bar_bar_dew_2
+    h1_bar_bar_bar_add = h1**2
+    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
+    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -332,21 +325,15 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     del h2_bar_bar_transpose
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
-    del h1_bar_bar_dew_3
+    del h2_bar_dtanh, h1_bar_bar_dew_3
     # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
     np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    __u_bar_bar_add_c0 = h2**2
-    np.subtract(1, __u_bar_bar_add_c0, out=__u_bar_bar_add_c0)
-    np.multiply(__u_bar_bar_add_c0, h2_bar_bar_matmul_4, out=__u_bar_bar_add_c0)
-    np.multiply(h2_bar_bar_dew_2, 2, out=h2_bar_bar_dew_2)
-    np.multiply(h2_bar_bar_dew_2, h2, out=h2_bar_bar_dew_2)
-    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul, out=h2_bar_bar_dew_2)
-    u_bar_bar_add = np.subtract(__u_bar_bar_add_c0, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
-    del __u_bar_bar_add_c0
-    del h2_bar_bar_dew_2
+    u_bar_bar_add = h2**2
+    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
+    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -361,13 +348,18 @@ def partial_value_and_grad(params, inputs, total_rows, param_terms=True):
     u_bar_matmul_4 = h2.T @ loss_bar_dew_2
     del loss_bar_dew_2
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    __h2_bar_dew_t0 = 2*h2*h2_bar_bar_matmul
-    __h2_bar_dew_c0 = -2*h2*u_bar_matmul*h2_bar_bar_matmul_4 + u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - u_bar_matmul*__h2_bar_dew_t0) + h2_bar_bar_matmul*h2_bar_dtanh) - u_bar_bar_bar_matmul*__h2_bar_dew_t0
-    h2_bar_dew = h2**2
-    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, __h2_bar_dew_c0, out=h2_bar_dew)
-    del __h2_bar_dew_t0, __h2_bar_dew_c0
-    del h2, u_bar_matmul, h2_bar_dtanh, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
+    __h2_bar_dew_t0 = h2**2
+    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
+    __h2_bar_dew_t1 = 2*h2
+    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
+    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
+    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
+    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1
@@ -742,14 +734,14 @@ def value_and_grad(params, inputs):
     h2_bar_bar_matmul_2 = h1_bar_bar_dew_2 @ h2_bar_bar_transpose
     # backward of h2_bar_matmul_2 = h2_bar_dtanh_2 @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_3 = h2_bar_dtanh_2.T @ h1_bar_bar_dew_2
-    del h2_bar_dtanh_2
+    del h2_bar_dtanh_2, h1_bar_bar_dew_2
     # backward of h2_bar_dtanh_2 = (1 - h2**2)*(-2*h2*h2_bar_bar_matmul*u_bar_matmul + u_bar_matmul_2) w.r.t. u_bar_matmul_2
     h2_bar_bar_dew_2 = h2**2
     np.subtract(1, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
     np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul_2, out=h2_bar_bar_dew_2)
     # backward of u_bar_matmul_2 = u_bar_bar_dew @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_2 = u_bar_bar_dew.T @ h2_bar_bar_dew_2
-    del u_bar_bar_dew
+    del u_bar_bar_dew, h2_bar_bar_dew_2
     # backward of u_bar_bar_matmul = h2_bar_bar_dew @ u_bar_bar_transpose w.r.t. h2_bar_bar_dew
     u_bar_bar_bar_matmul = d2u_bar_dew_2 @ u_bar_bar_transpose.T
     del u_bar_bar_transpose
@@ -759,23 +751,16 @@ def value_and_grad(params, inputs):
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose
     h2_bar_bar_bar_add = h2**2
     np.subtract(1, h2_bar_bar_bar_add, out=h2_bar_bar_bar_add)
-    np.multiply(h2_bar_bar_bar_add, u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
-    np.subtract(h2_bar_bar_bar_add, 2*h2*u_bar_matmul*h2_bar_bar_dew_2, out=h2_bar_bar_bar_add)
+    np.multiply(h2_bar_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*u_bar_matmul + u_bar_bar_bar_matmul, out=h2_bar_bar_bar_add)
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h1_bar_bar_dew
     h2_bar_bar_bar_matmul = h2_bar_bar_bar_add @ h2_bar_bar_transpose.T
     # backward of h2_bar_bar_matmul = h1_bar_bar_dew @ h2_bar_bar_transpose w.r.t. h2_bar_bar_transpose
     h2_bar_bar_bar_matmul_2 = h1_bar_bar_dew.T @ h2_bar_bar_bar_add
     del h1_bar_bar_dew, h2_bar_bar_bar_add
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose
-    __h1_bar_bar_bar_add_c0 = h1**2
-    np.subtract(1, __h1_bar_bar_bar_add_c0, out=__h1_bar_bar_bar_add_c0)
-    np.multiply(__h1_bar_bar_bar_add_c0, h2_bar_bar_bar_matmul, out=__h1_bar_bar_bar_add_c0)
-    np.multiply(h1_bar_bar_dew_2, 2, out=h1_bar_bar_dew_2)
-    np.multiply(h1_bar_bar_dew_2, h1, out=h1_bar_bar_dew_2)
-    np.multiply(h1_bar_bar_dew_2, h2_bar_matmul, out=h1_bar_bar_dew_2)
-    h1_bar_bar_bar_add = np.subtract(__h1_bar_bar_bar_add_c0, h1_bar_bar_dew_2, out=h1_bar_bar_dew_2)
-    del __h1_bar_bar_bar_add_c0
-    del h1_bar_bar_dew_2
+    h1_bar_bar_bar_add = h1**2
+    np.subtract(1, h1_bar_bar_bar_add, out=h1_bar_bar_bar_add)
+    np.multiply(h1_bar_bar_bar_add, -2*h1_bar_bar_matmul_2*h1*h2_bar_matmul + h2_bar_bar_bar_matmul, out=h1_bar_bar_bar_add)
     # backward of h1_bar_bar_matmul = h1_bar_bar_broadcast_to @ h1_bar_bar_transpose w.r.t. h1_bar_bar_transpose
     h1_bar_bar_bar_matmul = h1_bar_bar_broadcast_to.T @ h1_bar_bar_bar_add
     del h1_bar_bar_broadcast_to, h1_bar_bar_bar_add
@@ -787,21 +772,15 @@ def value_and_grad(params, inputs):
     del h2_bar_bar_transpose
     # backward of h2_bar_matmul = h2_bar_dtanh @ h2_bar_transpose w.r.t. h2_bar_transpose
     h2_bar_bar_matmul_5 = h2_bar_dtanh.T @ h1_bar_bar_dew_3
-    del h1_bar_bar_dew_3
+    del h2_bar_dtanh, h1_bar_bar_dew_3
     # backward of h2_bar_transpose = transpose(W2, axes=(1, 0))
     np.add(h2_bar_bar_matmul_5, h2_bar_bar_matmul_3, out=h2_bar_bar_matmul_5)
     h2_bar_bar_add = np.add(h2_bar_bar_matmul_5, h2_bar_bar_bar_matmul_2.T, out=h2_bar_bar_matmul_5)
     del h2_bar_bar_matmul_3, h2_bar_bar_bar_matmul_2, h2_bar_bar_matmul_5
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose
-    __u_bar_bar_add_c0 = h2**2
-    np.subtract(1, __u_bar_bar_add_c0, out=__u_bar_bar_add_c0)
-    np.multiply(__u_bar_bar_add_c0, h2_bar_bar_matmul_4, out=__u_bar_bar_add_c0)
-    np.multiply(h2_bar_bar_dew_2, 2, out=h2_bar_bar_dew_2)
-    np.multiply(h2_bar_bar_dew_2, h2, out=h2_bar_bar_dew_2)
-    np.multiply(h2_bar_bar_dew_2, h2_bar_bar_matmul, out=h2_bar_bar_dew_2)
-    u_bar_bar_add = np.subtract(__u_bar_bar_add_c0, h2_bar_bar_dew_2, out=h2_bar_bar_dew_2)
-    del __u_bar_bar_add_c0
-    del h2_bar_bar_dew_2
+    u_bar_bar_add = h2**2
+    np.subtract(1, u_bar_bar_add, out=u_bar_bar_add)
+    np.multiply(u_bar_bar_add, -2*h2_bar_bar_matmul_2*h2*h2_bar_bar_matmul + h2_bar_bar_matmul_4, out=u_bar_bar_add)
     # backward of u_bar_matmul = u_bar_dmul_2 @ u_bar_transpose w.r.t. u_bar_transpose
     u_bar_bar_matmul_3 = u_bar_dmul_2.T @ u_bar_bar_add
     del u_bar_dmul_2, u_bar_bar_add
@@ -816,13 +795,18 @@ def value_and_grad(params, inputs):
     u_bar_matmul_4 = h2.T @ d2u_bar_dew
     del d2u_bar_dew
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. h2_matmul
-    __h2_bar_dew_t0 = 2*h2*h2_bar_bar_matmul
-    __h2_bar_dew_c0 = -2*h2*u_bar_matmul*h2_bar_bar_matmul_4 + u_bar_matmul_3 - 2*h2_bar_bar_matmul_2*(h2*(u_bar_matmul_2 - u_bar_matmul*__h2_bar_dew_t0) + h2_bar_bar_matmul*h2_bar_dtanh) - u_bar_bar_bar_matmul*__h2_bar_dew_t0
-    h2_bar_dew = h2**2
-    np.subtract(1, h2_bar_dew, out=h2_bar_dew)
-    np.multiply(h2_bar_dew, __h2_bar_dew_c0, out=h2_bar_dew)
-    del __h2_bar_dew_t0, __h2_bar_dew_c0
-    del h2, u_bar_matmul, h2_bar_dtanh, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
+    __h2_bar_dew_t0 = h2**2
+    np.subtract(1, __h2_bar_dew_t0, out=__h2_bar_dew_t0)
+    __h2_bar_dew_t1 = 2*h2
+    __h2_bar_dew_t2 = h2_bar_bar_matmul*u_bar_matmul
+    h2_bar_dew = __h2_bar_dew_t0*__h2_bar_dew_t2
+    np.add(h2_bar_dew, h2*(u_bar_matmul_2 - __h2_bar_dew_t1*__h2_bar_dew_t2), out=h2_bar_dew)
+    np.multiply(h2_bar_dew, 2, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, h2_bar_bar_matmul_2, out=h2_bar_dew)
+    np.subtract(u_bar_matmul_3 - h2_bar_bar_matmul*u_bar_bar_bar_matmul*__h2_bar_dew_t1 - u_bar_matmul*h2_bar_bar_matmul_4*__h2_bar_dew_t1, h2_bar_dew, out=h2_bar_dew)
+    np.multiply(h2_bar_dew, __h2_bar_dew_t0, out=h2_bar_dew)
+    del __h2_bar_dew_t0, __h2_bar_dew_t1, __h2_bar_dew_t2
+    del h2, u_bar_matmul, h2_bar_bar_matmul, u_bar_matmul_2, h2_bar_bar_matmul_2, u_bar_bar_bar_matmul, h2_bar_bar_matmul_4, u_bar_matmul_3
     # backward of h2 = tanh(h2_matmul + b2) w.r.t. b2
     b2_bar = h2_bar_dew.sum(axis=0)
     # backward of h2_matmul = h1 @ W2 w.r.t. h1

@@ -374,12 +374,11 @@ def value_and_grad(params, inputs, *, rng=None, train=True):
     del kl_sum
     loss = recon + kl
     del recon, kl
-    reconstruction = _sigmoid(logits, out=logits)
-    del logits
     # backward of recon_sub = -logits*x + logaddexp(0, logits) w.r.t. logits
-    np.subtract(reconstruction, x, out=reconstruction)
-    logits_bar = np.divide(reconstruction, B, out=reconstruction)
-    del reconstruction
+    _sigmoid(logits, out=logits)
+    np.subtract(logits, x, out=logits)
+    logits_bar = np.divide(logits, B, out=logits)
+    del logits
     # backward of logits = logits_matmul_2 + bo w.r.t. bo
     bo_bar = logits_bar.sum(axis=0)
     # backward of logits_matmul_2 = logits_relu @ Wo w.r.t. logits_relu

@@ -328,15 +328,14 @@ def value_and_grad(params, inputs):
     z2_matmul = h1 @ W2
     z2 = np.add(z2_matmul, b2, out=z2_matmul)
     del z2_matmul
-    y = _sigmoid(z2)
     loss_sub = -z2*t + np.logaddexp(0, z2)
-    del z2
     loss = loss_sub.mean()
     del loss_sub
     # backward of loss_sub = -z2*t + logaddexp(0, z2) w.r.t. z2
-    np.subtract(y, t, out=y)
-    z2_bar = np.divide(y, B, out=y)
-    del y
+    _sigmoid(z2, out=z2)
+    np.subtract(z2, t, out=z2)
+    z2_bar = np.divide(z2, B, out=z2)
+    del z2
     # backward of z2 = z2_matmul + b2 w.r.t. b2
     b2_bar = z2_bar.sum(axis=0)
     # backward of z2_matmul = h1 @ W2 w.r.t. h1
