@@ -48,11 +48,14 @@ def _replace_exactly(expr: sp.Expr, value: sp.Expr, symbol: sp.Symbol) -> sp.Exp
     """``expr`` with each sub-tree equal to ``value`` replaced by ``symbol``, and each
     sum or product holding all of ``value``'s terms or factors among its own: what the
     printer would evaluate anyway.  Never SymPy's algebraic ``subs``, which finds
-    exp(x) in exp(x/2) and would compute √(eˣ), overflowing where e^(x/2) does not."""
+    exp(x) in exp(x/2) and would compute √(eˣ), overflowing where e^(x/2) does not;
+    nor a reciprocal 1/v among a product's factors: the printer divides, u/v, where
+    u·(1/v) would overflow for a subnormal v."""
     kind = type(value) if isinstance(value, (sp.Add, sp.Mul)) else None
+    reciprocal = isinstance(value, sp.Pow) and value.exp.is_negative
 
-    def visit(e: sp.Expr) -> sp.Expr:
-        if e == value:
+    def visit(e: sp.Expr, factor: bool = False) -> sp.Expr:
+        if e == value and not (factor and reciprocal):
             return symbol
         if not e.args:
             return e
@@ -63,8 +66,8 @@ def _replace_exactly(expr: sp.Expr, value: sp.Expr, symbol: sp.Symbol) -> sp.Exp
                     break
                 rest.remove(a)
             else:
-                return kind(symbol, *(visit(a) for a in rest))
-        return e.func(*(visit(a) for a in e.args))
+                return kind(symbol, *(visit(a, kind is sp.Mul) for a in rest))
+        return e.func(*(visit(a, isinstance(e, sp.Mul)) for a in e.args))
     return visit(expr)
 
 
