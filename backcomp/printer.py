@@ -121,7 +121,7 @@ class NumpyExprPrinter(NumPyPrinter):
             halves = sum(isinstance(a, half_step) for a in steps)
             if halves:   # (not Mul(½, a + b): SymPy would distribute it, a pass per term)
                 coeff = sp.Mul(*[a for a in rest if a.is_number]) / 2 ** halves
-                rest = [sp.Float(coeff, 17)] * (coeff != 1) + [a for a in rest if not a.is_number]
+                rest = [sp.Float(coeff.evalf(17), 17)] * (coeff != 1) + [a for a in rest if not a.is_number]   # 1/√π too
             value = sp.Mul(*rest, evaluate=not halves)
             return "*".join([self.parenthesize(value, sp.printing.precedence.PRECEDENCE["Mul"], strict=True)]
                             + [self.mask(a) for a in steps])

@@ -193,3 +193,22 @@ def test_more_than_three_selects_fold_into_arrays_beside_them(loss):
             tol = 1e-12 if dtype is np.float64 else 1e-5
             np.testing.assert_allclose(got_loss, base[0], rtol=tol, atol=tol)
             np.testing.assert_allclose(got["p"], base[1]["p"], rtol=tol, atol=tol)
+
+
+def test_an_activation_of_a_number_is_a_number():
+    """relu(log_sigmoid(p − p)): the fused expression is Max(−softplus(0), 0), which SymPy
+    refused to build ("The argument '-softplus(0)' is not comparable", seed 406):
+    σ and softplus of a number now evaluate (σ(0) = ½, softplus(0) = log 2)."""
+    check(spec('loss = "sum(relu(log_sigmoid(p - p)) + sigmoid(q - q) * p * q)"'),
+          np.sum(0.5 * P * Q), {"p": 0.5 * Q, "q": 0.5 * P})
+
+
+def test_a_tie_split_times_an_irrational_number_prints():
+    """maximum(erf(p), q)'s partial is ½·(2/√π)·e^(−p²) at a tie: the printer's number
+    factor 1/√π was given to sp.Float unevaluated (TypeError: cannot create mpf, seeds
+    852 and 1135)."""
+    from math import erf, exp, pi, sqrt
+    erf_p = np.array([erf(v) for v in P])
+    tie = np.where(erf_p > Q, 1.0, np.where(erf_p == Q, 0.5, 0.0))
+    check(spec('loss = "sum(maximum(erf(p), q))"'), np.sum(np.maximum(erf_p, Q)),
+          {"p": tie * 2 / sqrt(pi) * np.exp(-P ** 2), "q": 1 - tie})

@@ -22,6 +22,11 @@ class sigmoid(sp.Function):
     definition = 1 / (1 + sp.exp(-_x))
     is_real = True
 
+    @classmethod
+    def eval(cls, x):
+        """A number's σ is a number (1/2 at 0): SymPy's Max and comparisons need one."""
+        return cls.definition.xreplace({_x: x}) if x.is_number else None
+
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
         return s * (1 - s)
@@ -35,6 +40,11 @@ class softplus(sp.Function):
 
     definition = sp.log(1 + sp.exp(_x))
     is_real = True
+
+    @classmethod
+    def eval(cls, x):
+        """A number's softplus is a number (log 2 at 0): relu(log_sigmoid(x - x)) compares it."""
+        return cls.definition.xreplace({_x: x}) if x.is_number else None
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
