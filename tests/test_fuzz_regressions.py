@@ -207,7 +207,7 @@ def test_a_tie_split_times_an_irrational_number_prints():
     """maximum(erf(p), q)'s partial is ½·(2/√π)·e^(−p²) at a tie: the printer's number
     factor 1/√π was given to sp.Float unevaluated (TypeError: cannot create mpf, seeds
     852 and 1135)."""
-    from math import erf, exp, pi, sqrt
+    from math import erf, pi, sqrt
     erf_p = np.array([erf(v) for v in P])
     tie = np.where(erf_p > Q, 1.0, np.where(erf_p == Q, 0.5, 0.0))
     check(spec('loss = "sum(maximum(erf(p), q))"'), np.sum(np.maximum(erf_p, Q)),
