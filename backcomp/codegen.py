@@ -674,6 +674,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
     loss_name = graph.loss_node.name if graph.loss_node is not None else "loss"
     helpers = set(parts.helpers)
     into_body = grad_into_body(graph, assign_names(graph), helpers, parts.check_finite) if optimizer else []
+    init_lines = [f'"{k}": {init_code(graph.inits[k], v.shape)}' for k, v in graph.params.items()]
     text = _environment().get_template("module.py.jinja").render(
         name=parts.name, version=__version__, source=parts.source,
         summary_lines=parts.summary_lines,
@@ -687,7 +688,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         outputs_literal=repr(tuple(graph.forward_outputs())),
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),
-        init_lines=[f'"{k}": {init_code(graph.inits[k], v.shape)}' for k, v in graph.params.items()],
+        init_lines=init_lines, init_draws=any("rng." in line for line in init_lines),
         helpers=[helper_source(h) for h in sorted(helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,

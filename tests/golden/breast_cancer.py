@@ -76,7 +76,6 @@ BATCH_REFUSAL = None
 
 def init_params(seed=0, dtype=np.float32):
     """Fresh parameters (a new dict of new arrays) drawn from a seeded generator."""
-    rng = np.random.default_rng(seed)
     return {
         "w": np.zeros((30,), dtype=dtype),
         "b": np.zeros((), dtype=dtype),

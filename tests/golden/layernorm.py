@@ -91,7 +91,6 @@ BATCH_REFUSAL = None
 
 def init_params(seed=0, dtype=np.float32):
     """Fresh parameters (a new dict of new arrays) drawn from a seeded generator."""
-    rng = np.random.default_rng(seed)
     return {
         "gamma": np.ones((10,), dtype=dtype),
         "beta": np.zeros((10,), dtype=dtype),
