@@ -14,7 +14,7 @@ random input of the output's shape: the check is a VJP along a random cotangent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pathlib import Path

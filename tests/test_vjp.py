@@ -89,7 +89,7 @@ def test_params_off_the_loss_path_get_exact_zeros():
     g = backcomp.Graph("offpath")
     x = g.input("x", ("B", 3))
     W = g.param("W", (3, 2))
-    unused = g.param("unused", (4,))
+    g.param("unused", (4,))   # declared, read by nothing
     out_only = g.param("out_only", (2,))
     frozen = g.param("frozen", (3, 2))
     cond_only = g.param("cond_only", (2,))
