@@ -238,6 +238,9 @@ class NodeMath:
     vjps: dict[str, sp.Expr] = field(default_factory=dict)   # input name -> its term
     #: a grad(y, x) node: (y as an expression, x's name), shown as ∂y/∂x before its value
     grad: tuple[sp.Expr, str] | None = None
+    #: a scan: the values its step reads under names of its own (a builder's ``v2`` for
+    #: tanh(W)), as expressions of the graph, which the step's block shows
+    captures: dict[str, sp.Expr] = field(default_factory=dict)
 
 
 def line_names(graph: Graph) -> dict[Node, str]:
@@ -449,6 +452,8 @@ def _scan_math(graph: Graph, node: Node, differentiable: set[int], lines: dict[N
         ident = f"{name}_{kind}{k}"   # a leaf's name must be an identifier: shown as its cotangent says
         sub = node_math(graph, v, differentiable, {**lines, v: ident})
         args[kind].append(sub.forward)
+        if kind == "consts":
+            math.captures[leaf_names(step)[j]] = sub.forward
         seed = {sp.Symbol(BAR + ident, real=True): ct,
                 sp.Symbol(ident, real=True): sub.forward}   # tanh's VJP reads its value
         for leaf, term in sub.vjps.items():
@@ -526,7 +531,7 @@ def explain(graph: Graph, wrt: str | None = None, node: str | None = None, latex
     if node is None and not latex:
         for run, caller in steps_of(graph):
             lines.append("")
-            lines += explain_step(run, fmt, caller)
+            lines += explain_step(run, fmt, caller, by_name[caller].captures if caller in by_name else {})
     if node is None:
         multi = [(v, c) for v, c in consumers.items() if len(c) > 1 and (wrt is None or v in on_path)]
         if multi:

@@ -81,9 +81,10 @@ def _step_model(step: Step) -> tuple[Graph, dict[Node, str]]:
     return g, {m[k]: v for k, v in label.items()}
 
 
-def explain_step(run: Node, fmt, caller: str | None = None) -> list[str]:
-    """The lines of the step of scan node ``run`` (shown on the line ``caller``): its
-    nodes, their VJPs, and the recurrence across steps.  ``h[t]`` is the carry into
+def explain_step(run: Node, fmt, caller: str | None = None, captures: dict | None = None) -> list[str]:
+    """The lines of the step of scan node ``run`` (shown on the line ``caller``): the
+    values it reads under names of its own (``captures``: v2 = tanh(W)), its nodes, their
+    VJPs, and the recurrence across steps.  ``h[t]`` is the carry into
     step t; a reverse scan's next step is t-1, its first T-1, and its backward runs
     t = 0, ..., T-1 (T: the number of steps, written out when the scan has a fixed
     ``length``)."""
@@ -97,6 +98,8 @@ def explain_step(run: Node, fmt, caller: str | None = None) -> list[str]:
     slices = [x.name for x in step.xs]
     lines = [f"step {step.name} (carry {', '.join(carries)}; {'slices ' + ', '.join(slices) if slices else 'no slices'}), "
              f"run by {caller}, at step t:"]
+    for leaf, value in (captures or {}).items():
+        lines.append(f"    {leaf} = {fmt(value)}    # read at every step")
     for m in maths:
         if m.name == "step_seed":
             continue

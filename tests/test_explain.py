@@ -649,6 +649,28 @@ def _nested_graph() -> backcomp.Graph:
     return g
 
 
+def _captured_graph() -> backcomp.Graph:
+    """A step reading a value computed outside it and never named (tanh(W)): its block
+    shows it (v2 = tanh(W)), where it was read as v2 and defined nowhere."""
+    from backcomp import ops
+    g = backcomp.Graph("captured")
+    x = g.input("x", ("B", "T", 3))
+    W = g.param("W", (3, 3))
+    Wt = ops.tanh(W)
+    run = g.scan(lambda h, x_t: (lambda n: (n, n))(ops.tanh(x_t @ Wt + h @ Wt)), ops.zeros(("B", 3), graph=g), x,
+                 axis=1, name="rnn")
+    g.loss(ops.sum(run.ys ** 2), "loss")
+    return g
+
+
+def test_a_value_a_step_captures_unnamed_is_shown_in_its_block():
+    """(check_explained_loops does not evaluate such a line yet: it reads the step's own.)"""
+    report = explain(_captured_graph())
+    block = report[report.index("step rnn"):].splitlines()
+    assert block[1] == "    v2 = tanh(W)    # read at every step", block
+    assert "ḡ_W = Σ_t ḡ_v2[t] ⊙ (1 - tanh(W)^2)" in report
+
+
 @pytest.mark.parametrize("build", [_wiring_graph, _unnamed_scans_graph, _nested_graph], ids=lambda f: f.__name__[1:])
 def test_explained_loops_of_built_graphs_compute_the_modules_gradients(build):
     """Steps built in Python: explain names their unnamed values, and its blocks must still
