@@ -198,15 +198,28 @@ def test_more_than_three_selects_fold_into_arrays_beside_them(loss):
 def test_an_activation_of_a_number_is_a_number():
     """relu(log_sigmoid(p − p)): the fused expression is Max(−softplus(0), 0), which SymPy
     refused to build ("The argument '-softplus(0)' is not comparable", seed 406):
-    σ and softplus of a number now evaluate (σ(0) = ½, softplus(0) = log 2)."""
+    σ and softplus of a number now have a numeric value, so SymPy compares them, and stay
+    σ(c) and softplus(c) in the expression (σ(−1000) as 1/(1 + e¹⁰⁰⁰) printed 1/inf)."""
     check(spec('loss = "sum(relu(log_sigmoid(p - p)) + sigmoid(q - q) * p * q)"'),
           np.sum(0.5 * P * Q), {"p": 0.5 * Q, "q": 0.5 * P})
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_an_activation_of_a_large_number_keeps_its_stable_form(level):
+    """σ(c) and softplus(c) of numbers are not expanded: σ(−1000) as 1/(1 + e¹⁰⁰⁰) printed
+    the literal ``inf`` (a NameError when the module ran), and log(1 − σ(1000)) lost its
+    rewrite to −softplus(1000) (a loss of −inf where it is −1000 per element)."""
+    m = backcomp.build(spec('loss = "sum(sigmoid(p * 0 - 1000) * x) + sum(log_sigmoid(q * 0 - 1000) * p)"'),
+                       opt_level=level)
+    loss, grads = m.value_and_grad({"p": P, "q": Q}, {"x": X})
+    np.testing.assert_allclose(loss, -1000 * P.sum() * 1, rtol=1e-12)
+    np.testing.assert_allclose(grads["p"], np.full(3, -1000.0), rtol=1e-12)
 
 
 def test_a_tie_split_times_an_irrational_number_prints():
     """maximum(erf(p), q)'s partial is ½·(2/√π)·e^(−p²) at a tie: the printer's number
     factor 1/√π was given to sp.Float unevaluated (TypeError: cannot create mpf, seeds
-    852 and 1135)."""
+    852 and 1135).  What failed was compiling the tie's term; P and Q hold no tie."""
     from math import erf, pi, sqrt
     erf_p = np.array([erf(v) for v in P])
     tie = np.where(erf_p > Q, 1.0, np.where(erf_p == Q, 0.5, 0.0))

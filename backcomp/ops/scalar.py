@@ -22,10 +22,11 @@ class sigmoid(sp.Function):
     definition = 1 / (1 + sp.exp(-_x))
     is_real = True
 
-    @classmethod
-    def eval(cls, x):
-        """A number's σ is a number (1/2 at 0): SymPy's Max and comparisons need one."""
-        return cls.definition.xreplace({_x: x}) if x.is_number else None
+    def _eval_evalf(self, prec):
+        """σ of a number has a numeric value, so SymPy can compare it (Max(σ(0) − 1, 0)
+        folds to 0) while the expression stays σ(c): the stable printing and rewrites
+        still see it (σ(−1000) is not 1/(1 + e¹⁰⁰⁰), which would print as 1/inf)."""
+        return self.definition.xreplace({_x: self.args[0]})._eval_evalf(prec)
 
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
@@ -41,10 +42,9 @@ class softplus(sp.Function):
     definition = sp.log(1 + sp.exp(_x))
     is_real = True
 
-    @classmethod
-    def eval(cls, x):
-        """A number's softplus is a number (log 2 at 0): relu(log_sigmoid(x - x)) compares it."""
-        return cls.definition.xreplace({_x: x}) if x.is_number else None
+    def _eval_evalf(self, prec):
+        """As σ's: relu(log_sigmoid(x − x)) compares −softplus(0) with 0."""
+        return self.definition.xreplace({_x: self.args[0]})._eval_evalf(prec)
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])

@@ -307,12 +307,12 @@ def forward(params, inputs, outputs=None):
         del c_new_tanh, c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 384:]
         del z
-        h_new_tanh = np.tanh(c_new)
         h_new_sigmoid = _sigmoid(h_new_getitem)
         del h_new_getitem
+        h_new_tanh = np.tanh(c_new)
         h_new = h_new_seq[t]
-        np.multiply(h_new_tanh, h_new_sigmoid, out=h_new)
-        del h_new_tanh, h_new_sigmoid
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
+        del h_new_sigmoid, h_new_tanh
         h, c = h_new, c_new
     run = (np.array(h), c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_add
@@ -408,12 +408,12 @@ def _forward_1(params, inputs):
         del c_new_tanh, c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 384:]
         del z
-        h_new_tanh = np.tanh(c_new)
         h_new_sigmoid = _sigmoid(h_new_getitem)
         del h_new_getitem
+        h_new_tanh = np.tanh(c_new)
         h_new = h_new_seq[t]
-        np.multiply(h_new_tanh, h_new_sigmoid, out=h_new)
-        del h_new_tanh, h_new_sigmoid
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
+        del h_new_sigmoid, h_new_tanh
         h, c = h_new, c_new
     run = (np.array(h), c, h_new_seq, None, None, None, None, None, None,)
     del run_full, run_transpose, run_add
@@ -452,8 +452,8 @@ def value_and_grad(params, inputs):
     c_seq_2 = c_buf[:-1]
     c_new_tanh_seq_2 = np.empty((T, B, 128), dtype=dtype_)
     c_new_sigmoid_seq_2 = np.empty((T, B, 256), dtype=dtype_)
-    h_new_tanh_seq_2 = np.empty((T, B, 128), dtype=dtype_)
     h_new_sigmoid_seq_2 = np.empty((T, B, 128), dtype=dtype_)
+    h_new_tanh_seq_2 = np.empty((T, B, 128), dtype=dtype_)
     for t in range(T):
         z_ew = run_add[t]
         z_matmul = h @ Wh
@@ -470,20 +470,20 @@ def value_and_grad(params, inputs):
         c_new_getitem_3 = c_new_sigmoid[:, 128:256]
         c_new_getitem_4 = c_new_sigmoid[:, 0:128]
         c_new = c_buf[t + 1]
-        np.add(c*c_new_getitem_3, c_new_tanh*c_new_getitem_4, out=c_new)
+        np.add(c*c_new_getitem_3, c_new_getitem_4*c_new_tanh, out=c_new)
         del c_new_getitem_3, c_new_getitem_4
         h_new_getitem = z[:, 384:]
         del z
-        h_new_tanh = h_new_tanh_seq_2[t]
-        np.tanh(c_new, out=h_new_tanh)
         h_new_sigmoid = h_new_sigmoid_seq_2[t]
         _sigmoid(h_new_getitem, out=h_new_sigmoid)
         del h_new_getitem
+        h_new_tanh = h_new_tanh_seq_2[t]
+        np.tanh(c_new, out=h_new_tanh)
         h_new = h_new_seq[t]
-        np.multiply(h_new_tanh, h_new_sigmoid, out=h_new)
+        np.multiply(h_new_sigmoid, h_new_tanh, out=h_new)
         h_seq_2[t] = h
         h, c = h_new, c_new
-    run = (np.array(h), np.array(c), h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_tanh_seq_2, h_new_sigmoid_seq_2,)
+    run = (np.array(h), np.array(c), h_new_seq, h_seq_2, c_seq_2, c_new_tanh_seq_2, c_new_sigmoid_seq_2, h_new_sigmoid_seq_2, h_new_tanh_seq_2,)
     del run_add
     run_scan_out = run[2]
     run_transpose_2 = np.transpose(run_scan_out, (1, 0, 2))
@@ -544,13 +544,13 @@ def value_and_grad(params, inputs):
     c_seq = run[4]
     c_new_tanh_seq = run[5]
     c_new_sigmoid_seq = run[6]
-    h_new_tanh_seq = run[7]
-    h_new_sigmoid_seq = run[8]
+    h_new_sigmoid_seq = run[7]
+    h_new_tanh_seq = run[8]
     del run
     run_bar_getitem = c_new_sigmoid_seq[:, :, 128:256]
     run_bar_getitem_2 = c_new_sigmoid_seq[:, :, 0:128]
     # scan lstm_vjp: reversed loop over T steps
-    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_tanh_seq, h_new_sigmoid_seq, run_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, Wx, Wh, Wh.T)
+    dtype_ = np.result_type(h_bar_zeros_like, h_bar_zeros_like, h_seq, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_transpose, run_transpose, run_bar_getitem, run_bar_getitem_2, Wx, Wh, Wh.T)
     WhT = np.ascontiguousarray(Wh.T)   # read by a GEMM at every step
     h_new_bar = h_bar_zeros_like
     c_new_bar = h_bar_zeros_like
@@ -559,8 +559,8 @@ def value_and_grad(params, inputs):
         c = c_seq[t]
         c_new_tanh = c_new_tanh_seq[t]
         c_new_sigmoid = c_new_sigmoid_seq[t]
-        h_new_tanh = h_new_tanh_seq[t]
         h_new_sigmoid = h_new_sigmoid_seq[t]
+        h_new_tanh = h_new_tanh_seq[t]
         h_new_bar_t = run_bar_transpose[t]
         c_new_getitem = run_bar_getitem[t]
         input = run_bar_getitem_2[t]
@@ -572,7 +572,7 @@ def value_and_grad(params, inputs):
         np.multiply(h_new_bar_dew, h_new_sigmoid, out=h_new_bar_dew)
         np.multiply(h_new_bar_dew, h_new_bar_add, out=h_new_bar_dew)
         np.multiply(h_new_bar_dew, h_new_tanh, out=h_new_bar_dew)
-        # backward of c_new = c*c_new.getitem + c_new.ew*c_new.getitem
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew
         __c_new_bar_add_c0 = h_new_tanh**2
         np.subtract(1, __c_new_bar_add_c0, out=__c_new_bar_add_c0)
         np.multiply(h_new_bar_add, h_new_sigmoid, out=h_new_bar_add)
@@ -580,9 +580,9 @@ def value_and_grad(params, inputs):
         c_new_bar_add = np.add(h_new_bar_add, c_new_bar, out=h_new_bar_add)
         del __c_new_bar_add_c0
         del h_new_bar_add
-        # backward of c_new = c*c_new.getitem + c_new.ew*c_new.getitem w.r.t. c
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew w.r.t. c
         c_new_bar_dew = c_new_bar_add*c_new_getitem
-        # backward of c_new = c*c_new.getitem + c_new.ew*c_new.getitem w.r.t. c_new.getitem
+        # backward of c_new = c*c_new.getitem + c_new.getitem*c_new.ew w.r.t. c_new.getitem
         c_new_bar_dew_2 = c_new_bar_add*c
         c_new_bar_dew_3 = c_new_bar_add*c_new_tanh
         # backward of c_new.ew = _sigmoid(c_new.getitem)
@@ -608,7 +608,7 @@ def value_and_grad(params, inputs):
         z_bar_matmul = z_bar_concatenate @ WhT
         h_new_bar, c_new_bar = z_bar_matmul, c_new_bar_dew
     run_bar_scan = (h_new_bar, c_new_bar, z_bar_concatenate_seq,)
-    del run_transpose, run_bar_transpose, h_bar_zeros_like, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_tanh_seq, h_new_sigmoid_seq, run_bar_getitem, run_bar_getitem_2
+    del run_transpose, run_bar_transpose, h_bar_zeros_like, c_seq, c_new_tanh_seq, c_new_sigmoid_seq, h_new_sigmoid_seq, h_new_tanh_seq, run_bar_getitem, run_bar_getitem_2
     run_bar_scan_out = run_bar_scan[2]
     del run_bar_scan
     run_bar_reshape = run_bar_scan_out.reshape((B*T, 512))
