@@ -621,8 +621,8 @@ def _aliases_caller_data(node: Node) -> bool:
     while True:
         if is_view(node):
             node = node.inputs[0]
-        elif _is_elementwise(node) and node_expr(node).is_Symbol:
-            node = node.inputs[int(node_expr(node).name.lstrip("%"))]
+        elif _is_elementwise(node) and node_expr(node).is_Symbol and node_expr(node).name.startswith("%"):
+            node = node.inputs[int(node_expr(node).name.lstrip("%"))]   # (not param_terms, a chunk's flag)
         else:
             return node.op in ("input", "param")
 

@@ -139,7 +139,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     full = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.dtype == "float" and x.shape == node.shape}
     if node.shape == () or any(x.dtype not in ("float", "bool") for x in node.inputs):
         full = set()   # (0-d operands give NumPy scalars, which have no out=)
-    if into is not None:
+    if into is not None and args.count(into) == 1:   # (another symbol reading the buffer would see it change)
         chains = _Chains(out, dict(names), set(full))
         calls = chains.into(expr, into, arg_symbol(args.index(into)))
         if calls:

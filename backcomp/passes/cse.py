@@ -35,4 +35,17 @@ def eliminate_common_subexpressions(graph: Graph) -> Graph:
             if first.name is None and node.name is not None:
                 first.name = node.name
     g.replace_uses(replace)
+    for node in g.nodes:
+        if node.op == "ew" and len(set(node.inputs)) < len(node.inputs):
+            _read_once(node)
     return eliminate_dead_code(g)
+
+
+def _read_once(node: Node) -> None:
+    """A fused node whose operands CSE made one value reads it under one symbol: as
+    ``%0 − %1`` of one array it neither cancelled, nor was safe to compute in place (the
+    chain wrote the buffer the other symbol still had to read)."""
+    from backcomp.ops.elementwise import arg_symbol
+    inputs = list(dict.fromkeys(node.inputs))
+    expr = node.attrs["expr"].xreplace({arg_symbol(i): arg_symbol(inputs.index(x)) for i, x in enumerate(node.inputs)})
+    node.inputs, node.attrs = tuple(inputs), {**node.attrs, "expr": expr}
