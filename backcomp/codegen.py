@@ -17,7 +17,7 @@ import numpy as np
 
 from backcomp import __version__
 from backcomp.graph import Graph, Node, consumers, live_nodes
-from backcomp.inits import init_code
+from backcomp.inits import init_code, init_draws
 from backcomp.loops import enter_lowering
 from backcomp.ops.registry import get_op
 from backcomp.passes.memory import is_view, memory_class, plan_memory
@@ -688,7 +688,7 @@ def render(graph: Graph, parts: ModuleParts, optimizer: str | None = None) -> st
         outputs_literal=repr(tuple(graph.forward_outputs())),
         loss_literal=repr(loss_name if graph.loss_node is not None else None),
         wrt_literal=repr(tuple(graph.grads)),
-        init_lines=init_lines, init_draws=any("rng." in line for line in init_lines),
+        init_lines=init_lines, init_draws=any(init_draws(graph.inits[k], v.shape) for k, v in graph.params.items()),
         helpers=[helper_source(h) for h in sorted(helpers)],
         outputs_doc=", ".join(graph.forward_outputs()),
         forward_body=parts.forward_body, grad_body=parts.grad_body, optimizer=optimizer,

@@ -54,6 +54,15 @@ def fans(shape: Shape) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
+#: the initialisers that are no draw: a module whose params all start so needs no generator
+CONSTANT_INITS = ("zeros", "ones")
+
+
+def init_draws(text: str, shape: Shape) -> bool:
+    """Whether the init draws from ``init_params``' generator."""
+    return parse_init(text, shape)[0] not in CONSTANT_INITS
+
+
 def init_code(text: str, shape: Shape) -> str:
     """The dict entry value (with its comma) that ``init_params`` evaluates."""
     name, args = parse_init(text, shape)

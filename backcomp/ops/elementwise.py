@@ -133,7 +133,7 @@ def _emit(node: Node, args: Sequence[str], out: str, into: str | None = None) ->
     from backcomp.printer import group_small, print_expr
     names = {arg_symbol(i): a for i, a in enumerate(args)}
     small = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.shape != node.shape}
-    expr = group_small(_common_factors_out(_fold_number_selects(node_expr(node))), small)
+    expr = group_small(_arranged(node_expr(node)), small)
     # operands a chain may start from; none when an integer operand could widen the
     # result past the dtype of the array the chain runs in
     full = {arg_symbol(i) for i, x in enumerate(node.inputs) if x.dtype == "float" and x.shape == node.shape}
@@ -408,12 +408,18 @@ def _step_arguments_named(temps: list, body: sp.Expr) -> tuple[list, sp.Expr]:
     return out, _replace(body, swap)
 
 
+def _arranged(expr: sp.Expr) -> sp.Expr:
+    """The form ``_emit`` prints an expression in (before grouping small operands): number
+    selects folded into the arrays beside them, common factors taken out."""
+    return _common_factors_out(_fold_number_selects(expr))
+
+
 @lru_cache(maxsize=4096)
 def array_operations(expr: sp.Expr) -> int:
-    """How many operations ``_emit`` writes for ``expr``: counted after the same
-    factoring and common-subexpression elimination, so a pass comparing two forms of a
-    node compares the code each would get, not SymPy's raw operation count."""
-    temps, body = sp.cse([_common_factors_out(_fold_number_selects(expr))], optimizations=None)
+    """About how many operations ``_emit`` writes for ``expr``: counted on the form it
+    prints (``_arranged``) after common-subexpression elimination, so a pass comparing two
+    forms of a node compares the code each would get, not SymPy's raw operation count."""
+    temps, body = sp.cse([_arranged(expr)], optimizations=None)
     return sum(sp.count_ops(e) for _, e in temps) + sp.count_ops(body[0])
 
 

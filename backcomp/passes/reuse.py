@@ -24,8 +24,9 @@ from backcomp.passes.fuse import is_elementwise
 
 
 def _needed(graph: Graph) -> set[Node]:
-    """What value_and_grad computes: the loss's and the gradients' ancestors (none in a
-    step's graph, whose roots are only its outputs)."""
+    """What value_and_grad (and the jvp/hvp functions) compute: the ancestors of the
+    loss, the gradients and the tangent outputs (none in a step's graph, whose roots are
+    only its outputs)."""
     roots = ([graph.loss_node] if graph.loss_node is not None else []) + list(graph.grads.values()) \
         + list(graph.tangent_outputs.values())
     return ancestors(roots)

@@ -90,7 +90,8 @@ BATCH_REFUSAL = None
 
 
 def init_params(seed=0, dtype=np.float32):
-    """Fresh parameters (a new dict of new arrays) drawn from a seeded generator."""
+    """Fresh parameters (a new dict of new arrays); every one starts as zeros or ones,
+    so ``seed`` changes nothing."""
     return {
         "gamma": np.ones((10,), dtype=dtype),
         "beta": np.zeros((10,), dtype=dtype),
