@@ -237,3 +237,14 @@ def test_a_value_read_twice_after_cse_is_not_overwritten_before_its_second_read(
                    "r.toml")
     _, grads = backcomp.build(g, opt_level=level).value_and_grad({"p1": P[None]}, {"x": X})
     np.testing.assert_allclose(grads["p1"], np.ones((1, 3)), rtol=1e-15)
+
+
+def test_a_select_of_a_number_over_the_batch_size_keeps_the_dtype():
+    """Seed 2568: the backward of mean(where(n > 0.1, n, 0)) held np.where(c, 0.333/B, 0),
+    float64 in a float32 model: a select whose branches read only the batch size B is a
+    select of numbers, and folds into the array beside it like one."""
+    n = np.maximum(P, X)
+    ones = (P > X) * 1.0
+    check(spec('n3 = "maximum(p, x)"\nloss = "sum(relu(n3)) + mean(where(n3 > 0.1, n3, 0.0))"'),
+          np.sum(np.maximum(n, 0)) + np.mean(np.where(n > 0.1, n, 0.0)),
+          {"p": (ones * ((n > 0) + (n > 0.1) / n.size)).sum(0), "q": np.zeros(3)})

@@ -197,9 +197,12 @@ def _fold_number_selects(expr: sp.Expr) -> sp.Expr:
     ``np.where(c, 1.0, 0)`` is a float64 array and makes ``g + np.where(c, 1.0, 0)``
     float64 too; ``np.where(c, g + 1.0, g)`` keeps g's dtype."""
     from backcomp.printer import value_symbols
-    if not isinstance(expr, sp.Expr) or not value_symbols(expr):
+
+    def arrays(e: sp.Basic) -> set[sp.Symbol]:   # not a dim: 0.5/B is a number at run time
+        return {v for v in value_symbols(e) if v.name.startswith("%")}
+    if not isinstance(expr, sp.Expr) or not arrays(expr):
         return expr
-    if all(value_symbols(p) for p in expr.atoms(sp.Piecewise)):
+    if all(arrays(p) for p in expr.atoms(sp.Piecewise)):
         return expr
     return fold_selects(expr)
 
